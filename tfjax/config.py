@@ -1,0 +1,201 @@
+"""The config schema: every key, its default and what it means.
+
+Config files under `configs/` start from `default_config()` and override what
+their experiment changes; the command line overrides any key with
+`--config.section.key=value`. `validate(config)` runs at start-up of every
+command and names the key that makes a config impossible.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+# Special tokens get fixed ids at the start of every vocabulary (tokenizer.py
+# maps a loaded sentencepiece model onto these).
+PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID = 0, 1, 2, 3, 4
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "tfjax"
+
+  # ---- model: the transformer and its modality-specific layers -----------
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 32000        # embedding rows; >= tokenizer vocab (+ image codes for chameleon)
+  m.dim = 768
+  m.num_layers = 16
+  m.num_heads = 12
+  m.num_kv_heads = 12         # < num_heads: grouped-query attention
+  m.mlp_dim = 0               # 0: Llama's rule, 8/3 * dim rounded up to a multiple of 256
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.qk_norm = False           # Chameleon's stability change
+  m.tie_embeddings = False
+  m.attention_impl = "auto"   # xla | pallas | auto
+  m.image_attention = "bidirectional"  # bidirectional | causal (ablation)
+  m.dtype = "bfloat16"        # compute dtype
+  m.param_dtype = "float32"   # master weights
+  m.scan_layers = True        # nn.scan over the layer stack: constant compile time
+  m.remat_policy = "nothing_saveable"  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable | full
+  # image side
+  m.patch_type = "linear"     # linear | unet
+  m.patch_size = 2            # k: k x k latent pixels per transformer vector (1, 2, 4, 8)
+  m.unet_channels = (64, 128)  # U-Net down/up block widths (patch_type=unet)
+  m.unet_blocks_per_level = 1
+  m.time_embed_dim = 256      # sinusoidal timestep features fed to the timestep MLP
+
+  # ---- image latents (what the VAE produces) ------------------------------
+  m.latent_channels = 8
+  m.latent_size = 8           # latent grid side (image_size / vae downsample)
+
+  # ---- diffusion ---------------------------------------------------------
+  d = c.diffusion = ml_collections.ConfigDict()
+  d.objective = "ddpm"        # ddpm (epsilon prediction) | flow (rectified flow, velocity)
+  d.num_timesteps = 1000
+  d.schedule = "cosine"
+  d.loss_weight = 5.0         # lambda in L = L_LM + lambda * L_DDPM
+  d.max_t_image_first = 500   # noise limit for images before their caption; -1 disables
+  d.caption_dropout = 0.1     # caption dropped for classifier-free guidance
+  d.sample_steps = 250
+  d.sampler = "ddpm"          # ddpm | ddim
+  d.cfg_scale = 5.0
+
+  # ---- data --------------------------------------------------------------
+  data = c.data = ml_collections.ConfigDict()
+  data.dir = "data"           # where built datasets, tokenizer and latents live
+  data.text_source = "shapes_text"        # shapes_text | tfds:NAME[/config] | none
+  data.image_text_source = "shapes"       # shapes | folder:PATH | tfds:NAME | none
+  data.image_size = 64
+  data.num_train_scenes = 20000
+  data.num_eval_scenes = 500
+  data.text_image_ratio = 1.0   # text-only tokens per image-caption token
+  data.caption_first_prob = 0.8
+  data.seq_len = 256
+  data.batch_size = 8          # global batch (sequences per step)
+  data.max_images_per_seq = 8
+  data.num_workers = 0
+  data.shuffle_seed = 0
+  data.tokenizer = ""          # path to a sentencepiece .model; "" = train one on the text corpus
+  data.vocab_size = 512        # size of a tokenizer trained here
+  data.latents = ""            # latent cache directory; "" = DIR/latents (built by the main job)
+
+  # ---- image autoencoder (see tfjax/vae) ---------------------------------
+  v = c.vae = ml_collections.ConfigDict()
+  v.path = ""                 # a tfjax or diffusers VAE directory; "" = train the config's VAE
+  v.kind = "kl"               # kl | vq
+  v.latent_channels = 8
+  v.channels = (32, 64, 128, 128)  # one entry per resolution; len-1 downsamplings
+  v.blocks_per_level = 1
+  v.codebook_size = 16384
+  v.train_steps = 2000
+  v.batch_size = 32
+  v.learning_rate = 1e-3
+
+  # ---- training ----------------------------------------------------------
+  t = c.train = ml_collections.ConfigDict()
+  t.num_steps = 250000
+  t.seed = 0
+  t.learning_rate = 3e-4
+  t.end_learning_rate = 1.5e-5
+  t.warmup_steps = 4000
+  t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+  t.weight_decay = 0.1
+  t.grad_clip = 1.0
+  t.grad_accum_steps = 1
+  t.ema_decay = 0.0           # 0 = no EMA
+  t.log_every = 50
+  t.eval_every = 1000
+  t.sample_every = 5000
+  t.checkpoint_every = 1000
+  t.keep_checkpoints = 3
+  t.best_metric = "val_loss"  # also kept: the best checkpoint by this metric ("" = off)
+  t.init_from = ""            # checkpoint dir or export to start from (fine-tuning)
+  t.peak_tflops = 0.0         # per-device peak for MFU; 0 = look up the device
+
+  # ---- mesh: logical axis -> mesh axes -----------------------------------
+  me = c.mesh = ml_collections.ConfigDict()
+  me.data = -1                # -1: all devices not used by the other axes
+  me.fsdp = 1
+  me.tensor = 1
+  me.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("vocab", "tensor"),
+      ("head_dim", None),
+      ("layers", None),
+      ("seq", None),
+      ("patch", None),
+      ("conv_in", None),
+      ("conv_out", None),
+  )
+
+  # ---- sampling / evaluation ---------------------------------------------
+  s = c.sample = ml_collections.ConfigDict()
+  s.num_prompts = 8
+  s.temperature = 1.0
+  s.top_k = 0
+  s.top_p = 1.0
+  s.max_text_tokens = 32
+  return c
+
+
+def mlp_dim(model: ml_collections.ConfigDict) -> int:
+  if model.mlp_dim:
+    return model.mlp_dim
+  hidden = int(2 * 4 * model.dim / 3)
+  return 256 * math.ceil(hidden / 256) if model.dim >= 256 else 8 * math.ceil(hidden / 8)
+
+
+def patches_per_image(model: ml_collections.ConfigDict) -> int:
+  return (model.latent_size // model.patch_size) ** 2
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the key to change."""
+
+
+def _require(cond: bool, key: str, why: str) -> None:
+  if not cond:
+    raise ConfigError(f"config key {key}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  m = c.model
+  _require(m.dim % m.num_heads == 0, "model.num_heads",
+           f"{m.num_heads} heads do not divide model.dim={m.dim}")
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"{m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+  _require(m.patch_size in (1, 2, 4, 8, 16), "model.patch_size",
+           f"{m.patch_size} is not one of 1, 2, 4, 8, 16")
+  _require(m.latent_size % m.patch_size == 0, "model.patch_size",
+           f"patch size {m.patch_size} does not divide the latent grid "
+           f"model.latent_size={m.latent_size}")
+  _require(m.patch_type in ("linear", "unet"), "model.patch_type", f"unknown {m.patch_type!r}")
+  _require(m.attention_impl in ("xla", "pallas", "auto"), "model.attention_impl",
+           f"unknown {m.attention_impl!r}")
+  _require(m.image_attention in ("bidirectional", "causal"), "model.image_attention",
+           f"unknown {m.image_attention!r}")
+  if m.patch_type == "unet":
+    levels = len(m.unet_channels)
+    _require(2 ** (levels - 1) == m.patch_size or m.patch_size == 1, "model.unet_channels",
+             f"{levels} levels downsample by {2 ** (levels - 1)}, which must equal "
+             f"model.patch_size={m.patch_size}")
+  image_len = patches_per_image(m) + 2  # BOI + patches + EOI
+  _require(image_len <= c.data.seq_len, "data.seq_len",
+           f"an image takes {image_len} positions (BOI + {patches_per_image(m)} patches + EOI) "
+           f"but sequences hold only {c.data.seq_len}")
+  _require(c.data.image_size % 8 == 0, "data.image_size", "must be a multiple of 8")
+  _require(c.data.batch_size % c.train.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"must divide data.batch_size={c.data.batch_size}")
+  _require(c.diffusion.objective in ("ddpm", "flow"), "diffusion.objective",
+           f"unknown {c.diffusion.objective!r}")
+  _require(c.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler",
+           f"unknown {c.diffusion.sampler!r}")
+  _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
+  _require(c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+  _require(c.model.vocab_size > EOI_ID, "model.vocab_size", "too small for the special tokens")
+  return c

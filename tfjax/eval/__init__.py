@@ -1,0 +1,1 @@
+"""Evaluation: shapes accuracy, captioning (CIDEr-D), perplexity, FID, CLIP score."""

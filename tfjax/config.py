@@ -87,10 +87,35 @@ def default_config() -> ml_collections.ConfigDict:
   v.latent_channels = 8
   v.channels = (32, 64, 128, 128)  # one entry per resolution; len-1 downsamplings
   v.blocks_per_level = 1
+  v.norm_groups = 8           # GroupNorm groups; must divide every entry of vae.channels
+  v.mid_attention = True      # self-attention in the encoder/decoder mid blocks
+  v.use_quant_conv = True     # 1x1 convs around the latent (SD has them, FLUX not)
+  v.use_post_quant_conv = True
+  v.dtype = "float32"         # compute dtype of the autoencoder
   v.codebook_size = 16384
+  v.codebook_dim = 8          # VQ: encoder output is projected to this many dims for lookup
+  v.commitment_beta = 0.25    # VQ: weight of the commitment loss
   v.train_steps = 2000
   v.batch_size = 32
   v.learning_rate = 1e-3
+  v.warmup_steps = 100        # linear warm-up, then cosine decay to 10% over train_steps
+  v.seed = 0
+  v.image_size = 0            # training resolution; 0 = data.image_size
+  v.num_train_images = 4096   # images drawn from data.image_text_source for VAE training
+  v.num_val_images = 256      # validation images for PSNR/SSIM
+  v.kl_weight = 1e-6
+  v.l1_weight = 1.0
+  v.l2_weight = 0.0           # extra MSE term (helps PSNR on short CPU runs)
+  v.perceptual_weight = 1.0   # used only when vae.perceptual_weights is set
+  v.perceptual_weights = ""   # .safetensors of a VGG-style feature net (torchvision keys
+                              # features.N.weight/bias, optional LPIPS lin{i}.model.1.weight);
+                              # "" = perceptual loss off (logged)
+  v.gan_weight = 0.5          # patch-GAN generator weight (paper); 0 = off
+  v.gan_start_step = 50000    # discriminator and GAN loss start after this many steps
+  v.disc_channels = 64        # patch-GAN discriminator base width
+  v.disc_layers = 3
+  v.log_every = 100
+  v.scale_images = 512        # training images used to measure latent scale/shift
 
   # ---- training ----------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()

@@ -1,0 +1,127 @@
+"""Block-sparsity map of the Transfusion mask, from per-query key intervals.
+
+Each query q may attend to keys `k_start[q] <= k < k_end[q]` (see
+`tfjax.ops.mask.key_ranges`). Cut the [seq, seq] mask into tiles of
+`block_q x block_k`; from per-block minima and maxima of the intervals every
+tile is
+
+  empty   no row of the query block reaches into the key block: skipped;
+  full    every row allows every key of the block: no mask arithmetic;
+  partial anything else: the mask costs two comparisons per element.
+
+The kernels walk compacted work lists instead of the tile grid, so their time
+follows the number of non-empty tiles, not seq^2:
+
+  q_blocks  for each query block, its non-empty key blocks in ascending order
+            (forward pass, dq pass);
+  kv_blocks for each key block, its non-empty query blocks (dk/dv pass).
+
+Lists have a static length (the number of blocks on the other side) and are
+padded by repeating their last entry, so a grid that runs over the padded
+length re-reads the same block (no new copy is issued) and does no work.
+
+Emptiness is decided from the block's smallest start and largest end over
+its non-padding rows: conservative (a tile called non-empty may hold no
+allowed pair when a block's intervals leave a gap), never wrong, and exact on
+packed layouts, where starts and ends both grow along the sequence.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+class WorkList(NamedTuple):
+  """Compacted non-empty tiles, one list per block on the iterated side.
+
+  blocks: int32[batch, n_outer, n_inner] block indices on the other side,
+    ascending, padded with the last valid entry (0 when there is none).
+  full:   int32[batch, n_outer, n_inner] 1 where that tile is full (padding: 0).
+  counts: int32[batch, n_outer] number of valid entries.
+  """
+  blocks: jax.Array
+  full: jax.Array
+  counts: jax.Array
+
+
+class BlockMap(NamedTuple):
+  """Everything a kernel needs to walk the mask sparsely.
+
+  k_start, k_end: int32[batch, seq] the per-query key intervals.
+  q_blocks:  WorkList over query blocks (lists of key blocks).
+  kv_blocks: WorkList over key blocks (lists of query blocks).
+  """
+  k_start: jax.Array
+  k_end: jax.Array
+  q_blocks: WorkList
+  kv_blocks: WorkList
+
+
+def tile_states(k_start: jax.Array, k_end: jax.Array, block_q: int,
+                block_k: int) -> jax.Array:
+  """int32[batch, seq // block_q, seq // block_k]: EMPTY, PARTIAL or FULL.
+
+  Args:
+    k_start, k_end: int32[batch, seq]; row q allows keys [k_start, k_end).
+    block_q, block_k: tile sizes; seq must be a multiple of both.
+  """
+  batch, seq = k_start.shape
+  if seq % block_q or seq % block_k:
+    raise ValueError(f"sequence length {seq} is not a multiple of the block sizes "
+                     f"({block_q}, {block_k}); pad it first (dispatch.attention does)")
+  nq, nk = seq // block_q, seq // block_k
+  s = k_start.reshape(batch, nq, block_q)
+  e = k_end.reshape(batch, nq, block_q)
+  live = e > s  # padding rows have the empty interval
+  big = jnp.iinfo(jnp.int32).max
+  lo = jnp.min(jnp.where(live, s, big), axis=-1)       # [batch, nq]
+  hi = jnp.max(jnp.where(live, e, 0), axis=-1)         # [batch, nq]
+  # A dead row (empty interval) makes its block's tiles not full.
+  max_s = jnp.max(jnp.where(live, s, big), axis=-1)
+  min_e = jnp.min(jnp.where(live, e, 0), axis=-1)
+  t0 = (jnp.arange(nk, dtype=jnp.int32) * block_k)[None, None, :]
+  t1 = t0 + block_k
+  nonempty = (lo[..., None] < t1) & (hi[..., None] > t0)
+  full = (max_s[..., None] <= t0) & (min_e[..., None] >= t1)
+  return jnp.where(full, FULL, jnp.where(nonempty, PARTIAL, EMPTY)).astype(jnp.int32)
+
+
+def compact(states: jax.Array) -> WorkList:
+  """Work lists along the last axis of `states` int32[batch, n_outer, n_inner]."""
+  n_inner = states.shape[-1]
+  nonempty = states != EMPTY
+  # Stable sort keeps the non-empty indices ascending, in front.
+  order = jnp.argsort(~nonempty, axis=-1, stable=True).astype(jnp.int32)
+  counts = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
+  last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  last = jnp.where(counts[..., None] > 0, last, 0)
+  valid = jnp.arange(n_inner, dtype=jnp.int32) < counts[..., None]
+  blocks = jnp.where(valid, order, last)
+  full = jnp.take_along_axis(states, order, axis=-1) == FULL
+  return WorkList(blocks=blocks, full=(full & valid).astype(jnp.int32), counts=counts)
+
+
+def block_map(k_start: jax.Array, k_end: jax.Array, block_q: int,
+              block_k: int) -> BlockMap:
+  """The forward and transposed work lists for one tiling."""
+  states = tile_states(k_start, k_end, block_q, block_k)
+  return BlockMap(k_start=k_start, k_end=k_end, q_blocks=compact(states),
+                  kv_blocks=compact(jnp.swapaxes(states, 1, 2)))
+
+
+def dense_tile_states(mask: jax.Array, block_q: int, block_k: int) -> jax.Array:
+  """EMPTY/PARTIAL/FULL straight from a dense bool[batch, q, k] mask (tests)."""
+  batch, lq, lk = mask.shape
+  t = mask.reshape(batch, lq // block_q, block_q, lk // block_k, block_k)
+  n = jnp.sum(t, axis=(2, 4))
+  return jnp.where(n == block_q * block_k, FULL,
+                   jnp.where(n > 0, PARTIAL, EMPTY)).astype(jnp.int32)
+
+
+def live_fraction(states: jax.Array) -> jax.Array:
+  """Fraction of tiles a kernel visits (non-empty), over the whole batch."""
+  return jnp.mean((states != EMPTY).astype(jnp.float32))

@@ -1,0 +1,271 @@
+"""Block-sparse Transfusion attention for GPUs: Pallas, Triton lowering.
+
+Three kernels, each walking a compacted work list from `block_map` so that
+its time follows the number of non-empty tiles:
+
+  forward  grid (q block, batch, q head): online softmax over the q block's
+           non-empty key blocks; writes out and the base-2 log-sum-exp.
+  dk/dv    grid (k block, batch, q head): over the key block's non-empty
+           query blocks; per q head (a GQA group is summed afterwards).
+  dq       grid (q block, batch, q head): over the q block's key blocks.
+
+Full tiles skip the mask; partial tiles build it from two comparisons against
+the per-row key interval [k_start, k_end). Rows with an empty interval
+(padding) give zeros and zero gradients.
+
+Layout is the model's, [batch, seq, heads, head_dim]; no transposes. On CPU
+the same kernels run in Pallas interpret mode (tests only).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from tfjax.ops.kernels.block_map import block_map
+
+LOG2E = math.log2(math.e)
+# Stands for the log-sum-exp of a row with no key: exp2(s - BIG) == 0.
+BIG = 1e30
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  try:  # jax 0.10 / 0.11 both expose this; it is ignored in interpret mode
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  except ImportError:  # pragma: no cover
+    from jax.experimental.pallas import gpu as plgpu
+    return plgpu.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _row_mask(ks, ke, k0, block_k):
+  """bool[block_q, block_k]: key k0 + c is inside row r's interval."""
+  kpos = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  return (kpos >= ks[:, None]) & (kpos < ke[:, None])
+
+
+def _fwd_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, ks_ref,
+                ke_ref, o_ref, lse_ref, *, scale, block_q, block_k):
+  i, b = pl.program_id(0), pl.program_id(1)
+  q = q_ref[...]
+  ks = ks_ref[...]
+  ke = ke_ref[...]
+  qk_scale = scale * LOG2E
+  bq, d = q.shape
+
+  def body(t, carry):
+    acc, m, l = carry
+    kb = blocks_ref[b, i, t]
+    k0 = kb * block_k
+    k = k_ref[pl.ds(k0, block_k), :]
+    v = v_ref[pl.ds(k0, block_k), :]
+    s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * qk_scale
+    s = jax.lax.cond(full_ref[b, i, t] == 1, lambda s: s,
+                     lambda s: jnp.where(_row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp2(s - m_new[:, None])
+    alpha = jnp.exp2(m - m_new)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+    return acc, m_new, l
+
+  init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -BIG, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(0, counts_ref[b, i], body, init)
+  live = l > 0
+  o_ref[...] = (acc / jnp.where(live, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(live, m + jnp.log2(jnp.where(live, l, 1.0)), BIG)
+
+
+def _dkv_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, *, scale, block_q,
+                block_k):
+  j, b = pl.program_id(0), pl.program_id(1)
+  k = k_ref[...]
+  v = v_ref[...]
+  k0 = j * block_k
+  qk_scale = scale * LOG2E
+  bk, d = k.shape
+
+  def body(t, carry):
+    dk, dv = carry
+    qb = blocks_ref[b, j, t]
+    rows = pl.ds(qb * block_q, block_q)
+    q = q_ref[rows, :]
+    do = do_ref[rows, :]
+    lse = lse_ref[rows]
+    delta = delta_ref[rows]
+    s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * qk_scale
+    # Masked entries give p == 0 (and empty rows have lse == BIG): the full
+    # flag only saves the comparisons, so it is recomputed here cheaply.
+    mask = _row_mask(ks_ref[rows], ke_ref[rows], k0, block_k)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+    dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+    ds = p * (dp - delta[:, None])
+    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+    return dk, dv
+
+  init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
+  dk, dv = jax.lax.fori_loop(0, counts_ref[b, j], body, init)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, ks_ref, ke_ref, dq_ref, *, scale, block_q,
+               block_k):
+  i, b = pl.program_id(0), pl.program_id(1)
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  delta = delta_ref[...]
+  ks = ks_ref[...]
+  ke = ke_ref[...]
+  qk_scale = scale * LOG2E
+  bq, d = q.shape
+
+  def body(t, dq):
+    kb = blocks_ref[b, i, t]
+    k0 = kb * block_k
+    k = k_ref[pl.ds(k0, block_k), :]
+    v = v_ref[pl.ds(k0, block_k), :]
+    s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * qk_scale
+    s = jax.lax.cond(full_ref[b, i, t] == 1, lambda s: s,
+                     lambda s: jnp.where(_row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
+    p = jnp.exp2(s - lse[:, None])
+    dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+    ds = p * (dp - delta[:, None])
+    return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+
+  dq = jax.lax.fori_loop(0, counts_ref[b, i], body, jnp.zeros((bq, d), jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _whole(x):
+  """BlockSpec handing the kernel a whole (small, integer) array."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _forward(q, k, v, ks, ke, bm, *, scale, block_q, block_k, interpret,
+             num_warps, num_stages):
+  batch, seq, hq, d = q.shape
+  group = hq // k.shape[2]
+  wl = bm.q_blocks
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  return pl.pallas_call(
+      kernel,
+      grid=(seq // block_q, batch, hq),
+      in_specs=[
+          _whole(wl.blocks), _whole(wl.full), _whole(wl.counts),
+          pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0)),
+          pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0)),
+          pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0)),
+          pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+          pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0)),
+          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)],
+      compiler_params=_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name="tfjax_attention_fwd",
+  )(wl.blocks, wl.full, wl.counts, q, k, v, ks, ke)
+
+
+def _backward(q, k, v, o, lse, do, ks, ke, bm, *, scale, block_q, block_k,
+              interpret, num_warps, num_stages):
+  batch, seq, hq, d = q.shape
+  hkv = k.shape[2]
+  group = hq // hkv
+  delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+  params = _compiler_params(num_warps, num_stages)
+  whole_q = pl.BlockSpec((None, seq, None, d), lambda j, b, h: (b, 0, h, 0))
+  row_vec = pl.BlockSpec((None, None, seq), lambda j, b, h: (b, h, 0))
+  whole_row = pl.BlockSpec((None, seq), lambda j, b, h: (b, 0))
+  kv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, h: (b, j, h // group, 0))
+  dkv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, h: (b, j, h, 0))
+  grad_dtype = k.dtype if group == 1 else jnp.float32
+  wl = bm.kv_blocks
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k),
+      grid=(seq // block_k, batch, hq),
+      in_specs=[_whole(wl.blocks), _whole(wl.counts), whole_q, kv_block, kv_block,
+                whole_q, row_vec, row_vec, whole_row, whole_row],
+      out_specs=[dkv_block, dkv_block],
+      out_shape=[jax.ShapeDtypeStruct((batch, seq, hq, d), grad_dtype)] * 2,
+      compiler_params=params, interpret=interpret, name="tfjax_attention_dkv",
+  )(wl.blocks, wl.counts, q, k, v, do, lse, delta, ks, ke)
+  if group > 1:
+    dk = dk.reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
+    dv = dv.reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)
+
+  wl = bm.q_blocks
+  q_block = pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0))
+  whole_kv = pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0))
+  q_vec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
+  q_row = pl.BlockSpec((None, block_q), lambda i, b, h: (b, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k),
+      grid=(seq // block_q, batch, hq),
+      in_specs=[_whole(wl.blocks), _whole(wl.full), _whole(wl.counts), q_block,
+                whole_kv, whole_kv, q_block, q_vec, q_vec, q_row, q_row],
+      out_specs=q_block,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=interpret, name="tfjax_attention_dq",
+  )(wl.blocks, wl.full, wl.counts, q, k, v, do, lse, delta, ks, ke)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, ks, ke, opts):
+  return _attention_fwd(q, k, v, ks, ke, opts)[0]
+
+
+def _attention_fwd(q, k, v, ks, ke, opts):
+  bm = block_map(ks, ke, opts["block_q"], opts["block_k"])
+  o, lse = _forward(q, k, v, ks, ke, bm, **opts)
+  return o, (q, k, v, o, lse, ks, ke)
+
+
+def _attention_bwd(opts, res, do):
+  q, k, v, o, lse, ks, ke = res
+  bm = block_map(ks, ke, opts["block_q"], opts["block_k"])
+  dq, dk, dv = _backward(q, k, v, o, lse, do, ks, ke, bm, **opts)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+class _Opts(dict):
+  """Hashable kernel options (custom_vjp's static argument)."""
+
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
+              k_end: jax.Array, *, scale: float, block_q: int = 64,
+              block_k: int = 64, interpret: bool = False, num_warps: int = 4,
+              num_stages: int = 2) -> jax.Array:
+  """Block-sparse attention over per-query key intervals, differentiable.
+
+  Args:
+    q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
+    k_start, k_end: int32[batch, seq]; query r sees keys [k_start[r], k_end[r]).
+    scale: logit scale (usually head_dim ** -0.5).
+    block_q, block_k: tile sizes; seq must be a multiple of both.
+    interpret: run in Pallas interpret mode (CPU tests).
+  Returns:
+    [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
+  """
+  opts = _Opts(scale=float(scale), block_q=block_q, block_k=block_k,
+               interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+  return _attention(q, k, v, k_start, k_end, opts)

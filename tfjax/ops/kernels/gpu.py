@@ -41,6 +41,12 @@ def _compiler_params(num_warps: int, num_stages: int):
     return plgpu.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+  """a @ b (optionally transposed) with float32 accumulation."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _row_mask(ks, ke, k0, block_k):
   """bool[block_q, block_k]: key k0 + c is inside row r's interval."""
   kpos = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
@@ -62,14 +68,14 @@ def _fwd_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, ks_ref,
     k0 = kb * block_k
     k = k_ref[pl.ds(k0, block_k), :]
     v = v_ref[pl.ds(k0, block_k), :]
-    s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * qk_scale
+    s = _dot(q, k, trans_b=True) * qk_scale
     s = jax.lax.cond(full_ref[b, i, t] == 1, lambda s: s,
                      lambda s: jnp.where(_row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp2(s - m_new[:, None])
     alpha = jnp.exp2(m - m_new)
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v).astype(jnp.float32)
     return acc, m_new, l
 
   init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -BIG, jnp.float32),
@@ -98,15 +104,15 @@ def _dkv_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     do = do_ref[rows, :]
     lse = lse_ref[rows]
     delta = delta_ref[rows]
-    s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * qk_scale
+    s = _dot(q, k, trans_b=True) * qk_scale
     # Masked entries give p == 0 (and empty rows have lse == BIG): the full
     # flag only saves the comparisons, so it is recomputed here cheaply.
     mask = _row_mask(ks_ref[rows], ke_ref[rows], k0, block_k)
     p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-    dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+    dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
     return dk, dv
 
   init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
@@ -133,13 +139,13 @@ def _dq_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref,
     k0 = kb * block_k
     k = k_ref[pl.ds(k0, block_k), :]
     v = v_ref[pl.ds(k0, block_k), :]
-    s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * qk_scale
+    s = _dot(q, k, trans_b=True) * qk_scale
     s = jax.lax.cond(full_ref[b, i, t] == 1, lambda s: s,
                      lambda s: jnp.where(_row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
     p = jnp.exp2(s - lse[:, None])
-    dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+    dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+    return dq + _dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
   dq = jax.lax.fori_loop(0, counts_ref[b, i], body, jnp.zeros((bq, d), jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)

@@ -1,0 +1,171 @@
+"""Choose and call the block-sparse attention kernel for the backend.
+
+`attention(q, k, v, segment_ids, image_ids, impl=...)` has the semantics of
+`tfjax.ops.attention.xla_attention` under `transfusion_mask`:
+
+  impl="auto"    GPU (Hopper or newer): the Pallas GPU kernel; TPU: the Pallas
+                 TPU kernel; anything else (CPU): the XLA reference, since
+                 interpret mode is far too slow to train with.
+  impl="pallas"  the kernel for the backend; on CPU, the GPU kernel in Pallas
+                 interpret mode (tests).
+
+The sequence is padded to a multiple of the block size with padding positions
+(segment id 0), which attend to nothing and are sliced off again.
+
+Sharding: a Pallas call is opaque to XLA's partitioner, which would gather a
+sharded batch onto every device. When a mesh is set with `jax.set_mesh(mesh)` (as the trainer
+should, around tracing its step), the call is wrapped in
+`shard_map` with the batch over the mesh axes named in `BATCH_AXES` and heads
+over `HEAD_AXES` (those present in the mesh and dividing the dimension), so
+each device runs the kernel on its own slice, with no communication: the mask
+never crosses a sequence.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from tfjax.ops.mask import key_ranges
+
+# Mesh axes (config.mesh.rules: "batch" -> (data, fsdp), "heads" -> tensor).
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXES = ("tensor",)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _gpu_is_hopper_or_newer() -> bool:
+  try:
+    cc = getattr(jax.devices()[0], "compute_capability", "0")
+    return float(cc) >= 9.0
+  except (ValueError, TypeError):
+    return False
+
+
+def choose(impl: str, head_dim: int) -> str:
+  """The concrete implementation: "xla", "gpu", "gpu_interpret" or "tpu"."""
+  backend = _backend()
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    if impl == "pallas":
+      logging.warning("Pallas attention supports head dims %s, not %d: falling back "
+                      "to XLA (config key model.dim / model.num_heads)",
+                      SUPPORTED_HEAD_DIMS, head_dim)
+    return "xla"
+  if backend == "tpu":
+    return "tpu"
+  if backend == "gpu":
+    if impl == "pallas" or _gpu_is_hopper_or_newer():
+      return "gpu"
+    return "xla"
+  return "gpu_interpret" if impl == "pallas" else "xla"
+
+
+def default_blocks(kind: str, seq: int, head_dim: int) -> tuple[int, int]:
+  """(block_q, block_k) per kernel; small sequences get small blocks."""
+  if kind == "tpu":
+    b = 128 if seq <= 1024 else 256
+    return b, b
+  if kind == "gpu_interpret":
+    return 64, 64
+  return (128, 64) if head_dim <= 64 else (64, 64)
+
+
+def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:
+  pad = length - x.shape[1]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _local_attention(q, k, v, segment_ids, image_ids, *, kind, scale, block_q,
+                     block_k):
+  """The kernel on one device's slice."""
+  seq = q.shape[1]
+  mult = math.lcm(block_q, block_k)
+  padded = -(-seq // mult) * mult
+  q, k, v = (_pad_to(x, padded) for x in (q, k, v))
+  segment_ids = _pad_to(segment_ids, padded)
+  image_ids = _pad_to(image_ids, padded)
+  ks, ke = key_ranges(segment_ids, image_ids)
+  if kind == "tpu":
+    from tfjax.ops.kernels import tpu
+    out = tpu.attention(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k)
+  else:
+    from tfjax.ops.kernels import gpu
+    out = gpu.attention(q, k, v, ks, ke, scale=scale, block_q=block_q,
+                        block_k=block_k, interpret=kind == "gpu_interpret")
+  return out[:, :seq]
+
+
+def _mesh_axes(mesh, names, size):
+  """The subset of `names` in the mesh whose product divides `size`."""
+  axes = []
+  prod = 1
+  for n in names:
+    if n in mesh.axis_names and mesh.shape[n] > 1 and size % (prod * mesh.shape[n]) == 0:
+      axes.append(n)
+      prod *= mesh.shape[n]
+  return tuple(axes) or None
+
+
+def _typed_spec(x):
+  """(batch axes, head axes) from an explicitly sharded array's type, if usable."""
+  try:
+    spec = tuple(jax.typeof(x).sharding.spec)
+  except (AttributeError, TypeError):
+    return None
+  spec = spec + (None,) * (x.ndim - len(spec))
+  if not any(spec) or spec[1] is not None or spec[3] is not None:
+    return None
+  return spec[0], spec[2]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+              image_ids: jax.Array, impl: str = "auto", scale: float | None = None,
+              block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+  """Transfusion-masked attention through the block-sparse kernel.
+
+  Args:
+    q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
+    segment_ids, image_ids: int[batch, seq] (see `tfjax.ops.mask`).
+    impl: "pallas" or "auto" (see module docstring).
+    scale: logit scale, default head_dim ** -0.5.
+    block_q, block_k: override the tile sizes.
+  Returns:
+    [batch, seq, q_heads, head_dim] in q's dtype.
+  """
+  head_dim = q.shape[-1]
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"q_heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}"
+                     " (config keys model.num_heads / model.num_kv_heads)")
+  scale = head_dim ** -0.5 if scale is None else scale
+  kind = choose(impl, head_dim)
+  if kind == "xla":
+    from tfjax.ops.attention import xla_attention
+    from tfjax.ops.mask import transfusion_mask
+    return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
+  dq, dk = default_blocks(kind, q.shape[1], head_dim)
+  fn = functools.partial(_local_attention, kind=kind, scale=scale,
+                         block_q=block_q or dq, block_k=block_k or dk)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return fn(q, k, v, segment_ids, image_ids)
+  b_axes = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
+  h_axes = _mesh_axes(mesh, HEAD_AXES, k.shape[2])
+  typed = _typed_spec(q)
+  if typed is not None:  # explicit-sharding mesh: follow the arrays' own specs
+    b_axes, h_axes = typed
+  qkv = P(b_axes, None, h_axes, None)
+  ids = P(b_axes, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids),
+                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids, image_ids)

@@ -44,7 +44,10 @@ def _compiler_params(num_warps: int, num_stages: int):
 def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
   """a @ b (optionally transposed) with float32 accumulation."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  # float32 inputs get true float32 products (Triton would use tf32).
+  precision = (jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
+  return jax.lax.dot_general(a, b, dims, precision=precision,
+                             preferred_element_type=jnp.float32)
 
 
 def _row_mask(ks, ke, k0, block_k):

@@ -1,0 +1,265 @@
+"""Transfusion attention benchmark: this kernel against its peers, one run.
+
+Workload: `attention_layout.py` (a copy of ../shared/bench/), B=2, H=16, bf16,
+L in {4096, 8192}, head dim in {64, 128}. Effective TFLOP/s count only the
+unmasked pairs: forward 4*H*D*nnz, forward+backward 3.5x that.
+
+Peers (GPU): the XLA reference with a dense mask, cuDNN causal attention (a
+dense-causal yardstick, not Transfusion-correct), torch FlexAttention with a
+block mask from the same layout, and tokamax if importable.
+
+  python benchmarks/attention.py            # GPU: the full table
+  python benchmarks/attention.py --quick    # anywhere: tiny, interpret mode on CPU
+
+Prints a table and, last, one JSON line with the headline numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import attention_layout as layout  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from tfjax.ops.attention import xla_attention  # noqa: E402
+from tfjax.ops.kernels import dispatch  # noqa: E402
+from tfjax.ops.mask import transfusion_mask  # noqa: E402
+
+
+def time_jax(fn, args, reps: int, group: int) -> float:
+  """Median milliseconds per call: groups of back-to-back calls, one block."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(group):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / group * 1e3)
+  return statistics.median(times)
+
+
+def time_torch(fn, reps: int, group: int) -> float:
+  import torch
+  fn()
+  fn()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(reps):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(group):
+      fn()
+    b.record()
+    torch.cuda.synchronize()
+    times.append(a.elapsed_time(b) / group)
+  return statistics.median(times)
+
+
+def _fwd_bwd(f):
+  """jit(q, k, v, do) -> (out, dq, dk, dv)."""
+  def g(q, k, v, do):
+    o, vjp = jax.vjp(f, q, k, v)
+    return (o,) + vjp(do)
+  return jax.jit(g)
+
+
+def rel_err(a, b) -> float:
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("nan")
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
+  """name -> (fwd fn, fwd+bwd fn) for the JAX implementations."""
+  seg, im = jnp.asarray(doc), jnp.asarray(img)
+  impl = "pallas"
+  ours = lambda q, k, v: dispatch.attention(q, k, v, seg, im, impl=impl, **kernel_kw)
+  out = {"tfjax pallas": ours}
+  if not args.quick or args.with_xla:
+    mask = transfusion_mask(seg, im)
+    out["XLA reference (dense mask)"] = lambda q, k, v: xla_attention(q, k, v, mask)
+  if jax.default_backend() == "gpu":
+    out["cuDNN causal (not TF-exact)"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")
+  return {n: (jax.jit(f), _fwd_bwd(f)) for n, f in out.items()}
+
+
+def torch_flex(doc, img, qn, kn, vn, don, args):
+  """(fwd ms, fwd+bwd ms, out) of FlexAttention with the layout's block mask."""
+  import torch
+  from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+  dev = "cuda"
+  d_t = torch.as_tensor(doc, device=dev)
+  i_t = torch.as_tensor(img, device=dev)
+
+  def mask_mod(b, h, qi, ki):
+    same_doc = d_t[b, qi] == d_t[b, ki]
+    same_img = (i_t[b, qi] == i_t[b, ki]) & (i_t[b, qi] > 0)
+    return same_doc & ((ki <= qi) | same_img)
+
+  bsz, seq = doc.shape
+  bm = create_block_mask(mask_mod, bsz, None, seq, seq, device=dev)
+  to = lambda x: torch.as_tensor(x, device=dev).transpose(1, 2).to(torch.bfloat16)
+  q, k, v, do = (to(x) for x in (qn, kn, vn, don))
+  q.requires_grad_(True)
+  k.requires_grad_(True)
+  v.requires_grad_(True)
+  flex = torch.compile(flex_attention)
+  fwd = lambda: flex(q, k, v, block_mask=bm)
+
+  def fwd_bwd():
+    o = flex(q, k, v, block_mask=bm)
+    torch.autograd.grad(o, (q, k, v), do)
+
+  with torch.no_grad():
+    t_f = time_torch(fwd, args.reps, args.group)
+  t_fb = time_torch(fwd_bwd, args.reps, args.group)
+  out = fwd().detach().transpose(1, 2).float().cpu().numpy()
+  return t_f, t_fb, out
+
+
+def tokamax_entry(doc, img, q, k, v, do, args):
+  """tokamax's attention with per-query key ranges, when it is importable."""
+  import tokamax  # noqa: F401  (needs jax 0.11)
+  raise NotImplementedError("tokamax wiring not written")
+
+
+def run_shape(bsz, seq, heads, d, args):
+  doc, img = layout.make_layout(bsz, seq)
+  nnz = int(layout.counts(doc, img)["transfusion"].sum())
+  flops_f = 4.0 * heads * d * nnz
+  flops_fb = 3.5 * flops_f
+  qn, kn, vn, don = layout.make_inputs(bsz, seq, heads, d)
+  dtype = jnp.float32 if args.quick else jnp.bfloat16
+  q, k, v, do = (jnp.asarray(x, dtype) for x in (qn, kn, vn, don))
+  kernel_kw = {}
+  if args.block_q:
+    kernel_kw = dict(block_q=args.block_q, block_k=args.block_k)
+  rows = []
+  # Correctness of ours against the float32 reference on the same bf16 inputs.
+  seg, im = jnp.asarray(doc), jnp.asarray(img)
+  ref_o = None
+  if seq <= 4096 or args.quick:
+    f32 = lambda x: x.astype(jnp.float32)
+    mask = transfusion_mask(seg, im)
+    ref = _fwd_bwd(lambda q, k, v: xla_attention(q, k, v, mask))(f32(q), f32(k), f32(v), f32(do))
+    ref_o = ref[0]
+  entries = jax_entries(doc, img, q, k, v, do, args, kernel_kw)
+  for name, (f, fb) in entries.items():
+    err = ""
+    try:
+      if name == "tfjax pallas" and ref_o is not None:
+        got = fb(q, k, v, do)
+        err = "err o/dq/dk/dv " + "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
+      tf = time_jax(f, (q, k, v), args.reps, args.group)
+      tfb = time_jax(fb, (q, k, v, do), args.reps, max(1, args.group // 2))
+    except Exception as e:  # a peer failing must not hide the others
+      rows.append((name, float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
+      continue
+    rows.append((name, tf, tfb, err))
+  if jax.default_backend() == "gpu" and not args.no_torch:
+    try:
+      tf, tfb, o = torch_flex(doc, img, qn, kn, vn, don, args)
+      err = f"err o {rel_err(o, ref_o):.1e}" if ref_o is not None else ""
+      rows.append(("torch FlexAttention (block mask)", tf, tfb, err))
+    except Exception as e:
+      rows.append(("torch FlexAttention (block mask)", float("nan"), float("nan"),
+                   f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
+  if jax.default_backend() == "gpu":
+    try:
+      tokamax_entry(doc, img, q, k, v, do, args)
+    except Exception as e:
+      rows.append(("tokamax", float("nan"), float("nan"), f"skipped: {type(e).__name__}: {str(e)[:120]}"))
+  return dict(seq=seq, d=d, nnz=nnz, flops_f=flops_f, flops_fb=flops_fb, rows=rows)
+
+
+SWEEP = ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2),
+         (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3))
+
+
+def sweep(bsz, seq, heads, d, args):
+  """Times the GPU kernel over (block_q, block_k, num_warps, num_stages)."""
+  from tfjax.ops.kernels import gpu
+  from tfjax.ops.mask import key_ranges
+  doc, img = layout.make_layout(bsz, seq)
+  flops_f = 4.0 * heads * d * int(layout.counts(doc, img)["transfusion"].sum())
+  ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
+  q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
+  for bq, bk, nw, ns in SWEEP:
+    f = lambda q, k, v: gpu.attention(q, k, v, ks, ke, scale=d ** -0.5, block_q=bq,
+                                      block_k=bk, num_warps=nw, num_stages=ns)
+    try:
+      tf = time_jax(jax.jit(f), (q, k, v), args.reps, args.group)
+      tfb = time_jax(_fwd_bwd(f), (q, k, v, do), args.reps, args.group // 2)
+      print(f"sweep {seq}/{d} bq={bq} bk={bk} warps={nw} stages={ns}: fwd {tf:.3f} ms "
+            f"({flops_f / tf / 1e9:.0f}) f+b {tfb:.3f} ms ({3.5 * flops_f / tfb / 1e9:.0f})",
+            flush=True)
+    except Exception as e:
+      print(f"sweep {seq}/{d} bq={bq} bk={bk} warps={nw} stages={ns}: FAILED "
+            f"{type(e).__name__}: {str(e)[:150]}", flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="tiny shapes; CPU interpret mode")
+  p.add_argument("--reps", type=int, default=30, help="timed repetitions (median)")
+  p.add_argument("--group", type=int, default=10, help="back-to-back calls per repetition")
+  p.add_argument("--seqs", default="4096,8192", help="sequence lengths")
+  p.add_argument("--dims", default="64,128", help="head dims")
+  p.add_argument("--block_q", type=int, default=0, help="override block_q (0: default)")
+  p.add_argument("--block_k", type=int, default=0, help="override block_k")
+  p.add_argument("--no_torch", action="store_true", help="skip FlexAttention")
+  p.add_argument("--with_xla", action="store_true", help="time XLA in --quick too")
+  p.add_argument("--sweep", action="store_true", help="sweep GPU kernel tile configs first")
+  args = p.parse_args()
+  bsz, heads = 2, 16
+  seqs = [int(s) for s in args.seqs.split(",")]
+  dims = [int(s) for s in args.dims.split(",")]
+  if args.quick:
+    bsz, heads, seqs, args.reps, args.group = 1, 2, [256], 2, 1
+    dims = [64]
+  print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}")
+  if args.sweep:
+    for s in seqs:
+      for d in dims:
+        sweep(bsz, s, heads, d, args)
+  results = [run_shape(bsz, s, heads, d, args) for s in seqs for d in dims]
+  headline = {}
+  print(f"\n{'L/D':>9} | {'implementation':34} | {'fwd ms':>8} {'TF/s':>6} | "
+        f"{'f+b ms':>8} {'TF/s':>6} | notes")
+  for r in results:
+    for name, tf, tfb, note in r["rows"]:
+      print(f"{r['seq']:>5}/{r['d']:<3} | {name:34} | {tf:8.3f} {r['flops_f'] / tf / 1e9:6.0f} | "
+            f"{tfb:8.3f} {r['flops_fb'] / tfb / 1e9:6.0f} | {note}")
+    ours = r["rows"][0]
+    exact = [x for x in r["rows"][1:] if "not TF-exact" not in x[0] and np.isfinite(x[2])]
+    key = f"L{r['seq']}_D{r['d']}"
+    headline[f"tflops_fwd_bwd_{key}"] = round(r["flops_fb"] / ours[2] / 1e9, 1)
+    if exact:
+      best = min(exact, key=lambda x: x[2])
+      headline[f"speedup_vs_best_other_fwd_bwd_{key}"] = round(best[2] / ours[2], 3)
+      print(f"{'':>9}   speedup fwd+bwd vs best other exact ({best[0]}): {best[2] / ours[2]:.2f}x"
+            f"; fwd vs best: {min(x[1] for x in exact) / ours[1]:.2f}x")
+  for s in (4096, 8192):
+    for d in (64, 128):
+      headline.setdefault(f"tflops_fwd_bwd_L{s}_D{d}", None)
+  headline.setdefault("speedup_vs_best_other_fwd_bwd_L8192_D128", None)
+  print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+  main()

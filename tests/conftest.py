@@ -1,0 +1,28 @@
+"""Shared test set-up: 8 fake CPU devices for every test file, and markers.
+
+The whole pytest session shares one JAX backend, so the device count must be
+fixed before anything imports jax: here, at conftest import. Single-device
+code is unaffected (it uses jax.devices()[0] or builds a 1-device mesh);
+sharded tests build a 2x2x2 (data x fsdp x tensor) mesh over all 8.
+"""
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "gpu: needs a GPU (skipped without one)")
+  config.addinivalue_line("markers", "slow: slow; not needed for an issue's bar")
+
+
+def pytest_collection_modifyitems(config, items):
+  import jax
+  has_gpu = any(d.platform == "gpu" for d in jax.devices())
+  skip = pytest.mark.skip(reason="needs a GPU")
+  for item in items:
+    if "gpu" in item.keywords and not has_gpu:
+      item.add_marker(skip)

@@ -1,0 +1,238 @@
+"""`train(config, workdir)`: the training loop around the pure step.
+
+Side effects live here: data iteration, checkpoints, metrics, samples and
+signals. The loop resumes from WORKDIR/checkpoints when a checkpoint exists
+(same data position, same randomness), evaluates every train.eval_every steps,
+saves every train.checkpoint_every steps and at the end, and on SIGTERM saves
+once more and returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from tfjax.batch import Batch, batch_spec
+from tfjax.config import validate
+from tfjax.train import mesh as mesh_lib
+from tfjax.train.checkpoint import Checkpointer, config_json
+from tfjax.train.flops import peak_tflops
+from tfjax.train.metrics import MetricsWriter, Throughput
+from tfjax.train.optimizer import make_optimizer
+from tfjax.train.state import TrainState, create_train_state, state_shardings
+from tfjax.train.step import jit_eval_step, jit_train_step, make_loss_fn
+
+log = logging.getLogger(__name__)
+
+# (config, process_index, process_count) -> an iterator of numpy batch dicts.
+DataFactory = Callable[[ml_collections.ConfigDict, int, int], Iterator[dict[str, np.ndarray]]]
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  state: TrainState
+  preempted: bool
+  last_metrics: dict[str, float]
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _default_train_data(config: ml_collections.ConfigDict, process_index: int,
+                        process_count: int) -> Iterator[dict[str, np.ndarray]]:
+  if config.train.synthetic_data:
+    from tfjax.train.synthetic import synthetic_dataset
+    return iter(synthetic_dataset(config, config.data.shuffle_seed, process_index, process_count))
+  from tfjax.data import make_train_iterator
+  return make_train_iterator(config, config.data.dir, process_index=process_index,
+                             process_count=process_count)
+
+
+def _default_eval_data(config: ml_collections.ConfigDict, process_index: int,
+                       process_count: int) -> Iterator[dict[str, np.ndarray]] | None:
+  if config.train.synthetic_data:
+    from tfjax.train.synthetic import synthetic_dataset
+    return iter(synthetic_dataset(config, 10 ** 6 + config.data.shuffle_seed, process_index,
+                                  process_count))
+  try:
+    from tfjax.data import make_eval_iterator
+  except ImportError:
+    return None
+  return make_eval_iterator(config, config.data.dir, process_index=process_index,
+                            process_count=process_count)
+
+
+def _restore_params_from(path: str, abstract_state: TrainState, config) -> Any:
+  """Parameters (EMA when present) of another run's checkpoint, for fine-tuning."""
+  found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
+      os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
+  if found is None:
+    raise FileNotFoundError(f"config key train.init_from: no checkpoint found in {path}")
+  _, state = found
+  return state.ema if config.train.ema_decay > 0 and state.ema else state.params
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          train_data: DataFactory | None = None, eval_data: DataFactory | None = None,
+          sample_fn: Callable[[TrainState, int], None] | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
+          devices: list[Any] | None = None) -> TrainResult:
+  """Trains (or resumes) the Transfusion model of `config` in `workdir`.
+
+  Args:
+    config: a full config (see tfjax/config.py); validated here.
+    workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json go here.
+    train_data, eval_data: data factories; default to tfjax.data (or the
+      synthetic batches when train.synthetic_data).
+    sample_fn: called every train.sample_every steps with the state (sample grids).
+    on_step: called after every step with the step number (tests use it to
+      interrupt a run at a chosen step).
+    devices: the devices of the mesh (default all).
+  Returns:
+    The final step, state, whether a SIGTERM cut the run short, and the last
+    logged metrics.
+  """
+  validate(config)
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  if config.data.batch_size % mesh_lib.data_parallel_size(mesh):
+    raise ValueError(f"config key data.batch_size: {config.data.batch_size} is not divisible by "
+                     f"the data-parallel size {mesh_lib.data_parallel_size(mesh)} "
+                     "(mesh.data * mesh.fsdp)")
+  from tfjax.model import init_params
+  tx = make_optimizer(tc)
+  abstract_state, shardings = state_shardings(config, mesh, tx, init_params)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_json(config), f, indent=2)
+
+  pi, pc = jax.process_index(), jax.process_count()
+  data_iter = (train_data or _default_train_data)(config, pi, pc)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc)
+  found = ckpt.restore(abstract_state, iterator=data_iter)
+  if found is not None:
+    step, state = found
+    log.info("resumed from step %d in %s", step, workdir)
+  else:
+    state = create_train_state(config, mesh, tx, init_params)
+    if tc.init_from:
+      state = state.replace(params=_restore_params_from(tc.init_from, abstract_state, config))
+    step = 0
+
+  spec = batch_spec(config.data.batch_size, config.data.seq_len, config.data.max_images_per_seq,
+                    (config.model.latent_size,) * 2 + (config.model.latent_channels,))
+  loss_fn = make_loss_fn(config)
+  step_fn = jit_train_step(loss_fn, tx, tc, mesh, shardings, spec)
+  eval_fn = jit_eval_step(make_loss_fn(config, training=False), mesh, shardings.params, spec)
+  b_sharding = mesh_lib.batch_sharding(mesh)
+  throughput = Throughput(config.model, mesh.size,
+                          peak_tflops(mesh.devices.flat[0].device_kind, tc.peak_tflops))
+  writer = MetricsWriter(workdir, int(tc.num_steps), start_step=step)
+  last: dict[str, float] = {}
+  val: dict[str, float] = {}
+  preempted = False
+
+  def put(local: dict[str, np.ndarray]) -> Batch:
+    return Batch.from_dict(mesh_lib.global_batch(local, b_sharding))
+
+  def evaluate() -> dict[str, float]:
+    it = (eval_data or _default_eval_data)(config, pi, pc)
+    if it is None:
+      return {}
+    sums: dict[str, float] = {}
+    n = 0
+    key = jax.random.key(tc.seed + 1)
+    with mesh_lib.activate(mesh, config.mesh):
+      for i in range(int(tc.eval_batches)):
+        try:
+          local = next(it)
+        except StopIteration:
+          break
+        m = jax.device_get(eval_fn(state.params, put(local), jax.random.fold_in(key, i)))
+        for k, v in m.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    return {k: v / n for k, v in sums.items()} if n else {}
+
+  def save(force: bool = False) -> None:
+    ckpt.save(step, state, iterator=data_iter, config=config,
+              metrics={f"val_{k}": v for k, v in val.items()} if val else None, force=force)
+
+  window_start, window_steps, window_stats = None, 0, []
+  with _Preemption() as preemption:
+    while step < tc.num_steps:
+      local = next(data_iter)
+      batch = put(local)
+      with mesh_lib.activate(mesh, config.mesh):
+        state, metrics = step_fn(state, batch)
+      step += 1
+      if window_start is None:
+        # The first step after (re)start includes compilation: time from its end.
+        jax.block_until_ready(metrics)
+        window_start, window_steps, window_stats = time.perf_counter(), 0, []
+      else:
+        window_steps += 1
+        window_stats.append((local["segment_ids"], local["image_ids"], local["image_valid"]))
+      is_last = step == tc.num_steps or preemption.requested
+      if step % tc.log_every == 0 or is_last:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if window_steps:
+          elapsed = (time.perf_counter() - window_start) / window_steps
+          seg = np.concatenate([s[0] for s in window_stats])
+          img = np.concatenate([s[1] for s in window_stats])
+          valid = np.concatenate([s[2] for s in window_stats])
+          # Throughput of the average step in the window: stats summed over
+          # window_steps batches divided by their total time.
+          metrics.update(throughput(elapsed * window_steps, seg, img, valid))
+          metrics["step_time"] = elapsed
+          window_start, window_steps, window_stats = time.perf_counter(), 0, []
+        last = writer.write(step, metrics)
+      if tc.eval_every and (step % tc.eval_every == 0 or is_last):
+        val = evaluate()
+        if val:
+          writer.write(step, val, prefix="val_")
+      if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0:
+        sample_fn(state, step)
+      if on_step is not None:
+        on_step(step, last)
+      if preemption.requested:
+        preempted = True
+        break
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+        save()
+    save(force=True)
+  ckpt.close()
+  writer.close()
+  if preempted:
+    log.warning("stopped at step %d by SIGTERM; checkpoint saved in %s", step, workdir)
+  return TrainResult(step=step, state=state, preempted=preempted, last_metrics=last)

@@ -1,0 +1,148 @@
+"""Where training metrics go: metrics.jsonl, TensorBoard, and the terminal.
+
+Every logged record is one JSON line in WORKDIR/metrics.jsonl (step, loss,
+loss_lm, loss_diffusion, lr, grad_norm, tokens_per_s, images_per_s, step_time,
+mfu, and whatever else the step reported), the same scalars as TensorBoard
+events under WORKDIR/tensorboard, and either a tqdm progress bar with ETA
+(interactive terminal) or one plain log line per record (files, CI).
+Only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The fields shown on the terminal, in order.
+_SHOWN = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "tokens_per_s", "mfu")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """All records of a metrics.jsonl (skipping a torn last line)."""
+  out = []
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def _scalar(v: Any) -> float | int | str:
+  if isinstance(v, (str, int)):
+    return v
+  v = float(np.asarray(v))
+  return v if math.isfinite(v) else str(v)
+
+
+class MetricsWriter:
+  """Appends metric records; safe to reopen on resume (records after the
+  resumed step are dropped, so a curve never shows a step twice)."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
+               use_tensorboard: bool = True, progress: bool | None = None):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.total_steps = total_steps
+    self._tb = None
+    self._bar = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(start_step)
+    self._file = open(self.path, "a")
+    if use_tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        log.warning("tensorboardX is not installed; no TensorBoard events")
+    if progress is None:
+      progress = sys.stderr.isatty()
+    if progress:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    self._t0, self._step0 = time.time(), start_step
+
+  def _truncate_after(self, step: int) -> None:
+    kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+
+  def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Records `metrics` at `step` (keys get `prefix`, e.g. "val_")."""
+    record = {"step": int(step), "time": time.time()}
+    record.update({prefix + k: _scalar(v) for k, v in metrics.items()})
+    if not self.enabled:
+      return record
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "time") and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    self._show(step, record)
+    return record
+
+  def _show(self, step: int, record: dict[str, Any]) -> None:
+    shown = {k: record[k] for k in _SHOWN if isinstance(record.get(k), float)}
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+      return
+    rate = (step - self._step0) / max(time.time() - self._t0, 1e-9)
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+    extra = " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                     if k.startswith("val_") and isinstance(v, float))
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    log.info("step %d/%d %s %s eta %s", step, self.total_steps, text, extra, eta_text)
+
+  def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    """image: uint8 [h, w, 3]."""
+    if self.enabled and self._tb is not None:
+      self._tb.add_image(tag, image, step, dataformats="HWC")
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._bar is not None:
+      self._bar.close()
+
+
+class Throughput:
+  """Turns a step's wall time and batch layout into tokens/s, images/s, MFU."""
+
+  def __init__(self, model_config: Any, num_devices: int, peak_tflops_per_device: float):
+    self.model_config = model_config
+    self.num_devices = num_devices
+    self.peak = peak_tflops_per_device * 1e12
+
+  def __call__(self, step_time: float, segment_ids: np.ndarray, image_ids: np.ndarray,
+               image_valid: np.ndarray) -> dict[str, float]:
+    from tfjax.train.flops import step_flops
+    tokens = int((np.asarray(segment_ids) != 0).sum())
+    images = int(np.asarray(image_valid).sum())
+    flops = step_flops(self.model_config, segment_ids, image_ids)
+    out = dict(step_time=step_time, tokens_per_s=tokens / step_time,
+               images_per_s=images / step_time,
+               tflops_per_device=flops / step_time / self.num_devices / 1e12)
+    out["mfu"] = flops / (step_time * self.num_devices * self.peak) if self.peak > 0 else 0.0
+    return out

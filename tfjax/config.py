@@ -79,6 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
   data.tokenizer = ""          # path to a sentencepiece .model; "" = train one on the text corpus
   data.vocab_size = 512        # size of a tokenizer trained here
   data.latents = ""            # latent cache directory; "" = DIR/latents (built by the main job)
+  data.tfds_dir = ""           # TFDS data_dir for tfds: sources and the built shapes; "" = DIR/tfds
+  data.text_field = "text"     # record field holding the text of a tfds: text source
+  data.num_text_docs = 20000   # documents in the generated shapes text corpus (train split)
+  data.pack_max_misses = 0     # documents that may miss a full-ish batch before it closes; 0 = 2*batch+8
+  data.seed = 0                # seed of the generated shapes images and text
 
   # ---- image autoencoder (see tfjax/vae) ---------------------------------
   v = c.vae = ml_collections.ConfigDict()
@@ -137,6 +142,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.best_metric = "val_loss"  # also kept: the best checkpoint by this metric ("" = off)
   t.init_from = ""            # checkpoint dir or export to start from (fine-tuning)
   t.peak_tflops = 0.0         # per-device peak for MFU; 0 = look up the device
+  t.eval_batches = 4          # validation batches per evaluation
+  t.synthetic_data = False    # random packed batches instead of tfjax.data (benchmarks, planning)
 
   # ---- mesh: logical axis -> mesh axes -----------------------------------
   me = c.mesh = ml_collections.ConfigDict()
@@ -206,9 +213,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"unknown {m.image_attention!r}")
   if m.patch_type == "unet":
     levels = len(m.unet_channels)
-    _require(2 ** (levels - 1) == m.patch_size or m.patch_size == 1, "model.unet_channels",
+    _require(2 ** (levels - 1) == m.patch_size, "model.unet_channels",
              f"{levels} levels downsample by {2 ** (levels - 1)}, which must equal "
              f"model.patch_size={m.patch_size}")
+  vae_downsample = 2 ** (len(c.vae.channels) - 1)
+  if not c.vae.path:
+    _require(c.data.image_size // vae_downsample == m.latent_size, "model.latent_size",
+             f"{m.latent_size} != data.image_size / VAE downsampling = "
+             f"{c.data.image_size} / {vae_downsample}")
+    _require(c.vae.latent_channels == m.latent_channels, "model.latent_channels",
+             f"{m.latent_channels} != vae.latent_channels={c.vae.latent_channels}")
   image_len = patches_per_image(m) + 2  # BOI + patches + EOI
   _require(image_len <= c.data.seq_len, "data.seq_len",
            f"an image takes {image_len} positions (BOI + {patches_per_image(m)} patches + EOI) "

@@ -1,0 +1,1 @@
+"""Input side: shapes dataset, tokenizer, latent cache, Grain packing pipeline."""

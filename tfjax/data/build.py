@@ -1,0 +1,136 @@
+"""One-call dataset stages for the main job, each skipped when already built.
+
+  build_all(config, data_dir)                image-text dataset (TFDS ArrayRecord),
+                                             text corpus, tokenizer
+  build_latents(config, data_dir, encoder)   latent cache of the image-text data
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ml_collections
+from array_record.python import array_record_module
+
+from tfjax.data import latents as latents_lib
+from tfjax.data import shapes, sources
+from tfjax.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+
+CORPUS_FILE = "corpus.txt"
+EVAL_SPLITS = ("validation",)
+
+
+def build_text_corpus(config: ml_collections.ConfigDict, root: str) -> str:
+  """Shapes text corpus: ArrayRecord per split plus corpus.txt for the tokenizer."""
+  d = config.data
+  out = os.path.join(root, sources.SHAPES_TEXT_DIR)
+  done = os.path.join(out, CORPUS_FILE)
+  if os.path.exists(done):
+    return out
+  os.makedirs(out, exist_ok=True)
+  counts = {"train": d.num_text_docs, "validation": max(1, d.num_text_docs // 20)}
+  train_docs = []
+  for split, num in counts.items():
+    docs = shapes.text_corpus(split, num, d.seed)
+    w = array_record_module.ArrayRecordWriter(sources.text_shard_path(root, split),
+                                              "group_size:1")
+    for doc in docs:
+      w.write(doc.encode("utf-8"))
+    w.close()
+    if split == "train":
+      train_docs = docs
+  # Written last: its presence marks the stage complete.
+  with open(done + ".tmp", "w") as f:
+    f.write("\n".join(train_docs) + "\n")
+  os.replace(done + ".tmp", done)
+  return out
+
+
+def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]:
+  """Lines to train the tokenizer on: the text corpus plus image captions."""
+  lines: list[str] = []
+  if config.data.text_source == "shapes_text":
+    with open(os.path.join(root, sources.SHAPES_TEXT_DIR, CORPUS_FILE)) as f:
+      lines.extend(f.read().splitlines())
+  elif config.data.text_source.startswith("tfds:"):
+    src = sources.text_source(config, root, "train")
+    for i in range(min(len(src), 100000)):
+      t = src[i]
+      lines.append(t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t))
+  if config.data.image_text_source != "none":
+    src = sources.image_source(config, root, "train")
+    for i in range(min(len(src), 20000)):
+      c = src[i]["caption"]
+      lines.append(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c))
+  if not lines:
+    raise ValueError("config keys data.text_source / data.image_text_source give no text to "
+                     "train a tokenizer on; set data.tokenizer to a .model file")
+  return lines
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, root: str) -> Tokenizer:
+  """Loads data.tokenizer, or trains one into DIR/tokenizer if not there yet."""
+  path = sources.tokenizer_path(config, root)
+  if config.data.tokenizer or os.path.exists(os.path.join(path, MODEL_FILE)):
+    return Tokenizer.load(path)
+  return train_tokenizer(_tokenizer_corpus(config, root), config.data.vocab_size, path)
+
+
+def build_image_text(config: ml_collections.ConfigDict, root: str) -> str | None:
+  name = config.data.image_text_source
+  if name == "shapes":
+    from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top
+    return tfds_shapes.build(config, root)
+  if name.startswith("folder:"):
+    from tfjax.data import tfds_folder  # pylint: disable=g-import-not-at-top
+    return tfds_folder.build(config, root)
+  if name.startswith("tfds:"):
+    sources.image_source(config, root, "train")  # raises, naming the key, if not prepared
+  return None
+
+
+def build_all(config: ml_collections.ConfigDict, data_dir: str | None = None) -> dict[str, Any]:
+  """Builds every stage that does not need the VAE; returns paths and timings."""
+  root = sources.data_root(config, data_dir)
+  os.makedirs(root, exist_ok=True)
+  report: dict[str, Any] = {}
+  t = time.time()
+  report["image_text"] = build_image_text(config, root)
+  report["image_text_s"] = round(time.time() - t, 2)
+  t = time.time()
+  if config.data.text_source == "shapes_text":
+    report["text"] = build_text_corpus(config, root)
+  report["text_s"] = round(time.time() - t, 2)
+  t = time.time()
+  tok = build_tokenizer(config, root)
+  report["tokenizer"] = sources.tokenizer_path(config, root)
+  report["vocab_size"] = tok.vocab_size
+  report["tokenizer_s"] = round(time.time() - t, 2)
+  logging.info("data build: %s", report)
+  return report
+
+
+def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
+                  encoder: latents_lib.Encoder, splits: tuple[str, ...] = ("train",) + EVAL_SPLITS,
+                  batch_size: int = 64) -> dict[str, Any]:
+  """Encodes the image-text source into the latent cache, split by split.
+
+  A split already in the cache's metadata is kept as is (delete the cache
+  directory to re-encode, e.g. after changing the VAE).
+  """
+  root = sources.data_root(config, data_dir)
+  out = sources.latent_dir(config, root)
+  done: dict[str, Any] = {}
+  if os.path.exists(os.path.join(out, latents_lib.METADATA_FILE)):
+    done = latents_lib.read_metadata(out).get("splits", {})
+  report = {}
+  for split in splits:
+    if split in done:
+      report[split] = done[split]
+      continue
+    src = sources.image_source(config, root, split)
+    report[split] = latents_lib.build_latent_cache(encoder, src, out, split=split,
+                                                   batch_size=batch_size)
+  return report

@@ -1,0 +1,334 @@
+"""The Grain input pipeline: mix, order, tokenize, pack into Batches.
+
+  text records ----shard(process)-shuffle-repeat--.
+                                                    mix(token ratio) -> make documents
+  latent records --shard(process)-shuffle-repeat--'      (MapDataset, index-addressed)
+      -> to_iter_dataset -> PackIterDataset (first-fit into batch rows)
+      -> mp_prefetch(num_workers) -> SkipCountIterDataset (main process)
+
+Every element before packing is addressed by its index in the mixed
+MapDataset, and a document is a pure function of that index (seeded by it), so
+the packer's checkpoint state is small JSON: its parent's state plus the
+indices of documents read but not yet placed. Restoring replays nothing and
+continues with exactly the next batch.
+
+Bad records (undecodable latent record, wrong latent shape, empty caption or
+text, caption longer than the sequence) become skip markers; the packer counts
+them per batch and the outermost iterator sums them: `iterator.skip_counts()`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from typing import Any, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from tfjax.config import ConfigError, patches_per_image
+from tfjax.data import latents as latents_lib
+from tfjax.data import packing
+from tfjax.data import sources
+from tfjax.data.tokenizer import Tokenizer
+
+MIN_DOC_LEN = 3      # BOS t EOS: a row with less room than this is full
+SKIP_IDS_KEPT = 20   # most recent skipped record ids kept for reporting
+
+
+# ---------------------------------------------------------------- documents --
+class _Tag:
+  """Marks a record with its source kind (picklable, unlike a lambda)."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+
+  def __call__(self, record: Any) -> tuple[str, Any]:
+    return (self.kind, record)
+
+
+class DocumentMaker:
+  """(index, (kind, raw record)) -> {"index", "docs", "skip"}; pure in index."""
+
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, patches: int,
+               latent_shape: tuple[int, int, int], scale: float, shift: float,
+               caption_first_prob: float, seed: int):
+    self.tok, self.seq_len, self.patches = tokenizer, seq_len, patches
+    self.latent_shape = tuple(latent_shape)
+    self.scale, self.shift = scale, shift
+    self.caption_first_prob, self.seed = caption_first_prob, seed
+
+  def _skip(self, index: int, reason: str, record_id: str) -> dict[str, Any]:
+    return {"index": index, "docs": [], "skip": [reason, record_id]}
+
+  def __call__(self, index: int, item: tuple[str, Any]) -> dict[str, Any]:
+    kind, raw = item
+    if kind == "text":
+      text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+      ids = self.tok.encode(text) if text.strip() else []
+      if not ids:
+        return self._skip(index, "empty_text", f"text#{index}")
+      docs = [packing.make_document([("text", c)], self.patches)
+              for c in packing.split_text(ids, self.seq_len)]
+      return {"index": index, "docs": docs, "skip": None}
+    try:
+      rec = latents_lib.decode_record(raw)
+      rid, caption, z = str(rec["id"]), str(rec["caption"]), np.asarray(rec["latents"])
+    except Exception:  # corrupt msgpack: anything can be raised
+      return self._skip(index, "undecodable_record", f"latents#{index}")
+    if z.shape != self.latent_shape:
+      return self._skip(index, "bad_latent_shape", rid)
+    ids = self.tok.encode(caption) if caption.strip() else []
+    if not ids:
+      return self._skip(index, "empty_caption", rid)
+    if len(ids) + packing.image_positions(self.patches) + 2 > self.seq_len:
+      return self._skip(index, "caption_too_long", rid)
+    z = ((z.astype(np.float32) - self.shift) * self.scale).astype(np.float32)
+    rng = np.random.default_rng([self.seed, index])
+    caption_first = bool(rng.random() < self.caption_first_prob)
+    parts = [("text", ids), ("image", z, False)] if caption_first else \
+            [("image", z, True), ("text", ids)]
+    return {"index": index, "docs": [packing.make_document(parts, self.patches)], "skip": None}
+
+
+# ------------------------------------------------------------------ packing --
+class PackIterDataset(grain.IterDataset):
+  """First-fit packs documents into full batches of `[batch_size, seq_len]`.
+
+  Args:
+    parent: IterDataset of DocumentMaker outputs.
+    lookup: the MapDataset `parent` iterates (before worker slicing), used to
+      rebuild pending documents on restore.
+    max_misses: documents that did not fit before a batch is closed; they
+      lead the next batch, so nothing is dropped or reordered far.
+  """
+
+  def __init__(self, parent: grain.IterDataset, lookup: grain.MapDataset, *, batch_size: int,
+               seq_len: int, max_images: int, latent_shape: tuple[int, int, int],
+               patches: int, max_misses: int):
+    super().__init__(parent)
+    self.lookup, self.max_misses = lookup, max_misses
+    self.builder_args = (batch_size, seq_len, max_images, tuple(latent_shape), patches)
+
+  def __iter__(self) -> "_PackIterator":
+    return _PackIterator(self._parent.__iter__(), self)
+
+
+class _PackIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, ds: PackIterDataset):
+    super().__init__(parent)
+    self._ds = ds
+    self._pending: list[tuple[int, int, packing.Doc]] = []
+
+  def __next__(self) -> dict[str, Any]:
+    builder = packing.BatchBuilder(*self._ds.builder_args)
+    queue = collections.deque(self._pending)
+    leftovers, misses = [], 0
+    skipped: collections.Counter = collections.Counter()
+    skipped_ids: list[str] = []
+    exhausted = False
+    while not builder.full(MIN_DOC_LEN) and misses < self._ds.max_misses:
+      if not queue:
+        try:
+          elem = next(self._parent)
+        except StopIteration:
+          exhausted = True
+          break
+        if elem["skip"]:
+          reason, rid = elem["skip"]
+          skipped[reason] += 1
+          skipped_ids.append(rid)
+          logging.warning("data: skipped record %s (%s)", rid, reason)
+          continue
+        queue.extend((elem["index"], p, d) for p, d in enumerate(elem["docs"]))
+        continue
+      item = queue.popleft()
+      if not builder.add(item[2]):
+        leftovers.append(item)
+        misses += 1
+    self._pending = leftovers + list(queue)
+    if exhausted and builder.empty:
+      raise StopIteration
+    return {"batch": builder.build(), "skipped": dict(skipped),
+            "skipped_ids": skipped_ids[-SKIP_IDS_KEPT:]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(),
+            "pending": [[int(i), int(p)] for i, p, _ in self._pending]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._pending = [(i, p, self._ds.lookup[i]["docs"][p]) for i, p in state["pending"]]
+
+
+class SkipCountIterDataset(grain.IterDataset):
+  """Unwraps packed batches and sums skip counts (runs in the main process)."""
+
+  def __iter__(self) -> "SkipCountIterator":
+    return SkipCountIterator(self._parent.__iter__())
+
+
+class SkipCountIterator(grain.DatasetIterator):
+  """Yields batch dicts; `skip_counts()` and `skipped_ids()` report bad records."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._counts: collections.Counter = collections.Counter()
+    self._ids: list[str] = []
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = next(self._parent)
+    self._counts.update(out["skipped"])
+    self._ids = (self._ids + list(out["skipped_ids"]))[-SKIP_IDS_KEPT:]
+    return out["batch"]
+
+  def skip_counts(self) -> dict[str, int]:
+    """Cumulative skipped records by reason, e.g. {"empty_caption": 3}."""
+    return dict(self._counts)
+
+  def skipped_ids(self) -> list[str]:
+    """Ids of the most recently skipped records."""
+    return list(self._ids)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "skip_counts": dict(self._counts),
+            "skipped_ids": list(self._ids)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._counts = collections.Counter(state["skip_counts"])
+    self._ids = list(state["skipped_ids"])
+
+  def close(self) -> None:
+    close = getattr(self._parent, "close", None)
+    if close:
+      close()
+
+
+# ----------------------------------------------------------------- assembly --
+def _check_latents(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> tuple[int, int, int]:
+  m = config.model
+  shape = tuple(meta["latent_shape"])
+  want = (m.latent_size, m.latent_size, m.latent_channels)
+  if shape != want:
+    key = "model.latent_channels" if shape[:2] == want[:2] else "model.latent_size"
+    raise ConfigError(f"config key {key}: the latent cache holds latents {list(shape)} but "
+                      f"the model expects {list(want)} (model.latent_size, model.latent_channels)")
+  return shape
+
+
+def _mean_doc_len(maker: DocumentMaker, kind: str, source: Any, n: int = 32) -> float:
+  lens = []
+  for i in range(min(n, len(source))):
+    out = maker(i, (kind, source[i]))
+    lens.extend(len(d["tokens"]) for d in out["docs"])
+  return float(np.mean(lens)) if lens else 1.0
+
+
+def _documents(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
+               process_index: int, process_count: int, train: bool
+               ) -> tuple[grain.MapDataset, tuple[int, int, int]]:
+  d = config.data
+  tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
+  if tok.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"config key model.vocab_size={config.model.vocab_size} is smaller than "
+                      f"the tokenizer's {tok.vocab_size} ids")
+  text = sources.text_source(config, data_dir, split)
+  latent_src, meta = sources.latent_source(config, data_dir, split)
+  if text is None and latent_src is None:
+    raise ConfigError("config keys data.text_source and data.image_text_source are both 'none'")
+  latent_shape = (_check_latents(config, meta) if meta else
+                  (config.model.latent_size, config.model.latent_size,
+                   config.model.latent_channels))
+  maker = DocumentMaker(tok, d.seq_len, patches_per_image(config.model), latent_shape,
+                        meta["scale"] if meta else 1.0, meta["shift"] if meta else 0.0,
+                        d.caption_first_prob, d.shuffle_seed)
+  parts, weights = [], []
+  for kind, src in (("image", latent_src), ("text", text)):
+    if src is None:
+      continue
+    if len(src) < process_count:
+      raise ConfigError(f"config key data.{'image_text' if kind == 'image' else 'text'}_source: "
+                        f"{len(src)} {split} records cannot feed {process_count} processes")
+    ds = grain.MapDataset.source(src)[process_index::process_count]
+    if train:
+      ds = ds.shuffle(seed=d.shuffle_seed + 7919 * len(parts)).repeat()
+    parts.append(ds.map(_Tag(kind)))
+    weights.append(_mean_doc_len(maker, kind, src))
+  if train and len(parts) == 2:
+    # Example weights giving `text_image_ratio` text tokens per image-doc token.
+    len_img, len_txt = weights
+    mixed = grain.MapDataset.mix(parts, [1.0, d.text_image_ratio * len_img / len_txt])
+  else:
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+  return mixed.map_with_index(maker), latent_shape
+
+
+def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
+              process_index: int, process_count: int, train: bool,
+              num_workers: int) -> grain.IterDataset:
+  d = config.data
+  if d.batch_size % process_count:
+    raise ConfigError(f"config key data.batch_size={d.batch_size} is not divisible by the "
+                      f"{process_count} processes")
+  docs, latent_shape = _documents(config, data_dir, split, process_index, process_count, train)
+  batch_size = d.batch_size // process_count
+  ds = PackIterDataset(docs.to_iter_dataset(), docs, batch_size=batch_size, seq_len=d.seq_len,
+                       max_images=d.max_images_per_seq, latent_shape=latent_shape,
+                       patches=patches_per_image(config.model),
+                       max_misses=d.pack_max_misses or 2 * batch_size + 8)
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return SkipCountIterDataset(ds)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str | None = None, *,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> SkipCountIterator:
+  """Endless packed training batches for this JAX process.
+
+  Yields dicts with exactly the keys, dtypes and shapes of
+  `tfjax.batch.empty_batch(data.batch_size // process_count, data.seq_len,
+  data.max_images_per_seq, latent_shape)`. The iterator is a
+  `grain.DatasetIterator`: save it with Orbax via
+  `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` under
+  a `grain.checkpoint.CheckpointHandler()` item (or `get_state`/`set_state`).
+  """
+  pi, pc = _process(process_index, process_count)
+  ds = _pipeline(config, data_dir, "train", pi, pc, True, config.data.num_workers)
+  return ds.__iter__()
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str | None = None,
+                       split: str = "validation", *, process_index: int | None = None,
+                       process_count: int | None = None) -> SkipCountIterator:
+  """One deterministic pass over `split` (images then text), in full-size batches.
+
+  The last batch may be partly padding; every call yields the same batches.
+  """
+  pi, pc = _process(process_index, process_count)
+  return _pipeline(config, data_dir, split, pi, pc, False, 0).__iter__()
+
+
+def describe(batch: dict[str, np.ndarray]) -> str:
+  """One-line summary of a batch (for logs and the CLI)."""
+  seg = batch["segment_ids"]
+  return json.dumps({"shape": list(seg.shape), "non_padding": float((seg > 0).mean()),
+                     "documents": int(sum(len(set(r[r > 0])) for r in seg)),
+                     "images": int(batch["image_valid"].sum())})
+
+
+def iterate(it: Iterator[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+  return [next(it) for _ in range(n)]

@@ -92,6 +92,11 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   if not args.quick or args.with_xla:
     mask = transfusion_mask(seg, im)
     out["XLA reference (dense mask)"] = lambda q, k, v: xla_attention(q, k, v, mask)
+  if jax.default_backend() == "gpu" and not args.no_tokamax:
+    try:
+      out["tokamax mosaic_gpu (k ranges)"] = tokamax_fns(doc, img)
+    except Exception as e:  # not carried, or an API change
+      print(f"tokamax unavailable: {type(e).__name__}: {str(e)[:300]}")
   if jax.default_backend() == "gpu":
     out["cuDNN causal (not TF-exact)"] = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")
@@ -132,10 +137,14 @@ def torch_flex(doc, img, qn, kn, vn, don, args):
   return t_f, t_fb, out
 
 
-def tokamax_entry(doc, img, q, k, v, do, args):
-  """tokamax's attention with per-query key ranges, when it is importable."""
-  import tokamax  # noqa: F401  (needs jax 0.11)
-  raise NotImplementedError("tokamax wiring not written")
+def tokamax_fns(doc, img):
+  """tokamax's Mosaic GPU attention with per-query [k_start, k_end) ranges."""
+  from tokamax._src.ops.attention import api, base  # needs jax 0.11 and xprof
+  from tfjax.ops.mask import key_ranges
+  ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
+  mask = base.Mask(k_start=ks[:, None, :], k_end=ke[:, None, :])
+  impl = api.IMPLEMENTATIONS["mosaic_gpu"]
+  return lambda q, k, v: impl(q, k, v, mask=mask)
 
 
 def run_shape(bsz, seq, heads, d, args):
@@ -162,7 +171,7 @@ def run_shape(bsz, seq, heads, d, args):
   for name, (f, fb) in entries.items():
     err = ""
     try:
-      if name == "tfjax pallas" and ref_o is not None:
+      if name.startswith(("tfjax", "tokamax")) and ref_o is not None:
         got = fb(q, k, v, do)
         err = "err o/dq/dk/dv " + "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
       tf = time_jax(f, (q, k, v), args.reps, args.group)
@@ -179,11 +188,6 @@ def run_shape(bsz, seq, heads, d, args):
     except Exception as e:
       rows.append(("torch FlexAttention (block mask)", float("nan"), float("nan"),
                    f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
-  if jax.default_backend() == "gpu":
-    try:
-      tokamax_entry(doc, img, q, k, v, do, args)
-    except Exception as e:
-      rows.append(("tokamax", float("nan"), float("nan"), f"skipped: {type(e).__name__}: {str(e)[:120]}"))
   return dict(seq=seq, d=d, nnz=nnz, flops_f=flops_f, flops_fb=flops_fb, rows=rows)
 
 
@@ -223,6 +227,7 @@ def main():
   p.add_argument("--block_q", type=int, default=0, help="override block_q (0: default)")
   p.add_argument("--block_k", type=int, default=0, help="override block_k")
   p.add_argument("--no_torch", action="store_true", help="skip FlexAttention")
+  p.add_argument("--no_tokamax", action="store_true", help="skip tokamax")
   p.add_argument("--with_xla", action="store_true", help="time XLA in --quick too")
   p.add_argument("--sweep", action="store_true", help="sweep GPU kernel tile configs first")
   args = p.parse_args()

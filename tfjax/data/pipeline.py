@@ -23,6 +23,7 @@ import json
 import logging
 from typing import Any, Iterator
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
@@ -273,6 +274,10 @@ def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   if d.batch_size % process_count:
     raise ConfigError(f"config key data.batch_size={d.batch_size} is not divisible by the "
                       f"{process_count} processes")
+  need = packing.image_positions(patches_per_image(config.model)) + 2
+  if need > d.seq_len:
+    raise ConfigError(f"config key data.seq_len={d.seq_len}: a document with one image needs "
+                      f"{need} positions (BOS, BOI, patches, EOI, EOS)")
   docs, latent_shape = _documents(config, data_dir, split, process_index, process_count, train)
   batch_size = d.batch_size // process_count
   ds = PackIterDataset(docs.to_iter_dataset(), docs, batch_size=batch_size, seq_len=d.seq_len,
@@ -280,6 +285,10 @@ def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: st
                        patches=patches_per_image(config.model),
                        max_misses=d.pack_max_misses or 2 * batch_size + 8)
   if num_workers > 0:
+    # Grain's worker processes read absl flags; outside an absl app (tests,
+    # notebooks) nothing parsed them, so take the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return SkipCountIterDataset(ds)
 

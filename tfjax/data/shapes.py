@@ -21,15 +21,15 @@ import numpy as np
 
 SHAPES = ("circle", "square", "triangle")
 
-# Saturated, mutually distant colours (min pairwise RGB distance > 120).
+# Saturated, mutually distant colours: any two colours, or a colour and a
+# background, are more than 140 apart in RGB (checked by the tests).
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
+    "red": (210, 30, 30),
     "green": (30, 170, 50),
-    "blue": (40, 70, 220),
-    "yellow": (240, 220, 30),
-    "purple": (140, 40, 170),
-    "orange": (250, 130, 0),
-    "cyan": (20, 210, 220),
+    "blue": (20, 50, 240),
+    "yellow": (245, 225, 40),
+    "purple": (130, 0, 160),
+    "cyan": (30, 210, 215),
 }
 
 # Circumradius of an object as a fraction of the image side.
@@ -37,7 +37,7 @@ SIZES: dict[str, float] = {"small": 0.10, "medium": 0.15, "large": 0.21}
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
-    "gray": (120, 120, 120),
+    "gray": (150, 150, 150),
     "black": (15, 15, 15),
 }
 

@@ -24,6 +24,7 @@ import numpy as np
 from tfjax.batch import Batch, batch_spec
 from tfjax.config import validate
 from tfjax.train import mesh as mesh_lib
+from tfjax.train.checks import validate_train
 from tfjax.train.checkpoint import Checkpointer, config_json
 from tfjax.train.flops import peak_tflops
 from tfjax.train.metrics import MetricsWriter, Throughput
@@ -101,6 +102,14 @@ def _restore_params_from(path: str, abstract_state: TrainState, config) -> Any:
   return state.ema if config.train.ema_decay > 0 and state.ema else state.params
 
 
+def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of config with a relative data.dir taken as relative to workdir."""
+  config = config.copy_and_resolve_references()
+  if not os.path.isabs(config.data.dir):
+    config.data.dir = os.path.join(os.path.abspath(workdir), config.data.dir)
+  return config
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           train_data: DataFactory | None = None, eval_data: DataFactory | None = None,
           sample_fn: Callable[[TrainState, int], None] | None = None,
@@ -124,11 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   validate(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
+  config = resolve_paths(config, workdir)
+  validate_train(config, len(jax.devices() if devices is None else devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  if config.data.batch_size % mesh_lib.data_parallel_size(mesh):
-    raise ValueError(f"config key data.batch_size: {config.data.batch_size} is not divisible by "
-                     f"the data-parallel size {mesh_lib.data_parallel_size(mesh)} "
-                     "(mesh.data * mesh.fsdp)")
   from tfjax.model import init_params
   tx = make_optimizer(tc)
   abstract_state, shardings = state_shardings(config, mesh, tx, init_params)
@@ -189,50 +196,57 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
               metrics={f"val_{k}": v for k, v in val.items()} if val else None, force=force)
 
   window_start, window_steps, window_stats = None, 0, []
-  with _Preemption() as preemption:
-    while step < tc.num_steps:
-      local = next(data_iter)
-      batch = put(local)
-      with mesh_lib.activate(mesh, config.mesh):
-        state, metrics = step_fn(state, batch)
-      step += 1
-      if window_start is None:
-        # The first step after (re)start includes compilation: time from its end.
-        jax.block_until_ready(metrics)
-        window_start, window_steps, window_stats = time.perf_counter(), 0, []
-      else:
-        window_steps += 1
-        window_stats.append((local["segment_ids"], local["image_ids"], local["image_valid"]))
-      is_last = step == tc.num_steps or preemption.requested
-      if step % tc.log_every == 0 or is_last:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if window_steps:
-          elapsed = (time.perf_counter() - window_start) / window_steps
-          seg = np.concatenate([s[0] for s in window_stats])
-          img = np.concatenate([s[1] for s in window_stats])
-          valid = np.concatenate([s[2] for s in window_stats])
-          # Throughput of the average step in the window: stats summed over
-          # window_steps batches divided by their total time.
-          metrics.update(throughput(elapsed * window_steps, seg, img, valid))
-          metrics["step_time"] = elapsed
+  try:
+    with _Preemption() as preemption:
+      while step < tc.num_steps:
+        local = next(data_iter)
+        batch = put(local)
+        with mesh_lib.activate(mesh, config.mesh):
+          state, metrics = step_fn(state, batch)
+        step += 1
+        if window_start is None:
+          # The first step after (re)start includes compilation: time from its end.
+          jax.block_until_ready(metrics)
           window_start, window_steps, window_stats = time.perf_counter(), 0, []
-        last = writer.write(step, metrics)
-      if tc.eval_every and (step % tc.eval_every == 0 or is_last):
-        val = evaluate()
-        if val:
-          writer.write(step, val, prefix="val_")
-      if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0:
-        sample_fn(state, step)
-      if on_step is not None:
-        on_step(step, last)
-      if preemption.requested:
-        preempted = True
-        break
-      if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-        save()
-    save(force=True)
-  ckpt.close()
-  writer.close()
+        else:
+          window_steps += 1
+          window_stats.append((local["segment_ids"], local["image_ids"], local["image_valid"]))
+        is_last = step == tc.num_steps or preemption.requested
+        if step % tc.log_every == 0 or is_last:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if window_steps:
+            elapsed = (time.perf_counter() - window_start) / window_steps
+            seg = np.concatenate([s[0] for s in window_stats])
+            img = np.concatenate([s[1] for s in window_stats])
+            valid = np.concatenate([s[2] for s in window_stats])
+            # Throughput of the average step in the window: stats summed over
+            # window_steps batches divided by their total time.
+            metrics.update(throughput(elapsed * window_steps, seg, img, valid))
+            metrics["step_time"] = elapsed
+            window_start, window_steps, window_stats = time.perf_counter(), 0, []
+          last = writer.write(step, metrics)
+        side_start = time.perf_counter()
+        if tc.eval_every and (step % tc.eval_every == 0 or is_last):
+          val = evaluate()
+          if val:
+            writer.write(step, val, prefix="val_")
+        if sample_fn is not None and tc.sample_every and step % tc.sample_every == 0:
+          sample_fn(state, step)
+        if on_step is not None:
+          on_step(step, last)
+        if preemption.requested:
+          preempted = True
+          break
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+          save()
+        # Evaluation, samples and saves are not training time.
+        if window_start is not None:
+          window_start += time.perf_counter() - side_start
+      save(force=True)
+  finally:
+    # Also on a crash: let in-flight async saves finish, close the files.
+    ckpt.close()
+    writer.close()
   if preempted:
     log.warning("stopped at step %d by SIGTERM; checkpoint saved in %s", step, workdir)
   return TrainResult(step=step, state=state, preempted=preempted, last_metrics=last)

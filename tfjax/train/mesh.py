@@ -39,9 +39,10 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if num_devices % fixed:
+      others = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s != -1)
       raise ConfigError(
-          f"config key mesh.{free[0]}: the other axes use {fixed} devices, which does "
-          f"not divide the {num_devices} devices available")
+          f"config keys {others}: these axes use {fixed} devices, which does not divide "
+          f"the {num_devices} devices available (mesh.{free[0]} = -1 takes the rest)")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ConfigError(

@@ -84,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   data.num_text_docs = 20000   # documents in the generated shapes text corpus (train split)
   data.pack_max_misses = 0     # documents that may miss a full-ish batch before it closes; 0 = 2*batch+8
   data.seed = 0                # seed of the generated shapes images and text
+  data.read_threads = 0        # Grain read threads per process (>0 only for slow/remote storage)
 
   # ---- image autoencoder (see tfjax/vae) ---------------------------------
   v = c.vae = ml_collections.ConfigDict()

@@ -76,11 +76,6 @@ def split_text(ids: Sequence[int], seq_len: int) -> list[list[int]]:
   return [list(ids[i:i + room]) for i in range(0, max(len(ids), 1), room)]
 
 
-def patch_grid(latents: np.ndarray, patch_size: int) -> int:
-  h, w, _ = latents.shape
-  return (h // patch_size) * (w // patch_size)
-
-
 class BatchBuilder:
   """First-fit placement of documents into `batch_size` rows of `seq_len`."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import sentencepiece as spm
 
@@ -130,6 +130,3 @@ def train_tokenizer(corpus_lines: Iterable[str], vocab_size: int, out_dir: str,
   tok.save(out_dir)
   return tok
 
-
-def encode_batch(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-  return [tok.encode(t) for t in texts]

@@ -275,6 +275,8 @@ def _documents(config: ml_collections.ConfigDict, data_dir: str | None, split: s
     raise ConfigError(f"config key model.vocab_size={config.model.vocab_size} is smaller than "
                       f"the tokenizer's {tok.vocab_size} ids")
   text = sources.text_source(config, data_dir, split)
+  if train and d.text_image_ratio <= 0 and d.image_text_source != "none":
+    text = None  # ratio 0: image-caption documents only
   latent_src, meta = sources.latent_source(config, data_dir, split)
   if text is None and latent_src is None:
     raise ConfigError("config keys data.text_source and data.image_text_source are both 'none'")

@@ -103,3 +103,54 @@ def batch_spec(batch_size: int, seq_len: int, max_images: int,
   arrays = empty_batch(batch_size, seq_len, max_images, latent_shape)
   return Batch.from_dict({k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(v.dtype))
                           for k, v in arrays.items()})
+
+
+def random_batch(seed: int, batch_size: int, seq_len: int, max_images: int,
+                 latent_shape: tuple[int, int, int], patches_per_image: int,
+                 vocab_size: int, caption_first_prob: float = 0.8) -> dict[str, np.ndarray]:
+  """A synthetic packed batch obeying every Batch invariant (numpy arrays).
+
+  Documents are BOS text EOS, or BOS caption BOI patches EOI EOS (caption
+  first with `caption_first_prob`, else image first), packed until the row is
+  full. For tests and benchmarks that need realistic layouts without data.
+  """
+  from tfjax.config import BOI_ID, BOS_ID, EOI_ID, EOS_ID
+  rng = np.random.default_rng(seed)
+  out = empty_batch(batch_size, seq_len, max_images, latent_shape)
+  for row in range(batch_size):
+    pos, doc, slot = 0, 0, 0
+    while True:
+      with_image = slot < max_images and rng.random() < 0.5
+      text_len = int(rng.integers(2, 12))
+      # (token, image slot or -1) per position
+      caption = [(int(t), -1) for t in rng.integers(EOI_ID + 1, vocab_size, text_len)]
+      if with_image:
+        image = [(BOI_ID, -1)] + [(0, slot)] * patches_per_image + [(EOI_ID, -1)]
+        before = rng.random() >= caption_first_prob
+        body = image + caption if before else caption + image
+      else:
+        body = caption
+      items = [(BOS_ID, -1)] + body + [(EOS_ID, -1)]
+      if pos + len(items) > seq_len:
+        break
+      doc += 1
+      for i, (tok, s) in enumerate(items):
+        p = pos + i
+        out["segment_ids"][row, p] = doc
+        out["positions"][row, p] = i
+        out["tokens"][row, p] = tok
+        if s >= 0:
+          out["image_ids"][row, p] = s + 1
+        if i + 1 < len(items):
+          nxt_tok, nxt_slot = items[i + 1]
+          out["text_targets"][row, p] = nxt_tok if nxt_slot < 0 else 0
+          out["text_loss_mask"][row, p] = nxt_slot < 0 and s < 0 and tok != BOI_ID
+      if with_image:
+        start = pos + 1 + [k for k, (_, s) in enumerate(items[1:]) if s >= 0][0]
+        out["image_starts"][row, slot] = start
+        out["image_valid"][row, slot] = True
+        out["image_before_caption"][row, slot] = before
+        out["image_latents"][row, slot] = rng.standard_normal(latent_shape).astype(np.float32)
+        slot += 1
+      pos += len(items)
+  return out

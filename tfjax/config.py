@@ -105,6 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
   v.batch_size = 32
   v.learning_rate = 1e-3
   v.warmup_steps = 100        # linear warm-up, then cosine decay to 10% over train_steps
+  v.adam_b1 = 0.5             # Adam betas of the autoencoder (LDM's GAN-friendly values)
+  v.adam_b2 = 0.9
   v.seed = 0
   v.image_size = 0            # training resolution; 0 = data.image_size
   v.num_train_images = 4096   # images drawn from data.image_text_source for VAE training

@@ -64,5 +64,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      " (config key model.attention_impl)")
   if impl == "xla":
     return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  from tfjax.ops.kernels import dispatch  # kernels are optional at import time
+  try:
+    from tfjax.ops.kernels import dispatch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if impl == "auto":  # kernels not built into this tree: the reference is correct
+      return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
+    raise
   return dispatch.attention(q, k, v, segment_ids, image_ids, impl=impl, scale=scale)

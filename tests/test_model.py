@@ -1,0 +1,191 @@
+"""The Transfusion model: layers, patching, masking through the network, scan, sizes."""
+import importlib.util
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfjax import config as config_lib
+from tfjax.batch import Batch, random_batch
+from tfjax.model import KVCache, Transfusion, abstract_params, count_params, init_params
+from tfjax.model.layers import apply_rope
+from tfjax.model.patch import patchify, unpatchify
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def small_model_config(**overrides):
+  c = config_lib.default_config().model
+  c.update(dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                dtype="float32", attention_impl="xla", remat_policy="none",
+                latent_size=4, latent_channels=4, patch_size=2, time_embed_dim=16,
+                unet_channels=(8, 16)))
+  c.update(overrides)
+  return c
+
+
+def apply(model_config, params, b, noisy=None, t=None):
+  noisy = b.image_latents if noisy is None else noisy
+  t = jnp.zeros(b.image_starts.shape) if t is None else t
+
+  @jax.jit
+  def forward(params, b, noisy, t):
+    return Transfusion(model_config).apply(
+        {"params": params}, b.tokens, b.positions, b.segment_ids, b.image_ids, noisy, t,
+        b.image_starts, b.image_valid)
+  return forward(params, b, noisy, t)
+
+
+def make_batch(mc, seed=0, batch=2, seq=48, max_images=3):
+  arrays = random_batch(seed, batch, seq, max_images,
+                        (mc.latent_size, mc.latent_size, mc.latent_channels),
+                        config_lib.patches_per_image(mc), mc.vocab_size)
+  return Batch.from_dict({k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def test_rope_depends_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+
+  def score(m, n):
+    return float(jnp.sum(apply_rope(q, jnp.array([[m]]), 10000.0) *
+                         apply_rope(k, jnp.array([[n]]), 10000.0)))
+  assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+  assert score(0, 0) == pytest.approx(float(jnp.sum(q * k)), rel=1e-5)
+  assert abs(score(7, 3) - score(3, 7)) > 1e-3  # direction matters
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+def test_patchify_roundtrip_and_order(p):
+  x = jnp.arange(2 * 1 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 1, 8, 8, 3)
+  patches = patchify(x, p)
+  assert patches.shape == (2, 1, (8 // p) ** 2, p * p * 3)
+  np.testing.assert_array_equal(unpatchify(patches, p, 8, 8), x)
+  # patches run left-to-right, then top-to-bottom
+  if p < 8:
+    np.testing.assert_array_equal(patches[0, 0, 1, :3], x[0, 0, 0, p, :])
+    np.testing.assert_array_equal(patches[0, 0, 8 // p, :3], x[0, 0, p, 0, :])
+
+
+@pytest.mark.parametrize("patch_type,patch_size,channels", [("linear", 2, (8,)), ("unet", 4, (8, 8, 8))])
+def test_output_shapes(patch_type, patch_size, channels):
+  mc = small_model_config(patch_type=patch_type, patch_size=patch_size, latent_size=8,
+                          unet_channels=channels)
+  b = make_batch(mc, seq=64, max_images=2)
+  params = init_params(mc, jax.random.key(0))
+  out = apply(mc, params, b)
+  assert out.logits.shape == (2, 64, 64)
+  assert out.image_out.shape == b.image_latents.shape
+  assert np.isfinite(np.asarray(out.logits)).all() and np.isfinite(np.asarray(out.image_out)).all()
+
+
+@pytest.fixture(scope="module")
+def small():
+  mc = small_model_config()
+  return mc, init_params(mc, jax.random.key(1)), make_batch(mc)
+
+
+def test_documents_do_not_see_each_other_and_text_is_causal(small):
+  mc, params, b = small
+  base = apply(mc, params, b).logits
+  seg = np.asarray(b.segment_ids[0])
+  last_doc = seg.max()
+  first_pos_last_doc = int(np.argmax(seg == last_doc))
+  tokens = b.tokens.at[0, first_pos_last_doc:].set(7)  # rewrite the last document
+  changed = apply(mc, params, b.replace(tokens=tokens)).logits
+  np.testing.assert_allclose(changed[0, :first_pos_last_doc], base[0, :first_pos_last_doc],
+                             atol=1e-5)
+  np.testing.assert_allclose(changed[1], base[1], atol=1e-5)  # other row untouched
+
+
+def test_image_patches_see_later_patches_of_their_image(small):
+  mc, params, b = small
+  slot = int(np.argmax(np.asarray(b.image_valid[0])))
+  start = int(b.image_starts[0, slot])
+  noisy = b.image_latents
+  bumped = noisy.at[0, slot, -1, -1].add(5.0)  # the last patch of that image changes
+  h0 = apply(mc, params, b, noisy=noisy).image_out
+  h1 = apply(mc, params, b, noisy=bumped).image_out
+  # the first patch (top-left latent) of the same image responds: bidirectional
+  assert float(jnp.abs(h1[0, slot, 0, 0] - h0[0, slot, 0, 0]).max()) > 1e-6
+  # with the causal ablation it cannot
+  mc_causal = small_model_config(image_attention="causal")
+  c0 = apply(mc_causal, params, b, noisy=noisy).image_out
+  c1 = apply(mc_causal, params, b, noisy=bumped).image_out
+  np.testing.assert_allclose(c1[0, slot, 0, 0], c0[0, slot, 0, 0], atol=1e-5)
+  del start
+
+
+def test_scan_and_unrolled_layers_agree(small):
+  mc, params, b = small
+  mc_unrolled = small_model_config(scan_layers=False)
+  layers = params["transformer"]["layers"]
+  unrolled = dict(params)
+  unrolled["transformer"] = {f"layer_{i}": jax.tree.map(lambda x: x[i], layers)
+                             for i in range(mc.num_layers)}
+  a = apply(mc, params, b)
+  u = apply(mc_unrolled, unrolled, b)
+  np.testing.assert_allclose(a.logits, u.logits, atol=1e-5)
+  np.testing.assert_allclose(a.image_out, u.image_out, atol=1e-5)
+
+
+def test_remat_policy_keeps_values(small):
+  mc, params, b = small
+  remat = small_model_config(remat_policy="nothing_saveable")
+  np.testing.assert_allclose(apply(remat, params, b).logits, apply(mc, params, b).logits,
+                             atol=1e-5)
+
+
+def test_kv_cache_prefill_then_decode_matches_full_forward(small):
+  mc, params, _ = small
+  seq = 12
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 64, (2, seq)), jnp.int32)
+  ones = jnp.ones((2, seq), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(seq), (2, seq))
+  lat = jnp.zeros((2, 1, 4, 4, 4))
+  none = jnp.zeros((2, 1), jnp.int32)
+  model = Transfusion(mc)
+  model_apply = jax.jit(model.apply)
+  full = model_apply({"params": params}, tokens, positions, ones, 0 * ones, lat,
+                     jnp.zeros((2, 1)), none, none.astype(bool)).logits
+  cache = KVCache.empty(mc, 2, 16, jnp.float32)
+  out = model_apply({"params": params}, tokens[:, :8], positions[:, :8], ones[:, :8],
+                    0 * ones[:, :8], lat, jnp.zeros((2, 1)), none, none.astype(bool), cache)
+  steps = [out.logits]
+  cache = out.cache
+  for i in range(8, seq):
+    out = model_apply({"params": params}, tokens[:, i:i + 1], positions[:, i:i + 1],
+                      ones[:, i:i + 1], 0 * ones[:, i:i + 1], lat, jnp.zeros((2, 1)), none,
+                      none.astype(bool), cache)
+    cache = out.cache
+    steps.append(out.logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
+  assert int(cache.length) == seq
+
+
+@pytest.mark.parametrize("name,nominal", [("transfusion_160m", 0.16e9), ("transfusion_370m", 0.37e9),
+                                          ("transfusion_760m", 0.76e9), ("transfusion_1_4b", 1.4e9),
+                                          ("transfusion_7b", 7e9)])
+def test_table2_parameter_counts_within_ten_percent(name, nominal):
+  c = config_lib.validate(load_config(name))
+  counts = count_params(abstract_params(c.model))
+  assert abs(counts["total"] - nominal) / nominal < 0.10, counts
+  assert counts["transformer"] > counts["embeddings"] > counts["patch"] > 0
+
+
+def test_params_carry_logical_axes():
+  mc = small_model_config()
+  specs = nn.get_partition_spec(abstract_params(mc))
+  assert tuple(specs["embedding"]) == ("vocab", "embed")
+  assert tuple(specs["transformer"]["layers"]["mlp"]["w_gate"]) == ("layers", "embed", "mlp")

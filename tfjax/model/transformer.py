@@ -1,0 +1,131 @@
+"""The Llama-style decoder stack shared by text and image positions.
+
+`Transformer` runs `num_layers` pre-norm blocks (attention + SwiGLU), under
+`nn.scan` when `config.scan_layers` (compile time independent of depth) and
+rematerialised by the policy `config.remat_policy`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tfjax import config as config_lib
+from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init
+from tfjax.ops import attention as attention_op
+from tfjax.ops import transfusion_mask, xla_attention
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,  # remat everything (jax.checkpoint's default)
+}
+
+
+def _dtype(name: str) -> Any:
+  return jnp.dtype(name)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE under the Transfusion mask."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               image_ids: jax.Array, layer_kv: tuple[jax.Array, jax.Array] | None,
+               cache_ctx: tuple[jax.Array, jax.Array, jax.Array] | None):
+    """x: [batch, seq, dim] -> ([batch, seq, dim], new (k, v) cache slices or None).
+
+    With `layer_kv` ([batch, max_len, kv_heads, head_dim] each) the new keys and
+    values are written at `cache_ctx`'s length and the queries attend to the
+    whole buffer; `cache_ctx` = (cache segment ids, cache image ids, length),
+    the ids already including the new positions.
+    """
+    c = self.config
+    dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    head_dim = c.dim // c.num_heads
+    wq = self.param("wq", dense_init(("embed", "heads", "head_dim")),
+                    (c.dim, c.num_heads, head_dim), pdtype)
+    wk = self.param("wk", dense_init(("embed", "kv_heads", "head_dim")),
+                    (c.dim, c.num_kv_heads, head_dim), pdtype)
+    wv = self.param("wv", dense_init(("embed", "kv_heads", "head_dim")),
+                    (c.dim, c.num_kv_heads, head_dim), pdtype)
+    wo = self.param("wo", dense_init(("heads", "head_dim", "embed"), fan_in_axes=(0, 1)),
+                    (c.num_heads, head_dim, c.dim), pdtype)
+    q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype))
+    k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype))
+    v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
+    if c.qk_norm:
+      q = RMSNorm(c.norm_eps, dtype, pdtype, axis_name="head_dim", name="q_norm")(q)
+      k = RMSNorm(c.norm_eps, dtype, pdtype, axis_name="head_dim", name="k_norm")(k)
+    q = apply_rope(q, positions, c.rope_theta)
+    k = apply_rope(k, positions, c.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
+    if layer_kv is None:
+      out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl)
+      new_kv = None
+    else:
+      cache_segments, cache_images, length = cache_ctx
+      start = (0, length, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), start)
+      v_all = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), start)
+      seq = x.shape[1]
+      mask = transfusion_mask(segment_ids, image_ids, cache_segments, cache_images,
+                              q_positions=(length + jnp.arange(seq))[None, :],
+                              kv_positions=jnp.arange(k_all.shape[1])[None, :])
+      out = xla_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask)
+      new_kv = (k_all, v_all)
+    return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)), new_kv
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, layer_kv, context):
+    c = self.config
+    dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
+    positions, segment_ids, image_ids, cache_ctx = context
+    h, new_kv = Attention(c, name="attention")(
+        RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x),
+        positions, segment_ids, image_ids, layer_kv, cache_ctx)
+    x = x + h
+    x = x + SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")(
+        RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+    return x, new_kv
+
+
+class Transformer(nn.Module):
+  """num_layers Blocks; returns ([batch, seq, dim], stacked new kv or None)."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, image_ids, cache_kv=None, cache_ctx=None):
+    c = self.config
+    block = Block
+    if c.remat_policy != "none":
+      if c.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"config key model.remat_policy: unknown {c.remat_policy!r}; "
+                         f"use none or one of {sorted(REMAT_POLICIES)}")
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy],
+                       prevent_cse=not c.scan_layers)
+    context = (positions, segment_ids, image_ids, cache_ctx)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0 if cache_kv is not None else nn.broadcast, nn.broadcast),
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      return stack(c, name="layers")(x, cache_kv, context)
+    new_kvs = []
+    for i in range(c.num_layers):
+      layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+      x, kv = block(c, name=f"layer_{i}")(x, layer_kv, context)
+      new_kvs.append(kv)
+    if cache_kv is None:
+      return x, None
+    return x, (jnp.stack([kv[0] for kv in new_kvs]), jnp.stack([kv[1] for kv in new_kvs]))

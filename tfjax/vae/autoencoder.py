@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -216,7 +217,7 @@ class Decoder(nn.Module):
     return x.astype(jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Posterior:
   """Diagonal Gaussian over latents; arrays `[b, h, w, c]`."""
   mean: jax.Array

@@ -227,6 +227,10 @@ def test_eval_iterator_finite_and_deterministic(built):
   assert len(a) == len(b) and len(a) > 1
   meta = latents.read_metadata(os.path.join(built, "latents"))
   assert sum(int(x["image_valid"].sum()) for x in a) == meta["splits"]["validation"]["num_records"]
+  fixed = list(pipeline.make_eval_iterator(c, built, process_index=0, process_count=1,
+                                           num_batches=len(a) + 2))
+  assert len(fixed) == len(a) + 2  # starts the split over: same count on every process
+  assert_same(a + a[:2], fixed)
 
 
 # --------------------------------------------------------------- bad records --
@@ -297,3 +301,18 @@ def test_folder_source(tmp_path):
   rep = build.build_latents(c, root, latents.PixelPatchEncoder(8, 4))
   assert rep["train"]["num_records"] == 5 and rep["train"]["skipped"] == ["bad.png"]
   assert rep["validation"]["num_records"] == 1
+
+
+def test_cli_build_latents_show(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = ["--config=" + os.path.join(root, "configs", "tiny.py"), f"--data_dir={tmp_path}",
+          "--config.data.num_train_scenes=60", "--config.data.num_eval_scenes=10",
+          "--config.data.num_text_docs=100", "--config.data.vocab_size=320"]
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  for cmd in (["build"], ["latents", "--pixel_patch"], ["show", "--num_batches=1"]):
+    out = subprocess.run([sys.executable, "-m", "tfjax.cli.data", *cmd, *over], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+  assert "skip counts: {}" in out.stdout and "doc 1" in out.stdout

@@ -22,7 +22,7 @@ import collections
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from absl import flags
 import grain
@@ -184,6 +184,10 @@ class _PackIterator(grain.DatasetIterator):
         queue.extend((elem["index"], p, d) for p, d in enumerate(elem["docs"]))
         continue
       item = queue.popleft()
+      if builder.empty and not builder.fits_anywhere(item[2]):
+        raise ValueError(f"document {item[0]} ({len(item[2]['tokens'])} positions, "
+                         f"{len(item[2]['images'])} images) cannot fit an empty row: raise "
+                         f"data.seq_len or data.max_images_per_seq")
       if not builder.add(item[2]):
         leftovers.append(item)
         misses += 1
@@ -314,6 +318,9 @@ def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   if d.batch_size % process_count:
     raise ConfigError(f"config key data.batch_size={d.batch_size} is not divisible by the "
                       f"{process_count} processes")
+  if d.image_text_source != "none" and d.max_images_per_seq < 1:
+    raise ConfigError("config key data.max_images_per_seq must be >= 1 when "
+                      "data.image_text_source is not 'none'")
   need = packing.image_positions(patches_per_image(config.model)) + 2
   if need > d.seq_len:
     raise ConfigError(f"config key data.seq_len={d.seq_len}: a document with one image needs "
@@ -365,13 +372,47 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str | None 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str | None = None,
                        split: str = "validation", *, process_index: int | None = None,
-                       process_count: int | None = None) -> SkipCountIterator:
-  """One deterministic pass over `split` (images then text), in full-size batches.
+                       process_count: int | None = None,
+                       num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Deterministic validation batches of `split` (images, then text).
 
-  The last batch may be partly padding; every call yields the same batches.
+  Without `num_batches`: one pass (finite; the last batch may be partly
+  padding). With it: exactly `num_batches` batches, starting the split over
+  when it runs out, so every JAX process yields the same count (processes
+  hold different shards, and a process stopping early would hang collectives).
   """
   pi, pc = _process(process_index, process_count)
-  return _pipeline(config, data_dir, split, pi, pc, False, 0).__iter__()
+  make = lambda: _pipeline(config, data_dir, split, pi, pc, False, 0).__iter__()
+  if num_batches is None:
+    return make()
+  return _FixedCount(make, num_batches)
+
+
+class _FixedCount:
+  """Exactly `n` batches from `make()`, restarting it when exhausted."""
+
+  def __init__(self, make, n: int):
+    self._make, self._left = make, n
+    self._it = make()
+    self._counts: collections.Counter = collections.Counter()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._left <= 0:
+      raise StopIteration
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      self._counts.update(self._it.skip_counts())
+      self._it = self._make()
+      batch = next(self._it)
+    self._left -= 1
+    return batch
+
+  def skip_counts(self) -> dict[str, int]:
+    return dict(self._counts + collections.Counter(self._it.skip_counts()))
 
 
 def describe(batch: dict[str, np.ndarray]) -> str:

@@ -101,6 +101,7 @@ def builder(config: ml_collections.ConfigDict, root: str) -> TfjaxFolder:
 
 def build(config: ml_collections.ConfigDict, root: str) -> str:
   b = builder(config, root)
+  tfds.disable_progress_bar()  # a progress bar per split floods job logs
   b.download_and_prepare()
   return str(b.data_dir)
 

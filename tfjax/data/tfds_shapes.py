@@ -79,6 +79,7 @@ def builder(config: ml_collections.ConfigDict, root: str) -> TfjaxShapes:
 def build(config: ml_collections.ConfigDict, root: str) -> str:
   """Writes the shapes dataset unless it exists; returns its directory."""
   b = builder(config, root)
+  tfds.disable_progress_bar()  # a progress bar per split floods job logs
   b.download_and_prepare()  # a no-op when already prepared
   return str(b.data_dir)
 

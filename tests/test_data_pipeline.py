@@ -316,3 +316,14 @@ def test_cli_build_latents_show(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
   assert "skip counts: {}" in out.stdout and "doc 1" in out.stdout
+
+
+def test_tfds_sources_by_name(built, tmp_path):
+  from tfjax.data import tfds_shapes
+  name = "tfds:tfjax_shapes/" + tfds_shapes.builder(tiny_config(), built).builder_config.name
+  c = tiny_config(image_text_source=name, text_source=name, text_field="caption",
+                  tfds_dir=os.path.join(built, "tfds"), latents=str(tmp_path / "lat"))
+  rep = build.build_latents(c, built, latents.PixelPatchEncoder(8, 4), splits=("train",))
+  assert rep["train"]["num_records"] == 300
+  b = next(pipeline.make_train_iterator(c, built, process_index=0, process_count=1))
+  assert b["image_valid"].any() and (b["segment_ids"] > 0).mean() > 0.5

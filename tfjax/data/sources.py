@@ -50,7 +50,7 @@ def open_tfds(name: str, split: str, tfds_data_dir: str, key: str) -> Any:
         f"config key {key}: TFDS dataset {name!r} split {split!r} is not prepared in "
         f"{tfds_data_dir} in array_record format (prepare it with `tfds build {name} "
         f"--file_format=array_record --data_dir={tfds_data_dir}` or set data.tfds_dir): "
-        f"{type(e).__name__}: {e}") from e
+        f"{type(e).__name__}: {str(e)[:300]}") from e
 
 
 class _TextField:

@@ -49,7 +49,7 @@ def read_captions(folder: str) -> list[dict[str, Any]]:
   return rows
 
 
-class TfjaxFolder(tfds.core.GeneratorBasedBuilder):
+class TfjaxFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Images of a folder with captions from its captions.jsonl."""
 
   VERSION = tfds.core.Version(VERSION)

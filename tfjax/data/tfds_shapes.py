@@ -28,7 +28,7 @@ def _png(image: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-class TfjaxShapes(tfds.core.GeneratorBasedBuilder):
+class TfjaxShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shapes scenes with captions and scene metadata."""
 
   VERSION = tfds.core.Version(VERSION)

@@ -157,7 +157,7 @@ def run_shape(bsz, seq, heads, d, args):
   q, k, v, do = (jnp.asarray(x, dtype) for x in (qn, kn, vn, don))
   kernel_kw = {}
   if args.block_q:
-    kernel_kw = dict(block_q=args.block_q, block_k=args.block_k)
+    kernel_kw = dict(block_q=args.block_q, block_k=args.block_k or args.block_q)
   rows = []
   # Correctness of ours against the float32 reference on the same bf16 inputs.
   seg, im = jnp.asarray(doc), jnp.asarray(img)
@@ -191,30 +191,45 @@ def run_shape(bsz, seq, heads, d, args):
   return dict(seq=seq, d=d, nnz=nnz, flops_f=flops_f, flops_fb=flops_fb, rows=rows)
 
 
-SWEEP = ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2),
-         (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3))
+SWEEP = dict(
+    fwd=((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+         (64, 64, 4, 4), (128, 64, 4, 3), (64, 32, 4, 3)),
+    dkv=((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3),
+         (64, 64, 8, 3), (128, 128, 8, 2), (32, 128, 4, 3)),
+    dq=((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 4, 3),
+        (64, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 2)),
+)
 
 
 def sweep(bsz, seq, heads, d, args):
-  """Times the GPU kernel over (block_q, block_k, num_warps, num_stages)."""
+  """Times each GPU kernel's (block_q, block_k, num_warps, num_stages) in turn.
+
+  Forward configs are timed on the forward alone; dk/dv and dq configs on
+  forward+backward with the other kernels at their defaults.
+  """
+  import dataclasses
   from tfjax.ops.kernels import gpu
   from tfjax.ops.mask import key_ranges
   doc, img = layout.make_layout(bsz, seq)
   flops_f = 4.0 * heads * d * int(layout.counts(doc, img)["transfusion"].sum())
   ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
   q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
-  for bq, bk, nw, ns in SWEEP:
-    f = lambda q, k, v: gpu.attention(q, k, v, ks, ke, scale=d ** -0.5, block_q=bq,
-                                      block_k=bk, num_warps=nw, num_stages=ns)
-    try:
-      tf = time_jax(jax.jit(f), (q, k, v), args.reps, args.group)
-      tfb = time_jax(_fwd_bwd(f), (q, k, v, do), args.reps, args.group // 2)
-      print(f"sweep {seq}/{d} bq={bq} bk={bk} warps={nw} stages={ns}: fwd {tf:.3f} ms "
-            f"({flops_f / tf / 1e9:.0f}) f+b {tfb:.3f} ms ({3.5 * flops_f / tfb / 1e9:.0f})",
-            flush=True)
-    except Exception as e:
-      print(f"sweep {seq}/{d} bq={bq} bk={bk} warps={nw} stages={ns}: FAILED "
-            f"{type(e).__name__}: {str(e)[:150]}", flush=True)
+  base = gpu.GpuConfig.for_head_dim(d)
+  for part, configs in SWEEP.items():
+    for c in configs:
+      cfg = dataclasses.replace(base, **{part: c})
+      f = lambda q, k, v: gpu.attention(q, k, v, ks, ke, scale=d ** -0.5, config=cfg)
+      try:
+        if part == "fwd":
+          t = time_jax(jax.jit(f), (q, k, v), args.reps, args.group)
+          tf = flops_f / t / 1e9
+        else:
+          t = time_jax(_fwd_bwd(f), (q, k, v, do), args.reps, args.group // 2)
+          tf = 3.5 * flops_f / t / 1e9
+        print(f"sweep {seq}/{d} {part} {c}: {t:.3f} ms ({tf:.0f} TF/s)", flush=True)
+      except Exception as e:
+        print(f"sweep {seq}/{d} {part} {c}: FAILED {type(e).__name__}: {str(e)[:150]}",
+              flush=True)
 
 
 def main():
@@ -230,6 +245,7 @@ def main():
   p.add_argument("--no_tokamax", action="store_true", help="skip tokamax")
   p.add_argument("--with_xla", action="store_true", help="time XLA in --quick too")
   p.add_argument("--sweep", action="store_true", help="sweep GPU kernel tile configs first")
+  p.add_argument("--sweep_seqs", default="8192", help="sequence lengths to sweep")
   args = p.parse_args()
   bsz, heads = 2, 16
   seqs = [int(s) for s in args.seqs.split(",")]
@@ -239,7 +255,7 @@ def main():
     dims = [64]
   print(f"backend={jax.default_backend()} devices={jax.devices()} jax={jax.__version__}")
   if args.sweep:
-    for s in seqs:
+    for s in [int(x) for x in args.sweep_seqs.split(",")]:
       for d in dims:
         sweep(bsz, s, heads, d, args)
   results = [run_shape(bsz, s, heads, d, args) for s in seqs for d in dims]

@@ -89,9 +89,10 @@ def test_pallas_matches_reference(dtype, d, hq, hkv, seq, block_q, block_k):
   ref = lambda q, k, v: xla_attention(f32(q), f32(k), f32(v), mask)
   ker = lambda q, k, v: dispatch.attention(q, k, v, seg, img, impl="pallas",
                                            block_q=block_q, block_k=block_k)
-  o_ref, vjp_ref = jax.vjp(ref, q, k, v)
+  with jax.default_matmul_precision("highest"):  # no tf32 in the reference
+    o_ref, vjp_ref = jax.vjp(ref, q, k, v)
+    grads_ref = vjp_ref(f32(do))
   o, grads = jax.jit(lambda q, k, v, do: (lambda r: (r[0], r[1](do)))(jax.vjp(ker, q, k, v)))(q, k, v, do)
-  grads_ref = vjp_ref(f32(do))
   assert o.dtype == dtype and o.shape == q.shape
   tol = TOL[dtype]
   assert _rel(o, o_ref) < tol
@@ -131,7 +132,8 @@ def test_under_scan_and_remat():
     return jnp.sum(h ** 2)
 
   g = jax.jit(jax.grad(lambda x: loss(x, "pallas")))(q)
-  g_ref = jax.grad(lambda x: loss(x, "xla"))(q)
+  with jax.default_matmul_precision("highest"):
+    g_ref = jax.grad(lambda x: loss(x, "xla"))(q)
   assert _rel(g, g_ref) < 1e-4
 
 

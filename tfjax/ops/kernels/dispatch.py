@@ -68,14 +68,19 @@ def choose(impl: str, head_dim: int) -> str:
   return "gpu_interpret" if impl == "pallas" else "xla"
 
 
-def default_blocks(kind: str, seq: int, head_dim: int) -> tuple[int, int]:
-  """(block_q, block_k) per kernel; small sequences get small blocks."""
+def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
+                  block_k: int | None = None):
+  """The kernel's tiling config; block_q/block_k override every kernel's tiles."""
   if kind == "tpu":
-    b = 128 if seq <= 1024 else 256
-    return b, b
-  if kind == "gpu_interpret":
-    return 64, 64
-  return (128, 64) if head_dim <= 64 else (64, 64)
+    from tfjax.ops.kernels import tpu
+    cfg = tpu.TpuConfig()
+    if block_q or block_k:
+      cfg = tpu.TpuConfig(block_q=block_q or cfg.block_q, block_k=block_k or cfg.block_k)
+    return cfg
+  from tfjax.ops.kernels import gpu
+  if block_q or block_k:
+    return gpu.GpuConfig.uniform(block_q or 64, block_k or 64)
+  return gpu.GpuConfig.for_head_dim(head_dim)
 
 
 def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:
@@ -87,23 +92,21 @@ def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _local_attention(q, k, v, segment_ids, image_ids, *, kind, scale, block_q,
-                     block_k):
+def _local_attention(q, k, v, segment_ids, image_ids, *, kind, scale, config):
   """The kernel on one device's slice."""
   seq = q.shape[1]
-  mult = math.lcm(block_q, block_k)
-  padded = -(-seq // mult) * mult
+  padded = -(-seq // config.multiple) * config.multiple
   q, k, v = (_pad_to(x, padded) for x in (q, k, v))
   segment_ids = _pad_to(segment_ids, padded)
   image_ids = _pad_to(image_ids, padded)
   ks, ke = key_ranges(segment_ids, image_ids)
   if kind == "tpu":
     from tfjax.ops.kernels import tpu
-    out = tpu.attention(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k)
+    out = tpu.attention(q, k, v, ks, ke, scale=scale, config=config)
   else:
     from tfjax.ops.kernels import gpu
-    out = gpu.attention(q, k, v, ks, ke, scale=scale, block_q=block_q,
-                        block_k=block_k, interpret=kind == "gpu_interpret")
+    out = gpu.attention(q, k, v, ks, ke, scale=scale, config=config,
+                        interpret=kind == "gpu_interpret")
   return out[:, :seq]
 
 
@@ -154,9 +157,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     from tfjax.ops.attention import xla_attention
     from tfjax.ops.mask import transfusion_mask
     return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  dq, dk = default_blocks(kind, q.shape[1], head_dim)
-  fn = functools.partial(_local_attention, kind=kind, scale=scale,
-                         block_q=block_q or dq, block_k=block_k or dk)
+  config = kernel_config(kind, head_dim, block_q, block_k)
+  fn = functools.partial(_local_attention, kind=kind, scale=scale, config=config)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
     return fn(q, k, v, segment_ids, image_ids)

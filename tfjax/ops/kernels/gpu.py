@@ -18,6 +18,7 @@ the same kernels run in Pallas interpret mode (tests only).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -89,7 +90,7 @@ def _fwd_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, ks_ref,
   lse_ref[...] = jnp.where(live, m + jnp.log2(jnp.where(live, l, 1.0)), BIG)
 
 
-def _dkv_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+def _dkv_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, *, scale, block_q,
                 block_k):
   j, b = pl.program_id(0), pl.program_id(1)
@@ -108,10 +109,11 @@ def _dkv_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     lse = lse_ref[rows]
     delta = delta_ref[rows]
     s = _dot(q, k, trans_b=True) * qk_scale
-    # Masked entries give p == 0 (and empty rows have lse == BIG): the full
-    # flag only saves the comparisons, so it is recomputed here cheaply.
-    mask = _row_mask(ks_ref[rows], ke_ref[rows], k0, block_k)
-    p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
+    # Masked logits become -inf, so p == 0 there (empty rows: lse == BIG).
+    s = jax.lax.cond(
+        full_ref[b, j, t] == 1, lambda s: s,
+        lambda s: jnp.where(_row_mask(ks_ref[rows], ke_ref[rows], k0, block_k), s, -jnp.inf), s)
+    p = jnp.exp2(s - lse[:, None])
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
@@ -159,11 +161,11 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _forward(q, k, v, ks, ke, bm, *, scale, block_q, block_k, interpret,
-             num_warps, num_stages):
+def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
   batch, seq, hq, d = q.shape
   group = hq // k.shape[2]
-  wl = bm.q_blocks
+  block_q, block_k, num_warps, num_stages = cfg.fwd
+  wl = block_map(ks, ke, block_q, block_k).q_blocks
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
   return pl.pallas_call(
       kernel,
@@ -188,12 +190,12 @@ def _forward(q, k, v, ks, ke, bm, *, scale, block_q, block_k, interpret,
   )(wl.blocks, wl.full, wl.counts, q, k, v, ks, ke)
 
 
-def _backward(q, k, v, o, lse, do, ks, ke, bm, *, scale, block_q, block_k,
-              interpret, num_warps, num_stages):
+def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
   batch, seq, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
   delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+  block_q, block_k, num_warps, num_stages = cfg.dkv
   params = _compiler_params(num_warps, num_stages)
   whole_q = pl.BlockSpec((None, seq, None, d), lambda j, b, h: (b, 0, h, 0))
   row_vec = pl.BlockSpec((None, None, seq), lambda j, b, h: (b, h, 0))
@@ -201,21 +203,23 @@ def _backward(q, k, v, o, lse, do, ks, ke, bm, *, scale, block_q, block_k,
   kv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, h: (b, j, h // group, 0))
   dkv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, h: (b, j, h, 0))
   grad_dtype = k.dtype if group == 1 else jnp.float32
-  wl = bm.kv_blocks
+  wl = block_map(ks, ke, block_q, block_k).kv_blocks
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k),
       grid=(seq // block_k, batch, hq),
-      in_specs=[_whole(wl.blocks), _whole(wl.counts), whole_q, kv_block, kv_block,
-                whole_q, row_vec, row_vec, whole_row, whole_row],
+      in_specs=[_whole(wl.blocks), _whole(wl.full), _whole(wl.counts), whole_q,
+                kv_block, kv_block, whole_q, row_vec, row_vec, whole_row, whole_row],
       out_specs=[dkv_block, dkv_block],
       out_shape=[jax.ShapeDtypeStruct((batch, seq, hq, d), grad_dtype)] * 2,
       compiler_params=params, interpret=interpret, name="tfjax_attention_dkv",
-  )(wl.blocks, wl.counts, q, k, v, do, lse, delta, ks, ke)
+  )(wl.blocks, wl.full, wl.counts, q, k, v, do, lse, delta, ks, ke)
   if group > 1:
     dk = dk.reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)
 
-  wl = bm.q_blocks
+  block_q, block_k, num_warps, num_stages = cfg.dq
+  params = _compiler_params(num_warps, num_stages)
+  wl = block_map(ks, ke, block_q, block_k).q_blocks
   q_block = pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0))
   whole_kv = pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0))
   q_vec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
@@ -232,49 +236,69 @@ def _backward(q, k, v, o, lse, do, ks, ke, bm, *, scale, block_q, block_k,
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, ks, ke, opts):
-  return _attention_fwd(q, k, v, ks, ke, opts)[0]
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+  """(block_q, block_k, num_warps, num_stages) of each of the three kernels.
+
+  Defaults: the best of the sweeps in benchmarks/NOTES_attention.md (H100).
+  """
+  fwd: tuple[int, int, int, int] = (64, 64, 4, 3)
+  dkv: tuple[int, int, int, int] = (64, 64, 4, 3)
+  dq: tuple[int, int, int, int] = (64, 64, 4, 3)
+
+  @classmethod
+  def for_head_dim(cls, head_dim: int) -> "GpuConfig":
+    del head_dim
+    return cls()
+
+  @classmethod
+  def uniform(cls, block_q: int, block_k: int, num_warps: int = 4,
+              num_stages: int = 3) -> "GpuConfig":
+    c = (block_q, block_k, num_warps, num_stages)
+    return cls(fwd=c, dkv=c, dq=c)
+
+  @property
+  def multiple(self) -> int:
+    """The sequence length must be a multiple of this."""
+    return math.lcm(*(b for c in (self.fwd, self.dkv, self.dq) for b in c[:2]))
 
 
-def _attention_fwd(q, k, v, ks, ke, opts):
-  bm = block_map(ks, ke, opts["block_q"], opts["block_k"])
-  o, lse = _forward(q, k, v, ks, ke, bm, **opts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, ks, ke, scale, cfg, interpret):
+  return _forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)[0]
+
+
+def _attention_fwd(q, k, v, ks, ke, scale, cfg, interpret):
+  o, lse = _forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)
   return o, (q, k, v, o, lse, ks, ke)
 
 
-def _attention_bwd(opts, res, do):
+def _attention_bwd(scale, cfg, interpret, res, do):
   q, k, v, o, lse, ks, ke = res
-  bm = block_map(ks, ke, opts["block_q"], opts["block_k"])
-  dq, dk, dv = _backward(q, k, v, o, lse, do, ks, ke, bm, **opts)
+  dq, dk, dv = _backward(q, k, v, o, lse, do, ks, ke, scale=scale, cfg=cfg,
+                         interpret=interpret)
   return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-class _Opts(dict):
-  """Hashable kernel options (custom_vjp's static argument)."""
-
-  def __hash__(self):
-    return hash(tuple(sorted(self.items())))
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
-              k_end: jax.Array, *, scale: float, block_q: int = 64,
-              block_k: int = 64, interpret: bool = False, num_warps: int = 4,
-              num_stages: int = 2) -> jax.Array:
+              k_end: jax.Array, *, scale: float, config: GpuConfig | None = None,
+              interpret: bool = False) -> jax.Array:
   """Block-sparse attention over per-query key intervals, differentiable.
 
   Args:
     q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
     k_start, k_end: int32[batch, seq]; query r sees keys [k_start[r], k_end[r]).
     scale: logit scale (usually head_dim ** -0.5).
-    block_q, block_k: tile sizes; seq must be a multiple of both.
+    config: tile sizes and Triton settings per kernel; seq must be a multiple
+      of `config.multiple`.
     interpret: run in Pallas interpret mode (CPU tests).
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
   """
-  opts = _Opts(scale=float(scale), block_q=block_q, block_k=block_k,
-               interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-  return _attention(q, k, v, k_start, k_end, opts)
+  config = config or GpuConfig.for_head_dim(q.shape[-1])
+  if q.shape[1] % config.multiple:
+    raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
+  return _attention(q, k, v, k_start, k_end, float(scale), config, interpret)

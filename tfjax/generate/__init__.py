@@ -1,0 +1,1 @@
+"""Generation: LM decoding with a KV cache, diffusion with the prefix cache, mixed-modal decoding."""

@@ -1,0 +1,208 @@
+"""Diffusion mode: denoise one image per row after the context decoded so far.
+
+With the prefix cache (the default) the context's keys and values were
+computed once; every denoising step runs the model on the image's n patch
+positions only, against that cache, and throws the returned cache away.
+Without it (`use_cache=False`, for the benchmark and the tests) every step
+recomputes the whole context plus the patches.
+
+Classifier-free guidance runs the conditional and unconditional predictions as
+one batch of 2 * batch rows. The unconditional context is what training shows
+when it drops a caption: BOS, BOI and the patches. It sits at the same slots
+as the conditional context's last two (the rest of its row is padding), so both
+halves write their patches at the same cache length.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tfjax import diffusion
+from tfjax.config import BOI_ID, BOS_ID, PAD_ID
+from tfjax.generate.context import Context
+from tfjax.generate.lm import no_images
+from tfjax.model.cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionParams:
+  """How an image is sampled."""
+  num_steps: int = 250
+  sampler: str = "ddpm"      # ddpm | ddim (objective ddpm); flow uses Euler steps
+  cfg_scale: float = 5.0     # <= 0: no guidance (conditional pass only); 1 = conditional
+  objective: str = "ddpm"    # ddpm | flow, as trained (config diffusion.objective)
+  num_timesteps: int = 1000
+
+  def __post_init__(self):
+    if self.sampler not in ("ddpm", "ddim"):
+      raise ValueError(f"diffusion.sampler must be ddpm or ddim, got {self.sampler!r}")
+    if self.objective not in ("ddpm", "flow"):
+      raise ValueError(f"diffusion.objective must be ddpm or flow, got {self.objective!r}")
+    diffusion.sampling_timesteps(self.num_steps, self.num_timesteps)  # validates num_steps
+
+  @property
+  def guided(self) -> bool:
+    return self.cfg_scale > 0
+
+  @classmethod
+  def from_config(cls, config: Any) -> "DiffusionParams":
+    d = config.diffusion
+    return cls(num_steps=int(d.sample_steps), sampler=str(d.sampler),
+               cfg_scale=float(d.cfg_scale), objective=str(d.objective),
+               num_timesteps=int(d.num_timesteps))
+
+
+def _patch_call(x_t: jax.Array, t: jax.Array, rope_start: jax.Array, image_id: jax.Array,
+                active: jax.Array, n: int) -> dict[str, jax.Array]:
+  """Model inputs for the n patch positions of one image per row.
+
+  x_t: [b, h, w, c]; t: float32[b]; rope_start, image_id: int32[b]; active: bool[b].
+  """
+  b = x_t.shape[0]
+  seg = jnp.broadcast_to(active.astype(jnp.int32)[:, None], (b, n))
+  return dict(tokens=jnp.full((b, n), PAD_ID, jnp.int32),
+              positions=rope_start[:, None] + jnp.arange(n, dtype=jnp.int32)[None],
+              segment_ids=seg, image_ids=seg * image_id[:, None],
+              noisy_latents=x_t[:, None], timesteps=t[:, None],
+              image_starts=jnp.zeros((b, 1), jnp.int32), image_valid=active[:, None])
+
+
+def concat_caches(a: KVCache, b: KVCache) -> KVCache:
+  """Rows of `a` then rows of `b` (same max_len and length)."""
+  return KVCache(k=jnp.concatenate([a.k, b.k], 1), v=jnp.concatenate([a.v, b.v], 1),
+                 segment_ids=jnp.concatenate([a.segment_ids, b.segment_ids], 0),
+                 image_ids=jnp.concatenate([a.image_ids, b.image_ids], 0), length=a.length)
+
+
+def uncond_prefix_cache(forward: Callable, params: Any, model_config: Any, empty: KVCache,
+                        length: int) -> KVCache:
+  """Cache whose rows hold BOS, BOI at slots [length - 2, length) and nothing else."""
+  b = empty.segment_ids.shape[0]
+  start = empty.replace(length=jnp.asarray(length - 2, jnp.int32))
+  inputs = dict(tokens=jnp.tile(jnp.asarray([[BOS_ID, BOI_ID]], jnp.int32), (b, 1)),
+                positions=jnp.tile(jnp.arange(2, dtype=jnp.int32)[None], (b, 1)),
+                segment_ids=jnp.ones((b, 2), jnp.int32), image_ids=jnp.zeros((b, 2), jnp.int32))
+  return forward(params, {**inputs, **no_images(model_config, b)}, start).cache
+
+
+def uncond_context(ctx: Context) -> Context:
+  """The caption-dropped context: padding, then BOS, BOI at the last two slots."""
+  b, length = ctx.tokens.shape
+  tokens = np.full((b, length), PAD_ID, np.int32)
+  seg = np.zeros((b, length), np.int32)
+  pos = np.zeros((b, length), np.int32)
+  tokens[:, -2:] = (BOS_ID, BOI_ID)
+  seg[:, -2:] = 1
+  pos[:, -2:] = (0, 1)
+  _, i, h, w, c = ctx.latents.shape
+  return Context(tokens=tokens, segment_ids=seg, image_ids=np.zeros_like(seg), positions=pos,
+                 latents=np.zeros((b, i, h, w, c), np.float32),
+                 image_starts=np.zeros((b, i), np.int32), image_valid=np.zeros((b, i), bool),
+                 patch_size=ctx.patch_size)
+
+
+def _full_call(ctx_inputs: dict[str, jax.Array], x_t: jax.Array, t: jax.Array,
+               rope_start: jax.Array, image_id: jax.Array, active: jax.Array,
+               n: int) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Inputs for context + patches in one uncached pass; and each row's new image slot."""
+  patch = _patch_call(x_t, t, rope_start, image_id, active, n)
+  length = ctx_inputs["tokens"].shape[1]
+  out = {k: jnp.concatenate([ctx_inputs[k], patch[k]], 1)
+         for k in ("tokens", "positions", "segment_ids", "image_ids")}
+  slot = jnp.sum(ctx_inputs["image_valid"], axis=1).astype(jnp.int32)  # new image's slot
+  b, i = ctx_inputs["image_valid"].shape
+  lat = jnp.concatenate([ctx_inputs["noisy_latents"], jnp.zeros_like(x_t)[:, None]], 1)
+  rows = jnp.arange(b)
+  out["noisy_latents"] = lat.at[rows, slot].set(x_t)
+  out["timesteps"] = jnp.zeros((b, i + 1), jnp.float32).at[rows, slot].set(t)
+  out["image_starts"] = jnp.concatenate(
+      [ctx_inputs["image_starts"], jnp.zeros((b, 1), jnp.int32)], 1).at[rows, slot].set(length)
+  out["image_valid"] = jnp.concatenate(
+      [ctx_inputs["image_valid"], jnp.zeros((b, 1), bool)], 1).at[rows, slot].set(active)
+  return out, slot
+
+
+def make_denoiser(model: Any, n: int, use_cache: bool) -> Callable:
+  """`(params, prefix, x_t [b,h,w,c], t [b], rope_start, image_id, active) -> prediction`.
+
+  `prefix` is a KVCache (use_cache) or the context's model inputs (not); the
+  prediction is the model's epsilon (or velocity) for the new image, [b, h, w, c].
+  """
+
+  def predict(params, prefix, x_t, t, rope_start, image_id, active):
+    if use_cache:
+      out = model.apply({"params": params},
+                        **_patch_call(x_t, t, rope_start, image_id, active, n), cache=prefix)
+      return out.image_out[:, 0]
+    inputs, slot = _full_call(prefix, x_t, t, rope_start, image_id, active, n)
+    out = model.apply({"params": params}, **inputs)
+    return out.image_out[jnp.arange(x_t.shape[0]), slot]
+
+  return predict
+
+
+def guided_prediction(predict: Callable, params: Any, cond_prefix: Any, uncond_prefix: Any,
+                      x_t: jax.Array, t: jax.Array, rope_start: jax.Array,
+                      image_id: jax.Array, active: jax.Array, cfg_scale: float) -> jax.Array:
+  """CFG prediction, conditional and unconditional rows in one model call."""
+  two = lambda a, b: jnp.concatenate([a, b], 0)
+  if isinstance(cond_prefix, KVCache):
+    prefix = concat_caches(cond_prefix, uncond_prefix)
+  else:
+    prefix = jax.tree_util.tree_map(two, cond_prefix, uncond_prefix)
+  ones = jnp.ones_like(image_id)
+  # Unconditional rows: the image follows BOS, BOI at RoPE positions 0, 1.
+  out = predict(params, prefix, two(x_t, x_t), two(t, t), two(rope_start, 2 * ones),
+                two(image_id, ones), two(active, active))
+  cond, uncond = jnp.split(out, 2, axis=0)
+  return diffusion.cfg_combine(cond, uncond, cfg_scale)
+
+
+def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool) -> Callable:
+  """jitted `(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, shape)`
+  -> clean latents [b, h, w, c], the whole reverse process in one `fori_loop`.
+
+  `uncond_prefix` is ignored (pass None) when guidance is off.
+  """
+  predict = make_denoiser(model, n, use_cache)
+  ts = diffusion.sampling_timesteps(params_d.num_steps, params_d.num_timesteps)
+  ts_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+  alphas = diffusion.cosine_alphas_cumprod(params_d.num_timesteps)
+  step = diffusion.ddim_step if params_d.sampler == "ddim" else diffusion.ddpm_step
+
+  def sample(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, x_init):
+    b = x_init.shape[0]
+
+    def body(i, carry):
+      x, rng = carry
+      rng, key = jax.random.split(rng)
+      t, t_prev = jnp.asarray(ts)[i], jnp.asarray(ts_prev)[i]
+      tb = jnp.full((b,), t, jnp.float32)
+      if params_d.guided:
+        pred = guided_prediction(predict, params, cond_prefix, uncond_prefix, x, tb,
+                                 rope_start, image_id, active, params_d.cfg_scale)
+      else:
+        pred = predict(params, cond_prefix, x, tb, rope_start, image_id, active)
+      if params_d.objective == "flow":
+        x = diffusion.flow_step(key, x, pred, t, t_prev, params_d.num_timesteps)
+      else:
+        x = step(key, x, pred, t, t_prev, alphas)
+      return x, rng
+
+    x, _ = jax.lax.fori_loop(0, len(ts), body, (x_init, rng))
+    return x
+
+  return jax.jit(sample)
+
+
+def write_image(forward: Callable, params: Any, cache: KVCache, latents: jax.Array,
+                rope_start: jax.Array, image_id: jax.Array, active: jax.Array,
+                n: int) -> KVCache:
+  """The cache with a finished image appended as clean patches (timestep 0)."""
+  inputs = _patch_call(latents, jnp.zeros(latents.shape[:1], jnp.float32), rope_start,
+                       image_id, active, n)
+  return forward(params, inputs, cache).cache

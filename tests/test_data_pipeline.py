@@ -262,9 +262,10 @@ def test_bad_records_skipped_counted_reported(built, tmp_path):
   it = pipeline.make_eval_iterator(c, built, "train", process_index=0, process_count=1)
   batches = list(it)
   assert sum(int(b["image_valid"].sum()) for b in batches) == 6
-  assert it.skip_counts() == {"empty_caption": 1, "caption_too_long": 1,
+  assert it.skip_counts() == {"undecodable_image": 1, "empty_caption": 1, "caption_too_long": 1,
                               "bad_latent_shape": 1, "undecodable_record": 1}
-  assert {"empty-caption", "long-caption", "wrong-shape"} <= set(it.skipped_ids())
+  assert {"corrupt-image", "empty-caption", "long-caption", "wrong-shape"} <= set(
+      it.skipped_ids())
 
 
 def test_config_errors_name_the_key(built, tmp_path):

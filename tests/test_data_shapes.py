@@ -1,7 +1,6 @@
 """Shapes generator, tokenizer and latent encoder stand-in."""
 import itertools
 import json
-import os
 import pickle
 
 import numpy as np

@@ -15,7 +15,6 @@ Every stage already built is skipped; delete its directory to rebuild.
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 from ml_collections import config_flags

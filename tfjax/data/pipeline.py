@@ -14,7 +14,8 @@ continues with exactly the next batch.
 
 Bad records (undecodable latent record, wrong latent shape, empty caption or
 text, caption longer than the sequence) become skip markers; the packer counts
-them per batch and the outermost iterator sums them: `iterator.skip_counts()`.
+them per batch and the outermost iterator sums them: `iterator.skip_counts()`
+(records skipped after the last batch of a finite pass are not counted).
 """
 from __future__ import annotations
 
@@ -207,10 +208,22 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class SkipCountIterDataset(grain.IterDataset):
-  """Unwraps packed batches and sums skip counts (runs in the main process)."""
+  """Unwraps packed batches and sums skip counts (runs in the main process).
+
+  `build_skips` are records already dropped when the latent cache was built
+  (undecodable images): they start the counts so the trainer reports them too.
+  """
+
+  def __init__(self, parent: grain.IterDataset, build_skips: list[str] | None = None):
+    super().__init__(parent)
+    self.build_skips = list(build_skips or [])
 
   def __iter__(self) -> "SkipCountIterator":
-    return SkipCountIterator(self._parent.__iter__())
+    it = SkipCountIterator(self._parent.__iter__())
+    if self.build_skips:
+      it._counts["undecodable_image"] = len(self.build_skips)  # pylint: disable=protected-access
+      it._ids = self.build_skips[-SKIP_IDS_KEPT:]  # pylint: disable=protected-access
+    return it
 
 
 class SkipCountIterator(grain.DatasetIterator):
@@ -272,7 +285,7 @@ def _mean_doc_len(maker: DocumentMaker, kind: str, source: Any, n: int = 32) -> 
 
 def _documents(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
                process_index: int, process_count: int, train: bool
-               ) -> tuple[grain.MapDataset, tuple[int, int, int]]:
+               ) -> tuple[grain.MapDataset, tuple[int, int, int], list[str]]:
   d = config.data
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
   if tok.vocab_size > config.model.vocab_size:
@@ -308,7 +321,8 @@ def _documents(config: ml_collections.ConfigDict, data_dir: str | None, split: s
     mixed = grain.MapDataset.mix(parts, [1.0, d.text_image_ratio * len_img / len_txt])
   else:
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
-  return mixed.map_with_index(maker), latent_shape
+  build_skips = meta["splits"][split].get("skipped", []) if meta else []
+  return mixed.map_with_index(maker), latent_shape, build_skips
 
 
 def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
@@ -325,7 +339,8 @@ def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   if need > d.seq_len:
     raise ConfigError(f"config key data.seq_len={d.seq_len}: a document with one image needs "
                       f"{need} positions (BOS, BOI, patches, EOI, EOS)")
-  docs, latent_shape = _documents(config, data_dir, split, process_index, process_count, train)
+  docs, latent_shape, build_skips = _documents(config, data_dir, split, process_index,
+                                               process_count, train)
   batch_size = d.batch_size // process_count
   # Documents are made in Python (GIL-bound): read threads only add overhead
   # unless storage is slow; parallelism comes from worker processes.
@@ -340,7 +355,8 @@ def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: st
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return SkipCountIterDataset(ds)
+  # Build-time skips are reported once, by process 0.
+  return SkipCountIterDataset(ds, build_skips if process_index == 0 else None)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -195,7 +195,7 @@ def test_worker_processes_deterministic_and_resumable(built):
   c = tiny_config(num_workers=2)
   a = pipeline.make_train_iterator(c, built, process_index=0, process_count=1)
   take(a, 2)
-  state = a.get_state()
+  state = json.loads(json.dumps(a.get_state()))
   rest = take(a, 3)
   a.close()
   b = pipeline.make_train_iterator(c, built, process_index=0, process_count=1)

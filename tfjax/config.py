@@ -86,6 +86,16 @@ def default_config() -> ml_collections.ConfigDict:
   data.seed = 0                # seed of the generated shapes images and text
   data.read_threads = 0        # Grain read threads per process (>0 only for slow/remote storage)
 
+  # ---- image editing (see tfjax/data/editing.py) --------------------------
+  e = c.editing = ml_collections.ConfigDict()
+  e.source = "none"           # none | shapes | folder:PATH: (input, instruction, output) examples
+  e.dir = ""                  # where the shapes editing set is written; "" = DIR/editing
+  e.latents = ""              # editing latent cache; "" = DIR/editing_latents
+  e.num_train = 8000          # shapes editing train examples (the paper fine-tunes on 8k)
+  e.num_eval = 200            # shapes editing examples in validation and in test
+  e.seed = 0                  # seed of the generated shapes edits
+  e.pretrain_fraction = 0.0   # share of training documents from the pretraining sources; 0 = editing alone
+
   # ---- image autoencoder (see tfjax/vae) ---------------------------------
   v = c.vae = ml_collections.ConfigDict()
   v.path = ""                 # a tfjax or diffusers VAE directory; "" = train the config's VAE

@@ -12,6 +12,7 @@ a plain dict (cheap to pickle between Grain processes):
   tokens   int32 [L]    token per position, PAD at patches.
   scored   bool  [L]    the prediction made at this position is a loss target.
   images   list of (first_patch_index, latents float32 [h, w, c], before_caption).
+  clean    optional list of bool per image: enters un-noised (`image_clean`).
 
 `BatchBuilder` places documents first-fit into `batch_size` rows and writes
 the arrays of `tfjax.batch.empty_batch`. Documents never split, so images
@@ -126,13 +127,15 @@ class BatchBuilder:
         b["positions"][r, off:end] = np.arange(n, dtype=np.int32)
         b["text_targets"][r, off:end - 1] = toks[1:]
         b["text_loss_mask"][r, off:end] = doc["scored"]
-        for start, latents, before_caption in doc["images"]:
+        clean = doc.get("clean") or [False] * len(doc["images"])  # editing inputs
+        for (start, latents, before_caption), is_clean in zip(doc["images"], clean):
           p = off + start
           b["image_ids"][r, p:p + self.patches] = slot + 1
           b["image_starts"][r, slot] = p
           b["image_latents"][r, slot] = latents
           b["image_valid"][r, slot] = True
           b["image_before_caption"][r, slot] = before_caption
+          b["image_clean"][r, slot] = is_clean
           slot += 1
         off = end
     return b

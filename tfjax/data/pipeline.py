@@ -286,6 +286,9 @@ def _mean_doc_len(maker: DocumentMaker, kind: str, source: Any, n: int = 32) -> 
 def _documents(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
                process_index: int, process_count: int, train: bool
                ) -> tuple[grain.MapDataset, tuple[int, int, int], list[str]]:
+  if config.get("editing") and config.editing.source != "none":
+    from tfjax.data import editing_pipeline  # pylint: disable=g-import-not-at-top
+    return editing_pipeline.documents(config, data_dir, split, process_index, process_count, train)
   d = config.data
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
   if tok.vocab_size > config.model.vocab_size:

@@ -1,0 +1,160 @@
+"""The `editing` suite: does an edited image show the target scene?
+
+Objects are read from pixels by the shapes checker (`shapes_checker.detect`)
+and compared with the example's structured metadata (tfjax/data/editing.py):
+
+  edited     the instruction took effect:
+               recolor  the object, in its new colour, is where it was, and
+                        no object of its old colour and shape is left there
+               move     the object is within MOVE_TOLERANCE of its new place
+                        (so it moved the right way by most of the distance)
+               add      an object of the asked colour and shape appeared
+                        (anywhere: the instruction names no place)
+               remove   no object of its colour and shape is left where it was
+  unchanged  every other object is still there: same colour and shape,
+             within POSITION_TOLERANCE of its place, same size class; and
+             nothing else appeared (as many objects as the target scene)
+  correct    edited and unchanged
+
+`accuracy` reports these per edit type; `evaluate` generates the edits with
+a `tfjax.generate.mixed.Generator` and scores them.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from tfjax.data import editing as editing_data
+from tfjax.eval.shapes_checker import Detection, detect
+
+CATEGORIES = ("edited", "unchanged", "correct")
+# An object that should stay put may drift this much (fraction of the side):
+# well under the smallest gap between two objects' centres (2 * 0.1 + gap).
+POSITION_TOLERANCE = 0.08
+# A moved object must land this close to its new centre: half the move, so a
+# model that leaves it in place, or moves it the wrong way, fails.
+MOVE_TOLERANCE = editing_data.MOVE_DISTANCE / 2
+
+
+def _dist(det: Detection, obj: dict[str, Any]) -> float:
+  return float(np.hypot(det.x - obj["x"], det.y - obj["y"]))
+
+
+def _take(dets: list[Detection], obj: dict[str, Any], tolerance: float,
+          same_size: bool = False) -> Detection | None:
+  """Removes and returns the nearest detection of obj's shape and colour within tolerance."""
+  best, best_d = None, tolerance
+  for i, det in enumerate(dets):
+    if det.shape != obj["shape"] or det.color != obj["color"]:
+      continue
+    if same_size and det.size != obj["size"]:
+      continue
+    d = _dist(det, obj)
+    if d <= best_d:
+      best, best_d = i, d
+  return None if best is None else dets.pop(best)
+
+
+def check(image: np.ndarray, meta: dict[str, Any]) -> dict[str, bool]:
+  """Verdicts {edited, unchanged, correct} for one output image.
+
+  Args:
+    image: uint8 [H, W, 3] (or float in [0, 255]) the edited image.
+    meta: {"edit", "source_scene", "target_scene"} as made by
+      `tfjax.data.editing.generate_split`.
+  """
+  edit, source, target = meta["edit"], meta["source_scene"], meta["target_scene"]
+  kind = edit["type"]
+  if kind not in editing_data.EDIT_TYPES:
+    raise ValueError(f"unknown edit type {kind!r} in example metadata")
+  dets = list(detect(image))
+  n_detected = len(dets)
+  # The edited object's index in the target scene (None: removed).
+  target_idx = {"add": edit["object"], "remove": None}.get(kind, edit["object"])
+  others = [o for i, o in enumerate(target["objects"]) if i != target_idx]
+  # The others claim their detections first: they have known places.
+  unchanged = all(_take(dets, o, POSITION_TOLERANCE, same_size=True) is not None
+                  for o in others)
+  unchanged = unchanged and n_detected == len(target["objects"])
+  if kind == "recolor":
+    new = target["objects"][target_idx]
+    old = dict(new, color=edit["from"])
+    edited = (_take(dets, new, POSITION_TOLERANCE) is not None
+              and _take(dets, old, POSITION_TOLERANCE) is None)
+  elif kind == "move":
+    edited = _take(dets, target["objects"][target_idx], MOVE_TOLERANCE) is not None
+  elif kind == "add":
+    edited = _take(dets, target["objects"][target_idx], np.inf) is not None
+  else:  # remove
+    gone = source["objects"][edit["object"]]
+    edited = _take(dets, gone, POSITION_TOLERANCE) is None
+  return {"edited": bool(edited), "unchanged": bool(unchanged),
+          "correct": bool(edited and unchanged)}
+
+
+def accuracy(images: Iterable[np.ndarray], metas: Iterable[dict[str, Any]]) -> dict[str, Any]:
+  """Fractions per category, overall and per edit type.
+
+  Returns:
+    {"accuracy": fraction correct, "per_category": {category: fraction},
+     "per_type": {edit type: {category: fraction, "num": n}}, "num_examples": n}.
+  """
+  hits: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  counts: collections.Counter = collections.Counter()
+  for image, meta in zip(images, metas):
+    kind = meta["edit"]["type"]
+    counts[kind] += 1
+    for cat, ok in check(image, meta).items():
+      hits[kind][cat] += int(ok)
+  n = sum(counts.values())
+  per_type = {k: {**{c: hits[k][c] / counts[k] for c in CATEGORIES}, "num": counts[k]}
+              for k in editing_data.EDIT_TYPES if counts[k]}
+  per_cat = {c: (sum(hits[k][c] for k in counts) / n if n else 0.0) for c in CATEGORIES}
+  return {"accuracy": per_cat["correct"], "per_category": per_cat, "per_type": per_type,
+          "num_examples": n}
+
+
+def suite_examples(config: Any, num: int | None = None, split: str = "test"
+                  ) -> list[dict[str, Any]]:
+  """The shapes editing examples the suite scores (deterministic)."""
+  n = int(num or config.editing.num_eval)
+  return editing_data.generate_split(split, n, config.data.image_size, config.editing.seed)
+
+
+def generate_edits(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,
+                   batch_size: int = 32, **generate_kw) -> np.ndarray:
+  """Edited images uint8 [n, H, W, 3]: the clean input and the instruction, then one image."""
+  out = []
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    outs = generator.generate([[ex["input"], ex["instruction"]] for ex in chunk],
+                              rng=jax.random.fold_in(rng, start), mode="image", **generate_kw)
+    out.append(generator.decode_latents(np.stack([o.images[0] for o in outs])))
+  return np.concatenate(out)
+
+
+def evaluate(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,
+             batch_size: int = 32, **generate_kw) -> dict[str, Any]:
+  """Generates every example's edit and scores it; adds seconds and images."""
+  t0 = time.time()
+  images = generate_edits(generator, examples, rng, batch_size, **generate_kw)
+  result = accuracy(images, [ex["meta"] for ex in examples])
+  result["seconds"] = round(time.time() - t0, 1)
+  result["images"] = images
+  return result
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+  """A markdown table: one row per (label, edit type), columns the categories."""
+  lines = ["| model | edit | n | edited | unchanged | correct |", "|---|---|---|---|---|---|"]
+  for label, res in results.items():
+    rows = list(res["per_type"].items()) + [("all", {**res["per_category"],
+                                                     "num": res["num_examples"]})]
+    for kind, r in rows:
+      lines.append(f"| {label} | {kind} | {r['num']} | {r['edited']:.3f} | "
+                   f"{r['unchanged']:.3f} | {r['correct']:.3f} |")
+  return "\n".join(lines)

@@ -104,7 +104,7 @@ class EpochShuffle(grain.MapDataset):
   (> PERMUTATION_MAX records) should use `shuffle().repeat()` instead.
   """
 
-  PERMUTATION_MAX = 50_000_000
+  PERMUTATION_MAX = 10_000_000  # 40 MB of int32 per process (and per worker)
 
   def __init__(self, parent: grain.MapDataset, seed: int):
     super().__init__(parent)
@@ -122,7 +122,8 @@ class EpochShuffle(grain.MapDataset):
       return self.slice(index)
     epoch, i = divmod(index, self._n)
     if self._perm is None or self._perm[0] != epoch:
-      self._perm = (epoch, np.random.default_rng([self._seed, epoch]).permutation(self._n))
+      perm = np.random.default_rng([self._seed, epoch]).permutation(self._n).astype(np.int32)
+      self._perm = (epoch, perm)
     return self._parent[int(self._perm[1][i])]
 
 

@@ -31,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10000.0
   m.norm_eps = 1e-5
   m.qk_norm = False           # Chameleon's stability change
+  m.norm_placement = "pre"    # pre (Llama) | chameleon (norm on each sublayer's output)
   m.tie_embeddings = False
   m.attention_impl = "auto"   # xla | pallas | auto
   m.image_attention = "bidirectional"  # bidirectional | causal (ablation)
@@ -122,6 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
   v.num_train_images = 4096   # images drawn from data.image_text_source for VAE training
   v.num_val_images = 256      # validation images for PSNR/SSIM
   v.kl_weight = 1e-6
+  v.sample_posterior = True   # decode a posterior sample in training (False: the mean; the
+                              # unit-variance noise of an untrained encoder slows short runs)
   v.l1_weight = 1.0
   v.l2_weight = 0.0           # extra MSE term (helps PSNR on short CPU runs)
   v.perceptual_weight = 1.0   # used only when vae.perceptual_weights is set
@@ -177,6 +180,12 @@ def default_config() -> ml_collections.ConfigDict:
       ("conv_in", None),
       ("conv_out", None),
   )
+
+  # ---- chameleon baseline (tfjax/chameleon): VQ image tokens under the LM loss
+  ch = c.chameleon = ml_collections.ConfigDict()
+  ch.enabled = False          # train on VQ-VAE image tokens (LM loss only) instead of latents
+  ch.text_vocab_size = 0      # image token id = this + VQ code; 0 = data.vocab_size
+  ch.tokens = ""              # VQ token cache directory; "" = DIR/vq_tokens (data.dir)
 
   # ---- sampling / evaluation ---------------------------------------------
   s = c.sample = ml_collections.ConfigDict()

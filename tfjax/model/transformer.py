@@ -83,7 +83,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Decoder block, by `norm_placement`.
+
+  pre (Llama):      x + attn(norm(x));  x + mlp(norm(x))
+  chameleon:        x + norm(attn(x));  x + norm(mlp(x))   (Chameleon's
+                    stability fix: the residual stream only ever receives
+                    normalised updates, which bounds its growth)
+  """
   config: ml_collections.ConfigDict
 
   @nn.compact
@@ -91,12 +97,21 @@ class Block(nn.Module):
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
     positions, segment_ids, image_ids, cache_ctx = context
-    h, new_kv = Attention(c, name="attention")(
-        RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")(x),
-        positions, segment_ids, image_ids, layer_kv, cache_ctx)
-    x = x + h
-    x = x + SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")(
-        RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")(x))
+    placement = c.get("norm_placement", "pre")
+    if placement not in ("pre", "chameleon"):
+      raise ValueError(f"config key model.norm_placement: unknown {placement!r} (pre | chameleon)")
+    attn_norm = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")
+    mlp_norm = RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")
+    attention = Attention(c, name="attention")
+    mlp = SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")
+    if placement == "pre":
+      h, new_kv = attention(attn_norm(x), positions, segment_ids, image_ids, layer_kv, cache_ctx)
+      x = x + h
+      x = x + mlp(mlp_norm(x))
+    else:
+      h, new_kv = attention(x, positions, segment_ids, image_ids, layer_kv, cache_ctx)
+      x = x + attn_norm(h)
+      x = x + mlp_norm(mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
     return x, new_kv
 

@@ -93,7 +93,10 @@ def _default_eval_data(config: ml_collections.ConfigDict, process_index: int,
 
 
 def _restore_params_from(path: str, abstract_state: TrainState, config) -> Any:
-  """Parameters (EMA when present) of another run's checkpoint, for fine-tuning."""
+  """Parameters (EMA when present) of another run's checkpoint or an export, for fine-tuning."""
+  from tfjax.train import pretrained
+  if pretrained.is_export(path):
+    return pretrained.load_export_params(path, abstract_state.params)
   found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
       os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
   if found is None:

@@ -1,0 +1,103 @@
+"""Training throughput: tokens/s, step time and MFU of the sharded train step.
+
+Runs the real train step (model, loss, AdamW, donation) on random packed
+batches of a config at a chosen sequence length, over every local device, and
+prints a JSON line last: {"tokens_per_s", "step_time_s", "mfu", ...}.
+
+  python benchmarks/train.py --config=configs/transfusion_160m.py --seq_len=4096 \
+      --batch_size=8 --config.model.attention_impl=xla
+  python benchmarks/train.py --quick        # tiny model on CPU, seconds
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from tfjax.batch import Batch, batch_spec
+from tfjax.config import validate
+from tfjax.model import count_params, init_params
+from tfjax.train import mesh as mesh_lib
+from tfjax.train.flops import peak_tflops, step_flops
+from tfjax.train.optimizer import make_optimizer
+from tfjax.train.state import create_train_state, state_shardings
+from tfjax.train.step import jit_train_step, make_loss_fn
+from tfjax.train.synthetic import synthetic_batch
+
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file to benchmark.")
+flags.DEFINE_integer("seq_len", 0, "Sequence length (0 = the config's data.seq_len).")
+flags.DEFINE_integer("batch_size", 0, "Global batch (0 = the config's data.batch_size).")
+flags.DEFINE_integer("doc_len", 0, "Packed document length (0 = seq_len / 4).")
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_bool("quick", False, "Tiny model, short sequences: a CPU smoke run.")
+FLAGS = flags.FLAGS
+
+
+def run(config, steps: int, warmup: int, doc_len: int) -> dict:
+  validate(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx = make_optimizer(config.train)
+  _, shardings = state_shardings(config, mesh, tx, init_params)
+  state = create_train_state(config, mesh, tx, init_params)
+  m = config.model
+  spec = batch_spec(config.data.batch_size, config.data.seq_len,
+                    config.data.max_images_per_seq, (m.latent_size, m.latent_size,
+                                                     m.latent_channels))
+  step_fn = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec)
+  locals_ = [synthetic_batch(config, i, doc_len=doc_len) for i in range(2)]
+  batches = [Batch.from_dict(mesh_lib.global_batch(b, mesh_lib.batch_sharding(mesh)))
+             for b in locals_]
+  with mesh_lib.activate(mesh, config.mesh):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+      state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for i in range(steps):
+      state, metrics = step_fn(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    step_time = (time.perf_counter() - t0) / steps
+  flops = np.mean([step_flops(m, b["segment_ids"], b["image_ids"]) for b in locals_])
+  tokens = np.mean([(b["segment_ids"] != 0).sum() for b in locals_])
+  dev = jax.devices()[0]
+  peak = peak_tflops(dev.device_kind, config.train.peak_tflops)
+  return dict(
+      config=config.name, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+      doc_len=doc_len, attention_impl=m.attention_impl, dtype=m.dtype,
+      remat=m.remat_policy, params=count_params(state.params),
+      devices=len(jax.devices()), device_kind=dev.device_kind, jax=jax.__version__,
+      python=platform.python_version(), compile_s=round(compile_s, 2),
+      loss=float(metrics["loss"]), tflops_per_device=flops / step_time / len(jax.devices()) / 1e12,
+      peak_tflops=peak, tokens_per_s=tokens / step_time, step_time_s=step_time,
+      mfu=flops / (step_time * len(jax.devices()) * peak * 1e12) if peak else 0.0)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if FLAGS.quick:
+    config.model.dim, config.model.num_layers = 64, 2
+    config.model.num_heads = config.model.num_kv_heads = 4
+    config.data.seq_len, config.data.batch_size = 128, 8
+  if FLAGS.seq_len:
+    config.data.seq_len = FLAGS.seq_len
+  if FLAGS.batch_size:
+    config.data.batch_size = FLAGS.batch_size
+  config.train.grad_accum_steps = 1
+  doc_len = FLAGS.doc_len or config.data.seq_len // 4
+  steps = 3 if FLAGS.quick else FLAGS.steps
+  warmup = 1 if FLAGS.quick else FLAGS.warmup
+  print(json.dumps(run(config, steps, warmup, doc_len)))
+
+
+if __name__ == "__main__":
+  app.run(main)

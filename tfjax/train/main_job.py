@@ -1,0 +1,203 @@
+"""The embedded main job: every stage from nothing to a report, each reused if done.
+
+  data       dataset + tokenizer          tfjax.data.build_all        DIR/data
+  vae        image autoencoder            tfjax.vae.train.train_vae   DIR/vae
+  latents    VAE latents of the images    tfjax.data.build_latents    DIR/data/latents
+  train      the Transfusion model        tfjax.train.loop.train      DIR/checkpoints
+  samples    images from held-out captions, captions from held-out images
+                                                                      DIR/samples
+  report     DIR/report.md: sample grid, loss curves, scores
+
+`tfjax-train --config=configs/tiny.py --workdir=DIR` runs them all; a stage
+whose output exists is skipped (the train stage resumes), so re-running after
+an interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from tfjax.config import validate
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "vae", "latents", "train", "samples", "report")
+SAMPLES_FILE = "samples.json"
+
+
+def _stage_done(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def stage_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  from tfjax.data.build import build_all
+  return build_all(config, config.data.dir)
+
+
+def stage_vae(config: ml_collections.ConfigDict, workdir: str) -> str:
+  from tfjax.vae.train import train_vae
+  return train_vae(config, workdir)
+
+
+def stage_latents(config: ml_collections.ConfigDict, vae: Any) -> dict[str, Any]:
+  """vae: a loaded VAE (`tfjax.vae.load`) or anything with encode/scale/shift."""
+  from tfjax.data.build import build_latents
+  return build_latents(config, config.data.dir, vae)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str, use_ema: bool = True) -> Any:
+  """The newest checkpoint's parameters (EMA when kept) on one device, as numpy."""
+  from tfjax.model import init_params
+  from tfjax.train import mesh as mesh_lib
+  from tfjax.train.checkpoint import Checkpointer
+  from tfjax.train.optimizer import make_optimizer
+  from tfjax.train.state import state_shardings
+  one = config.copy_and_resolve_references()
+  one.mesh.data, one.mesh.fsdp, one.mesh.tensor = 1, 1, 1
+  mesh = mesh_lib.make_mesh(one.mesh, jax.devices()[:1])
+  abstract, _ = state_shardings(one, mesh, make_optimizer(one.train), init_params)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), one.train)
+  found = ckpt.restore(abstract)
+  ckpt.close()
+  if found is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  _, state = found
+  params = state.ema if use_ema and config.train.ema_decay > 0 and state.ema else state.params
+  return jax.device_get(params)
+
+
+def _held_out(config: ml_collections.ConfigDict, n: int, split: str = "validation"
+              ) -> list[dict[str, Any]]:
+  from tfjax.data import sources
+  from tfjax.data.latents import decode_image
+  src = sources.image_source(config, config.data.dir, split)
+  out = []
+  for i in range(min(n, len(src))):
+    rec = src[i]
+    cap = rec["caption"]
+    scene = rec.get("scene", "")
+    out.append({"image": decode_image(rec["image"]),
+                "caption": cap.decode() if isinstance(cap, bytes) else str(cap),
+                "scene": json.loads(scene) if scene else None})
+  return out
+
+
+def caption_mentions(caption: str, scene: dict[str, Any] | None) -> bool | None:
+  """Does a generated caption name every object's colour and shape? (None: no scene)."""
+  if not scene:
+    return None
+  words = caption.lower().replace(",", " ").replace(".", " ").split()
+  return all(o["color"] in words and o["shape"] in words for o in scene["objects"])
+
+
+def stage_samples(config: ml_collections.ConfigDict, workdir: str, vae: Any,
+                  num: int = 32) -> dict[str, Any]:
+  """Text->image on held-out captions and image->text on held-out images, scored."""
+  from tfjax.data import sources
+  from tfjax.data.tokenizer import Tokenizer
+  from tfjax.generate.mixed import Generator
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  params = load_params(config, workdir)
+  tokenizer = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
+  gen = Generator(config, params, tokenizer, vae)
+  held = _held_out(config, num)
+  rng = jax.random.key(config.train.seed + 7)
+  t0 = time.time()
+  latents = gen.text_to_image([h["caption"] for h in held], jax.random.fold_in(rng, 0))
+  images = gen.decode_latents(latents)
+  t_images = time.time() - t0
+  t0 = time.time()
+  captions = gen.image_to_text([h["image"] for h in held], jax.random.fold_in(rng, 1))
+  t_captions = time.time() - t0
+  result: dict[str, Any] = {"num": len(held), "image_seconds": t_images,
+                            "caption_seconds": t_captions}
+  from PIL import Image
+  for i, im in enumerate(images):
+    Image.fromarray(im).save(os.path.join(out_dir, f"t2i_{i:03d}.png"))
+  result["t2i"] = [{"caption": h["caption"], "file": f"samples/t2i_{i:03d}.png"}
+                   for i, h in enumerate(held)]
+  result["i2t"] = [{"reference": h["caption"], "generated": c,
+                    "mentions": caption_mentions(c, h["scene"])} for h, c in zip(held, captions)]
+  scenes = [h["scene"] for h in held]
+  if all(s is not None for s in scenes):
+    from tfjax.eval.shapes_checker import accuracy, score
+    result["t2i_scores"] = accuracy(images, scenes)
+    for r, im, s in zip(result["t2i"], images, scenes):
+      r["verdict"] = score(im, s)
+    ok = [r["mentions"] for r in result["i2t"]]
+    result["i2t_mentions_accuracy"] = float(np.mean(ok))
+  from tfjax.eval.cider import cider_d
+  result["i2t_cider_d"] = cider_d(captions, [[h["caption"]] for h in held])[0]
+  np.save(os.path.join(out_dir, "t2i_images.npy"), images)
+  with open(os.path.join(out_dir, SAMPLES_FILE), "w") as f:
+    json.dump(result, f, indent=2, default=float)
+  return result
+
+
+def _load_vae(vae_dir: str) -> Any:
+  import tfjax.vae
+  return tfjax.vae.load(vae_dir)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        stages: Sequence[str] = STAGES) -> dict[str, Any]:
+  """Runs the requested stages in order; returns {stage: result, "seconds": {...}}."""
+  from tfjax.train.loop import resolve_paths, train
+  from tfjax.train import report as report_lib
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown}; known: {STAGES}")
+  validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config = resolve_paths(config, workdir)
+  results: dict[str, Any] = {"seconds": {}}
+  timings_path = os.path.join(workdir, "stage_seconds.json")
+  if os.path.exists(timings_path):
+    with open(timings_path) as f:
+      results["seconds"].update(json.load(f))
+  vae_dir = config.vae.path or os.path.join(workdir, "vae")
+  primary = jax.process_index() == 0
+
+  def timed(name, fn):
+    t0 = time.time()
+    log.info("=== stage %s ===", name)
+    out = fn()
+    results[name] = out
+    results["seconds"][name] = round(time.time() - t0, 1)
+    if primary:
+      with open(timings_path, "w") as f:
+        json.dump(results["seconds"], f, indent=2)
+    log.info("=== stage %s done in %.1fs ===", name, results["seconds"][name])
+    return out
+
+  # Dataset, VAE and latents are built once, by process 0; other hosts wait.
+  if primary:
+    if "data" in stages:
+      timed("data", lambda: stage_data(config))
+    if "vae" in stages:
+      vae_dir = timed("vae", lambda: stage_vae(config, workdir))
+    if "latents" in stages:
+      timed("latents", lambda: stage_latents(config, _load_vae(vae_dir)))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tfjax main job: data ready")
+  if "train" in stages:
+    timed("train", lambda: train(config, workdir).step)
+  samples_path = os.path.join(workdir, "samples", SAMPLES_FILE)
+  if primary and "samples" in stages:
+    if _stage_done(samples_path):
+      log.info("samples: %s exists; reusing it", samples_path)
+    else:
+      timed("samples", lambda: stage_samples(config, workdir, _load_vae(vae_dir)))
+  if primary and "report" in stages:
+    timed("report", lambda: report_lib.write_report(config, workdir))
+  return results

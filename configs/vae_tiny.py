@@ -26,6 +26,7 @@ def get_config():
   v.num_train_images = 2048
   v.num_val_images = 128
   v.l2_weight = 1.0
+  v.sample_posterior = False
   v.gan_weight = 0.0
   v.perceptual_weights = ""
   v.log_every = 50

@@ -71,6 +71,7 @@ class _Steps:
     self.disc = losses.PatchDiscriminator(v.disc_channels, v.disc_layers)
     self.disc_opt = optax.adam(sched, b1=0.5, b2=0.9)
     self.perceptual = perceptual
+    self.sample_posterior = bool(v.sample_posterior)
     self.weights = {k: float(v[k]) for k in
                     ("l1_weight", "l2_weight", "kl_weight", "perceptual_weight", "gan_weight")}
     self.gen_step = jax.jit(self._gen_step, static_argnums=(5,), donate_argnums=(0, 1))
@@ -79,7 +80,8 @@ class _Steps:
   def _gen_loss(self, params, disc_params, x, rng, use_gan):
     w = self.weights
     if self.kind == "kl":
-      recon, post = self.module.apply({"params": params}, x, rng)
+      recon, post = self.module.apply({"params": params}, x,
+                                       rng if self.sample_posterior else None)
       reg = w["kl_weight"] * losses.kl_per_element(post.kl(), x.shape[1:])
     else:
       recon, aux = self.module.apply({"params": params}, x)

@@ -1,0 +1,43 @@
+"""The bar: configs/vae_tiny.py reaches >= 28 dB PSNR on the shapes validation set
+within a few CPU minutes, and its latents come out about unit variance."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import numpy as np
+
+import tfjax.vae
+from tfjax.vae.io import META_FILE
+from tfjax.vae.train import load_images, to_float, train_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config():
+  spec = importlib.util.spec_from_file_location(
+      "vae_tiny", os.path.join(ROOT, "configs", "vae_tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_tiny_vae_reaches_28db_on_shapes(tmp_path):
+  config = _config()
+  start = time.time()
+  path = train_vae(config, str(tmp_path))
+  seconds = time.time() - start
+  meta = json.load(open(os.path.join(path, META_FILE)))
+  print(f"tiny VAE: {meta['metrics']} in {seconds:.0f}s wall")
+  assert meta["metrics"]["psnr"] >= 28.0, meta["metrics"]
+  assert os.path.isfile(os.path.join(path, "recon_grid.png"))
+
+  vae = tfjax.vae.load(path)
+  assert (vae.downsample, vae.latent_channels) == (8, 8)
+  images = load_images(config, "validation", 64)
+  z = np.asarray(vae.encode(to_float(images)))
+  assert z.shape == (64, 8, 8, 8)
+  scaled = (z - vae.shift) * vae.scale
+  assert 0.7 < scaled.std() < 1.4 and abs(scaled.mean()) < 0.3

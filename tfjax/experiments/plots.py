@@ -1,0 +1,169 @@
+"""Scaling fits, parity-FLOP ratios, log-log plots and the results table.
+
+Each family's metric is fitted as a power law of training compute,
+`metric = a * C ** b` (least squares in log-log space, over the runs whose
+metric is positive). The parity-FLOP ratio of family B against family A at
+A's compute C is `C_B / C`, where `C_B` is the compute B's fit needs to reach
+the value A's fit gives at C: below 1, B matches A with less compute (the
+paper's Table 3 reports Transfusion's fraction of Chameleon's FLOPs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_METRICS = {"shapes_accuracy": "higher", "caption_cider": "higher",
+                   "caption_scene_accuracy": "higher", "perplexity": "lower"}
+
+
+def fit_power_law(flops: Sequence[float], values: Sequence[float]) -> dict[str, float] | None:
+  """{"a", "b", "points"} of values = a * flops ** b, or None with < 2 usable points.
+
+  Points with a non-positive or missing value cannot be fitted in log space and
+  are left out; two points at the same compute leave the slope undefined.
+  """
+  pts = [(float(c), float(v)) for c, v in zip(flops, values)
+         if v is not None and c > 0 and np.isfinite(v) and v > 0]
+  if len(pts) < 2 or len({c for c, _ in pts}) < 2:
+    return None
+  x = np.log([c for c, _ in pts])
+  y = np.log([v for _, v in pts])
+  b, log_a = np.polyfit(x, y, 1)
+  return {"a": float(math.exp(log_a)), "b": float(b), "points": len(pts)}
+
+
+def predict(fit: dict[str, float], flops: float) -> float:
+  return fit["a"] * flops ** fit["b"]
+
+
+def compute_for(fit: dict[str, float], value: float) -> float | None:
+  """Compute at which a fit reaches `value`; None for a flat fit."""
+  if abs(fit["b"]) < 1e-9 or value <= 0:
+    return None
+  return (value / fit["a"]) ** (1.0 / fit["b"])
+
+
+def parity_ratio(fit_a: dict[str, float], fit_b: dict[str, float], flops_a: float,
+                 direction: str = "higher") -> float | None:
+  """FLOPs family B needs to match family A's fitted metric at `flops_a`, over `flops_a`.
+
+  None when B's fit never reaches it by growing compute (B's trend is flat or
+  goes the wrong way for a metric of this `direction`).
+  """
+  good_slope = fit_b["b"] > 0 if direction == "higher" else fit_b["b"] < 0
+  if not good_slope:
+    return None
+  c_b = compute_for(fit_b, predict(fit_a, flops_a))
+  return None if c_b is None else c_b / flops_a
+
+
+def fits_and_parity(rows: list[dict[str, Any]], metrics: dict[str, str],
+                    parity: Sequence[str] | None) -> tuple[dict, dict]:
+  families = sorted({r["family"] for r in rows})
+  fits: dict[str, dict[str, Any]] = {}
+  for metric in metrics:
+    fits[metric] = {}
+    for fam in families:
+      mine = [r for r in rows if r["family"] == fam]
+      fits[metric][fam] = fit_power_law([r["flops"] for r in mine],
+                                        [r.get(metric) for r in mine])
+  out: dict[str, Any] = {}
+  if parity and len(parity) == 2:
+    a, b = parity
+    a_flops = [r["flops"] for r in rows if r["family"] == a]
+    out = {"family_a": a, "family_b": b, "at_flops": max(a_flops) if a_flops else None,
+           "ratio": {}}
+    for metric, direction in metrics.items():
+      fa, fb = fits[metric].get(a), fits[metric].get(b)
+      out["ratio"][metric] = (parity_ratio(fa, fb, out["at_flops"], direction)
+                              if fa and fb and out["at_flops"] else None)
+  return fits, out
+
+
+def plot_metric(rows: list[dict[str, Any]], fits: dict[str, Any], metric: str,
+                path: str, title: str = "") -> bool:
+  """Log-log plot of `metric` against training FLOPs, one colour per family."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pts = [r for r in rows if r.get(metric) is not None and r[metric] > 0]
+  if not pts:
+    return False
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for i, fam in enumerate(sorted({r["family"] for r in rows})):
+    color = f"C{i}"
+    mine = sorted((r for r in pts if r["family"] == fam), key=lambda r: r["flops"])
+    if mine:
+      ax.scatter([r["flops"] for r in mine], [r[metric] for r in mine], color=color, label=fam)
+    fit = fits.get(fam)
+    if fit and mine:
+      xs = np.geomspace(mine[0]["flops"], mine[-1]["flops"], 50)
+      ax.plot(xs, [predict(fit, x) for x in xs], color=color, linestyle="--",
+              label=f"{fam} fit: C^{fit['b']:.3g}")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("training FLOPs (6ND)")
+  ax.set_ylabel(metric)
+  ax.set_title(title or metric)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def _fmt(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+  return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+  cols = ["name", "family", "size", "params", "steps", "tokens", "flops", *metrics,
+          "final_train_loss_lm"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in sorted(rows, key=lambda r: (r["family"], r["flops"])):
+    lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+  return "\n".join(lines)
+
+
+def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[str, Any]:
+  """results.json, results.md and plots/METRIC.png in `workdir`; returns the JSON."""
+  metrics = dict(sweep.get("metrics") or DEFAULT_METRICS)
+  parity = tuple(sweep.get("parity") or ())
+  fits, par = fits_and_parity(rows, metrics, parity)
+  plot_dir = os.path.join(workdir, "plots")
+  os.makedirs(plot_dir, exist_ok=True)
+  plotted = {m: plot_metric(rows, fits[m], m, os.path.join(plot_dir, f"{m}.png"),
+                            f"{sweep.get('name', 'sweep')}: {m}") for m in metrics}
+  keep = ("name", "family", "size", "budget", "steps", "tokens", "params", "flops",
+          "train_seconds", "final_train_loss", "final_train_loss_lm", "nll_per_token", *metrics)
+  report = {"name": sweep.get("name", "sweep"), "runs": [{k: r.get(k) for k in keep}
+                                                         for r in rows],
+            "fits": fits, "parity": par,
+            "plots": {m: f"plots/{m}.png" for m, ok in plotted.items() if ok}}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(report, f, indent=2, default=float)
+  lines = [f"# {report['name']}", "", markdown_table(rows, list(metrics)), "",
+           "## Power-law fits (metric = a * FLOPs^b)", "",
+           "| metric | family | a | b | points |", "|---|---|---|---|---|"]
+  for m in metrics:
+    for fam, fit in fits[m].items():
+      lines.append(f"| {m} | {fam} | " + (f"{fit['a']:.3g} | {fit['b']:.3g} | {fit['points']}"
+                                          if fit else "- | - | -") + " |")
+  if par:
+    lines += ["", f"## Parity-FLOP ratio: FLOPs {par['family_b']} needs to match "
+              f"{par['family_a']} at {_fmt(par['at_flops'])} FLOPs, divided by those FLOPs", "",
+              "| metric | ratio |", "|---|---|"]
+    lines += [f"| {m} | {_fmt(v)} |" for m, v in par["ratio"].items()]
+  lines += ["", *[f"![{m}](plots/{m}.png)" for m, ok in plotted.items() if ok], ""]
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("\n".join(lines))
+  return report

@@ -1,0 +1,262 @@
+"""The sweep runner: families x model sizes x token budgets -> one results table.
+
+A sweep config (configs/sweep_*.py, `get_config()`) is data:
+
+  families   {name: {"config": "configs/NAME.py", "overrides": ("key=value", ...)}}
+             a family is a base config plus overrides: Transfusion, Chameleon
+             (chameleon.enabled), or an ablation (model.image_attention=causal, ...)
+  sizes      {name: ("model.dim=64", ...)}       model-size overrides
+  budgets    (tokens, ...)                       training tokens per run:
+                                                 steps = tokens / (batch * seq_len)
+  common     ("key=value", ...)                  applied to every run first
+  eval       num_samples, perplexity_batches     the evaluation (evaluate.py)
+  parity     (family_a, family_b)                the parity-FLOP ratio reported
+  metrics    {metric: "higher" | "lower"}        what the table and plots show
+
+Every run trains in WORKDIR/runs/NAME and is evaluated into
+WORKDIR/runs/NAME/eval/eval.json; a run whose eval.json exists is reused, a
+run whose checkpoint exists resumes. Data, tokenizer, autoencoders and the
+latent / VQ-token caches are built once in WORKDIR/shared, keyed by a hash of
+the config sections they depend on, so runs that share data share them.
+Training compute is 6 * N * D for every family (tfjax/train/flops.py's
+`matmul_params` N, D = steps * batch * seq_len packed positions).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import ml_collections
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ------------------------------------------------------------------ configs --
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (relative paths: cwd, then the repository)."""
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(REPO_ROOT, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "tfjax_cfg_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _parse_value(text: str, old: Any) -> Any:
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    where: str = "overrides") -> ml_collections.ConfigDict:
+  """Applies "section.key=value" strings (values as Python literals) in place."""
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"{where}: {item!r} is not 'section.key=value'")
+    key, text = item.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise KeyError(f"{where}: config key {key!r} does not exist (no section {p!r})")
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"{where}: config key {key!r} does not exist")
+    node[leaf] = _parse_value(text.strip(), node[leaf])
+  return config
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  family: str
+  size: str
+  budget: int               # requested training tokens
+  config: ml_collections.ConfigDict
+  steps: int
+  tokens: int               # steps * batch * seq_len
+  params: int               # N of 6ND
+  flops: float              # 6 * N * tokens
+
+
+def _budget_label(tokens: int) -> str:
+  for unit, div in (("G", 10 ** 9), ("M", 10 ** 6), ("K", 10 ** 3)):
+    if tokens >= div and tokens % (div // 10 or 1) == 0:
+      return f"{tokens / div:g}{unit}"
+  return str(tokens)
+
+
+def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
+  """Every run of the sweep with its resolved config, steps and FLOPs."""
+  from tfjax.config import validate
+  from tfjax.train.flops import matmul_params
+  runs = []
+  if not sweep.families:
+    raise ValueError("sweep config key families is empty")
+  sizes = dict(sweep.sizes) if sweep.get("sizes") else {"base": ()}
+  for fam, spec in sweep.families.items():
+    for size, size_over in sizes.items():
+      for budget in sweep.budgets:
+        c = load_config_file(spec["config"])
+        apply_overrides(c, tuple(sweep.get("common", ())), "sweep key common")
+        apply_overrides(c, tuple(size_over), f"sweep key sizes.{size}")
+        apply_overrides(c, tuple(spec.get("overrides", ())), f"sweep key families.{fam}.overrides")
+        per_step = c.data.batch_size * c.data.seq_len
+        steps = max(1, round(int(budget) / per_step))
+        c.train.num_steps = steps
+        c.train.warmup_steps = min(c.train.warmup_steps, max(1, steps // 10))
+        c.train.eval_every = steps
+        c.train.checkpoint_every = 0
+        name = f"{fam}-{size}-{_budget_label(int(budget))}"
+        c.name = name
+        validate(c)
+        n = matmul_params(c.model)
+        runs.append(Run(name, fam, size, int(budget), c, steps, steps * per_step, n,
+                        6.0 * n * steps * per_step))
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"sweep: run names collide: {names}")
+  return runs
+
+
+# ------------------------------------------------------------ shared assets --
+def _digest(*parts: Any) -> str:
+  text = json.dumps([p.to_dict() if hasattr(p, "to_dict") else p for p in parts],
+                    sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _data_key(c: ml_collections.ConfigDict) -> str:
+  d = c.data.to_dict()
+  for k in ("dir", "latents", "batch_size", "seq_len", "max_images_per_seq", "num_workers",
+            "shuffle_seed", "text_image_ratio", "caption_first_prob", "pack_max_misses",
+            "read_threads"):
+    d.pop(k, None)  # packing-time choices: the built files do not depend on them
+  return _digest(d)
+
+
+def _vae_key(c: ml_collections.ConfigDict) -> str:
+  return _digest(_data_key(c), c.vae, c.model.latent_channels)
+
+
+def prepare_assets(config: ml_collections.ConfigDict, shared: str) -> ml_collections.ConfigDict:
+  """Builds (once) the run's data, autoencoder and latent/token cache under `shared`.
+
+  Returns a copy of `config` pointing at them (data.dir, vae.path, data.latents).
+  """
+  import tfjax.vae
+  from tfjax.data.build import build_all, build_latents
+  from tfjax.vae.train import train_vae
+  config = config.copy_and_resolve_references()
+  config.data.dir = os.path.join(shared, "data-" + _data_key(config))
+  build_all(config, config.data.dir)
+  vae_work = os.path.join(shared, f"{config.vae.kind}-" + _vae_key(config))
+  if not config.vae.path:
+    config.vae.path = train_vae(config, vae_work)
+  vae = tfjax.vae.load(config.vae.path)
+  if config.chameleon.enabled:
+    from tfjax.chameleon import main as chameleon_main
+    from tfjax.chameleon import tokens
+    tokens.check_vocab(config, vae.codebook_size)
+    config = chameleon_main.with_assets(config, config.vae.path,
+                                        os.path.join(vae_work, "tokens"))
+    tokens.build_token_cache(config, vae, config.data.dir)
+  else:
+    config.data.latents = os.path.join(vae_work, "latents")
+    build_latents(config, config.data.dir, vae)
+  return config
+
+
+# --------------------------------------------------------------------- runs --
+def _train_and_evaluate(run: Run, config: ml_collections.ConfigDict, run_dir: str,
+                        eval_cfg: ml_collections.ConfigDict, devices: Any) -> dict[str, Any]:
+  import tfjax.vae
+  from tfjax.data import sources
+  from tfjax.data.tokenizer import Tokenizer
+  from tfjax.experiments.evaluate import TransfusionSampler, evaluate
+  from tfjax.train.loop import train
+  vae = tfjax.vae.load(config.vae.path)
+  t0 = time.time()
+  if config.chameleon.enabled:
+    from tfjax.chameleon import main as chameleon_main
+    from tfjax.chameleon.generate import ChameleonGenerator
+    result = chameleon_main.train_run(config, run_dir, vae.codebook_size, devices=devices)
+  else:
+    result = train(config, run_dir, devices=devices)
+  train_seconds = time.time() - t0
+  params = result.state.ema if config.train.ema_decay > 0 and result.state.ema else \
+      result.state.params
+  import jax
+  params = jax.device_get(params)
+  tok = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
+  gen = (ChameleonGenerator(config, params, tok, vae) if config.chameleon.enabled
+         else TransfusionSampler(config, params, tok, vae))
+  scores = evaluate(config, params, gen, os.path.join(run_dir, "eval"),
+                    int(eval_cfg.num_samples), int(eval_cfg.perplexity_batches),
+                    seed=config.train.seed + 7)
+  scores["train_seconds"] = round(train_seconds, 1)
+  scores["final_train_loss"] = result.last_metrics.get("loss")
+  scores["final_train_loss_lm"] = result.last_metrics.get("loss_lm")
+  return scores
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[str] = (),
+              devices: Any = None, report_only: bool = False) -> dict[str, Any]:
+  """Trains and evaluates every run (reusing finished ones); writes the report.
+
+  Args:
+    sweep: the sweep config (see the module docstring).
+    workdir: runs/, shared/, results.{json,md}, plots/ go here.
+    only: run names to (re)run now; the report still covers every finished run.
+    devices: devices each run trains on (default all).
+    report_only: train nothing, just rebuild the report from finished runs.
+  Returns:
+    {"runs": [row, ...], "fits": ..., "parity": ...} as written to results.json.
+  """
+  from tfjax.experiments import plots
+  workdir = os.path.abspath(workdir)
+  shared = os.path.join(workdir, "shared")
+  os.makedirs(shared, exist_ok=True)
+  runs = plan(sweep)
+  unknown = set(only) - {r.name for r in runs}
+  if unknown:
+    raise ValueError(f"--only names no run of this sweep: {sorted(unknown)}; runs are "
+                     f"{[r.name for r in runs]}")
+  rows = []
+  for run in runs:
+    run_dir = os.path.join(workdir, "runs", run.name)
+    done_path = os.path.join(run_dir, "eval", "eval.json")
+    wanted = not only or run.name in only
+    if not os.path.exists(done_path) and wanted and not report_only:
+      log.info("sweep: run %s (%d steps, %.3g FLOPs)", run.name, run.steps, run.flops)
+      config = prepare_assets(run.config, shared)
+      os.makedirs(run_dir, exist_ok=True)
+      _train_and_evaluate(run, config, run_dir, sweep.eval, devices)
+    if not os.path.exists(done_path):
+      continue
+    with open(done_path) as f:
+      scores = json.load(f)
+    rows.append({"name": run.name, "family": run.family, "size": run.size,
+                 "budget": run.budget, "steps": run.steps, "tokens": run.tokens,
+                 "params": run.params, "flops": run.flops, **scores})
+  report = plots.write_report(rows, sweep, workdir)
+  return report

@@ -100,6 +100,9 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   if jax.default_backend() == "gpu":
     out["cuDNN causal (not TF-exact)"] = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")
+  if args.only:
+    keep = args.only.split(",")
+    out = {n: f for n, f in out.items() if n.startswith("tfjax") or any(x in n for x in keep)}
   return {n: (jax.jit(f), _fwd_bwd(f)) for n, f in out.items()}
 
 
@@ -180,7 +183,8 @@ def run_shape(bsz, seq, heads, d, args):
       rows.append((name, float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
       continue
     rows.append((name, tf, tfb, err))
-  if jax.default_backend() == "gpu" and not args.no_torch:
+  if jax.default_backend() == "gpu" and not args.no_torch and (
+      not args.only or "Flex" in args.only):
     try:
       tf, tfb, o = torch_flex(doc, img, qn, kn, vn, don, args)
       err = f"err o {rel_err(o, ref_o):.1e}" if ref_o is not None else ""
@@ -242,6 +246,8 @@ def main():
   p.add_argument("--block_q", type=int, default=0, help="override block_q (0: default)")
   p.add_argument("--block_k", type=int, default=0, help="override block_k")
   p.add_argument("--no_torch", action="store_true", help="skip FlexAttention")
+  p.add_argument("--only", default="", help="comma-separated name substrings of peers to time"
+                 " besides this kernel (e.g. tokamax,Flex)")
   p.add_argument("--no_tokamax", action="store_true", help="skip tokamax")
   p.add_argument("--with_xla", action="store_true", help="time XLA in --quick too")
   p.add_argument("--sweep", action="store_true", help="sweep GPU kernel tile configs first")

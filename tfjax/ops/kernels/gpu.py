@@ -248,8 +248,11 @@ class GpuConfig:
 
   @classmethod
   def for_head_dim(cls, head_dim: int) -> "GpuConfig":
-    del head_dim
-    return cls()
+    # H100 sweep at L=8192 (NOTES_attention.md, run 2): the dq pass prefers
+    # narrow key tiles; wider tiles spill shared memory at head dim 128.
+    if head_dim <= 64:
+      return cls(dq=(64, 32, 4, 3))
+    return cls(dq=(128, 32, 4, 3))
 
   @classmethod
   def uniform(cls, block_q: int, block_k: int, num_warps: int = 4,

@@ -30,6 +30,17 @@ from tfjax.model import Transfusion
 
 MODES = ("auto", "image", "text")
 
+# Compiled functions shared by every Generator of the same model architecture
+# (params are arguments, never baked in): a second load of a model, or an
+# export of it, reuses the compilations of the first.
+_COMPILED: dict[Any, Any] = {}
+
+
+def _shared(key: Any, make):
+  if key not in _COMPILED:
+    _COMPILED[key] = make()
+  return _COMPILED[key]
+
 
 @dataclasses.dataclass(frozen=True)
 class Latents:
@@ -71,12 +82,11 @@ class Generator:
     self.config, self.params, self.tokenizer, self.vae = config, params, tokenizer, vae
     self.model_config = config.model
     self.model = Transfusion(config.model)
-    self.forward = lm.make_forward(self.model)
+    self._arch = config.model.to_json_best_effort(sort_keys=True)
+    self.forward = _shared((self._arch, "forward"), lambda: lm.make_forward(self.model))
     self.num_patches = patches_per_image(config.model)
     s, c = config.model.latent_size, config.model.latent_channels
     self.latent_shape = (s, s, c)
-    self._decoders: dict[Any, Any] = {}
-    self._samplers: dict[Any, Any] = {}
 
   # ---- prompts -------------------------------------------------------------
   def encode_images(self, images: np.ndarray) -> np.ndarray:
@@ -111,19 +121,14 @@ class Generator:
 
   # ---- decoding ------------------------------------------------------------
   def _decoder(self, sampling: SamplingParams, max_new: int, mode: str):
-    key = (sampling, max_new, mode)
-    if key not in self._decoders:
-      stops = (EOS_ID,) if mode == "text" else (EOS_ID, BOI_ID)
-      banned = (BOI_ID, EOI_ID, PAD_ID) if mode == "text" else (EOI_ID, PAD_ID)
-      self._decoders[key] = lm.make_decode(self.model, self.model_config, sampling, max_new,
-                                           stop_ids=stops, banned_ids=banned)
-    return self._decoders[key]
+    stops = (EOS_ID,) if mode == "text" else (EOS_ID, BOI_ID)
+    banned = (BOI_ID, EOI_ID, PAD_ID) if mode == "text" else (EOI_ID, PAD_ID)
+    return _shared((self._arch, "decode", sampling, max_new, mode), lambda: lm.make_decode(
+        self.model, self.model_config, sampling, max_new, stop_ids=stops, banned_ids=banned))
 
   def _sampler(self, dp: diff.DiffusionParams, use_cache: bool):
-    key = (dp, use_cache)
-    if key not in self._samplers:
-      self._samplers[key] = diff.make_sampler(self.model, dp, self.num_patches, use_cache)
-    return self._samplers[key]
+    return _shared((self._arch, "sample", dp, use_cache),
+                   lambda: diff.make_sampler(self.model, dp, self.num_patches, use_cache))
 
   def denoise(self, ctx: context_lib.Context, cache: Any, active: np.ndarray, rng: jax.Array,
               dp: diff.DiffusionParams, use_cache: bool = True) -> np.ndarray:

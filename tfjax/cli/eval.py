@@ -1,0 +1,46 @@
+"""tfjax-eval: score a trained model (workdir or export) on the evaluation suite.
+
+  tfjax-eval --model=DIR --suite=shapes|captioning|perplexity|editing|all \
+      [--num-samples=64] --json=results.json [--inception=FILE] [--clip=DIR]
+
+Writes the results as JSON (headline keys shapes_accuracy, caption_cider,
+caption_scene_accuracy, perplexity) and a Markdown table next to it
+(results.md), and prints the table.
+"""
+from __future__ import annotations
+
+from absl import flags
+
+from tfjax.cli.common import run
+
+_MODEL = flags.DEFINE_string("model", None, "Training workdir or export directory.")
+_SUITE = flags.DEFINE_enum("suite", "all", ["shapes", "captioning", "perplexity", "editing",
+                                            "all"],
+                           "Which evaluation to run.")
+_NUM = flags.DEFINE_integer("num-samples", 64, "Held-out examples per evaluation.")
+_JSON = flags.DEFINE_string("json", None, "Where to write the results JSON.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for the held-out draw and sampling.")
+_BATCH = flags.DEFINE_integer("batch-size", 8, "Prompts generated together.")
+_INCEPTION = flags.DEFINE_string("inception", None, "Inception feature extractor "
+                                 "(.jax_export file) for FID; without it FID is skipped.")
+_CLIP = flags.DEFINE_string("clip", None, "Directory with CLIP encoders (see "
+                            "tfjax/eval/clip_score.py); without it CLIP score is skipped.")
+
+
+def _main(argv) -> None:
+  del argv
+  if not _MODEL.value or not _JSON.value:
+    raise SystemExit("--model and --json are required")
+  from tfjax.eval.suite import evaluate_to_files, markdown_table
+  results = evaluate_to_files(_MODEL.value, _SUITE.value, _NUM.value, _JSON.value, _SEED.value,
+                     _BATCH.value, _INCEPTION.value, _CLIP.value)
+  print(markdown_table(results))
+  print(f"wrote {_JSON.value}")
+
+
+def main() -> None:
+  run(_main, __name__)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,104 @@
+"""Generation to files: what `tfjax-generate` does, callable without flags.
+
+Writes OUT/sample{i}_image{j}.png (or _latents.npy when the model has no VAE)
+and OUT/generation.json (prompt, generated text, image files, sampler settings).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_image(path: str, size: int):
+  """uint8 [size, size, 3] from an image file (centre-cropped, resized)."""
+  import numpy as np
+  from PIL import Image
+  try:
+    im = Image.open(path).convert("RGB")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read the image ({e})") from e
+  side = min(im.size)
+  left, top = (im.width - side) // 2, (im.height - side) // 2
+  im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+  return np.asarray(im, np.uint8)
+
+
+def prompt_items(prompt: str, images: list) -> list:
+  """Prompt text with images at "<image>" marks, or all images first."""
+  if "<image>" not in prompt:
+    return list(images) + ([prompt] if prompt else [])
+  parts = prompt.split("<image>")
+  if len(parts) - 1 != len(images):
+    raise ValueError(f"the prompt has {len(parts) - 1} <image> marks but {len(images)} images "
+                     "were given")
+  items = []
+  for i, text in enumerate(parts):
+    if text:
+      items.append(text)
+    if i < len(images):
+      items.append(images[i])
+  return items
+
+
+def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: int, seed: int,
+             out: str, mode: str = "", **overrides) -> dict:
+  """Runs generation and writes OUT; returns what generation.json holds."""
+  import dataclasses
+
+  import jax
+  import numpy as np
+  from PIL import Image
+
+  from tfjax.export import load_pretrained
+  from tfjax.generate.diffusion import DiffusionParams
+  from tfjax.generate.sampling import SamplingParams
+  gen = load_pretrained(model_dir)
+  c = gen.config
+  images = [read_image(p, int(c.data.image_size)) for p in image_paths]
+  # A model fine-tuned for editing (editing.source set) draws the edited
+  # image after the input image and instruction; others caption the image.
+  editing_model = "editing" in c and c.editing.source != "none"
+  mode = mode or ("text" if images and not editing_model else "image")
+  sampling = SamplingParams.from_config(c.sample)
+  sampling = dataclasses.replace(sampling, **{k: v for k, v in dict(
+      temperature=overrides.get("temperature"), top_k=overrides.get("top_k"),
+      top_p=overrides.get("top_p")).items() if v is not None})
+  dp = DiffusionParams.from_config(c)
+  dp = dataclasses.replace(dp, **{k: v for k, v in dict(
+      num_steps=overrides.get("steps"), sampler=overrides.get("sampler"),
+      cfg_scale=overrides.get("cfg_scale")).items() if v is not None})
+  items = prompt_items(prompt, images)
+  if not items:
+    raise ValueError("nothing to generate from: give a prompt and/or images")
+  os.makedirs(out, exist_ok=True)
+  batch = max(1, int(overrides.get("batch_size") or 8))
+  rng = jax.random.key(seed)
+  samples = []
+  for start in range(0, num, batch):
+    rng, key = jax.random.split(rng)
+    outs = gen.generate([items] * min(batch, num - start), rng=key, mode=mode, sampling=sampling,
+                        diffusion_params=dp, max_text_tokens=overrides.get("max_text_tokens"),
+                        max_images=int(overrides.get("max_images") or 1),
+                        use_cache=overrides.get("prefix_cache", True))
+    for k, o in enumerate(outs):
+      i = start + k
+      files = []
+      if o.images:
+        pixels = gen.decode_latents(np.stack(o.images)) if gen.vae is not None else None
+        for j, lat in enumerate(o.images):
+          if pixels is not None:
+            name = f"sample{i}_image{j}.png"
+            Image.fromarray(pixels[j]).save(os.path.join(out, name))
+          else:
+            name = f"sample{i}_image{j}_latents.npy"
+            np.save(os.path.join(out, name), lat)
+          files.append(name)
+      samples.append({"index": i, "text": o.text, "images": files, "tokens": o.tokens,
+                      "segments": [s["type"] for s in o.segments]})
+  record = {"model": os.path.abspath(model_dir), "prompt": prompt, "input_images": image_paths,
+            "mode": mode, "seed": seed, "num_samples": num,
+            "sampling": dataclasses.asdict(sampling), "diffusion": dataclasses.asdict(dp),
+            "prefix_cache": overrides.get("prefix_cache", True), "samples": samples}
+  with open(os.path.join(out, "generation.json"), "w") as f:
+    json.dump(record, f, indent=2)
+  return record

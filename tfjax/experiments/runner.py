@@ -2,7 +2,8 @@
 
 A sweep config (configs/sweep_*.py, `get_config()`) is data:
 
-  families   {name: {"config": "configs/NAME.py", "overrides": ("key=value", ...)}}
+  families   {name: {"config": "configs/NAME.py", "overrides": ("key=value", ...),
+                    "budgets": (...) optional, replacing the sweep's}}
              a family is a base config plus overrides: Transfusion, Chameleon
              (chameleon.enabled), or an ablation (model.image_attention=causal, ...)
   sizes      {name: ("model.dim=64", ...)}       model-size overrides
@@ -55,12 +56,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 
 def _parse_value(text: str, old: Any) -> Any:
-  if isinstance(old, str):
-    return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+  if isinstance(old, str) and not isinstance(value, str):
+    return text  # a string key keeps "123" as "123"
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   return value
@@ -115,7 +116,7 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
   sizes = dict(sweep.sizes) if sweep.get("sizes") else {"base": ()}
   for fam, spec in sweep.families.items():
     for size, size_over in sizes.items():
-      for budget in sweep.budgets:
+      for budget in tuple(spec.get("budgets", ()) or sweep.budgets):
         c = load_config_file(spec["config"])
         apply_overrides(c, tuple(sweep.get("common", ())), "sweep key common")
         apply_overrides(c, tuple(size_over), f"sweep key sizes.{size}")

@@ -135,7 +135,8 @@ def _typed_spec(x):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               image_ids: jax.Array, impl: str = "auto", scale: float | None = None,
-              block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+              block_q: int | None = None, block_k: int | None = None,
+              config=None) -> jax.Array:
   """Transfusion-masked attention through the block-sparse kernel.
 
   Args:
@@ -144,6 +145,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     impl: "pallas" or "auto" (see module docstring).
     scale: logit scale, default head_dim ** -0.5.
     block_q, block_k: override the tile sizes.
+    config: a full kernel config (gpu.GpuConfig / tpu.TpuConfig) instead.
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype.
   """
@@ -157,7 +159,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     from tfjax.ops.attention import xla_attention
     from tfjax.ops.mask import transfusion_mask
     return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  config = kernel_config(kind, head_dim, block_q, block_k)
+  config = config or kernel_config(kind, head_dim, block_q, block_k)
   fn = functools.partial(_local_attention, kind=kind, scale=scale, config=config)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:

@@ -57,8 +57,21 @@ def _row_mask(ks, ke, k0, block_k):
   return (kpos >= ks[:, None]) & (kpos < ke[:, None])
 
 
+def _apply_mask(s, is_full, ks, ke, k0, block_k, skip_full_mask):
+  """-inf outside the rows' intervals; full tiles pass through.
+
+  skip_full_mask: branch around the comparisons on full tiles (lax.cond);
+  otherwise fold the full flag into the mask, with no control flow in the loop.
+  """
+  if skip_full_mask:
+    return jax.lax.cond(is_full, lambda s: s, lambda s: jnp.where(
+        _row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
+  return jnp.where(_row_mask(ks, ke, k0, block_k) | is_full, s, -jnp.inf)
+
+
 def _fwd_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, ks_ref,
-                ke_ref, o_ref, lse_ref, *, scale, block_q, block_k):
+                ke_ref, o_ref, lse_ref, *, scale, block_q, block_k,
+                skip_full_mask):
   i, b = pl.program_id(0), pl.program_id(1)
   q = q_ref[...]
   ks = ks_ref[...]
@@ -73,8 +86,7 @@ def _fwd_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, ks_ref,
     k = k_ref[pl.ds(k0, block_k), :]
     v = v_ref[pl.ds(k0, block_k), :]
     s = _dot(q, k, trans_b=True) * qk_scale
-    s = jax.lax.cond(full_ref[b, i, t] == 1, lambda s: s,
-                     lambda s: jnp.where(_row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
+    s = _apply_mask(s, full_ref[b, i, t] == 1, ks, ke, k0, block_k, skip_full_mask)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp2(s - m_new[:, None])
     alpha = jnp.exp2(m - m_new)
@@ -92,7 +104,7 @@ def _fwd_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, ks_ref,
 
 def _dkv_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, *, scale, block_q,
-                block_k):
+                block_k, skip_full_mask):
   j, b = pl.program_id(0), pl.program_id(1)
   k = k_ref[...]
   v = v_ref[...]
@@ -110,9 +122,8 @@ def _dkv_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, l
     delta = delta_ref[rows]
     s = _dot(q, k, trans_b=True) * qk_scale
     # Masked logits become -inf, so p == 0 there (empty rows: lse == BIG).
-    s = jax.lax.cond(
-        full_ref[b, j, t] == 1, lambda s: s,
-        lambda s: jnp.where(_row_mask(ks_ref[rows], ke_ref[rows], k0, block_k), s, -jnp.inf), s)
+    s = _apply_mask(s, full_ref[b, j, t] == 1, ks_ref[rows], ke_ref[rows], k0, block_k,
+                    skip_full_mask)
     p = jnp.exp2(s - lse[:, None])
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
     dp = _dot(do, v, trans_b=True)
@@ -128,7 +139,7 @@ def _dkv_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, l
 
 def _dq_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, ks_ref, ke_ref, dq_ref, *, scale, block_q,
-               block_k):
+               block_k, skip_full_mask):
   i, b = pl.program_id(0), pl.program_id(1)
   q = q_ref[...]
   do = do_ref[...]
@@ -145,8 +156,7 @@ def _dq_kernel(blocks_ref, full_ref, counts_ref, q_ref, k_ref, v_ref, do_ref,
     k = k_ref[pl.ds(k0, block_k), :]
     v = v_ref[pl.ds(k0, block_k), :]
     s = _dot(q, k, trans_b=True) * qk_scale
-    s = jax.lax.cond(full_ref[b, i, t] == 1, lambda s: s,
-                     lambda s: jnp.where(_row_mask(ks, ke, k0, block_k), s, -jnp.inf), s)
+    s = _apply_mask(s, full_ref[b, i, t] == 1, ks, ke, k0, block_k, skip_full_mask)
     p = jnp.exp2(s - lse[:, None])
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
@@ -166,7 +176,8 @@ def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
   group = hq // k.shape[2]
   block_q, block_k, num_warps, num_stages = cfg.fwd
   wl = block_map(ks, ke, block_q, block_k).q_blocks
-  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k)
+  kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                             skip_full_mask=cfg.skip_full_mask)
   return pl.pallas_call(
       kernel,
       grid=(seq // block_q, batch, hq),
@@ -205,7 +216,8 @@ def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
   grad_dtype = k.dtype if group == 1 else jnp.float32
   wl = block_map(ks, ke, block_q, block_k).kv_blocks
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k),
+      functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                        skip_full_mask=cfg.skip_full_mask),
       grid=(seq // block_k, batch, hq),
       in_specs=[_whole(wl.blocks), _whole(wl.full), _whole(wl.counts), whole_q,
                 kv_block, kv_block, whole_q, row_vec, row_vec, whole_row, whole_row],
@@ -225,7 +237,8 @@ def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
   q_vec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
   q_row = pl.BlockSpec((None, block_q), lambda i, b, h: (b, i))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k),
+      functools.partial(_dq_kernel, scale=scale, block_q=block_q, block_k=block_k,
+                        skip_full_mask=cfg.skip_full_mask),
       grid=(seq // block_q, batch, hq),
       in_specs=[_whole(wl.blocks), _whole(wl.full), _whole(wl.counts), q_block,
                 whole_kv, whole_kv, q_block, q_vec, q_vec, q_row, q_row],
@@ -245,6 +258,7 @@ class GpuConfig:
   fwd: tuple[int, int, int, int] = (64, 64, 4, 3)
   dkv: tuple[int, int, int, int] = (64, 64, 4, 3)
   dq: tuple[int, int, int, int] = (64, 64, 4, 3)
+  skip_full_mask: bool = True
 
   @classmethod
   def for_head_dim(cls, head_dim: int) -> "GpuConfig":

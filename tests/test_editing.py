@@ -228,41 +228,67 @@ def _digest(root):
   return h.hexdigest()
 
 
-def test_finetune_starts_from_export_and_changes_only_what_it_should(built, tmp_path):
+@pytest.fixture(scope="module")
+def finetuned(built, tmp_path_factory):
+  """A 'pretrained' run (seed 7, saved at step 0), its export, and a fine-tune from it."""
   from tfjax import export as export_lib
-  from tfjax.model import init_params
   from tfjax.train.loop import train
-  # "Pretraining": a different seed than the fine-tune's fresh init would use.
+  tmp = tmp_path_factory.mktemp("finetune")
   pre = tiny_config(built)
   pre.editing.source = "none"
   pre.train.seed, pre.train.num_steps, pre.train.synthetic_data = 7, 0, True
-  pre_dir, exp_dir, ft_dir = (str(tmp_path / n) for n in ("pre", "export", "ft"))
+  pre_dir, exp_dir, ft_dir = (str(tmp / n) for n in ("pre", "export", "ft"))
   one = jax.devices()[:1]
   train(pre, pre_dir, devices=one)
   export_lib.export(pre_dir, exp_dir, dtype="float32")
   before = _digest(exp_dir), _digest(os.path.join(pre_dir, "checkpoints"))
-  exported = export_lib.unflatten(
-      safetensors.numpy.load_file(os.path.join(exp_dir, export_lib.PARAMS_FILE)))
-
   ft = tiny_config(built)
   ft.train.init_from = exp_dir
   result = train(ft, ft_dir, devices=one)
+  return dict(config=ft, result=result, pre_dir=pre_dir, exp_dir=exp_dir, ft_dir=ft_dir,
+              before=before, tmp=tmp, devices=one)
+
+
+def test_finetune_starts_from_export_and_changes_only_what_it_should(finetuned):
+  from tfjax import export as export_lib
+  from tfjax.model import init_params
+  from tfjax.train.loop import train
+  ft, result, exp_dir = finetuned["config"], finetuned["result"], finetuned["exp_dir"]
   assert result.step == ft.train.num_steps == int(result.state.step)  # its own schedule
+  exported = export_lib.unflatten(
+      safetensors.numpy.load_file(os.path.join(exp_dir, export_lib.PARAMS_FILE)))
   tuned = jax.device_get(result.state.params)
   fresh = jax.device_get(init_params(ft.model, jax.random.split(jax.random.key(0))[0]))
   # Adam moves each weight by at most ~learning_rate per step: the tuned
   # weights lie that close to the export, and not to a fresh init.
   bound = 2.5 * ft.train.learning_rate * ft.train.num_steps
-  flat = lambda t: jax.tree_util.tree_leaves(t)
+  flat = jax.tree_util.tree_leaves
   from_export = max(float(np.max(np.abs(a - b))) for a, b in zip(flat(tuned), flat(exported)))
   from_fresh = max(float(np.max(np.abs(a - b))) for a, b in zip(flat(tuned), flat(fresh)))
   assert 0 < from_export <= bound < from_fresh
   moved = sum(not np.array_equal(a, b) for a, b in zip(flat(tuned), flat(exported)))
   assert moved > len(flat(tuned)) // 2
   # The export and the pretraining run are left as they were.
-  assert (_digest(exp_dir), _digest(os.path.join(pre_dir, "checkpoints"))) == before
+  assert (_digest(exp_dir),
+          _digest(os.path.join(finetuned["pre_dir"], "checkpoints"))) == finetuned["before"]
   # An export of another architecture is refused, naming the key.
-  wrong = tiny_config(built)
+  wrong = tiny_config(ft.data.dir)
   wrong.train.init_from, wrong.model.mlp_dim = exp_dir, 96
   with pytest.raises(ValueError, match="train.init_from"):
-    train(wrong, str(tmp_path / "wrong"), devices=one)
+    train(wrong, str(finetuned["tmp"] / "wrong"), devices=finetuned["devices"])
+
+
+def test_edit_generation_and_suite(finetuned):
+  """The input image and instruction in, one image out, scored per edit type."""
+  from tfjax.data.tokenizer import Tokenizer
+  from tfjax.generate.diffusion import DiffusionParams
+  from tfjax.generate.mixed import Generator
+  c = finetuned["config"]
+  tok = Tokenizer.load(os.path.join(c.data.dir, "tokenizer"))
+  gen = Generator(c, finetuned["result"].state.params, tok,
+                  latents.PixelPatchEncoder(downsample=8, channels=4))
+  examples = edit_eval.suite_examples(c, 4, split="validation")
+  dp = DiffusionParams(num_steps=2, sampler="ddim", cfg_scale=2.0)
+  res = edit_eval.evaluate(gen, examples, jax.random.key(0), diffusion_params=dp)
+  assert res["images"].shape == (4, 32, 32, 3) and res["num_examples"] == 4
+  assert set(res["per_type"]) == set(editing.EDIT_TYPES)

@@ -22,6 +22,7 @@ a `tfjax.generate.mixed.Generator` and scores them.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from typing import Any, Iterable, Sequence
 
@@ -118,11 +119,12 @@ def accuracy(images: Iterable[np.ndarray], metas: Iterable[dict[str, Any]]) -> d
           "num_examples": n}
 
 
-def suite_examples(config: Any, num: int | None = None, split: str = "test"
-                  ) -> list[dict[str, Any]]:
-  """The shapes editing examples the suite scores (deterministic)."""
+def suite_examples(config: Any, num: int | None = None, split: str = "test",
+                   seed: int | None = None) -> list[dict[str, Any]]:
+  """The shapes editing examples the suite scores (deterministic in seed)."""
   n = int(num or config.editing.num_eval)
-  return editing_data.generate_split(split, n, config.data.image_size, config.editing.seed)
+  seed = config.editing.seed if seed is None else seed
+  return editing_data.generate_split(split, n, int(config.data.image_size), seed)
 
 
 def generate_edits(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,
@@ -146,6 +148,32 @@ def evaluate(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,
   result["seconds"] = round(time.time() - t0, 1)
   result["images"] = images
   return result
+
+
+def suite(gen: Any, num_samples: int, *, seed: int = 0, batch_size: int = 8,
+          out_dir: str | None = None) -> dict[str, Any]:
+  """`tfjax-eval --suite=editing`: the shapes editing test split, scored per edit type."""
+  examples = suite_examples(gen.config, num_samples, seed=seed)
+  result = evaluate(gen, examples, jax.random.key(seed), batch_size)
+  images = result.pop("images")
+  if out_dir:
+    save_grid(examples[:8], images[:8], os.path.join(out_dir, "editing_samples.png"))
+  result["editing_accuracy"] = result["accuracy"]
+  result["examples"] = [{"instruction": ex["instruction"], "type": ex["meta"]["edit"]["type"],
+                         "verdicts": check(im, ex["meta"])}
+                        for ex, im in zip(examples[:8], images[:8])]
+  return result
+
+
+def save_grid(examples: Sequence[dict[str, Any]], images: np.ndarray, path: str) -> None:
+  """Rows of input | expected | generated."""
+  from PIL import Image
+  if not len(examples):
+    return
+  rows = [np.concatenate([ex["input"], ex["output"], im[..., :3]], axis=1)
+          for ex, im in zip(examples, images)]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(np.concatenate(rows, axis=0).astype(np.uint8)).save(path)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

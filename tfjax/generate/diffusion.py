@@ -145,21 +145,33 @@ def make_denoiser(model: Any, n: int, use_cache: bool) -> Callable:
   return predict
 
 
-def guided_prediction(predict: Callable, params: Any, cond_prefix: Any, uncond_prefix: Any,
-                      x_t: jax.Array, t: jax.Array, rope_start: jax.Array,
-                      image_id: jax.Array, active: jax.Array, cfg_scale: float) -> jax.Array:
-  """CFG prediction, conditional and unconditional rows in one model call."""
-  two = lambda a, b: jnp.concatenate([a, b], 0)
+def combine_prefixes(cond_prefix: Any, uncond_prefix: Any) -> Any:
+  """One prefix of 2 * batch rows: conditional rows, then unconditional ones."""
   if isinstance(cond_prefix, KVCache):
-    prefix = concat_caches(cond_prefix, uncond_prefix)
-  else:
-    prefix = jax.tree_util.tree_map(two, cond_prefix, uncond_prefix)
+    return concat_caches(cond_prefix, uncond_prefix)
+  return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], 0), cond_prefix,
+                                uncond_prefix)
+
+
+def guided_from_combined(predict: Callable, params: Any, prefix: Any, x_t: jax.Array,
+                         t: jax.Array, rope_start: jax.Array, image_id: jax.Array,
+                         active: jax.Array, cfg_scale: float) -> jax.Array:
+  """CFG prediction from a `combine_prefixes` prefix, both halves in one model call."""
+  two = lambda a, b: jnp.concatenate([a, b], 0)
   ones = jnp.ones_like(image_id)
   # Unconditional rows: the image follows BOS, BOI at RoPE positions 0, 1.
   out = predict(params, prefix, two(x_t, x_t), two(t, t), two(rope_start, 2 * ones),
                 two(image_id, ones), two(active, active))
   cond, uncond = jnp.split(out, 2, axis=0)
   return diffusion.cfg_combine(cond, uncond, cfg_scale)
+
+
+def guided_prediction(predict: Callable, params: Any, cond_prefix: Any, uncond_prefix: Any,
+                      x_t: jax.Array, t: jax.Array, rope_start: jax.Array,
+                      image_id: jax.Array, active: jax.Array, cfg_scale: float) -> jax.Array:
+  """CFG prediction, conditional and unconditional rows in one model call."""
+  return guided_from_combined(predict, params, combine_prefixes(cond_prefix, uncond_prefix),
+                              x_t, t, rope_start, image_id, active, cfg_scale)
 
 
 def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool) -> Callable:
@@ -176,6 +188,8 @@ def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool)
 
   def sample(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, x_init):
     b = x_init.shape[0]
+    # Combined once, outside the loop: every step reads the same 2 * b rows.
+    prefix = combine_prefixes(cond_prefix, uncond_prefix) if params_d.guided else cond_prefix
 
     def body(i, carry):
       x, rng = carry
@@ -183,10 +197,10 @@ def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool)
       t, t_prev = jnp.asarray(ts)[i], jnp.asarray(ts_prev)[i]
       tb = jnp.full((b,), t, jnp.float32)
       if params_d.guided:
-        pred = guided_prediction(predict, params, cond_prefix, uncond_prefix, x, tb,
-                                 rope_start, image_id, active, params_d.cfg_scale)
+        pred = guided_from_combined(predict, params, prefix, x, tb, rope_start, image_id,
+                                    active, params_d.cfg_scale)
       else:
-        pred = predict(params, cond_prefix, x, tb, rope_start, image_id, active)
+        pred = predict(params, prefix, x, tb, rope_start, image_id, active)
       if params_d.objective == "flow":
         x = diffusion.flow_step(key, x, pred, t, t_prev, params_d.num_timesteps)
       else:

@@ -6,6 +6,8 @@
               captions per scene, and exact-scene accuracy of the caption
   perplexity  held-out text: the shapes test corpus, or the configured text
               source's validation batches
+  editing     shapes edits (input image + instruction -> image), scored by
+              `tfjax.eval.editing` (only when asked for: not part of "all")
   fid, clip   only with user-supplied feature extractors; else "skipped"
 
 Headline keys of the result: shapes_accuracy, caption_cider,
@@ -183,6 +185,8 @@ def markdown_table(results: dict[str, Any]) -> str:
   per_cat = results.get("details", {}).get("shapes", {}).get("per_category", {})
   for cat, v in per_cat.items():
     lines.append(f"| shapes/{cat} | {fmt(v)} |")
+  if "editing_accuracy" in results:
+    lines.append(f"| editing_accuracy | {fmt(results['editing_accuracy'])} |")
   lines.append(f"| fid | {fmt(results.get('fid'))} |")
   lines.append(f"| clip_score | {fmt(results.get('clip_score'))} |")
   return "\n".join(lines) + "\n"

@@ -76,7 +76,7 @@ def main(argv) -> None:
   batch = 2 if quick else _BATCH.value
   prefix_lens = [16, 64] if quick else list(_PREFIX.value)
   text_tokens = 32 if quick else _TEXT.value
-  repeats = 1 if quick else _REPEATS.value
+  repeats = _REPEATS.value
   m = c.model
   n = patches_per_image(m)
   params = init_params(m, jax.random.key(0))

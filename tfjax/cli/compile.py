@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
+
+# libtpu takes a machine-wide lock unless told that several processes may load
+# it; compiling for a topology needs no TPU, so share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import flags
 from ml_collections import config_flags
@@ -49,6 +54,9 @@ def _run(argv):
   from tfjax.cli.common import load_config
   from tfjax.train.aot import compile_train_step, topology_devices
   config = load_config(FLAGS.config)
+  if FLAGS.topology not in ("", "local"):
+    # Only the topology's abstract devices are used: keep the runtime on CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   devices = topology_devices(libtpu_name(FLAGS.topology))
   _, report = compile_train_step(config, devices, topology=FLAGS.topology)
   print(report.table())

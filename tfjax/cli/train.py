@@ -20,6 +20,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); ove
 flags.DEFINE_string("workdir", None, "Run directory: data, VAE, checkpoints, metrics, report.")
 flags.DEFINE_list("stages", "data,vae,latents,train,samples,report",
                   "Stages to run, in order; finished ones are skipped anyway.")
+flags.DEFINE_integer("num_samples", 32, "Held-out captions and images the samples stage "
+                     "generates from and scores.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize: auto = when a launcher's cluster "
                   "variables are present.")
@@ -34,7 +36,8 @@ def _run(argv):
   from tfjax.train import distributed, main_job
   config = load_config(FLAGS.config)
   distributed.initialize(FLAGS.distributed)
-  results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages)
+  results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages,
+                         num_samples=FLAGS.num_samples)
   logging.info("stage seconds: %s", results["seconds"])
 
 

@@ -19,7 +19,7 @@ from tfjax.batch import batch_spec
 from tfjax.config import validate
 from tfjax.train import mesh as mesh_lib
 from tfjax.train.checks import validate_train
-from tfjax.train.flops import dense_step_flops, matmul_params, peak_tflops
+from tfjax.train.flops import dense_step_flops, peak_tflops
 from tfjax.train.optimizer import make_optimizer
 from tfjax.train.state import state_shardings
 from tfjax.train.step import batch_shardings, jit_train_step, make_loss_fn
@@ -159,5 +159,4 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
       hbm_bytes=hbm_bytes(kind),
       flops_per_step=dense_step_flops(m, config.data.batch_size, config.data.seq_len),
       peak_tflops=peak_tflops(kind, config.train.peak_tflops))
-  del matmul_params
   return compiled, report

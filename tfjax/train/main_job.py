@@ -148,8 +148,11 @@ def _load_vae(vae_dir: str) -> Any:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        stages: Sequence[str] = STAGES) -> dict[str, Any]:
-  """Runs the requested stages in order; returns {stage: result, "seconds": {...}}."""
+        stages: Sequence[str] = STAGES, num_samples: int = 32) -> dict[str, Any]:
+  """Runs the requested stages in order; returns {stage: result, "seconds": {...}}.
+
+  num_samples: held-out captions (and images) the samples stage generates from.
+  """
   from tfjax.train.loop import resolve_paths, train
   from tfjax.train import report as report_lib
   unknown = [s for s in stages if s not in STAGES]
@@ -197,7 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if _stage_done(samples_path):
       log.info("samples: %s exists; reusing it", samples_path)
     else:
-      timed("samples", lambda: stage_samples(config, workdir, _load_vae(vae_dir)))
+      timed("samples", lambda: stage_samples(config, workdir, _load_vae(vae_dir),
+                                            num=num_samples))
   if primary and "report" in stages:
     timed("report", lambda: report_lib.write_report(config, workdir))
   return results

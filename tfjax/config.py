@@ -120,6 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   v.adam_b2 = 0.9
   v.seed = 0
   v.image_size = 0            # training resolution; 0 = data.image_size
+  v.train_crop = 0            # train on random crops of this side (cheaper steps); 0 = whole images
   v.num_train_images = 4096   # images drawn from data.image_text_source for VAE training
   v.num_val_images = 256      # validation images for PSNR/SSIM
   v.kl_weight = 1e-6
@@ -194,6 +195,28 @@ def default_config() -> ml_collections.ConfigDict:
   s.top_k = 0
   s.top_p = 1.0
   s.max_text_tokens = 32
+  return c
+
+
+def paper_config(name: str, num_layers: int, dim: int, num_heads: int) -> ml_collections.ConfigDict:
+  """The paper's recipe at one of the Table 2 sizes.
+
+  256x256 images through a VAE with 8x downsampling and 8 latent channels
+  (32x32x8 latents), 2x2 latent patches (256 per image) through a linear
+  layer, Llama 2's 32K vocabulary, sequences of 4096, AdamW (0.9, 0.95, 1e-8),
+  lr 3e-4 with 4000 warm-up steps and cosine decay to 1.5e-5, weight decay
+  0.1, clipping at 1.0, lambda = 5.
+  """
+  c = default_config()
+  c.name = name
+  c.model.update(num_layers=num_layers, dim=dim, num_heads=num_heads, num_kv_heads=num_heads,
+                 vocab_size=32000, patch_size=2, latent_size=32, latent_channels=8,
+                 attention_impl="auto", scan_layers=True, remat_policy="nothing_saveable")
+  c.data.update(image_size=256, seq_len=4096, batch_size=512, max_images_per_seq=16,
+                vocab_size=32000)
+  c.vae.channels = (128, 256, 512, 512)
+  c.train.update(num_steps=250000, learning_rate=3e-4, end_learning_rate=1.5e-5,
+                 warmup_steps=4000, weight_decay=0.1, grad_clip=1.0)
   return c
 
 

@@ -22,8 +22,9 @@ def load(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_file_validates(path):
   c = load(path)
-  if "model" in c:
-    config_lib.validate(c)
+  if path.stem.startswith(("vae_", "sweep_")):  # not transformer-training configs
+    return
+  config_lib.validate(c)
 
 
 @pytest.mark.parametrize("change,key", [

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device-tool call that produces the GPU figures of benchmarks/RESULTS.md
+# (training, VAE, generation) and runs the CPU test suite's core on the GPU.
+#
+#   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|train|vae|generate]
+#
+# .whl_app holds the wheels the GPU image lacks (grain, ml_collections,
+# tensorflow-datasets, array_record and their small dependencies).
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/tfjax_gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl_app/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+LOG=$OUT/gpu_run.log
+python3 -c "import sys, jax, jaxlib, flax, optax, orbax.checkpoint as o, grain, torch
+print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__,
+      'flax', flax.__version__, 'optax', optax.__version__, 'grain', grain.__version__,
+      'torch', torch.__version__); print(jax.devices())" 2>&1 | tee -a "$LOG"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
+
+section() { echo; echo "=== $1"; } 
+run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG" | grep -E "^\{|passed|failed|error|Error|tokens_per_s|images_per_s|\|" | tail -n 30; }
+
+if [[ $what == all || $what == tests ]]; then
+  section "core tests on the GPU (float32 matmuls at full precision: TF32 would fail 1e-5 checks)"
+  JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -q -p no:cacheprovider \
+    tests/test_mask_attention.py tests/test_model.py tests/test_diffusion.py \
+    tests/test_losses.py tests/test_config.py
+fi
+if [[ $what == all || $what == train ]]; then
+  section "training throughput, sequence 4096"
+  for cfg in 160m 370m; do
+    for impl in xla pallas; do
+      run python3 benchmarks/train.py --config=configs/transfusion_$cfg.py --seq_len=4096 \
+        --batch_size=8 --steps=10 --config.model.attention_impl=$impl
+    done
+  done
+fi
+if [[ $what == all || $what == vae ]]; then
+  section "VAE encode/decode at 256x256"
+  run python3 benchmarks/vae.py --config=configs/vae_f8c8.py --batch=32
+fi
+if [[ $what == all || $what == generate ]]; then
+  section "generation, 0.16B, 256-patch images, 250 steps, CFG"
+  run python3 benchmarks/generate.py --config=configs/transfusion_160m.py
+fi

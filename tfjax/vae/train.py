@@ -117,6 +117,18 @@ class _Steps:
     return optax.apply_updates(disc_params, updates), disc_opt_state, loss
 
 
+def _random_crop(images: np.ndarray, crop: int, step: int, rng: np.random.Generator
+                 ) -> np.ndarray:
+  """One `crop` x `crop` window per image `[b, crop, crop, 3]`, its corner on the
+  latent grid (multiples of `step`), so a crop sees what the full image would."""
+  size = images.shape[1]
+  if crop == size:
+    return images
+  ys = rng.integers(0, (size - crop) // step + 1, len(images)) * step
+  xs = rng.integers(0, (size - crop) // step + 1, len(images)) * step
+  return np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(images, ys, xs)])
+
+
 def _batched(fn: Callable[[np.ndarray], Any], data: np.ndarray, batch: int) -> np.ndarray:
   return np.concatenate([np.asarray(fn(data[i:i + batch])) for i in range(0, len(data), batch)])
 
@@ -193,7 +205,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str,
   rng = jax.random.key(int(v.seed))
   rng, init_rng, disc_rng = jax.random.split(rng, 3)
   size = images.shape[1]
-  x0 = jnp.zeros((1, size, size, 3), jnp.float32)
+  x0 = jnp.zeros((1, int(v.train_crop) or size, int(v.train_crop) or size, 3), jnp.float32)
   params = jax.jit(module.init)(init_rng, x0)["params"]
   opt_state = steps.opt.init(params)
   disc_params = steps.disc.init(disc_rng, x0)["params"] if use_gan_ever else {}
@@ -204,10 +216,15 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str,
                v.batch_size)
 
   np_rng = np.random.default_rng(int(v.seed))
+  down = io.AutoencoderConfig.from_json(meta["architecture"]).downsample
+  crop = int(v.train_crop) or size
+  if crop % down or crop > size:
+    raise ValueError(f"config key vae.train_crop: {crop} must be a multiple of the "
+                     f"downsampling factor {down} and at most the image size {size}")
   start = time.time()
   for step in range(int(v.train_steps)):
     idx = np_rng.integers(0, len(images), int(v.batch_size))
-    batch = to_float(images[idx])
+    batch = to_float(_random_crop(images[idx], crop, down, np_rng))
     flip = np_rng.random(len(idx)) < 0.5
     batch[flip] = batch[flip][:, :, ::-1]
     rng, step_rng = jax.random.split(rng)

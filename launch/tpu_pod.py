@@ -6,14 +6,16 @@ Every action prints the gcloud commands it runs; --dry-run prints them only.
   launch/tpu_pod.py create --name=tfjax-pod --zone=us-east5-a --type=v5p-128
   launch/tpu_pod.py copy   --name=tfjax-pod --zone=us-east5-a
   launch/tpu_pod.py run    --name=tfjax-pod --zone=us-east5-a \
-      --config=configs/transfusion_160m.py --workdir=gs://BUCKET/runs/160m -- \
+      --config=configs/transfusion_160m.py --workdir=/mnt/runs/160m -- \
       --config.train.num_steps=250000
   launch/tpu_pod.py logs   --name=tfjax-pod --zone=us-east5-a --out=logs/
   launch/tpu_pod.py delete --name=tfjax-pod --zone=us-east5-a
 
 `run` starts the same tfjax-train command on all workers (one process per
 host; jax.distributed finds the pod by itself) under nohup, logging to
-~/tfjax-train.log on each worker; `logs` copies those logs back.
+~/tfjax-train.log on each worker; `logs` copies those logs back. WORKDIR must
+be one directory every worker sees (a gcsfuse-mounted bucket or a Filestore
+share): all hosts write their shards of each checkpoint into it.
 Needs only the Python standard library and gcloud.
 """
 from __future__ import annotations

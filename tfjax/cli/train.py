@@ -1,7 +1,7 @@
 """tfjax-train: train a Transfusion model from a config, every stage included.
 
   tfjax-train --config=configs/tiny.py --workdir=/tmp/tiny
-  tfjax-train --config=configs/transfusion_160m.py --workdir=gs://... \
+  tfjax-train --config=configs/transfusion_160m.py --workdir=/mnt/runs/160m \
       --config.train.num_steps=1000 --stages=train
 
 Without --stages it runs the embedded main job (dataset, tokenizer, VAE,
@@ -29,9 +29,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+class _QuietOrbax(logging.Filter):
+  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").addFilter(_QuietOrbax())
   from tfjax.cli.common import load_config
   from tfjax.train import distributed, main_job
   config = load_config(FLAGS.config)

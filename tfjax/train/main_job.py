@@ -32,8 +32,18 @@ STAGES = ("data", "vae", "latents", "train", "samples", "report")
 SAMPLES_FILE = "samples.json"
 
 
-def _stage_done(path: str) -> bool:
-  return os.path.exists(path)
+def _latest_step(workdir: str) -> int | None:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  return max(steps) if steps else None
+
+
+def _samples_current(path: str, workdir: str) -> bool:
+  """Samples exist and were made from the newest checkpoint (not an older one)."""
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("step") == _latest_step(workdir)
 
 
 def stage_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -117,7 +127,8 @@ def stage_samples(config: ml_collections.ConfigDict, workdir: str, vae: Any,
   t0 = time.time()
   captions = gen.image_to_text([h["image"] for h in held], jax.random.fold_in(rng, 1))
   t_captions = time.time() - t0
-  result: dict[str, Any] = {"num": len(held), "image_seconds": t_images,
+  result: dict[str, Any] = {"step": _latest_step(workdir), "num": len(held),
+                            "image_seconds": t_images,
                             "caption_seconds": t_captions}
   from PIL import Image
   for i, im in enumerate(images):
@@ -140,6 +151,36 @@ def stage_samples(config: ml_collections.ConfigDict, workdir: str, vae: Any,
   with open(os.path.join(out_dir, SAMPLES_FILE), "w") as f:
     json.dump(result, f, indent=2, default=float)
   return result
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, workdir: str, vae_dir: str,
+                   num: int = 8) -> Any:
+  """A `sample_fn(state, step)` for the loop: images for fixed held-out captions,
+  saved as one PNG row per call to DIR/samples/step_NNNNNNN.png (and the
+  captions to prompts.txt). None when train.sample_every is 0 or on several
+  hosts (the weights would have to be gathered onto one)."""
+  if not config.train.sample_every or jax.process_count() > 1:
+    return None
+  from PIL import Image
+  from tfjax.data import sources
+  from tfjax.data.tokenizer import Tokenizer
+  from tfjax.generate.mixed import Generator
+  prompts = [h["caption"] for h in _held_out(config, num)]
+  tokenizer = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
+  vae = _load_vae(vae_dir)
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
+    f.write("\n".join(prompts) + "\n")
+
+  def sample(state: Any, step: int) -> None:
+    use_ema = config.train.ema_decay > 0 and state.ema
+    params = jax.device_get(state.ema if use_ema else state.params)
+    gen = Generator(config, params, tokenizer, vae)
+    images = gen.decode_latents(gen.text_to_image(prompts, jax.random.key(step)))
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(
+        os.path.join(out_dir, f"step_{step:07d}.png"))
+  return sample
 
 
 def _load_vae(vae_dir: str) -> Any:
@@ -194,11 +235,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tfjax main job: data ready")
   if "train" in stages:
-    timed("train", lambda: train(config, workdir).step)
+    timed("train", lambda: train(config, workdir,
+                                 sample_fn=make_sample_fn(config, workdir, vae_dir)).step)
   samples_path = os.path.join(workdir, "samples", SAMPLES_FILE)
   if primary and "samples" in stages:
-    if _stage_done(samples_path):
-      log.info("samples: %s exists; reusing it", samples_path)
+    if _samples_current(samples_path, workdir):
+      log.info("samples: %s is from the latest checkpoint; reusing it", samples_path)
     else:
       timed("samples", lambda: stage_samples(config, workdir, _load_vae(vae_dir),
                                             num=num_samples))

@@ -182,3 +182,14 @@ def test_train_save_load_skip(tmp_path):
 def test_load_bad_path_names_key(tmp_path):
   with pytest.raises(FileNotFoundError, match="vae.path"):
     tfjax.vae.load(str(tmp_path))
+
+
+def test_random_crop_is_latent_aligned():
+  from tfjax.vae.train import _random_crop
+  images = np.arange(2 * 64 * 64 * 3, dtype=np.int64).reshape(2, 64, 64, 3)
+  crops = _random_crop(images, 32, 8, np.random.default_rng(0))
+  assert crops.shape == (2, 32, 32, 3)
+  for img, crop in zip(images, crops):
+    y, x = np.argwhere((img[..., 0] == crop[0, 0, 0]))[0]
+    assert y % 8 == 0 and x % 8 == 0
+    assert np.array_equal(img[y:y + 32, x:x + 32], crop)

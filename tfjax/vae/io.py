@@ -125,6 +125,11 @@ class LoadedVAE:
     self._encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=enc))
     self._decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method=dec))
 
+  def __repr__(self) -> str:
+    return (f"LoadedVAE(kind={self.kind}, channels={list(self.config.channels)}, "
+            f"downsample={self.downsample}, latent_channels={self.latent_channels}, "
+            f"scale={self.scale:.6g}, shift={self.shift:.6g})")
+
   def _check(self, images: Any) -> jax.Array:
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] != self.config.in_channels:

@@ -69,7 +69,7 @@ def choose(impl: str, head_dim: int) -> str:
 
 
 def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
-                  block_k: int | None = None):
+                  block_k: int | None = None, dtype=jnp.bfloat16):
   """The kernel's tiling config; block_q/block_k override every kernel's tiles."""
   if kind == "tpu":
     from tfjax.ops.kernels import tpu
@@ -80,7 +80,7 @@ def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
   from tfjax.ops.kernels import gpu
   if block_q or block_k:
     return gpu.GpuConfig.uniform(block_q or 64, block_k or 64)
-  return gpu.GpuConfig.for_head_dim(head_dim)
+  return gpu.GpuConfig.for_head_dim(head_dim, dtype)
 
 
 def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:
@@ -159,7 +159,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     from tfjax.ops.attention import xla_attention
     from tfjax.ops.mask import transfusion_mask
     return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  config = config or kernel_config(kind, head_dim, block_q, block_k)
+  config = config or kernel_config(kind, head_dim, block_q, block_k, q.dtype)
   fn = functools.partial(_local_attention, kind=kind, scale=scale, config=config)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:

@@ -261,7 +261,12 @@ class GpuConfig:
   skip_full_mask: bool = True
 
   @classmethod
-  def for_head_dim(cls, head_dim: int) -> "GpuConfig":
+  def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16) -> "GpuConfig":
+    if jnp.dtype(dtype) == jnp.float32:
+      # True-float32 products need three times the registers and shared
+      # memory; 128-row tiles at head dim 128 did not finish compiling on
+      # the H100 within a minute (run 3 of NOTES_attention.md).
+      return cls.uniform(32, 32, 4, 2)
     # H100 sweep at L=8192 (NOTES_attention.md, run 2): the dq pass prefers
     # narrow key tiles; wider tiles spill shared memory at head dim 128.
     if head_dim <= 64:
@@ -315,7 +320,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
   """
-  config = config or GpuConfig.for_head_dim(q.shape[-1])
+  config = config or GpuConfig.for_head_dim(q.shape[-1], q.dtype)
   if q.shape[1] % config.multiple:
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
   return _attention(q, k, v, k_start, k_end, float(scale), config, interpret)

@@ -84,3 +84,21 @@ def test_unknown_weight_names_key(tmp_path):
   with pytest.raises(diffusers_import.UnsupportedCheckpoint,
                      match=r"encoder\.down_blocks\.0\.attentions\.0\.to_q\.weight"):
     tfjax.vae.load(path)
+
+
+def test_legacy_attention_names_load_the_same(tmp_path):
+  """Checkpoints from before diffusers renamed query/key/value/proj_attn."""
+  import safetensors.numpy
+  _, path = _save(tmp_path, "flux", **LAYOUTS["flux"])
+  x = np.random.default_rng(1).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+  want = np.asarray(tfjax.vae.load(path).encode(x))
+  wpath = os.path.join(path, diffusers_import.WEIGHTS_FILE)
+  new_to_old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  state = {}
+  for k, v in safetensors.numpy.load_file(wpath).items():
+    for new, old in new_to_old.items():
+      k = k.replace(f".{new}.", f".{old}.")
+    state[k] = v
+  assert any(".proj_attn." in k for k in state)
+  safetensors.numpy.save_file(state, wpath)
+  np.testing.assert_array_equal(np.asarray(tfjax.vae.load(path).encode(x)), want)

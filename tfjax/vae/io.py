@@ -70,6 +70,11 @@ def save(path: str, meta: dict[str, Any], params: Any,
   If another process finished the same directory first, its copy is kept.
   """
   path = os.path.abspath(path)
+  if os.path.isdir(path) and not is_complete(path):
+    # Not ours (we only ever rename finished directories into place): a
+    # leftover that would block the rename and be mistaken for a VAE.
+    raise FileExistsError(f"{path} exists but is not a complete VAE directory "
+                          f"(no {META_FILE} or {PARAMS_FILE}); delete it and rerun")
   tmp = f"{path}.tmp-{os.getpid()}"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)
@@ -81,11 +86,6 @@ def save(path: str, meta: dict[str, Any], params: Any,
   # The metadata goes last: is_complete() needs it and the params.
   with open(os.path.join(tmp, META_FILE), "w") as f:
     json.dump({"format": FORMAT, "version": 1, **meta}, f, indent=2)
-  if os.path.isdir(path) and not is_complete(path):
-    # Not ours (we only ever rename finished directories into place): a
-    # leftover that would block the rename and be mistaken for a VAE.
-    raise FileExistsError(f"{path} exists but is not a complete VAE directory "
-                          f"(no {META_FILE} or {PARAMS_FILE}); delete it and rerun")
   try:
     os.rename(tmp, path)
   except OSError:

@@ -185,6 +185,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str,
   if io.is_complete(out):
     logging.info("vae: %s is complete; skipping training", out)
     return out
+  if os.path.exists(out):   # fail before training, not after
+    raise FileExistsError(f"{out} exists but is not a complete VAE directory; delete it")
   meta = vae_meta(config)
   if images is None:
     images = load_images(config, "train", int(v.num_train_images))

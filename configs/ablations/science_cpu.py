@@ -8,12 +8,13 @@
   transfusion_causal   causal intra-image attention, linear patches
   transfusion_unet     U-Net patch encoder/decoder (2 levels = patch 2)
 
-Every run has configs/tiny.py's transformer (dim 128, 4 layers) and sees the
-same number of training tokens per budget; compute is 6ND for all.
+Every run has the same transformer (configs/tiny.py narrowed to dim 64, 2
+layers, for a shared 2-core CPU) and sees the same number of training tokens
+per budget; compute is 6ND for all.
 """
 import ml_collections
 
-BUDGETS = (204_800, 614_400)   # 100 and 300 steps of 2048 tokens
+BUDGETS = (102_400, 307_200)   # 100 and 300 steps of 1024 tokens
 
 
 def get_config():
@@ -26,20 +27,24 @@ def get_config():
                              "overrides": ("model.image_attention=causal",),
                              "budgets": BUDGETS[-1:]},
       "transfusion_unet": {"config": "configs/tiny.py",
-                           "overrides": ("model.patch_type=unet", "model.unet_channels=(64, 128)"),
+                           "overrides": ("model.patch_type=unet", "model.unet_channels=(32, 64)"),
                            "budgets": BUDGETS[-1:]},
   }
-  s.sizes = {"xs": ()}
+  # dim 64 x 2 layers: what a shared 2-core CPU trains in minutes.
+  s.sizes = {"xxs": ("model.dim=64", "model.num_layers=2", "model.num_heads=2",
+                     "model.num_kv_heads=2", "model.time_embed_dim=64")}
   s.budgets = BUDGETS
   s.common = (
       "data.num_train_scenes=2000", "data.num_eval_scenes=100", "data.num_text_docs=4000",
-      "vae.train_steps=400", "vae.batch_size=16", "vae.num_train_images=2000",
-      "vae.num_val_images=64", "vae.log_every=50",
+      "vae.channels=(16, 32, 32, 32)", "vae.mid_attention=False", "vae.train_steps=250",
+      "vae.batch_size=8", "vae.num_train_images=2000", "vae.num_val_images=64",
+      "vae.log_every=25", "vae.scale_images=256",
       "train.learning_rate=0.002", "train.end_learning_rate=0.0002", "train.log_every=25",
       "train.warmup_steps=20", "train.eval_batches=2",
+      "data.batch_size=8",
       "diffusion.sample_steps=25",
   )
-  s.eval = {"num_samples": 48, "perplexity_batches": 8}
+  s.eval = {"num_samples": 32, "perplexity_batches": 8}
   s.parity = ("chameleon", "transfusion")  # FLOPs Transfusion needs to match Chameleon
   s.metrics = {"shapes_accuracy": "higher", "caption_cider": "higher",
                "caption_scene_accuracy": "higher", "perplexity": "lower"}

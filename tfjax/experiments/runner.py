@@ -125,7 +125,8 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
         steps = max(1, round(int(budget) / per_step))
         c.train.num_steps = steps
         c.train.warmup_steps = min(c.train.warmup_steps, max(1, steps // 10))
-        c.train.eval_every = steps
+        if c.train.eval_every:
+          c.train.eval_every = steps  # one validation loss at the end (0 keeps it off)
         c.train.checkpoint_every = 0
         name = f"{fam}-{size}-{_budget_label(int(budget))}"
         c.name = name

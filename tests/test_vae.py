@@ -39,9 +39,9 @@ def test_non_square_and_flux_layout_run():
                           norm_groups=4, use_quant_conv=False, use_post_quant_conv=False)
   model = AutoencoderKL(cfg)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 16, 24, 3)), jnp.float32)
-  params = model.init(jax.random.key(0), x)
+  params = jax.jit(model.init)(jax.random.key(0), x)   # jit: eager init is slow on CPU
   assert "quant_conv" not in params["params"]
-  recon, post = model.apply(params, x, jax.random.key(1))
+  recon, post = jax.jit(model.apply)(params, x, jax.random.key(1))
   assert recon.shape == x.shape and post.mean.shape == (1, 8, 12, 4)
   assert np.isfinite(np.asarray(recon)).all()
 
@@ -100,8 +100,8 @@ def test_perceptual_loss(tmp_path):
 def test_patch_gan_losses():
   d = losses.PatchDiscriminator(channels=8, num_layers=2)
   x = jnp.zeros((2, 32, 32, 3))
-  params = d.init(jax.random.key(0), x)
-  logits = d.apply(params, x)
+  params = jax.jit(d.init)(jax.random.key(0), x)
+  logits = jax.jit(d.apply)(params, x)
   assert logits.ndim == 4 and logits.shape[-1] == 1
   assert float(losses.hinge_d_loss(jnp.ones(3) * 2, -jnp.ones(3) * 2)) == 0.0
   assert float(losses.generator_gan_loss(jnp.ones(3))) == -1.0

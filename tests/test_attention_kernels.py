@@ -161,6 +161,12 @@ for types in ((AxisType.Explicit,) * 3, (AxisType.Auto,) * 3):
   assert abs(float(val) - float(ref)) / abs(float(ref)) < 1e-5, (types, val, ref)
   assert float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref)) < 1e-4, types
   assert "all-gather" not in txt, f"the batch was gathered around the kernel ({types})"
+# Explicit mesh, ids left replicated: the wrapper reshards them to the batch split.
+mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"))
+with jax.set_mesh(mesh):
+  qs = jax.device_put(q, NamedSharding(mesh, P("data", None, None, None)))
+  val = jax.jit(lambda q: jnp.sum(attention(q, q, q, seg, img, impl="pallas") ** 2))(qs)
+assert abs(float(val) - float(ref)) / abs(float(ref)) < 1e-5
 print("OK")
 """
 

@@ -121,15 +121,18 @@ def _mesh_axes(mesh, names, size):
   return tuple(axes) or None
 
 
-def _typed_spec(x):
-  """(batch axes, head axes) from an explicitly sharded array's type, if usable."""
-  try:
-    spec = tuple(jax.typeof(x).sharding.spec)
-  except (AttributeError, TypeError):
+def _explicit_spec(mesh, x):
+  """(batch axes, head axes) read off x's type on a mesh with Explicit axes.
+
+  Returns None on an Auto mesh, where shard_map may reshard to our specs.
+  """
+  if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return None
+  spec = tuple(jax.typeof(x).sharding.spec)
   spec = spec + (None,) * (x.ndim - len(spec))
-  if not any(spec) or spec[1] is not None or spec[3] is not None:
-    return None
+  if spec[1] is not None or spec[3] is not None:
+    raise ValueError(f"the attention kernel needs seq and head_dim unsharded, got {spec}"
+                     " (config key mesh.rules: 'seq' and 'head_dim' must map to None)")
   return spec[0], spec[2]
 
 
@@ -166,10 +169,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     return fn(q, k, v, segment_ids, image_ids)
   b_axes = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
   h_axes = _mesh_axes(mesh, HEAD_AXES, k.shape[2])
-  typed = _typed_spec(q)
-  if typed is not None:  # explicit-sharding mesh: follow the arrays' own specs
-    b_axes, h_axes = typed
+  typed = _explicit_spec(mesh, q)
   qkv = P(b_axes, None, h_axes, None)
   ids = P(b_axes, None)
+  if typed is not None:  # explicit-sharding mesh: follow q's own spec
+    b_axes, h_axes = typed
+    qkv = P(b_axes, None, h_axes, None)
+    ids = P(b_axes, None)
+    reshard = jax.sharding.reshard  # no-ops where the spec already matches
+    q, k, v = (reshard(x, qkv) for x in (q, k, v))
+    segment_ids, image_ids = reshard(segment_ids, ids), reshard(image_ids, ids)
   return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids),
                        out_specs=qkv, check_vma=False)(q, k, v, segment_ids, image_ids)

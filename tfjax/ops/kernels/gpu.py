@@ -14,7 +14,13 @@ the per-row key interval [k_start, k_end). Rows with an empty interval
 (padding) give zeros and zero gradients.
 
 Layout is the model's, [batch, seq, heads, head_dim]; no transposes. On CPU
-the same kernels run in Pallas interpret mode (tests only).
+the same kernels run in Pallas interpret mode (tests only). Under GQA the dk/dv
+kernel writes float32 gradients per q head, summed over the group afterwards
+(an extra [batch, seq, q_heads, head_dim] float32 pair in memory).
+
+Run on an H100 with JAX 0.11.2 (tests pass; timings in benchmarks/RESULTS.md,
+tuning in benchmarks/NOTES_attention.md). The Triton lowering is deprecated
+in JAX 0.11 (it warns); a Mosaic GPU version is the way to more speed.
 """
 from __future__ import annotations
 

@@ -165,8 +165,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = jit_train_step(loss_fn, tx, tc, mesh, shardings, spec)
   eval_fn = jit_eval_step(make_loss_fn(config, training=False), mesh, shardings.params, spec)
   b_sharding = mesh_lib.batch_sharding(mesh)
-  throughput = Throughput(config.model, mesh.size,
-                          peak_tflops(mesh.devices.flat[0].device_kind, tc.peak_tflops))
+  # Each process sees only its rows: measure its share against its devices,
+  # and scale the rates to the whole job.
+  throughput = Throughput(config.model, len(mesh.local_devices),
+                          peak_tflops(mesh.devices.flat[0].device_kind, tc.peak_tflops),
+                          num_processes=pc)
   writer = MetricsWriter(workdir, int(tc.num_steps), start_step=step)
   last: dict[str, float] = {}
   val: dict[str, float] = {}

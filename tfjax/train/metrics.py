@@ -130,9 +130,13 @@ class MetricsWriter:
 class Throughput:
   """Turns a step's wall time and batch layout into tokens/s, images/s, MFU."""
 
-  def __init__(self, model_config: Any, num_devices: int, peak_tflops_per_device: float):
+  def __init__(self, model_config: Any, num_devices: int, peak_tflops_per_device: float,
+               num_processes: int = 1):
+    """num_devices: the devices that processed the batches passed in (this
+    process's); rates are multiplied by num_processes for the whole job."""
     self.model_config = model_config
     self.num_devices = num_devices
+    self.num_processes = num_processes
     self.peak = peak_tflops_per_device * 1e12
 
   def __call__(self, step_time: float, segment_ids: np.ndarray, image_ids: np.ndarray,
@@ -141,8 +145,8 @@ class Throughput:
     tokens = int((np.asarray(segment_ids) != 0).sum())
     images = int(np.asarray(image_valid).sum())
     flops = step_flops(self.model_config, segment_ids, image_ids)
-    out = dict(step_time=step_time, tokens_per_s=tokens / step_time,
-               images_per_s=images / step_time,
+    out = dict(step_time=step_time, tokens_per_s=self.num_processes * tokens / step_time,
+               images_per_s=self.num_processes * images / step_time,
                tflops_per_device=flops / step_time / self.num_devices / 1e12)
     out["mfu"] = flops / (step_time * self.num_devices * self.peak) if self.peak > 0 else 0.0
     return out

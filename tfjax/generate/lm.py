@@ -28,12 +28,17 @@ def empty_cache(model_config: Any, batch: int, max_len: int) -> KVCache:
 
 
 def no_images(model_config: Any, batch: int) -> dict[str, jax.Array]:
-  """Image inputs for a call with no image slots (max_images = 0)."""
+  """Image inputs for a call with no image: no slot, or one unused slot.
+
+  The linear patch layers take zero image slots; the U-Net's reshapes cannot,
+  so it gets one slot marked invalid (its output is dropped by the model).
+  """
   s, c = model_config.latent_size, model_config.latent_channels
-  return dict(noisy_latents=jnp.zeros((batch, 0, s, s, c), jnp.float32),
-              timesteps=jnp.zeros((batch, 0), jnp.float32),
-              image_starts=jnp.zeros((batch, 0), jnp.int32),
-              image_valid=jnp.zeros((batch, 0), bool))
+  k = 0 if model_config.patch_type == "linear" else 1
+  return dict(noisy_latents=jnp.zeros((batch, k, s, s, c), jnp.float32),
+              timesteps=jnp.zeros((batch, k), jnp.float32),
+              image_starts=jnp.zeros((batch, k), jnp.int32),
+              image_valid=jnp.zeros((batch, k), bool))
 
 
 def make_forward(model: Any) -> Callable:

@@ -15,6 +15,12 @@ Per-row data (key intervals, log-sum-exp, delta) is kept lane-broadcast,
 [..., seq, 128], so that a row's value is a sublane column in the kernel
 without relayouts.
 
+Known cost: the inner grid axis has the static worst-case length (all blocks),
+because the layout is data, not a static mask; skipped steps issue no copy
+and no compute but still pay the per-step overhead (about 0.35 us). A static
+bound on a query block's non-empty key blocks (from the data config's longest
+document) would shrink it; not done.
+
 What was run: Pallas TPU interpret mode on CPU (numerics, in the tests) and
 ahead-of-time compilation for a v5p topology through libtpu (the Mosaic
 lowering, forward and backward, L=8192, head dim 128, inside `shard_map`).

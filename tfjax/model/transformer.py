@@ -38,12 +38,14 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                image_ids: jax.Array, layer_kv: tuple[jax.Array, jax.Array] | None,
                cache_ctx: tuple[jax.Array, jax.Array, jax.Array] | None):
-    """x: [batch, seq, dim] -> ([batch, seq, dim], new (k, v) cache slices or None).
+    """x: [batch, seq, dim] -> ([batch, seq, dim], this call's (k, v) or None).
 
-    With `layer_kv` ([batch, max_len, kv_heads, head_dim] each) the new keys and
-    values are written at `cache_ctx`'s length and the queries attend to the
-    whole buffer; `cache_ctx` = (cache segment ids, cache image ids, length),
-    the ids already including the new positions.
+    With `layer_kv` (the cache buffer, [batch, max_len, kv_heads, head_dim]
+    each) the queries attend to the buffer's written slots and to this call's
+    own keys; `cache_ctx` = (cache segment ids, cache image ids, length) as
+    they were before this call. The buffer is only read here: the caller
+    writes the returned (k, v) [batch, seq, kv_heads, head_dim] into it once,
+    so a denoising step that discards them copies nothing.
     """
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -70,15 +72,18 @@ class Attention(nn.Module):
       new_kv = None
     else:
       cache_segments, cache_images, length = cache_ctx
-      start = (0, length, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), start)
-      v_all = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), start)
-      seq = x.shape[1]
-      mask = transfusion_mask(segment_ids, image_ids, cache_segments, cache_images,
-                              q_positions=(length + jnp.arange(seq))[None, :],
-                              kv_positions=jnp.arange(k_all.shape[1])[None, :])
-      out = xla_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask)
-      new_kv = (k_all, v_all)
+      seq, max_len = x.shape[1], layer_kv[0].shape[1]
+      k_all = jnp.concatenate([layer_kv[0].astype(dtype), k], axis=1)
+      v_all = jnp.concatenate([layer_kv[1].astype(dtype), v], axis=1)
+      q_positions = (length + jnp.arange(seq))[None, :]
+      mask = transfusion_mask(
+          segment_ids, image_ids,
+          jnp.concatenate([cache_segments, segment_ids], axis=1),
+          jnp.concatenate([cache_images, image_ids], axis=1),
+          q_positions=q_positions,
+          kv_positions=jnp.concatenate([jnp.arange(max_len)[None, :], q_positions], axis=1))
+      out = xla_attention(q, k_all, v_all, mask)
+      new_kv = (k, v)
     return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)), new_kv
 
 
@@ -117,7 +122,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """num_layers Blocks; returns ([batch, seq, dim], stacked new kv or None)."""
+  """num_layers Blocks; returns ([batch, seq, dim], this call's k, v stacked
+  [layers, batch, seq, kv_heads, head_dim] when decoding with a cache, else None)."""
   config: ml_collections.ConfigDict
 
   @nn.compact

@@ -77,12 +77,14 @@ class Transfusion(nn.Module):
       h, _ = Transformer(c, name="transformer")(x, positions, segment_ids, attn_image_ids)
       new_cache = None
     else:
-      cache_images = image_ids if c.image_attention == "bidirectional" else jnp.zeros_like(image_ids)
-      written = cache.write_ids(segment_ids, cache_images)
       h, (k, v) = Transformer(c, name="transformer")(
           x, positions, segment_ids, attn_image_ids, cache_kv=(cache.k, cache.v),
-          cache_ctx=(written.segment_ids, written.image_ids, cache.length))
-      new_cache = written.replace(k=k, v=v, length=cache.length + seq)
+          cache_ctx=(cache.segment_ids, cache.image_ids, cache.length))
+      start = (0, 0, cache.length, 0, 0)
+      new_cache = cache.write_ids(segment_ids, attn_image_ids).replace(
+          k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+          v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+          length=cache.length + seq)
 
     h = RMSNorm(c.norm_eps, dtype, jnp.dtype(c.param_dtype), name="final_norm")(h)
     if c.tie_embeddings:

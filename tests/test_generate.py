@@ -155,10 +155,11 @@ def test_cfg_scale_one_equals_conditional(setup, prefix):
   guided = guided_fn(cached, params, cache, uncond_cache, x_t, t, *args, 1.0)
   cond = jax.jit(cached)(params, cache, x_t, t, *args)
   np.testing.assert_allclose(guided, cond, atol=1e-5, rtol=1e-5)
-  # The unconditional half is the caption-dropped context: BOS, BOI, patches alone.
-  solo = context_lib.from_rows([[("tokens", [BOS_ID, BOI_ID])]] * 2, LATENT, 2)
+  # The unconditional half is the caption-dropped context, as training drops
+  # captions (tfjax.losses.drop_captions): a document that starts at BOI.
+  solo = context_lib.from_rows([[("tokens", [BOI_ID])]] * 2, LATENT, 2)
   alone = jax.jit(diff.make_denoiser(gen.model, gen.num_patches, use_cache=False))(
-      params, _jnp(solo), x_t, t, jnp.asarray([2, 2]), jnp.asarray([1, 1]), jnp.ones(2, bool))
+      params, _jnp(solo), x_t, t, jnp.asarray([1, 1]), jnp.asarray([1, 1]), jnp.ones(2, bool))
   at3 = guided_fn(cached, params, cache, uncond_cache, x_t, t, *args, 3.0)
   np.testing.assert_allclose(at3, alone + 3.0 * (cond - alone), atol=1e-4, rtol=1e-4)
 
@@ -207,3 +208,18 @@ def test_prompt_errors(setup):
   with pytest.raises(ValueError, match="mode"):
     gen.generate([[mixed.Latents(np.zeros(LATENT, np.float32))]], rng=jax.random.key(0),
                  mode="video")
+
+
+def test_clip_prediction_bounds_x0_and_keeps_consistent_eps():
+  from tfjax import diffusion as dlib
+  ab = dlib.cosine_alphas_cumprod(1000)
+  x = jax.random.normal(jax.random.key(0), (2, *LATENT))
+  eps = x * 0.9  # an eps prediction slightly off at t = 999: x0 estimate ~ 0.1 x / 5e-5
+  t = jnp.asarray(999)
+  assert float(jnp.abs(dlib.predict_x0(x, eps, ab[999])).max()) > 100
+  clipped = diff.clip_prediction(x, eps, t, ab, 6.0)
+  x0 = dlib.predict_x0(x, clipped, ab[999])
+  assert float(jnp.abs(x0).max()) <= 6.0 + 1e-3
+  # Within the limit nothing changes.
+  small = diff.clip_prediction(x, eps, jnp.asarray(10), ab, 1e6)
+  np.testing.assert_allclose(small, eps, rtol=1e-4, atol=1e-4)

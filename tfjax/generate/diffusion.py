@@ -8,8 +8,9 @@ recomputes the whole context plus the patches.
 
 Classifier-free guidance runs the conditional and unconditional predictions as
 one batch of 2 * batch rows. The unconditional context is what training shows
-when it drops a caption: BOS, BOI and the patches. It sits at the same slots
-as the conditional context's last two (the rest of its row is padding), so both
+when it drops a caption (`tfjax.losses.drop_captions`): the image's BOI starts
+a document of its own, so the row is BOI and the patches alone. The BOI sits at
+the conditional context's last slot (the rest of the row is padding), so both
 halves write their patches at the same cache length.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfjax import diffusion
-from tfjax.config import BOI_ID, BOS_ID, PAD_ID
+from tfjax.config import BOI_ID, PAD_ID
 from tfjax.generate.context import Context
 from tfjax.generate.lm import no_images
 from tfjax.model.cache import KVCache
@@ -36,6 +37,7 @@ class DiffusionParams:
   cfg_scale: float = 5.0     # <= 0: no guidance (conditional pass only); 1 = conditional
   objective: str = "ddpm"    # ddpm | flow, as trained (config diffusion.objective)
   num_timesteps: int = 1000
+  clip_x0: float = 6.0       # clip predicted clean latents to [-v, v] (0 = off; ddpm only)
 
   def __post_init__(self):
     if self.sampler not in ("ddpm", "ddim"):
@@ -53,7 +55,8 @@ class DiffusionParams:
     d = config.diffusion
     return cls(num_steps=int(d.sample_steps), sampler=str(d.sampler),
                cfg_scale=float(d.cfg_scale), objective=str(d.objective),
-               num_timesteps=int(d.num_timesteps))
+               num_timesteps=int(d.num_timesteps),
+               clip_x0=float(config.sample.get("clip_x0", 6.0)))
 
 
 def _patch_call(x_t: jax.Array, t: jax.Array, rope_start: jax.Array, image_id: jax.Array,
@@ -80,24 +83,22 @@ def concat_caches(a: KVCache, b: KVCache) -> KVCache:
 
 def uncond_prefix_cache(forward: Callable, params: Any, model_config: Any, empty: KVCache,
                         length: int) -> KVCache:
-  """Cache whose rows hold BOS, BOI at slots [length - 2, length) and nothing else."""
+  """Cache whose rows hold only a BOI at slot length - 1 (a caption-dropped image)."""
   b = empty.segment_ids.shape[0]
-  start = empty.replace(length=jnp.asarray(length - 2, jnp.int32))
-  inputs = dict(tokens=jnp.tile(jnp.asarray([[BOS_ID, BOI_ID]], jnp.int32), (b, 1)),
-                positions=jnp.tile(jnp.arange(2, dtype=jnp.int32)[None], (b, 1)),
-                segment_ids=jnp.ones((b, 2), jnp.int32), image_ids=jnp.zeros((b, 2), jnp.int32))
+  start = empty.replace(length=jnp.asarray(length - 1, jnp.int32))
+  inputs = dict(tokens=jnp.full((b, 1), BOI_ID, jnp.int32), positions=jnp.zeros((b, 1), jnp.int32),
+                segment_ids=jnp.ones((b, 1), jnp.int32), image_ids=jnp.zeros((b, 1), jnp.int32))
   return forward(params, {**inputs, **no_images(model_config, b)}, start).cache
 
 
 def uncond_context(ctx: Context) -> Context:
-  """The caption-dropped context: padding, then BOS, BOI at the last two slots."""
+  """The caption-dropped context: padding, then BOI at the last slot."""
   b, length = ctx.tokens.shape
   tokens = np.full((b, length), PAD_ID, np.int32)
   seg = np.zeros((b, length), np.int32)
   pos = np.zeros((b, length), np.int32)
-  tokens[:, -2:] = (BOS_ID, BOI_ID)
-  seg[:, -2:] = 1
-  pos[:, -2:] = (0, 1)
+  tokens[:, -1] = BOI_ID
+  seg[:, -1] = 1
   _, i, h, w, c = ctx.latents.shape
   return Context(tokens=tokens, segment_ids=seg, image_ids=np.zeros_like(seg), positions=pos,
                  latents=np.zeros((b, i, h, w, c), np.float32),
@@ -159,8 +160,8 @@ def guided_from_combined(predict: Callable, params: Any, prefix: Any, x_t: jax.A
   """CFG prediction from a `combine_prefixes` prefix, both halves in one model call."""
   two = lambda a, b: jnp.concatenate([a, b], 0)
   ones = jnp.ones_like(image_id)
-  # Unconditional rows: the image follows BOS, BOI at RoPE positions 0, 1.
-  out = predict(params, prefix, two(x_t, x_t), two(t, t), two(rope_start, 2 * ones),
+  # Unconditional rows: the image follows its BOI at RoPE position 0.
+  out = predict(params, prefix, two(x_t, x_t), two(t, t), two(rope_start, ones),
                 two(image_id, ones), two(active, active))
   cond, uncond = jnp.split(out, 2, axis=0)
   return diffusion.cfg_combine(cond, uncond, cfg_scale)
@@ -172,6 +173,21 @@ def guided_prediction(predict: Callable, params: Any, cond_prefix: Any, uncond_p
   """CFG prediction, conditional and unconditional rows in one model call."""
   return guided_from_combined(predict, params, combine_prefixes(cond_prefix, uncond_prefix),
                               x_t, t, rope_start, image_id, active, cfg_scale)
+
+
+def clip_prediction(x_t: jax.Array, eps: jax.Array, t: jax.Array, alphas_cumprod: jax.Array,
+                    limit: float) -> jax.Array:
+  """eps consistent with the predicted clean latents clipped to [-limit, limit].
+
+  At the cosine schedule's last timesteps sqrt(alpha_bar) is ~5e-5, so the
+  x0 implied by an eps prediction (and every step built on it) multiplies the
+  prediction's error by thousands; clipping x0 to the range unit-variance
+  latents occupy, then re-deriving eps, keeps the first steps sane. Both DDPM
+  (via x0) and DDIM (via x0 and eps) then step from the clipped estimate.
+  """
+  ab = alphas_cumprod[jnp.clip(t, 0, alphas_cumprod.shape[0] - 1)]
+  x0 = jnp.clip(diffusion.predict_x0(x_t, eps, ab), -limit, limit)
+  return (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
 
 
 def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool) -> Callable:
@@ -204,6 +220,8 @@ def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool)
       if params_d.objective == "flow":
         x = diffusion.flow_step(key, x, pred, t, t_prev, params_d.num_timesteps)
       else:
+        if params_d.clip_x0 > 0:
+          pred = clip_prediction(x, pred, t, alphas, params_d.clip_x0)
         x = step(key, x, pred, t, t_prev, alphas)
       return x, rng
 

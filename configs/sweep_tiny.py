@@ -26,7 +26,7 @@ def get_config():
       "train.learning_rate=0.002", "train.end_learning_rate=0.0002", "train.log_every=25",
       "diffusion.sample_steps=25",
   )
-  s.eval = {"num_samples": 48, "perplexity_batches": 8}
+  s.eval = {"num_samples": 48, "seed": 0, "batch_size": 16}
   s.parity = ("chameleon", "transfusion")  # FLOPs Transfusion needs to match Chameleon
   s.metrics = {"shapes_accuracy": "higher", "caption_cider": "higher",
                "caption_scene_accuracy": "higher", "perplexity": "lower"}

@@ -136,9 +136,9 @@ def test_norm_placement():
 
 def test_trains_generates_and_captions(setup):
   from tfjax.chameleon.generate import ChameleonGenerator
-  from tfjax.data import sources
+  from tfjax.data import shapes, sources
   from tfjax.data.tokenizer import Tokenizer
-  from tfjax.experiments.evaluate import held_out
+  from tfjax.eval import suite
   work, config, vq = setup
   run_dir = os.path.join(work, "run")
   result = main.train_run(config, run_dir, vq.codebook_size, devices=jax.devices()[:1])
@@ -150,12 +150,15 @@ def test_trains_generates_and_captions(setup):
 
   tok = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
   gen = ChameleonGenerator(config, result.state.params, tok, vq)
-  held = held_out(config, 3)
-  codes = gen.sample_codes([h["caption"] for h in held], jax.random.key(1))
+  _, _, captions = shapes.generate_split("test", 3, 32, seed=0)
+  codes = gen.sample_codes(captions, jax.random.key(1))
   assert codes.shape == (3, 4, 4) and (codes >= 0).all() and (codes < CODEBOOK).all()
-  again = gen.sample_codes([h["caption"] for h in held], jax.random.key(1))
-  np.testing.assert_array_equal(codes, again)
-  images = gen.decode_codes(codes)
+  np.testing.assert_array_equal(gen.text_to_image(captions, jax.random.key(1)), codes)
+  images = gen.decode_latents(codes)
   assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-  caps = gen.image_to_text([h["image"] for h in held], jax.random.key(2))
-  assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
+  # The project's evaluation suite runs on the Chameleon generator unchanged.
+  scores = suite.run(gen, "all", num_samples=3, batch_size=3)
+  assert 0.0 <= scores["shapes_accuracy"] <= 1.0 and scores["caption_cider"] >= 0.0
+  assert scores["perplexity"] > 1.0
+  assert all(isinstance(e["generated"], str)
+             for e in scores["details"]["captioning"]["examples"])

@@ -81,7 +81,7 @@ def sweep_dir(tmp_path_factory):
   s.sizes = {"xxs": ("model.dim=32",)}
   s.budgets = (128, 256)     # 1 and 2 steps of 2 x 64 tokens
   s.common = ("train.eval_every=0",)  # the validation loss is not what the table reports
-  s.eval = {"num_samples": 4, "perplexity_batches": 1}
+  s.eval = {"num_samples": 4, "seed": 0, "batch_size": 4}
   s.parity = ("transfusion", "transfusion")
   s.metrics = dict(plots.DEFAULT_METRICS)
   out = os.path.join(work, "out")
@@ -105,7 +105,7 @@ def test_two_point_sweep_writes_table_and_plots(sweep_dir):
   # Perplexity is positive for every run, so it always has a fit and a plot.
   assert report["fits"]["perplexity"]["transfusion"]["points"] == 2
   assert os.path.getsize(os.path.join(out, "plots", "perplexity.png")) > 1000
-  assert os.path.exists(os.path.join(out, "runs", "transfusion-xxs-256", "eval", "t2i_grid.png"))
+  assert os.path.exists(os.path.join(out, "runs", "transfusion-xxs-256", "eval", "shapes_samples.png"))
 
 
 def test_finished_runs_are_reused(sweep_dir):

@@ -23,7 +23,7 @@ def get_config():
   s.sizes = {"xs": ()}
   s.budgets = (204_800, 614_400)
   s.common = ("train.learning_rate=0.002", "diffusion.sample_steps=25")
-  s.eval = {"num_samples": 48, "perplexity_batches": 8}
+  s.eval = {"num_samples": 48, "seed": 0, "batch_size": 16}
   s.parity = ("ddpm", "flow")
   s.metrics = {"shapes_accuracy": "higher", "caption_cider": "higher", "perplexity": "lower"}
   return s

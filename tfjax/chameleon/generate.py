@@ -119,9 +119,15 @@ class ChameleonGenerator:
         self.params, cache, logits, jnp.asarray(ctx.next_position()), rng)
     return np.asarray(codes).reshape(b, self.grid, self.grid)
 
+  # The Transfusion Generator's interface (what tfjax.eval.suite calls): an
+  # image's "latents" are its codes.
   def text_to_image(self, captions: Sequence[str], rng: jax.Array, **kw) -> np.ndarray:
-    """uint8 [len(captions), H, W, 3]."""
-    return self.decode_codes(self.sample_codes(captions, rng, **kw))
+    """int32 [len(captions), h, w] codes; `decode_latents` makes pixels."""
+    return self.sample_codes(captions, rng, **kw)
+
+  def decode_latents(self, codes: np.ndarray) -> np.ndarray:
+    """int32 [b, h, w] codes -> uint8 [b, H, W, 3]."""
+    return self.decode_codes(codes)
 
   # ---- image -> text -------------------------------------------------------
   def image_to_text(self, images: Sequence[np.ndarray], rng: jax.Array, *,

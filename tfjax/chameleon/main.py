@@ -4,7 +4,7 @@
   vq       the VQ-VAE (vae.kind = vq)     tfjax.vae.train.train_vae  WORKDIR/vae or vae.path
   tokens   VQ codes of the images         tokens.build_token_cache   chameleon.tokens
   train    the transformer, LM loss only  tfjax.train.loop.train     WORKDIR/checkpoints
-  eval     samples + scores               tfjax.experiments.evaluate WORKDIR/eval
+  eval     the evaluation suite           tfjax.eval.suite           WORKDIR/eval
 
 Each stage reuses what exists, so re-running continues where it stopped.
 """
@@ -55,7 +55,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, codebook_size: in
 
 
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str, vq: Any,
-                 num_samples: int = 32, perplexity_batches: int = 8) -> dict[str, Any]:
+                 num_samples: int = 32) -> dict[str, Any]:
+  """The evaluation suite on the newest checkpoint -> WORKDIR/eval/eval.json."""
   from tfjax.chameleon.generate import ChameleonGenerator
   from tfjax.data import sources
   from tfjax.data.tokenizer import Tokenizer
@@ -64,8 +65,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, vq: Any,
   params = load_params(config, workdir)
   tok = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
   gen = ChameleonGenerator(config, params, tok, vq)
-  return evaluate(config, params, gen, os.path.join(workdir, "eval"), num_samples,
-                  perplexity_batches, seed=config.train.seed + 7)
+  return evaluate(gen, os.path.join(workdir, "eval"), num_samples)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,

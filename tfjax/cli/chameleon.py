@@ -5,7 +5,8 @@
 
 Stages: data (dataset + tokenizer), vq (VQ-VAE training, or vae.path), tokens
 (VQ codes of the images), train (LM loss over text and image tokens), eval
-(text->image with CFG on logits, captioning, text perplexity -> WORKDIR/eval).
+(tfjax.eval.suite: text->image with CFG on logits, captioning, text
+perplexity -> WORKDIR/eval).
 Finished stages are reused and training resumes from WORKDIR/checkpoints.
 """
 from __future__ import annotations

@@ -144,7 +144,7 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
   plotted = {m: plot_metric(rows, fits[m], m, os.path.join(plot_dir, f"{m}.png"),
                             f"{sweep.get('name', 'sweep')}: {m}") for m in metrics}
   keep = ("name", "family", "size", "budget", "steps", "tokens", "params", "flops",
-          "train_seconds", "final_train_loss", "final_train_loss_lm", "nll_per_token", *metrics)
+          "train_seconds", "final_train_loss", "final_train_loss_lm", *metrics)
   report = {"name": sweep.get("name", "sweep"), "runs": [{k: r.get(k) for k in keep}
                                                          for r in rows],
             "fits": fits, "parity": par,

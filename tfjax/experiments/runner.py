@@ -10,7 +10,7 @@ A sweep config (configs/sweep_*.py, `get_config()`) is data:
   budgets    (tokens, ...)                       training tokens per run:
                                                  steps = tokens / (batch * seq_len)
   common     ("key=value", ...)                  applied to every run first
-  eval       num_samples, perplexity_batches     the evaluation (evaluate.py)
+  eval       num_samples (, seed, batch_size)    the evaluation suite (evaluate.py)
   parity     (family_a, family_b)                the parity-FLOP ratio reported
   metrics    {metric: "higher" | "lower"}        what the table and plots show
 
@@ -191,34 +191,45 @@ def prepare_assets(config: ml_collections.ConfigDict, shared: str) -> ml_collect
 # --------------------------------------------------------------------- runs --
 def _train_and_evaluate(run: Run, config: ml_collections.ConfigDict, run_dir: str,
                         eval_cfg: ml_collections.ConfigDict, devices: Any) -> dict[str, Any]:
+  import jax
   import tfjax.vae
   from tfjax.data import sources
   from tfjax.data.tokenizer import Tokenizer
-  from tfjax.experiments.evaluate import TransfusionSampler, evaluate
+  from tfjax.experiments.evaluate import evaluate, make_generator
   from tfjax.train.loop import train
   vae = tfjax.vae.load(config.vae.path)
   t0 = time.time()
   if config.chameleon.enabled:
     from tfjax.chameleon import main as chameleon_main
-    from tfjax.chameleon.generate import ChameleonGenerator
     result = chameleon_main.train_run(config, run_dir, vae.codebook_size, devices=devices)
   else:
     result = train(config, run_dir, devices=devices)
   train_seconds = time.time() - t0
-  params = result.state.ema if config.train.ema_decay > 0 and result.state.ema else \
-      result.state.params
-  import jax
-  params = jax.device_get(params)
+  state = result.state
+  params = jax.device_get(state.ema if config.train.ema_decay > 0 and state.ema
+                          else state.params)
   tok = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
-  gen = (ChameleonGenerator(config, params, tok, vae) if config.chameleon.enabled
-         else TransfusionSampler(config, params, tok, vae))
-  scores = evaluate(config, params, gen, os.path.join(run_dir, "eval"),
-                    int(eval_cfg.num_samples), int(eval_cfg.perplexity_batches),
-                    seed=config.train.seed + 7)
-  scores["train_seconds"] = round(train_seconds, 1)
-  scores["final_train_loss"] = result.last_metrics.get("loss")
-  scores["final_train_loss_lm"] = result.last_metrics.get("loss_lm")
-  return scores
+  with open(os.path.join(run_dir, "train_summary.json"), "w") as f:
+    json.dump({"train_seconds": round(train_seconds, 1), **result.last_metrics}, f, indent=2)
+  return evaluate(make_generator(config, params, tok, vae), os.path.join(run_dir, "eval"),
+                  int(eval_cfg.num_samples), seed=int(eval_cfg.get("seed", 0)),
+                  batch_size=int(eval_cfg.get("batch_size", 16)))
+
+
+def _train_summary(run_dir: str) -> dict[str, Any]:
+  """Last logged training loss (metrics.jsonl survives resumption) and train time."""
+  out: dict[str, Any] = {}
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    from tfjax.train.metrics import read_jsonl
+    logged = [r for r in read_jsonl(path) if "loss" in r]
+    if logged:
+      out.update(final_train_loss=logged[-1]["loss"], final_train_loss_lm=logged[-1].get("loss_lm"))
+  summary = os.path.join(run_dir, "train_summary.json")
+  if os.path.exists(summary):
+    with open(summary) as f:
+      out["train_seconds"] = json.load(f).get("train_seconds")
+  return out
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[str] = (),
@@ -256,7 +267,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
     if not os.path.exists(done_path):
       continue
     with open(done_path) as f:
-      scores = json.load(f)
+      scores = {k: v for k, v in json.load(f).items() if not isinstance(v, (dict, list))}
+    scores.update(_train_summary(run_dir))
     rows.append({"name": run.name, "family": run.family, "size": run.size,
                  "budget": run.budget, "steps": run.steps, "tokens": run.tokens,
                  "params": run.params, "flops": run.flops, **scores})

@@ -5,6 +5,7 @@ fixed before anything imports jax: here, at conftest import. Single-device
 code is unaffected (it uses jax.devices()[0] or builds a 1-device mesh);
 sharded tests build a 2x2x2 (data x fsdp x tensor) mesh over all 8.
 """
+import glob
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
@@ -14,6 +15,10 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # libtpu (installed for TPU topology compiles) otherwise takes a machine-wide
 # lock that makes a second process's topology lookup fail.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Without a GPU the tests run on CPU: say so, so that JAX does not probe the
+# installed libtpu for TPU hardware (slow, and noisy on stderr).
+if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/accel0"):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

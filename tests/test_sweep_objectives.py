@@ -39,3 +39,19 @@ def test_flow_sampler_is_euler_on_model_velocity():
                            n, use_cache=False)(params, prefix, None, rope, image_id, active,
                                                jax.random.key(2), x_init)
   assert not np.allclose(np.asarray(ddim), np.asarray(got))
+
+
+def test_unet_patches_accept_text_only_calls():
+  """LM decoding and the unconditional CFG prefix call the model with no image
+  slots; the U-Net ablation must run there as the linear layers do."""
+  m = default_config().model
+  m.vocab_size, m.dim, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 16, 16, 1, 2, 2, 32
+  m.latent_size, m.latent_channels, m.patch_size, m.time_embed_dim = 4, 2, 2, 8
+  m.patch_type, m.unet_channels = "unet", (4, 8)
+  m.dtype, m.attention_impl, m.remat_policy, m.scan_layers = "float32", "xla", "none", False
+  params = init_params(m, jax.random.key(0))
+  out = Transfusion(m).apply(
+      {"params": params}, jnp.array([[1, 5, 6]]), jnp.arange(3)[None],
+      jnp.ones((1, 3), jnp.int32), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 0, 4, 4, 2)),
+      jnp.zeros((1, 0)), jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), bool))
+  assert out.logits.shape == (1, 3, 16) and out.image_out.shape == (1, 0, 4, 4, 2)

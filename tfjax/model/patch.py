@@ -125,7 +125,7 @@ class UNetPatchEncoder(nn.Module):
     b, n, hh, ww, ch = latents.shape
     pd = jnp.dtype(c.param_dtype)
     x = latents.reshape(b * n, hh, ww, ch)
-    t = t_emb.reshape(b * n, -1)
+    t = t_emb.reshape(b * n, t_emb.shape[-1])  # explicit sizes: n may be 0 (text-only calls)
     x = _conv(c.unet_channels[0], "conv_in", param_dtype=pd)(x)
     skips = []
     for level, width in enumerate(c.unet_channels):
@@ -150,10 +150,10 @@ class UNetPatchDecoder(nn.Module):
     b, n, num_patches, _ = h.shape
     pd = jnp.dtype(c.param_dtype)
     side = int(round(num_patches ** 0.5))
-    t = t_emb.reshape(b * n, -1)
+    t = t_emb.reshape(b * n, t_emb.shape[-1])  # explicit sizes: n may be 0 (text-only calls)
     x = nn.Dense(c.unet_channels[-1], param_dtype=pd, name="proj",
                  kernel_init=dense_init(("embed", "conv_out")))(h.astype(jnp.float32))
-    x = x.reshape(b * n, side, side, -1)
+    x = x.reshape(b * n, side, side, c.unet_channels[-1])
     for level in reversed(range(len(c.unet_channels))):
       width = c.unet_channels[level]
       x = jnp.concatenate([x, skips[level]], axis=-1)

@@ -3,10 +3,10 @@
   tfjax-sweep --config=configs/ablations/science_cpu.py --workdir=/tmp/science
 
   transfusion          configs/tiny.py (bidirectional intra-image attention,
-                       linear 2x2 patches), two token budgets
-  chameleon            configs/chameleon_tiny.py, the same two budgets
-  transfusion_causal   causal intra-image attention, linear patches
-  transfusion_unet     U-Net patch encoder/decoder (2 levels = patch 2)
+                       linear 2x2 patches), three token budgets
+  chameleon            configs/chameleon_tiny.py, the same three budgets
+  transfusion_causal   causal intra-image attention, linear patches (middle budget)
+  transfusion_unet     U-Net patch encoder/decoder (2 levels = patch 2; middle budget)
 
 Every run has the same transformer (configs/tiny.py narrowed to dim 64, 2
 layers, for a shared 2-core CPU) and sees the same number of training tokens
@@ -14,7 +14,7 @@ per budget; compute is 6ND for all.
 """
 import ml_collections
 
-BUDGETS = (102_400, 307_200)   # 100 and 300 steps of 1024 tokens
+BUDGETS = (102_400, 307_200, 921_600)   # 100, 300, 900 steps of 1024 tokens (Transfusion)
 
 
 def get_config():
@@ -25,10 +25,10 @@ def get_config():
       "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
       "transfusion_causal": {"config": "configs/tiny.py",
                              "overrides": ("model.image_attention=causal",),
-                             "budgets": BUDGETS[-1:]},
+                             "budgets": BUDGETS[1:2]},
       "transfusion_unet": {"config": "configs/tiny.py",
                            "overrides": ("model.patch_type=unet", "model.unet_channels=(32, 64)"),
-                           "budgets": BUDGETS[-1:]},
+                           "budgets": BUDGETS[1:2]},
   }
   # dim 64 x 2 layers: what a shared 2-core CPU trains in minutes.
   s.sizes = {"xxs": ("model.dim=64", "model.num_layers=2", "model.num_heads=2",

@@ -26,7 +26,7 @@ def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-  covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+  covmean = linalg.sqrtm(s1 @ s2)
   if not np.isfinite(covmean).all():
     # Near-singular products (few samples): regularise as the reference code does.
     eps = np.eye(s1.shape[0]) * 1e-6

@@ -28,17 +28,13 @@ def test_flow_sampler_is_euler_on_model_velocity():
   dp = diff.DiffusionParams(num_steps=3, cfg_scale=0.0, objective="flow", num_timesteps=1000)
   got = diff.make_sampler(model, dp, n, use_cache=False)(
       params, prefix, None, rope, image_id, active, jax.random.key(2), x_init)
-  predict = diff.make_denoiser(model, n, use_cache=False)
+  predict = jax.jit(diff.make_denoiser(model, n, use_cache=False))
   x = x_init
   ts = diffusion.sampling_timesteps(3, 1000)
   for t, t_prev in zip(ts, list(ts[1:]) + [-1]):
     v = predict(params, prefix, x, jnp.full((1,), float(t)), rope, image_id, active)
     x = x - (t - max(t_prev, 0)) / 999.0 * v
   np.testing.assert_allclose(np.asarray(got), np.asarray(x), rtol=1e-4, atol=1e-4)
-  ddim = diff.make_sampler(model, diff.DiffusionParams(num_steps=3, cfg_scale=0.0, sampler="ddim"),
-                           n, use_cache=False)(params, prefix, None, rope, image_id, active,
-                                               jax.random.key(2), x_init)
-  assert not np.allclose(np.asarray(ddim), np.asarray(got))
 
 
 def test_unet_patches_accept_text_only_calls():

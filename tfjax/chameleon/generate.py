@@ -10,7 +10,8 @@ VQ-VAE.
 
 Image->text: the image's codes enter as tokens, `BOS BOI codes EOI`, and text
 is sampled with image tokens, BOI and EOI banned, until EOS (the same LM loop
-as Transfusion captioning, `tfjax.generate.lm`).
+as Transfusion captioning, `tfjax.generate.lm`); EOS may not be the first
+token, which conditions on the image-first document layout.
 """
 from __future__ import annotations
 
@@ -141,6 +142,11 @@ class ChameleonGenerator:
     ctx = self._context(rows)
     cache = lm.empty_cache(self.config.model, len(rows), ctx.length + max_new)
     logits, cache = lm.prefill(self.forward, self.params, ctx, cache)
+    # After EOI a document either ends (caption-first: most training documents)
+    # or continues with the caption (image-first). Captioning asks for the
+    # second: the first token may not be EOS. (Transfusion's clean-image
+    # timestep carries that signal; a token sequence has no other.)
+    logits = logits.at[:, EOS_ID].set(jnp.finfo(jnp.float32).min)
     key = (sampling, max_new)
     if key not in self._decoders:
       banned = [BOI_ID, EOI_ID, PAD_ID] + list(range(self.offset, self.offset + self.codebook))

@@ -17,6 +17,7 @@ from tfjax import config as config_lib
 from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init
 from tfjax.ops import attention as attention_op
 from tfjax.ops import transfusion_mask, xla_attention
+from tfjax.ops.kernels.dispatch import cached_attention
 
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -43,7 +44,8 @@ class Attention(nn.Module):
     With `layer_kv` (the cache buffer, [batch, max_len, kv_heads, head_dim]
     each) the queries attend to the buffer's written slots and to this call's
     own keys; `cache_ctx` = (cache segment ids, cache image ids, length) as
-    they were before this call. The buffer is only read here: the caller
+    they were before this call, plus the queries' key intervals into the
+    buffer (or None) for the kernel path. The buffer is only read here: the caller
     writes the returned (k, v) [batch, seq, kv_heads, head_dim] into it once,
     so a denoising step that discards them copies nothing.
     """
@@ -71,18 +73,26 @@ class Attention(nn.Module):
       out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl)
       new_kv = None
     else:
-      cache_segments, cache_images, length = cache_ctx
-      seq, max_len = x.shape[1], layer_kv[0].shape[1]
-      k_all = jnp.concatenate([layer_kv[0].astype(dtype), k], axis=1)
-      v_all = jnp.concatenate([layer_kv[1].astype(dtype), v], axis=1)
-      q_positions = (length + jnp.arange(seq))[None, :]
-      mask = transfusion_mask(
-          segment_ids, image_ids,
-          jnp.concatenate([cache_segments, segment_ids], axis=1),
-          jnp.concatenate([cache_images, image_ids], axis=1),
-          q_positions=q_positions,
-          kv_positions=jnp.concatenate([jnp.arange(max_len)[None, :], q_positions], axis=1))
-      out = xla_attention(q, k_all, v_all, mask)
+      cache_segments, cache_images, length, ranges = cache_ctx
+      out = None
+      if ranges is not None:  # many queries (an image): the block-sparse kernel
+        start = (0, length, 0, 0)
+        k_buf = jax.lax.dynamic_update_slice(layer_kv[0], k.astype(layer_kv[0].dtype), start)
+        v_buf = jax.lax.dynamic_update_slice(layer_kv[1], v.astype(layer_kv[1].dtype), start)
+        out = cached_attention(q, k_buf.astype(dtype), v_buf.astype(dtype), *ranges,
+                               impl=c.attention_impl)
+      if out is None:
+        seq, max_len = x.shape[1], layer_kv[0].shape[1]
+        k_all = jnp.concatenate([layer_kv[0].astype(dtype), k], axis=1)
+        v_all = jnp.concatenate([layer_kv[1].astype(dtype), v], axis=1)
+        q_positions = (length + jnp.arange(seq))[None, :]
+        mask = transfusion_mask(
+            segment_ids, image_ids,
+            jnp.concatenate([cache_segments, segment_ids], axis=1),
+            jnp.concatenate([cache_images, image_ids], axis=1),
+            q_positions=q_positions,
+            kv_positions=jnp.concatenate([jnp.arange(max_len)[None, :], q_positions], axis=1))
+        out = xla_attention(q, k_all, v_all, mask)
       new_kv = (k, v)
     return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)), new_kv
 

@@ -19,6 +19,12 @@ from tfjax.model.cache import KVCache
 from tfjax.model.layers import RMSNorm
 from tfjax.model.patch import TimestepEmbedding, patch_layers
 from tfjax.model.transformer import Transformer
+from tfjax.ops import key_ranges
+
+# Decoding calls with at least this many new positions (an image being
+# denoised) use the block-sparse kernel against the cache where one applies;
+# shorter ones (LM steps) use the XLA path, which pads nothing.
+KERNEL_MIN_QUERIES = 32
 
 
 @flax.struct.dataclass
@@ -77,11 +83,17 @@ class Transfusion(nn.Module):
       h, _ = Transformer(c, name="transformer")(x, positions, segment_ids, attn_image_ids)
       new_cache = None
     else:
+      written = cache.write_ids(segment_ids, attn_image_ids)
+      ranges = None
+      if seq >= KERNEL_MIN_QUERIES:  # denoising an image: intervals for the kernel
+        k_start, k_end = key_ranges(written.segment_ids, written.image_ids)
+        ranges = tuple(jax.lax.dynamic_slice_in_dim(r, cache.length, seq, axis=1)
+                       for r in (k_start, k_end))
       h, (k, v) = Transformer(c, name="transformer")(
           x, positions, segment_ids, attn_image_ids, cache_kv=(cache.k, cache.v),
-          cache_ctx=(cache.segment_ids, cache.image_ids, cache.length))
+          cache_ctx=(cache.segment_ids, cache.image_ids, cache.length, ranges))
       start = (0, 0, cache.length, 0, 0)
-      new_cache = cache.write_ids(segment_ids, attn_image_ids).replace(
+      new_cache = written.replace(
           k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
           v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
           length=cache.length + seq)

@@ -62,18 +62,22 @@ class BlockMap(NamedTuple):
 
 
 def tile_states(k_start: jax.Array, k_end: jax.Array, block_q: int,
-                block_k: int) -> jax.Array:
-  """int32[batch, seq // block_q, seq // block_k]: EMPTY, PARTIAL or FULL.
+                block_k: int, kv_len: int | None = None) -> jax.Array:
+  """int32[batch, seq // block_q, kv_len // block_k]: EMPTY, PARTIAL or FULL.
 
   Args:
     k_start, k_end: int32[batch, seq]; row q allows keys [k_start, k_end).
-    block_q, block_k: tile sizes; seq must be a multiple of both.
+    block_q, block_k: tile sizes; seq must be a multiple of block_q and
+      kv_len of block_k.
+    kv_len: number of keys (default seq: self-attention; longer when a few
+      queries attend to a KV cache).
   """
   batch, seq = k_start.shape
-  if seq % block_q or seq % block_k:
-    raise ValueError(f"sequence length {seq} is not a multiple of the block sizes "
-                     f"({block_q}, {block_k}); pad it first (dispatch.attention does)")
-  nq, nk = seq // block_q, seq // block_k
+  kv_len = seq if kv_len is None else kv_len
+  if seq % block_q or kv_len % block_k:
+    raise ValueError(f"lengths ({seq} queries, {kv_len} keys) are not multiples of the block "
+                     f"sizes ({block_q}, {block_k}); pad them first (dispatch.attention does)")
+  nq, nk = seq // block_q, kv_len // block_k
   s = k_start.reshape(batch, nq, block_q)
   e = k_end.reshape(batch, nq, block_q)
   live = e > s  # padding rows have the empty interval
@@ -106,9 +110,9 @@ def compact(states: jax.Array) -> WorkList:
 
 
 def block_map(k_start: jax.Array, k_end: jax.Array, block_q: int,
-              block_k: int) -> BlockMap:
+              block_k: int, kv_len: int | None = None) -> BlockMap:
   """The forward and transposed work lists for one tiling."""
-  states = tile_states(k_start, k_end, block_q, block_k)
+  states = tile_states(k_start, k_end, block_q, block_k, kv_len)
   return BlockMap(k_start=k_start, k_end=k_end, q_blocks=compact(states),
                   kv_blocks=compact(jnp.swapaxes(states, 1, 2)))
 

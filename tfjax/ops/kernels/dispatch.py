@@ -181,3 +181,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     segment_ids, image_ids = reshard(segment_ids, ids), reshard(image_ids, ids)
   return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids),
                        out_specs=qkv, check_vma=False)(q, k, v, segment_ids, image_ids)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
+                     k_end: jax.Array, *, impl: str = "auto",
+                     scale: float | None = None) -> jax.Array | None:
+  """Forward-only kernel attention of new queries to a KV-cache buffer.
+
+  q: [batch, seq, q_heads, head_dim]; k, v: the buffer [batch, max_len,
+  kv_heads, head_dim] with the new keys already written; k_start/k_end:
+  int32[batch, seq] intervals into the buffer. Returns None where no GPU
+  kernel applies (CPU, TPU, other head dims): the caller's XLA path is right.
+  """
+  head_dim = q.shape[-1]
+  kind = choose(impl, head_dim)
+  if kind not in ("gpu", "gpu_interpret"):
+    return None
+  from tfjax.ops.kernels import gpu
+  config = kernel_config(kind, head_dim, None, None, q.dtype)
+  block_q, block_k = config.fwd[0], config.fwd[1]
+  seq = q.shape[1]
+  q_len = -(-seq // block_q) * block_q
+  kv_len = -(-k.shape[1] // block_k) * block_k
+  q, k_start, k_end = _pad_to(q, q_len), _pad_to(k_start, q_len), _pad_to(k_end, q_len)
+  k, v = _pad_to(k, kv_len), _pad_to(v, kv_len)
+  scale = head_dim ** -0.5 if scale is None else scale
+  out = gpu.attention_forward(q, k, v, k_start, k_end, scale=scale, config=config,
+                              interpret=kind == "gpu_interpret")
+  return out[:, :seq]

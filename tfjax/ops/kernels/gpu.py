@@ -179,9 +179,10 @@ def _whole(x):
 
 def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
   batch, seq, hq, d = q.shape
+  kv_len = k.shape[1]  # == seq, except for queries against a KV cache
   group = hq // k.shape[2]
   block_q, block_k, num_warps, num_stages = cfg.fwd
-  wl = block_map(ks, ke, block_q, block_k).q_blocks
+  wl = block_map(ks, ke, block_q, block_k, kv_len).q_blocks
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
                              skip_full_mask=cfg.skip_full_mask)
   return pl.pallas_call(
@@ -190,8 +191,8 @@ def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
       in_specs=[
           _whole(wl.blocks), _whole(wl.full), _whole(wl.counts),
           pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0)),
+          pl.BlockSpec((None, kv_len, None, d), lambda i, b, h: (b, 0, h // group, 0)),
+          pl.BlockSpec((None, kv_len, None, d), lambda i, b, h: (b, 0, h // group, 0)),
           pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
           pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
       ],
@@ -330,3 +331,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
   if q.shape[1] % config.multiple:
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
   return _attention(q, k, v, k_start, k_end, float(scale), config, interpret)
+
+
+def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
+                      k_end: jax.Array, *, scale: float, config: GpuConfig | None = None,
+                      interpret: bool = False) -> jax.Array:
+  """Forward only, with fewer queries than keys (decoding against a KV cache).
+
+  q: [batch, seq, q_heads, head_dim] (seq a multiple of the forward block_q);
+  k, v: [batch, kv_len, kv_heads, head_dim] (kv_len a multiple of block_k);
+  k_start/k_end int32[batch, seq] index into the kv_len keys.
+  """
+  config = config or GpuConfig.for_head_dim(q.shape[-1], q.dtype)
+  out, _ = _forward(q, k, v, k_start, k_end, scale=float(scale), cfg=config, interpret=interpret)
+  return out

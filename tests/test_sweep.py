@@ -45,6 +45,8 @@ def test_power_law_fit_and_parity():
   assert plots.parity_ratio(fit, fit_b, 1e14, direction="lower") is None
   assert plots.fit_power_law([1e12, 1e13], [0.0, 0.5]) is None   # one usable point
   assert plots.fit_power_law([1e12, 1e12], [0.2, 0.5]) is None   # no compute spread
+  assert plots.parity_pairs(("a", "b")) == [("a", "b")]
+  assert plots.parity_pairs((("a", "b"), ("c", "d"))) == [("a", "b"), ("c", "d")]
 
 
 def test_overrides_name_bad_keys():
@@ -101,7 +103,8 @@ def test_two_point_sweep_writes_table_and_plots(sweep_dir):
   with open(os.path.join(out, "results.json")) as f:
     assert json.load(f)["runs"] == report["runs"]
   md = open(os.path.join(out, "results.md")).read()
-  assert "transfusion-xxs-256" in md and "Parity-FLOP ratio" in md
+  assert "transfusion-xxs-256" in md and "Parity-FLOP ratios" in md
+  assert report["parity"][0]["ratio"]["perplexity"] == pytest.approx(1.0)
   # Perplexity is positive for every run, so it always has a fit and a plot.
   assert report["fits"]["perplexity"]["transfusion"]["points"] == 2
   assert os.path.getsize(os.path.join(out, "plots", "perplexity.png")) > 1000

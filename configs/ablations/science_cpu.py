@@ -3,10 +3,11 @@
   tfjax-sweep --config=configs/ablations/science_cpu.py --workdir=/tmp/science
 
   transfusion          configs/tiny.py (bidirectional intra-image attention,
-                       linear 2x2 patches), three token budgets
-  chameleon            configs/chameleon_tiny.py, the same three budgets
-  transfusion_causal   causal intra-image attention, linear patches (middle budget)
-  transfusion_unet     U-Net patch encoder/decoder (2 levels = patch 2; middle budget)
+                       linear 2x2 patches)
+  chameleon            configs/chameleon_tiny.py
+  transfusion_causal   causal intra-image attention, linear patches
+  transfusion_unet     U-Net patch encoder/decoder (2 levels = patch 2)
+each at four token budgets.
 
 Every run has the same transformer (configs/tiny.py narrowed to dim 64, 2
 layers, for a shared 2-core CPU) and sees the same number of training tokens
@@ -14,7 +15,7 @@ per budget; compute is 6ND for all.
 """
 import ml_collections
 
-BUDGETS = (102_400, 307_200, 921_600)   # 100, 300, 900 steps of 1024 tokens (Transfusion)
+BUDGETS = (102_400, 307_200, 921_600, 2_764_800)   # 100 .. 2700 steps of 1024 tokens
 
 
 def get_config():
@@ -24,11 +25,9 @@ def get_config():
       "transfusion": {"config": "configs/tiny.py", "overrides": ()},
       "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
       "transfusion_causal": {"config": "configs/tiny.py",
-                             "overrides": ("model.image_attention=causal",),
-                             "budgets": BUDGETS[1:2]},
+                             "overrides": ("model.image_attention=causal",)},
       "transfusion_unet": {"config": "configs/tiny.py",
-                           "overrides": ("model.patch_type=unet", "model.unet_channels=(32, 64)"),
-                           "budgets": BUDGETS[1:2]},
+                           "overrides": ("model.patch_type=unet", "model.unet_channels=(32, 64)")},
   }
   # dim 64 x 2 layers: what a shared 2-core CPU trains in minutes.
   s.sizes = {"xxs": ("model.dim=64", "model.num_layers=2", "model.num_heads=2",
@@ -45,7 +44,9 @@ def get_config():
       "diffusion.sample_steps=25",
   )
   s.eval = {"num_samples": 32, "seed": 0, "batch_size": 16}
-  s.parity = ("chameleon", "transfusion")  # FLOPs Transfusion needs to match Chameleon
+  # (A, B): FLOPs B needs to match A's metric, over A's FLOPs.
+  s.parity = (("chameleon", "transfusion"), ("transfusion_causal", "transfusion"),
+              ("transfusion", "transfusion_unet"))
   s.metrics = {"shapes_accuracy": "higher", "caption_cider": "higher",
                "caption_scene_accuracy": "higher", "perplexity": "lower"}
   return s

@@ -61,8 +61,22 @@ def parity_ratio(fit_a: dict[str, float], fit_b: dict[str, float], flops_a: floa
   return None if c_b is None else c_b / flops_a
 
 
+def parity_pairs(parity: Any) -> list[tuple[str, str]]:
+  """sweep.parity as a list of (A, B): one pair ("a", "b") or several."""
+  if not parity:
+    return []
+  if all(isinstance(p, str) for p in parity):
+    parity = (parity,)
+  pairs = [tuple(p) for p in parity]
+  for p in pairs:
+    if len(p) != 2:
+      raise ValueError(f"sweep key parity: {p!r} is not a (family_a, family_b) pair")
+  return pairs
+
+
 def fits_and_parity(rows: list[dict[str, Any]], metrics: dict[str, str],
-                    parity: Sequence[str] | None) -> tuple[dict, dict]:
+                    parity: Any) -> tuple[dict, list[dict[str, Any]]]:
+  """Power-law fits per metric and family; parity ratios per (A, B) pair."""
   families = sorted({r["family"] for r in rows})
   fits: dict[str, dict[str, Any]] = {}
   for metric in metrics:
@@ -71,16 +85,16 @@ def fits_and_parity(rows: list[dict[str, Any]], metrics: dict[str, str],
       mine = [r for r in rows if r["family"] == fam]
       fits[metric][fam] = fit_power_law([r["flops"] for r in mine],
                                         [r.get(metric) for r in mine])
-  out: dict[str, Any] = {}
-  if parity and len(parity) == 2:
-    a, b = parity
+  out = []
+  for a, b in parity_pairs(parity):
     a_flops = [r["flops"] for r in rows if r["family"] == a]
-    out = {"family_a": a, "family_b": b, "at_flops": max(a_flops) if a_flops else None,
-           "ratio": {}}
+    entry = {"family_a": a, "family_b": b, "at_flops": max(a_flops) if a_flops else None,
+             "ratio": {}}
     for metric, direction in metrics.items():
       fa, fb = fits[metric].get(a), fits[metric].get(b)
-      out["ratio"][metric] = (parity_ratio(fa, fb, out["at_flops"], direction)
-                              if fa and fb and out["at_flops"] else None)
+      entry["ratio"][metric] = (parity_ratio(fa, fb, entry["at_flops"], direction)
+                                if fa and fb and entry["at_flops"] else None)
+    out.append(entry)
   return fits, out
 
 
@@ -137,8 +151,7 @@ def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
 def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[str, Any]:
   """results.json, results.md and plots/METRIC.png in `workdir`; returns the JSON."""
   metrics = dict(sweep.get("metrics") or DEFAULT_METRICS)
-  parity = tuple(sweep.get("parity") or ())
-  fits, par = fits_and_parity(rows, metrics, parity)
+  fits, par = fits_and_parity(rows, metrics, sweep.get("parity"))
   plot_dir = os.path.join(workdir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
   plotted = {m: plot_metric(rows, fits[m], m, os.path.join(plot_dir, f"{m}.png"),
@@ -159,10 +172,15 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
       lines.append(f"| {m} | {fam} | " + (f"{fit['a']:.3g} | {fit['b']:.3g} | {fit['points']}"
                                           if fit else "- | - | -") + " |")
   if par:
-    lines += ["", f"## Parity-FLOP ratio: FLOPs {par['family_b']} needs to match "
-              f"{par['family_a']} at {_fmt(par['at_flops'])} FLOPs, divided by those FLOPs", "",
-              "| metric | ratio |", "|---|---|"]
-    lines += [f"| {m} | {_fmt(v)} |" for m, v in par["ratio"].items()]
+    lines += ["", "## Parity-FLOP ratios", "",
+              "FLOPs family B needs (by its fit) to match family A's fitted metric at A's "
+              "largest compute, divided by that compute (< 1: B is more compute-efficient; "
+              "- : a fit is missing or B's trend never gets there).", "",
+              "| A | B | at FLOPs | " + " | ".join(metrics) + " |",
+              "|---|---|---|" + "---|" * len(metrics)]
+    for p in par:
+      lines.append(f"| {p['family_a']} | {p['family_b']} | {_fmt(p['at_flops'])} | "
+                   + " | ".join(_fmt(p["ratio"][m]) for m in metrics) + " |")
   lines += ["", *[f"![{m}](plots/{m}.png)" for m, ok in plotted.items() if ok], ""]
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("\n".join(lines))

@@ -33,14 +33,15 @@ def get_config():
   e.num_eval = 200
   e.pretrain_fraction = 0.0   # >0 mixes in pretraining documents (needs their caches)
 
-  # Two images (2 x 18 positions) + an instruction: three examples per row.
+  # An example is 2 images (2 x 18 positions) + an instruction (~8 tokens)
+  # + BOS/EOS, about 46 positions: two examples per 128-position row.
   c.data.seq_len = 128
   c.data.batch_size = 16
-  c.data.max_images_per_seq = 6
+  c.data.max_images_per_seq = 4
 
   t = c.train
   t.init_from = ""            # REQUIRED: an export or training workdir of configs/tiny.py
-  t.num_steps = 500           # 500 x 16 rows x ~3 examples: ~3 passes over 8k examples
+  t.num_steps = 500           # 500 x 16 rows x 2 examples: 2 passes over 8k examples
   t.learning_rate = 3e-4      # lower than pretraining's 1e-3: keep what was learnt
   t.end_learning_rate = 3e-5
   t.warmup_steps = 20

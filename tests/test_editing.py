@@ -89,6 +89,8 @@ def test_checker_scores_ground_truth_pairs():
   # A blank image has none of the objects that should stay.
   blank = np.full_like(examples[0]["output"], 245)
   assert not edit_eval.check(blank, metas[0])["unchanged"]
+  err = edit_eval.pixel_error(np.stack([ex["output"] for ex in examples]), examples)
+  assert err["all"] == 0.0 and err["copy_input"] > 0
 
 
 # ------------------------------------------------------------ folder format --
@@ -292,3 +294,4 @@ def test_edit_generation_and_suite(finetuned):
   res = edit_eval.evaluate(gen, examples, jax.random.key(0), diffusion_params=dp)
   assert res["images"].shape == (4, 32, 32, 3) and res["num_examples"] == 4
   assert set(res["per_type"]) == set(editing.EDIT_TYPES)
+  assert 0 <= res["pixel_error"]["all"] <= 1 and res["pixel_error"]["copy_input"] > 0

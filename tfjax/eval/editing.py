@@ -139,12 +139,50 @@ def generate_edits(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.
   return np.concatenate(out)
 
 
+def pixel_error(images: np.ndarray, examples: Sequence[dict[str, Any]],
+                expected: np.ndarray | None = None, inputs: np.ndarray | None = None
+                ) -> dict[str, float]:
+  """Mean absolute error to the expected output, in [0, 1], overall and per edit type.
+
+  A graded companion of the pass/fail checker: it still moves when a blurry
+  autoencoder keeps every image from passing. `expected` and `inputs` (the
+  examples' images after an autoencoder round trip, uint8 [n, H, W, 3]) make
+  the target what the model can at best produce; `copy_input` is the error of
+  returning the input unchanged (the score of doing nothing).
+  """
+  f = lambda a: np.asarray(a, np.float32)[..., :3]
+  if expected is None:
+    expected = np.stack([ex["output"] for ex in examples])
+  if inputs is None:
+    inputs = np.stack([ex["input"] for ex in examples])
+  err = np.mean(np.abs(f(images) - f(expected)), axis=(1, 2, 3)) / 255.0
+  copy = np.mean(np.abs(f(inputs) - f(expected)), axis=(1, 2, 3)) / 255.0
+  kinds = np.asarray([ex["meta"]["edit"]["type"] for ex in examples])
+  out = {"all": float(err.mean()), "copy_input": float(copy.mean())}
+  for k in editing_data.EDIT_TYPES:
+    if (kinds == k).any():
+      out[k] = float(err[kinds == k].mean())
+      out[f"{k}_copy_input"] = float(copy[kinds == k].mean())
+  return out
+
+
+def _round_trip(generator: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+  return np.concatenate([generator.decode_latents(generator.encode_images(images[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])
+
+
 def evaluate(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,
              batch_size: int = 32, **generate_kw) -> dict[str, Any]:
-  """Generates every example's edit and scores it; adds seconds and images."""
+  """Generates every example's edit and scores it; adds pixel error, seconds, images."""
   t0 = time.time()
   images = generate_edits(generator, examples, rng, batch_size, **generate_kw)
   result = accuracy(images, [ex["meta"] for ex in examples])
+  result["pixel_error"] = pixel_error(images, examples)
+  if getattr(generator, "vae", None) is not None:
+    result["pixel_error_vs_autoencoded"] = pixel_error(
+        images, examples, _round_trip(generator, np.stack([ex["output"] for ex in examples]),
+                                      batch_size),
+        _round_trip(generator, np.stack([ex["input"] for ex in examples]), batch_size))
   result["seconds"] = round(time.time() - t0, 1)
   result["images"] = images
   return result

@@ -47,6 +47,9 @@ def get_config():
   # (A, B): FLOPs B needs to match A's metric, over A's FLOPs.
   s.parity = (("chameleon", "transfusion"), ("transfusion_causal", "transfusion"),
               ("transfusion", "transfusion_unet"))
+  # val_loss_diffusion: held-out denoising MSE (same batches and noise for every
+  # run): a continuous image-side signal where the pixel checker reads ~0.
   s.metrics = {"shapes_accuracy": "higher", "caption_cider": "higher",
-               "caption_scene_accuracy": "higher", "perplexity": "lower"}
+               "caption_scene_accuracy": "higher", "perplexity": "lower",
+               "val_loss_diffusion": "lower"}
   return s

@@ -141,7 +141,8 @@ def _fmt(v: Any) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
   cols = ["name", "family", "size", "params", "steps", "tokens", "flops", *metrics,
-          "final_train_loss_lm"]
+          *[c for c in ("final_train_loss_lm", "val_loss_lm", "val_loss_diffusion")
+            if c not in metrics]]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in sorted(rows, key=lambda r: (r["family"], r["flops"])):
     lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -157,7 +158,8 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
   plotted = {m: plot_metric(rows, fits[m], m, os.path.join(plot_dir, f"{m}.png"),
                             f"{sweep.get('name', 'sweep')}: {m}") for m in metrics}
   keep = ("name", "family", "size", "budget", "steps", "tokens", "params", "flops",
-          "train_seconds", "final_train_loss", "final_train_loss_lm", *metrics)
+          "train_seconds", "final_train_loss", "final_train_loss_lm", "val_loss_lm",
+          "val_loss_diffusion", *metrics)
   report = {"name": sweep.get("name", "sweep"), "runs": [{k: r.get(k) for k in keep}
                                                          for r in rows],
             "fits": fits, "parity": par,

@@ -222,9 +222,14 @@ def _train_summary(run_dir: str) -> dict[str, Any]:
   path = os.path.join(run_dir, "metrics.jsonl")
   if os.path.exists(path):
     from tfjax.train.metrics import read_jsonl
-    logged = [r for r in read_jsonl(path) if "loss" in r]
+    records = read_jsonl(path)
+    logged = [r for r in records if "loss" in r]
     if logged:
       out.update(final_train_loss=logged[-1]["loss"], final_train_loss_lm=logged[-1].get("loss_lm"))
+    val = [r for r in records if "val_loss" in r]
+    if val:  # held-out losses at the end (same batches and noise for every run)
+      out.update(val_loss_lm=val[-1].get("val_loss_lm"),
+                 val_loss_diffusion=val[-1].get("val_loss_diffusion"))
   summary = os.path.join(run_dir, "train_summary.json")
   if os.path.exists(summary):
     with open(summary) as f:

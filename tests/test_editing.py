@@ -254,7 +254,6 @@ def finetuned(built, tmp_path_factory):
 def test_finetune_starts_from_export_and_changes_only_what_it_should(finetuned):
   from tfjax import export as export_lib
   from tfjax.model import init_params
-  from tfjax.train.loop import train
   ft, result, exp_dir = finetuned["config"], finetuned["result"], finetuned["exp_dir"]
   assert result.step == ft.train.num_steps == int(result.state.step)  # its own schedule
   exported = export_lib.unflatten(
@@ -274,10 +273,13 @@ def test_finetune_starts_from_export_and_changes_only_what_it_should(finetuned):
   assert (_digest(exp_dir),
           _digest(os.path.join(finetuned["pre_dir"], "checkpoints"))) == finetuned["before"]
   # An export of another architecture is refused, naming the key.
+  import flax.linen as nn
+  from tfjax.model import abstract_params
+  from tfjax.train import pretrained
   wrong = tiny_config(ft.data.dir)
-  wrong.train.init_from, wrong.model.mlp_dim = exp_dir, 96
-  with pytest.raises(ValueError, match="train.init_from"):
-    train(wrong, str(finetuned["tmp"] / "wrong"), devices=finetuned["devices"])
+  wrong.model.mlp_dim = 96
+  with pytest.raises(ValueError, match="train.init_from.*mlp"):
+    pretrained.load_export_params(exp_dir, nn.unbox(abstract_params(wrong.model)))
 
 
 def test_edit_generation_and_suite(finetuned):

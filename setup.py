@@ -38,7 +38,7 @@ setup(
         "tpu": ["jax[tpu]"],
         # Preparing large public TFDS datasets (coco_captions, c4) needs TensorFlow.
         "data": ["tensorflow-cpu"],
-        "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
+        "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "flatbuffers",
                 "torch==2.13.0", "diffusers"],
     },
     entry_points={"console_scripts": [f"tfjax-{c}=tfjax.cli.{c}:main" for c in COMMANDS]},

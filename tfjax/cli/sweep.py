@@ -1,11 +1,14 @@
 """tfjax-sweep: train and evaluate every run of a sweep, then one table and plots.
 
   tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep
-  tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep --only=chameleon-xs-262K
+  tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep --list
+  tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep --only=chameleon-xs-300K
   tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep --report_only
 
 Writes WORKDIR/results.md, results.json and plots/METRIC.png (log-log metric
-vs training FLOPs with power-law fits per family, the parity-FLOP ratio).
+vs training FLOPs with power-law fits per family, the parity-FLOP ratios of
+the sweep's `parity` pairs). Sweep configs: configs/sweep_tiny.py,
+configs/ablations/*.py.
 Finished runs are reused; an interrupted run resumes from its checkpoint.
 """
 from __future__ import annotations

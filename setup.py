@@ -1,7 +1,8 @@
 """tfjax: Transfusion (text next-token prediction + image diffusion) in JAX/Flax."""
 from setuptools import find_packages, setup
 
-COMMANDS = ["train", "generate", "eval", "export", "data", "vae", "info", "compile"]
+COMMANDS = ["train", "generate", "eval", "export", "data", "vae", "info", "compile", "sweep",
+            "chameleon"]
 
 setup(
     name="tfjax",
@@ -41,5 +42,6 @@ setup(
         "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "flatbuffers",
                 "torch==2.13.0", "diffusers"],
     },
-    entry_points={"console_scripts": [f"tfjax-{c}=tfjax.cli.{c}:main" for c in COMMANDS]},
+    entry_points={"console_scripts": [f"tfjax-{c}=tfjax.cli.{c}:main" for c in COMMANDS]
+                  + ["tfjax-edit-data=tfjax.cli.edit_data:main"]},
 )

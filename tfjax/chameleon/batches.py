@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from tfjax.chameleon.tokens import codes_from_latents, image_token_offset
-from tfjax.config import patches_per_image
 
 
 def to_chameleon_batch(batch: dict[str, np.ndarray], offset: int,
@@ -127,7 +126,3 @@ def data_factories(config: ml_collections.ConfigDict, codebook_size: int | None 
     return ChameleonIterator(it, offset, codebook_size)
 
   return train_data, eval_data
-
-
-def image_tokens_per_image(config: ml_collections.ConfigDict) -> int:
-  return patches_per_image(config.model)

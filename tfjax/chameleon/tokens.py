@@ -105,16 +105,6 @@ def build_token_cache(config: ml_collections.ConfigDict, vq: Any, data_dir: str 
   from tfjax.data import sources
   root = sources.data_root(config, data_dir)
   out = token_dir(config, root)
-  done: dict[str, Any] = {}
-  if os.path.exists(os.path.join(out, latents_lib.METADATA_FILE)):
-    done = latents_lib.read_metadata(out).get("splits", {})
   encoder = VQTokenEncoder(vq, int(config.model.latent_channels))
-  report = {}
-  for split in splits:
-    if split in done:
-      report[split] = done[split]
-      continue
-    src = sources.image_source(config, root, split)
-    report[split] = latents_lib.build_latent_cache(encoder, src, out, split=split,
-                                                   batch_size=batch_size)
-  return report
+  return latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
+      encoder, sources.image_source(config, root, split), out, split=split, batch_size=batch_size))

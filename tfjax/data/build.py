@@ -122,15 +122,5 @@ def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
   """
   root = sources.data_root(config, data_dir)
   out = sources.latent_dir(config, root)
-  done: dict[str, Any] = {}
-  if os.path.exists(os.path.join(out, latents_lib.METADATA_FILE)):
-    done = latents_lib.read_metadata(out).get("splits", {})
-  report = {}
-  for split in splits:
-    if split in done:
-      report[split] = done[split]
-      continue
-    src = sources.image_source(config, root, split)
-    report[split] = latents_lib.build_latent_cache(encoder, src, out, split=split,
-                                                   batch_size=batch_size)
-  return report
+  return latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
+      encoder, sources.image_source(config, root, split), out, split=split, batch_size=batch_size))

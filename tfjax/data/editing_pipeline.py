@@ -141,19 +141,12 @@ def build_editing_latents(config: ml_collections.ConfigDict, data_dir: str | Non
     build_editing_set(config, data_dir)
   root = editing_dir(config, data_dir)
   out = latent_dir(config, data_dir)
-  done = {}
-  if os.path.exists(os.path.join(out, latents_lib.METADATA_FILE)):
-    done = latents_lib.read_metadata(out).get("splits", {})
-  report = {}
-  for split in splits:
-    if split in done:
-      report[split] = done[split]
-      continue
+
+  def encode_split(split):
     if split != "train" and not os.path.exists(os.path.join(root, f"{split}.jsonl")):
-      continue
-    report[split] = build_editing_cache(encoder, editing.FolderSource(root, split), out, split,
-                                        batch_size)
-  return report
+      return None
+    return build_editing_cache(encoder, editing.FolderSource(root, split), out, split, batch_size)
+  return latents_lib.encode_missing_splits(out, splits, encode_split)
 
 
 # --------------------------------------------------------------- documents --

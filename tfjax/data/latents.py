@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import os
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from array_record.python import array_record_module
@@ -202,3 +202,24 @@ def split_paths(cache_dir: str, split: str) -> list[str]:
     raise FileNotFoundError(f"latent cache {cache_dir} has no split {split!r} "
                             f"(has {sorted(meta.get('splits', {}))})")
   return [os.path.join(cache_dir, s) for s in meta["splits"][split]["shards"]]
+
+
+def encode_missing_splits(out_dir: str, splits: Sequence[str],
+                          encode_split: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
+  """Fills a cache directory split by split, keeping splits already encoded.
+
+  A split listed in the cache's metadata is reported as it is (delete the
+  directory to re-encode, e.g. after changing the autoencoder);
+  `encode_split(split)` encodes the others and returns their report, or None
+  for a split the source does not have. Latent, token and editing caches
+  share this so that a resumed build never encodes a split twice.
+  """
+  done: dict[str, Any] = {}
+  if os.path.exists(os.path.join(out_dir, METADATA_FILE)):
+    done = read_metadata(out_dir).get("splits", {})
+  report = {}
+  for split in splits:
+    result = done[split] if split in done else encode_split(split)
+    if result is not None:
+      report[split] = result
+  return report

@@ -200,6 +200,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if unknown:
     raise ValueError(f"unknown stages {unknown}; known: {STAGES}")
   validate(config)
+  if config.chameleon.enabled:  # its stages differ (VQ tokens, no diffusion)
+    raise ValueError("config key chameleon.enabled is True: this is a Chameleon baseline config; "
+                     "run it with tfjax-chameleon --config=... --workdir=...")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = resolve_paths(config, workdir)

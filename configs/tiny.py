@@ -5,7 +5,7 @@ report) on a 2-core CPU in under 20 minutes:
 
   tfjax-train --config=configs/tiny.py --workdir=/tmp/tfjax_tiny
 """
-from tfjax.config import default_config
+from tfjax.config import default_config, tiny_vae
 
 
 def get_config():
@@ -33,8 +33,7 @@ def get_config():
   c.data.batch_size = 16
   c.data.max_images_per_seq = 4
 
-  c.vae.channels = (32, 64, 64, 64)   # 64x64x3 -> 8x8x8
-  c.vae.train_steps = 1500
+  tiny_vae(c)                 # 64x64x3 -> 8x8x8, 29.2 dB (see tfjax.config.tiny_vae)
 
   t = c.train
   t.num_steps = 3000

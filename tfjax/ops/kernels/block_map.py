@@ -27,7 +27,8 @@ packed layouts, where starts and ends both grow along the sequence.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +130,28 @@ def dense_tile_states(mask: jax.Array, block_q: int, block_k: int) -> jax.Array:
 def live_fraction(states: jax.Array) -> jax.Array:
   """Fraction of tiles a kernel visits (non-empty), over the whole batch."""
   return jnp.mean((states != EMPTY).astype(jnp.float32))
+
+
+def block_sparse_vjp(forward: Callable, backward: Callable) -> Callable:
+  """A differentiable attention(q, k, v, k_start, k_end, scale, cfg, interpret)
+  from a kernel family's `forward(...) -> (out, lse)` and
+  `backward(q, k, v, out, lse, d_out, k_start, k_end, ...) -> (dq, dk, dv)`.
+
+  The GPU and TPU kernels share this wiring; the intervals, scale, tiling
+  config and interpret flag get no gradient.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+  def attention(q, k, v, ks, ke, scale, cfg, interpret):
+    return forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)[0]
+
+  def attention_fwd(q, k, v, ks, ke, scale, cfg, interpret):
+    o, lse = forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)
+    return o, (q, k, v, o, lse, ks, ke)
+
+  def attention_bwd(scale, cfg, interpret, res, do):
+    q, k, v, o, lse, ks, ke = res
+    dq, dk, dv = backward(q, k, v, o, lse, do, ks, ke, scale=scale, cfg=cfg, interpret=interpret)
+    return dq, dk, dv, None, None
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention

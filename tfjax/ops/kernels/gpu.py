@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tfjax.ops.kernels.block_map import block_map
+from tfjax.ops.kernels.block_map import block_map, block_sparse_vjp
 
 LOG2E = math.log2(math.e)
 # Stands for the log-sum-exp of a row with no key: exp2(s - BIG) == 0.
@@ -292,24 +292,7 @@ class GpuConfig:
     return math.lcm(*(b for c in (self.fwd, self.dkv, self.dq) for b in c[:2]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, ks, ke, scale, cfg, interpret):
-  return _forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)[0]
-
-
-def _attention_fwd(q, k, v, ks, ke, scale, cfg, interpret):
-  o, lse = _forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)
-  return o, (q, k, v, o, lse, ks, ke)
-
-
-def _attention_bwd(scale, cfg, interpret, res, do):
-  q, k, v, o, lse, ks, ke = res
-  dq, dk, dv = _backward(q, k, v, o, lse, do, ks, ke, scale=scale, cfg=cfg,
-                         interpret=interpret)
-  return dq, dk, dv, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = block_sparse_vjp(_forward, _backward)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,

@@ -146,6 +146,12 @@ class Transformer(nn.Module):
                          f"use none or one of {sorted(REMAT_POLICIES)}")
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy],
                        prevent_cse=not c.scan_layers)
+    elif cache_kv is not None:
+      # Decoding: an opaque (checkpointed) layer body keeps nn.scan's partial
+      # evaluation from splitting the kernel's block-map arithmetic off the
+      # body ("broadcasted variable has a data dependency on the scan body",
+      # seen on the H100). Without gradients the checkpoint costs nothing.
+      block = nn.remat(Block, prevent_cse=not c.scan_layers)
     context = (positions, segment_ids, image_ids, cache_ctx)
     if c.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -223,3 +223,8 @@ def test_clip_prediction_bounds_x0_and_keeps_consistent_eps():
   # Within the limit nothing changes.
   small = diff.clip_prediction(x, eps, jnp.asarray(10), ab, 1e6)
   np.testing.assert_allclose(small, eps, rtol=1e-4, atol=1e-4)
+  # Where alpha_bar is below the floor the x0 estimate is the prior mean: 0.
+  prior = diff.clip_prediction(x, eps, t, ab, 6.0, min_alpha_bar=1e-3)
+  np.testing.assert_allclose(dlib.predict_x0(x, prior, ab[999]), 0.0, atol=1e-3)
+  above = diff.clip_prediction(x, eps, jnp.asarray(10), ab, 1e6, min_alpha_bar=1e-3)
+  np.testing.assert_allclose(above, eps, rtol=1e-4, atol=1e-4)

@@ -197,6 +197,8 @@ def default_config() -> ml_collections.ConfigDict:
   s.max_text_tokens = 32
   s.clip_x0 = 6.0             # clip predicted clean latents to [-v, v] each denoising step (0 = off);
                               # the cosine schedule's last steps amplify eps errors ~600x without it
+  s.x0_min_alpha_bar = 1e-3   # where alpha_bar is below this, the x0 estimate is 0 (the prior mean):
+                              # at t=999 (alpha_bar 2e-9) it is noise (tfjax.generate.diffusion)
   return c
 
 

@@ -3,9 +3,11 @@
 `attention(q, k, v, segment_ids, image_ids, impl=...)` has the semantics of
 `tfjax.ops.attention.xla_attention` under `transfusion_mask`:
 
-  impl="auto"    GPU (Hopper or newer): the Pallas GPU kernel; TPU: the Pallas
-                 TPU kernel; anything else (CPU): the XLA reference, since
-                 interpret mode is far too slow to train with.
+  impl="auto"    GPU (Hopper or newer): the Pallas GPU kernels (on Hopper, for
+                 bf16/f16 at head dims 64/128, the forward is the Mosaic GPU
+                 kernel of gpu_mosaic.py, the backward the Triton kernels);
+                 TPU: the Pallas TPU kernel; anything else (CPU): the XLA
+                 reference, since interpret mode is far too slow to train with.
   impl="pallas"  the kernel for the backend; on CPU, the GPU kernel in Pallas
                  interpret mode (tests).
 
@@ -22,9 +24,11 @@ never crosses a sequence.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +52,24 @@ def _gpu_is_hopper_or_newer() -> bool:
     return float(cc) >= 9.0
   except (ValueError, TypeError):
     return False
+
+
+def _gpu_is_hopper() -> bool:
+  """Compute capability 9.x: where the Mosaic GPU forward (wgmma) runs."""
+  try:
+    return str(getattr(jax.devices()[0], "compute_capability", "0")).startswith("9")
+  except (ValueError, TypeError, RuntimeError):
+    return False
+
+
+def use_mosaic_forward(kind: str, head_dim: int, dtype) -> bool:
+  """The Mosaic GPU forward applies: a Hopper GPU, bf16/f16, head dim 64/128.
+
+  TFJAX_MOSAIC_FWD=0 in the environment turns it off (Triton forward).
+  """
+  from tfjax.ops.kernels import gpu_mosaic
+  return (kind == "gpu" and os.environ.get("TFJAX_MOSAIC_FWD", "1") != "0"
+          and gpu_mosaic.supported(dtype, head_dim) and _gpu_is_hopper())
 
 
 def choose(impl: str, head_dim: int) -> str:
@@ -78,9 +100,13 @@ def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
       cfg = tpu.TpuConfig(block_q=block_q or cfg.block_q, block_k=block_k or cfg.block_k)
     return cfg
   from tfjax.ops.kernels import gpu
-  if block_q or block_k:
-    return gpu.GpuConfig.uniform(block_q or 64, block_k or 64)
-  return gpu.GpuConfig.for_head_dim(head_dim, dtype)
+  if block_q or block_k:  # the Triton kernels' tiles; the Mosaic forward keeps its own
+    cfg = gpu.GpuConfig.uniform(block_q or 64, block_k or 64)
+  else:
+    cfg = gpu.GpuConfig.for_head_dim(head_dim, dtype)
+  if use_mosaic_forward(kind, head_dim, dtype):
+    cfg = dataclasses.replace(cfg, mosaic_fwd=gpu.GpuConfig.mosaic_default(head_dim))
+  return cfg
 
 
 def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:

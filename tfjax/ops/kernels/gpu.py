@@ -266,6 +266,10 @@ class GpuConfig:
   dkv: tuple[int, int, int, int] = (64, 64, 4, 3)
   dq: tuple[int, int, int, int] = (64, 64, 4, 3)
   skip_full_mask: bool = True
+  # (block_q per warpgroup, block_k, num_stages) of the Mosaic GPU forward
+  # (gpu_mosaic.py), which then replaces the Triton forward; None: Triton.
+  # Set by dispatch on Hopper for bf16/f16 and head dims 64/128.
+  mosaic_fwd: tuple[int, int, int] | None = None
 
   @classmethod
   def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16) -> "GpuConfig":
@@ -289,10 +293,29 @@ class GpuConfig:
   @property
   def multiple(self) -> int:
     """The sequence length must be a multiple of this."""
-    return math.lcm(*(b for c in (self.fwd, self.dkv, self.dq) for b in c[:2]))
+    blocks = [b for c in (self.fwd, self.dkv, self.dq) for b in c[:2]]
+    if self.mosaic_fwd:
+      blocks += [2 * self.mosaic_fwd[0], self.mosaic_fwd[1]]
+    return math.lcm(*blocks)
+
+  @staticmethod
+  def mosaic_default(head_dim: int) -> tuple[int, int, int]:
+    """Mosaic GPU forward tiles: the best of the H100 runs (NOTES_attention.md)."""
+    return (64, 128, 3) if head_dim <= 64 else (64, 128, 2)
+
+
+def _mosaic_forward(q, k, v, ks, ke, *, scale, cfg, interpret):
+  """The Mosaic GPU forward (Hopper), same (out, lse) contract as `_forward`."""
+  from tfjax.ops.kernels import gpu_mosaic
+  if interpret:
+    raise ValueError("the Mosaic GPU forward has no interpret mode")
+  return gpu_mosaic.forward(q, k, v, ks, ke, scale=scale,
+                            cfg=gpu_mosaic.MosaicFwdConfig(*cfg.mosaic_fwd))
 
 
 _attention = block_sparse_vjp(_forward, _backward)
+# Mosaic GPU forward, Triton backward (which reads the same base-2 lse).
+_attention_mosaic = block_sparse_vjp(_mosaic_forward, _backward)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
@@ -305,7 +328,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
     k_start, k_end: int32[batch, seq]; query r sees keys [k_start[r], k_end[r]).
     scale: logit scale (usually head_dim ** -0.5).
     config: tile sizes and Triton settings per kernel; seq must be a multiple
-      of `config.multiple`.
+      of `config.multiple`. With `config.mosaic_fwd` set (and not
+      interpreting) the forward is the Mosaic GPU kernel of gpu_mosaic.py.
     interpret: run in Pallas interpret mode (CPU tests).
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
@@ -313,7 +337,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
   config = config or GpuConfig.for_head_dim(q.shape[-1], q.dtype)
   if q.shape[1] % config.multiple:
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
-  return _attention(q, k, v, k_start, k_end, float(scale), config, interpret)
+  fn = _attention_mosaic if config.mosaic_fwd and not interpret else _attention
+  return fn(q, k, v, k_start, k_end, float(scale), config, interpret)
 
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,

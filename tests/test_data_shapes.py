@@ -61,6 +61,18 @@ def test_splits_disjoint_deterministic_and_captions_true():
         assert word.rstrip("s") in {o["shape"] for o in scene["objects"]}, (cap, scene)
 
 
+def test_max_objects_limits_scenes_and_corpus():
+  _, scenes, captions = shapes.generate_split("train", 100, 32, seed=0, max_objects=1)
+  assert all(len(s["objects"]) == 1 for s in scenes)
+  assert not any(c.startswith(("two ", "three ")) for c in captions)
+  _, four, _ = shapes.generate_split("train", 200, 32, seed=0, max_objects=4)
+  assert max(len(s["objects"]) for s in four) == 4
+  docs = shapes.text_corpus("train", 50, seed=0, max_objects=1)
+  assert not any("shows two" in d or "shows three" in d for d in docs)
+  with pytest.raises(ValueError, match="data.max_objects"):
+    shapes.generate_split("train", 1, 32, max_objects=5)
+
+
 def test_text_corpus():
   docs = shapes.text_corpus("train", 50, seed=0)
   assert len(docs) == 50 and all(isinstance(d, str) and d for d in docs)
@@ -124,3 +136,15 @@ def test_pixel_patch_encoder():
   block = lambda x: x.reshape(4, 8, 8, 8, 8, 3).mean(axis=(2, 4))
   np.testing.assert_allclose(block(rec), block(imgs), atol=0.05)  # up to clipping
   assert isinstance(enc.scale, float) and isinstance(enc.shift, float)
+
+
+def test_max_objects_names_its_own_tfds_config(tmp_path):
+  from tfjax.config import default_config, validate
+  from tfjax.data import tfds_shapes
+  c = default_config()
+  default_name = tfds_shapes.builder(c, str(tmp_path)).builder_config.name
+  c.data.max_objects = 1
+  assert tfds_shapes.builder(c, str(tmp_path)).builder_config.name == default_name + "_obj1"
+  c.data.max_objects = 0
+  with pytest.raises(ValueError, match="data.max_objects"):
+    validate(c)

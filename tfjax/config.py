@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   data.image_size = 64
   data.num_train_scenes = 20000
   data.num_eval_scenes = 500
+  data.max_objects = 3          # shapes scenes hold 1..max_objects objects (1-4)
   data.text_image_ratio = 1.0   # text-only tokens per image-caption token
   data.caption_first_prob = 0.8
   data.seq_len = 256
@@ -304,6 +305,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(c.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler",
            f"unknown {c.diffusion.sampler!r}")
   _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
+  _require(1 <= c.data.get("max_objects", 3) <= 4, "data.max_objects", "must be in 1..4")
   _require(c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(c.model.vocab_size > EOI_ID, "model.vocab_size", "too small for the special tokens")
   return c

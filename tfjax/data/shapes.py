@@ -97,6 +97,12 @@ def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: in
   return {"objects": objects, "background": list(BACKGROUNDS[bg])}
 
 
+def _check_max_objects(max_objects: int) -> None:
+  if not 1 <= max_objects <= len(_NUMBERS):
+    raise ValueError(f"config key data.max_objects must be in 1..{len(_NUMBERS)}, "
+                     f"got {max_objects}")
+
+
 def background_name(scene: Scene) -> str:
   for name, rgb in BACKGROUNDS.items():
     if tuple(scene["background"]) == rgb:
@@ -184,23 +190,26 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
   return options[int(rng.integers(len(options)))]()
 
 
-def generate_split(split: str, num: int, image_size: int, seed: int = 0
-                   ) -> tuple[np.ndarray, list[Scene], list[str]]:
+def generate_split(split: str, num: int, image_size: int, seed: int = 0,
+                   max_objects: int = 3) -> tuple[np.ndarray, list[Scene], list[str]]:
   """`num` scenes of one split, their images and captions.
 
   Scenes are drawn from one stream per (seed, split) and kept only when their
   canonical hash falls in the split, so splits never share a scene.
 
+  max_objects: objects per scene are drawn from 1..max_objects (1-4).
+
   Returns:
     (images uint8[num, image_size, image_size, 3], scenes, captions).
   """
+  _check_max_objects(max_objects)
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
   rng = np.random.default_rng([seed, SPLITS.index(split)])
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   scenes, captions = [], []
   while len(scenes) < num:
-    scene = random_scene(rng)
+    scene = random_scene(rng, max_objects=max_objects)
     if split_of(scene) != split:
       continue
     images[len(scenes)] = render(scene, image_size)
@@ -234,14 +243,15 @@ def _scene_story(scene: Scene, rng: np.random.Generator) -> str:
   return " ".join(lines)
 
 
-def text_corpus(split: str, num: int, seed: int = 0) -> list[str]:
+def text_corpus(split: str, num: int, seed: int = 0, max_objects: int = 3) -> list[str]:
   """`num` text-only documents about shapes scenes (no images attached)."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
+  _check_max_objects(max_objects)
   rng = np.random.default_rng([seed, 100 + SPLITS.index(split)])
   docs = []
   while len(docs) < num:
-    scene = random_scene(rng)
+    scene = random_scene(rng, max_objects=max_objects)
     if split_of(scene) != split:
       continue
     kind = rng.random()

@@ -51,7 +51,8 @@ def maybe_clip_score(gen: Any, path: str | None, num_samples: int, *, seed: int 
     return {"status": "skipped", "reason": "no CLIP encoders given (--clip=DIR)"}
   from tfjax.data import shapes
   _, _, captions = shapes.generate_split("test", num_samples, int(gen.config.data.image_size),
-                                         seed=seed)
+                                         seed=seed,
+                                         max_objects=int(gen.config.data.get("max_objects", 3)))
   images, rng = [], jax.random.key(seed + 2)
   for i in range(0, num_samples, batch_size):
     rng, key = jax.random.split(rng)

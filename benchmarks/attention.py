@@ -4,6 +4,10 @@ Workload: `attention_layout.py` (a copy of ../shared/bench/), B=2, H=16, bf16,
 L in {4096, 8192}, head dim in {64, 128}. Effective TFLOP/s count only the
 unmasked pairs: forward 4*H*D*nnz, forward+backward 3.5x that.
 
+The first row is `impl="pallas"` as dispatch picks it (on Hopper: the Mosaic
+GPU forward of gpu_mosaic.py + the Triton backward); the second is the same
+with the Triton forward, for comparison.
+
 Peers (GPU): the XLA reference with a dense mask, cuDNN causal attention (a
 dense-causal yardstick, not Transfusion-correct), torch FlexAttention with a
 block mask from the same layout, and tokamax if importable.
@@ -90,11 +94,10 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   ours = lambda q, k, v: dispatch.attention(q, k, v, seg, im, impl=impl, **kernel_kw)
   out = {"tfjax pallas": ours}
   if jax.default_backend() == "gpu" and not args.block_q:
-    import dataclasses
     from tfjax.ops.kernels import gpu
-    folded = dataclasses.replace(gpu.GpuConfig.for_head_dim(q.shape[-1]), skip_full_mask=False)
-    out["tfjax pallas (mask folded, no cond)"] = lambda q, k, v: dispatch.attention(
-        q, k, v, seg, im, impl=impl, config=folded)
+    triton = gpu.GpuConfig.for_head_dim(q.shape[-1])  # no mosaic_fwd: all three Triton
+    out["tfjax pallas, Triton forward"] = lambda q, k, v: dispatch.attention(
+        q, k, v, seg, im, impl=impl, config=triton)
   if not args.quick or args.with_xla:
     mask = transfusion_mask(seg, im)
     out["XLA reference (dense mask)"] = lambda q, k, v: xla_attention(q, k, v, mask)

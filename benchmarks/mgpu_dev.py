@@ -31,10 +31,16 @@ from tfjax.ops.mask import key_ranges  # noqa: E402
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="4096/64,4096/128,8192/64,8192/128")
-  p.add_argument("--configs", default="", help="';'-separated bq,bk,stages (default: a sweep)")
+  p.add_argument("--configs", default="", help="';'-separated bq,bk,stages,heads[,lpt] (default: a sweep)")
   p.add_argument("--reps", type=int, default=30)
   p.add_argument("--group", type=int, default=10)
+  p.add_argument("--bwd", default="", help="';'-separated MosaicBwdConfig fields to time")
+  p.add_argument("--best_file", default="", help="write the best backward config here if it "
+                 "beats the Triton backward at every shape")
   args = p.parse_args()
+  bwd_cfgs = [tuple(map(int, c.split(","))) for c in args.bwd.split(";")] if args.bwd else []
+  bwd_wins = {c: True for c in bwd_cfgs}
+  bwd_time = {c: 0.0 for c in bwd_cfgs}
   print(f"jax {jax.__version__} {jax.devices()}", flush=True)
   bsz, heads = 2, 16
   summary = []
@@ -55,8 +61,11 @@ def main():
     if args.configs:
       configs = [tuple(map(int, c.split(","))) for c in args.configs.split(";")]
     else:
-      configs = [gpu.GpuConfig.mosaic_default(d), (64, 64, 2), (64, 64, 3), (64, 128, 2),
-                 (64, 128, 3)]
+      # (block_q, block_k, stages, heads per CTA[, lpt])
+      configs = [gpu.GpuConfig.mosaic_default(d), (64, 128, 2, 1), (64, 128, 2, 2),
+                 (64, 128, 2, 4), (64, 64, 3, 4), (64, 64, 2, 2), (64, 128, 2, 4, 0)]
+      if d == 64:
+        configs += [(64, 128, 3, 4), (64, 128, 4, 8)]
       configs = list(dict.fromkeys(configs))
     best = None
     for c in configs:
@@ -92,6 +101,31 @@ def main():
             f"triton {t_fbt:.3f} | f+b err vs triton {errs}")
     print(line, flush=True)
     summary.append(line)
+    for bc in bwd_cfgs:
+      cfg_b = dataclasses.replace(cfg, mosaic_bwd=bc)
+      fb_b = _fwd_bwd(lambda q, k, v: gpu.attention(q, k, v, ks, ke, scale=scale, config=cfg_b))
+      try:
+        got_b = fb_b(q, k, v, do)
+        errs_b = [rel_err(a, b) for a, b in zip(got_b, want)]
+        t_b = time_jax(fb_b, (q, k, v, do), args.reps, args.group // 2)
+      except Exception as e:
+        print(f"{seq}/{d} mosaic bwd {bc}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+        bwd_wins[bc] = False
+        continue
+      ok = all(np.isfinite(x) and x < 1e-2 for x in errs_b)
+      bwd_wins[bc] &= ok and t_b < t_fbm
+      bwd_time[bc] += t_b
+      line = (f"{seq}/{d}: f+b all-mosaic {bc} {t_b:.3f} ms ({3.5 * flops / t_b / 1e9:.0f}) vs "
+              f"mosaic fwd + triton bwd {t_fbm:.3f} | err o/dq/dk/dv vs triton "
+              + "/".join(f"{x:.1e}" for x in errs_b))
+      print(line, flush=True)
+      summary.append(line)
+  winners = [c for c in bwd_cfgs if bwd_wins[c]]
+  if winners and args.best_file:
+    best_b = min(winners, key=lambda c: bwd_time[c])
+    with open(args.best_file, "w") as f:
+      f.write(",".join(map(str, best_b)))
+    summary.append(f"best Mosaic backward (beats Triton at every shape): {best_b}")
   print("\nSUMMARY")
   print("\n".join(summary))
 

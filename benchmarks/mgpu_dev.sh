@@ -9,4 +9,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__)"
 timeout ${DEV_TIMEOUT:-330} python3 benchmarks/mgpu_dev.py "$@" 2>&1 | tee "$OUT/dev.log" | grep -v "^WARNING\|DeprecationWarning\|warnings.warn"
 echo "=== tests on the GPU"
-timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
+[[ ${TEST_TIMEOUT:-200} == 0 ]] && exit 0
+# The float32 mixed-tile Triton test compiles for minutes on the GPU: left to CPU CI.
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs \
+  tests/test_attention_kernels.py -k "${TEST_K:-not mixed_tiles}" 2>&1 | tee "$OUT/tests.log" | tail -25

@@ -105,8 +105,24 @@ def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
   else:
     cfg = gpu.GpuConfig.for_head_dim(head_dim, dtype)
   if use_mosaic_forward(kind, head_dim, dtype):
-    cfg = dataclasses.replace(cfg, mosaic_fwd=gpu.GpuConfig.mosaic_default(head_dim))
+    cfg = dataclasses.replace(cfg, mosaic_fwd=gpu.GpuConfig.mosaic_default(head_dim),
+                              mosaic_bwd=mosaic_backward_config(head_dim))
   return cfg
+
+
+def mosaic_backward_config(head_dim: int) -> tuple | None:
+  """The Mosaic GPU backward's tiles, or None for the Triton backward.
+
+  TFJAX_MOSAIC_BWD in the environment: "0" (Triton) or six comma-separated
+  integers (gpu_mosaic.MosaicBwdConfig fields) override the default.
+  """
+  from tfjax.ops.kernels import gpu
+  env = os.environ.get("TFJAX_MOSAIC_BWD", "")
+  if env == "0":
+    return None
+  if env:
+    return tuple(int(x) for x in env.split(","))
+  return gpu.GpuConfig.mosaic_bwd_default(head_dim)
 
 
 def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:

@@ -266,10 +266,14 @@ class GpuConfig:
   dkv: tuple[int, int, int, int] = (64, 64, 4, 3)
   dq: tuple[int, int, int, int] = (64, 64, 4, 3)
   skip_full_mask: bool = True
-  # (block_q per warpgroup, block_k, num_stages) of the Mosaic GPU forward
-  # (gpu_mosaic.py), which then replaces the Triton forward; None: Triton.
-  # Set by dispatch on Hopper for bf16/f16 and head dims 64/128.
-  mosaic_fwd: tuple[int, int, int] | None = None
+  # gpu_mosaic.MosaicFwdConfig fields (block_q per warpgroup, block_k,
+  # num_stages, heads per CTA[, lpt]) of the Mosaic GPU forward, which then
+  # replaces the Triton forward; None: Triton. Set by dispatch on Hopper
+  # for bf16/f16 and head dims 64/128.
+  mosaic_fwd: tuple | None = None
+  # gpu_mosaic.MosaicBwdConfig fields of the Mosaic GPU backward (dk/dv and
+  # dq kernels), used with the Mosaic forward; None: the Triton backward.
+  mosaic_bwd: tuple | None = None
 
   @classmethod
   def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16) -> "GpuConfig":
@@ -296,12 +300,24 @@ class GpuConfig:
     blocks = [b for c in (self.fwd, self.dkv, self.dq) for b in c[:2]]
     if self.mosaic_fwd:
       blocks += [2 * self.mosaic_fwd[0], self.mosaic_fwd[1]]
+    if self.mosaic_bwd:
+      from tfjax.ops.kernels import gpu_mosaic
+      blocks.append(gpu_mosaic.MosaicBwdConfig(*self.mosaic_bwd).multiple)
     return math.lcm(*blocks)
 
   @staticmethod
-  def mosaic_default(head_dim: int) -> tuple[int, int, int]:
+  def mosaic_default(head_dim: int) -> tuple:
     """Mosaic GPU forward tiles: the best of the H100 runs (NOTES_attention.md)."""
-    return (64, 128, 3) if head_dim <= 64 else (64, 128, 2)
+    # H100, run 2 of the Mosaic forward: one head per CTA is best at every
+    # shape but 8192/128 (where 2 heads tie); 64-key tiles and deeper rings lose.
+    return (64, 128, 2, 1)
+
+
+  @staticmethod
+  def mosaic_bwd_default(head_dim: int) -> tuple | None:
+    """Mosaic GPU backward tiles (None: the Triton backward)."""
+    del head_dim
+    return None
 
 
 def _mosaic_forward(q, k, v, ks, ke, *, scale, cfg, interpret):
@@ -316,6 +332,17 @@ def _mosaic_forward(q, k, v, ks, ke, *, scale, cfg, interpret):
 _attention = block_sparse_vjp(_forward, _backward)
 # Mosaic GPU forward, Triton backward (which reads the same base-2 lse).
 _attention_mosaic = block_sparse_vjp(_mosaic_forward, _backward)
+
+
+def _mosaic_backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
+  from tfjax.ops.kernels import gpu_mosaic
+  del interpret
+  return gpu_mosaic.backward(q, k, v, o, lse, do, ks, ke, scale=scale,
+                             cfg=gpu_mosaic.MosaicBwdConfig(*cfg.mosaic_bwd))
+
+
+# Mosaic GPU forward and backward.
+_attention_mosaic_all = block_sparse_vjp(_mosaic_forward, _mosaic_backward)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
@@ -337,7 +364,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
   config = config or GpuConfig.for_head_dim(q.shape[-1], q.dtype)
   if q.shape[1] % config.multiple:
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
-  fn = _attention_mosaic if config.mosaic_fwd and not interpret else _attention
+  fn = _attention
+  if config.mosaic_fwd and not interpret:
+    fn = _attention_mosaic_all if config.mosaic_bwd else _attention_mosaic
   return fn(q, k, v, k_start, k_end, float(scale), config, interpret)
 
 

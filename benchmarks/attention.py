@@ -5,8 +5,8 @@ L in {4096, 8192}, head dim in {64, 128}. Effective TFLOP/s count only the
 unmasked pairs: forward 4*H*D*nnz, forward+backward 3.5x that.
 
 The first row is `impl="pallas"` as dispatch picks it (on Hopper: the Mosaic
-GPU forward of gpu_mosaic.py + the Triton backward); the second is the same
-with the Triton forward, for comparison.
+GPU kernels of gpu_mosaic.py); `--with_triton` adds the Triton kernels of
+gpu.py for comparison.
 
 Peers (GPU): the XLA reference with a dense mask, cuDNN causal attention (a
 dense-causal yardstick, not Transfusion-correct), torch FlexAttention with a
@@ -93,10 +93,10 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   impl = "pallas"
   ours = lambda q, k, v: dispatch.attention(q, k, v, seg, im, impl=impl, **kernel_kw)
   out = {"tfjax pallas": ours}
-  if jax.default_backend() == "gpu" and not args.block_q:
+  if jax.default_backend() == "gpu" and not args.block_q and args.with_triton:
     from tfjax.ops.kernels import gpu
-    triton = gpu.GpuConfig.for_head_dim(q.shape[-1])  # no mosaic_fwd: all three Triton
-    out["tfjax pallas, Triton forward"] = lambda q, k, v: dispatch.attention(
+    triton = gpu.GpuConfig.for_head_dim(q.shape[-1])  # no mosaic_*: all three Triton
+    out["tfjax pallas, Triton kernels"] = lambda q, k, v: dispatch.attention(
         q, k, v, seg, im, impl=impl, config=triton)
   if not args.quick or args.with_xla:
     mask = transfusion_mask(seg, im)
@@ -259,6 +259,8 @@ def main():
                  " besides this kernel (e.g. tokamax,Flex)")
   p.add_argument("--no_tokamax", action="store_true", help="skip tokamax")
   p.add_argument("--with_xla", action="store_true", help="time XLA in --quick too")
+  p.add_argument("--with_triton", action="store_true",
+                 help="also time this kernel with the Triton forward and backward")
   p.add_argument("--sweep", action="store_true", help="sweep GPU kernel tile configs first")
   p.add_argument("--sweep_seqs", default="8192", help="sequence lengths to sweep")
   args = p.parse_args()
@@ -273,7 +275,14 @@ def main():
     for s in [int(x) for x in args.sweep_seqs.split(",")]:
       for d in dims:
         sweep(bsz, s, heads, d, args)
-  results = [run_shape(bsz, s, heads, d, args) for s in seqs for d in dims]
+  results = []
+  for s in seqs:
+    for d in dims:
+      r = run_shape(bsz, s, heads, d, args)
+      results.append(r)
+      for name, tf, tfb, note in r["rows"]:  # as it comes: a later shape may time out
+        print(f"ROW {s}/{d} | {name} | fwd {tf:.3f} ms ({r['flops_f'] / tf / 1e9:.0f}) | f+b "
+              f"{tfb:.3f} ms ({r['flops_fb'] / tfb / 1e9:.0f}) | {note}", flush=True)
   headline = {}
   print(f"\n{'L/D':>9} | {'implementation':34} | {'fwd ms':>8} {'TF/s':>6} | "
         f"{'f+b ms':>8} {'TF/s':>6} | notes")

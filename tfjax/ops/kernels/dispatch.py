@@ -4,8 +4,8 @@
 `tfjax.ops.attention.xla_attention` under `transfusion_mask`:
 
   impl="auto"    GPU (Hopper or newer): the Pallas GPU kernels (on Hopper, for
-                 bf16/f16 at head dims 64/128, the forward is the Mosaic GPU
-                 kernel of gpu_mosaic.py, the backward the Triton kernels);
+                 bf16/f16 at head dims 64/128, the Mosaic GPU kernels of
+                 gpu_mosaic.py, else the Triton kernels of gpu.py);
                  TPU: the Pallas TPU kernel; anything else (CPU): the XLA
                  reference, since interpret mode is far too slow to train with.
   impl="pallas"  the kernel for the backend; on CPU, the GPU kernel in Pallas

@@ -62,15 +62,21 @@ def test_splits_disjoint_deterministic_and_captions_true():
 
 
 def test_max_objects_limits_scenes_and_corpus():
-  _, scenes, captions = shapes.generate_split("train", 100, 32, seed=0, max_objects=1)
+  one = shapes.SceneOptions(max_objects=1)
+  _, scenes, captions = shapes.generate_split("train", 100, 32, seed=0, options=one)
   assert all(len(s["objects"]) == 1 for s in scenes)
   assert not any(c.startswith(("two ", "three ")) for c in captions)
-  _, four, _ = shapes.generate_split("train", 200, 32, seed=0, max_objects=4)
+  _, four, _ = shapes.generate_split("train", 200, 32, seed=0,
+                                     options=shapes.SceneOptions(max_objects=4))
   assert max(len(s["objects"]) for s in four) == 4
-  docs = shapes.text_corpus("train", 50, seed=0, max_objects=1)
+  docs = shapes.text_corpus("train", 50, seed=0, options=one)
   assert not any("shows two" in d or "shows three" in d for d in docs)
   with pytest.raises(ValueError, match="data.max_objects"):
-    shapes.generate_split("train", 1, 32, max_objects=5)
+    shapes.SceneOptions(max_objects=5)
+  _, big, _ = shapes.generate_split("train", 50, 32, options=shapes.SceneOptions(sizes=("large",)))
+  assert {o["size"] for s in big for o in s["objects"]} == {"large"}
+  with pytest.raises(ValueError, match="data.object_sizes"):
+    shapes.SceneOptions(sizes=("huge",))
 
 
 def test_text_corpus():
@@ -145,6 +151,13 @@ def test_max_objects_names_its_own_tfds_config(tmp_path):
   default_name = tfds_shapes.builder(c, str(tmp_path)).builder_config.name
   c.data.max_objects = 1
   assert tfds_shapes.builder(c, str(tmp_path)).builder_config.name == default_name + "_obj1"
+  c.data.object_sizes = "medium,large"
+  assert (tfds_shapes.builder(c, str(tmp_path)).builder_config.name
+          == default_name + "_obj1_medium-large")
   c.data.max_objects = 0
   with pytest.raises(ValueError, match="data.max_objects"):
+    validate(c)
+  c.data.max_objects = 1
+  c.data.object_sizes = "large,huge"
+  with pytest.raises(ValueError, match="data.object_sizes"):
     validate(c)

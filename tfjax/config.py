@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   data.num_train_scenes = 20000
   data.num_eval_scenes = 500
   data.max_objects = 3          # shapes scenes hold 1..max_objects objects (1-4)
+  data.object_sizes = "small,medium,large"  # shapes size classes scenes draw from
   data.text_image_ratio = 1.0   # text-only tokens per image-caption token
   data.caption_first_prob = 0.8
   data.seq_len = 256
@@ -306,6 +307,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"unknown {c.diffusion.sampler!r}")
   _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
   _require(1 <= c.data.get("max_objects", 3) <= 4, "data.max_objects", "must be in 1..4")
+  sizes = [s.strip() for s in str(c.data.get("object_sizes", "small")).split(",") if s.strip()]
+  _require(sizes and set(sizes) <= {"small", "medium", "large"}, "data.object_sizes",
+           f"must be a comma list of small, medium, large; got {c.data.get('object_sizes')!r}")
   _require(c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(c.model.vocab_size > EOI_ID, "model.vocab_size", "too small for the special tokens")
   return c

@@ -33,7 +33,7 @@ def build_text_corpus(config: ml_collections.ConfigDict, root: str) -> str:
   counts = {"train": d.num_text_docs, "validation": max(1, d.num_text_docs // 20)}
   train_docs = []
   for split, num in counts.items():
-    docs = shapes.text_corpus(split, num, d.seed, int(d.get("max_objects", 3)))
+    docs = shapes.text_corpus(split, num, d.seed, shapes.SceneOptions.from_config(d))
     w = array_record_module.ArrayRecordWriter(sources.text_shard_path(root, split),
                                               "group_size:1")
     for doc in docs:

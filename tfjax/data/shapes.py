@@ -13,9 +13,10 @@ apart in RGB and rendering has no anti-aliasing.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -80,14 +81,14 @@ def render(scene: Scene, image_size: int) -> np.ndarray:
 
 
 def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3,
-                 max_tries: int = 100) -> Scene:
+                 max_tries: int = 100, sizes: Sequence[str] = tuple(SIZES)) -> Scene:
   """A random scene of non-overlapping objects, entirely inside the image."""
   n = int(rng.integers(min_objects, max_objects + 1))
   objects: list[dict[str, Any]] = []
   tries = 0
   while len(objects) < n and tries < max_tries:
     tries += 1
-    size = str(rng.choice(list(SIZES)))
+    size = str(rng.choice(list(sizes)))
     r = SIZES[size]
     x, y = (float(v) for v in np.round(rng.uniform(r + 0.01, 1 - r - 0.01, size=2), 3))
     if all(np.hypot(x - o["x"], y - o["y"]) > r + SIZES[o["size"]] + _GAP for o in objects):
@@ -97,10 +98,44 @@ def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: in
   return {"objects": objects, "background": list(BACKGROUNDS[bg])}
 
 
-def _check_max_objects(max_objects: int) -> None:
-  if not 1 <= max_objects <= len(_NUMBERS):
-    raise ValueError(f"config key data.max_objects must be in 1..{len(_NUMBERS)}, "
-                     f"got {max_objects}")
+@dataclasses.dataclass(frozen=True)
+class SceneOptions:
+  """What scenes may hold: 1..max_objects objects of the given size classes.
+
+  The defaults are the full dataset; the tiny main job narrows them
+  (`data.max_objects`, `data.object_sizes`) so that a model trained for
+  minutes on a CPU can learn it.
+  """
+  max_objects: int = 3
+  sizes: tuple[str, ...] = tuple(SIZES)
+
+  def __post_init__(self):
+    if not 1 <= self.max_objects <= len(_NUMBERS):
+      raise ValueError(f"config key data.max_objects must be in 1..{len(_NUMBERS)}, "
+                       f"got {self.max_objects}")
+    unknown = [s for s in self.sizes if s not in SIZES]
+    if unknown or not self.sizes:
+      raise ValueError(f"config key data.object_sizes: unknown or empty sizes {list(self.sizes)}; "
+                       f"known: {', '.join(SIZES)}")
+
+  @classmethod
+  def from_config(cls, data: Any) -> "SceneOptions":
+    """From a config's `data` section (older configs lack the keys: defaults)."""
+    sizes = str(data.get("object_sizes", ",".join(SIZES)))
+    return cls(max_objects=int(data.get("max_objects", 3)),
+               sizes=tuple(s.strip() for s in sizes.split(",") if s.strip()))
+
+  @property
+  def is_default(self) -> bool:
+    return self == SceneOptions()
+
+  @property
+  def name(self) -> str:
+    """Suffix for dataset names; empty for the defaults (names built before stay valid)."""
+    if self.is_default:
+      return ""
+    return f"_obj{self.max_objects}" + ("" if self.sizes == tuple(SIZES) else
+                                        "_" + "-".join(self.sizes))
 
 
 def background_name(scene: Scene) -> str:
@@ -191,25 +226,25 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def generate_split(split: str, num: int, image_size: int, seed: int = 0,
-                   max_objects: int = 3) -> tuple[np.ndarray, list[Scene], list[str]]:
+                   options: SceneOptions = SceneOptions()
+                   ) -> tuple[np.ndarray, list[Scene], list[str]]:
   """`num` scenes of one split, their images and captions.
 
   Scenes are drawn from one stream per (seed, split) and kept only when their
   canonical hash falls in the split, so splits never share a scene.
 
-  max_objects: objects per scene are drawn from 1..max_objects (1-4).
+  options: what scenes may hold (objects per scene, size classes).
 
   Returns:
     (images uint8[num, image_size, image_size, 3], scenes, captions).
   """
-  _check_max_objects(max_objects)
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
   rng = np.random.default_rng([seed, SPLITS.index(split)])
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   scenes, captions = [], []
   while len(scenes) < num:
-    scene = random_scene(rng, max_objects=max_objects)
+    scene = random_scene(rng, max_objects=options.max_objects, sizes=options.sizes)
     if split_of(scene) != split:
       continue
     images[len(scenes)] = render(scene, image_size)
@@ -243,15 +278,15 @@ def _scene_story(scene: Scene, rng: np.random.Generator) -> str:
   return " ".join(lines)
 
 
-def text_corpus(split: str, num: int, seed: int = 0, max_objects: int = 3) -> list[str]:
+def text_corpus(split: str, num: int, seed: int = 0,
+                options: SceneOptions = SceneOptions()) -> list[str]:
   """`num` text-only documents about shapes scenes (no images attached)."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
-  _check_max_objects(max_objects)
   rng = np.random.default_rng([seed, 100 + SPLITS.index(split)])
   docs = []
   while len(docs) < num:
-    scene = random_scene(rng, max_objects=max_objects)
+    scene = random_scene(rng, max_objects=options.max_objects, sizes=options.sizes)
     if split_of(scene) != split:
       continue
     kind = rng.random()

@@ -37,13 +37,11 @@ class TfjaxShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = None
 
   def __init__(self, *, image_size: int = 64, num_train: int = 1000, num_eval: int = 100,
-               seed: int = 0, max_objects: int = 3, **kwargs):
+               seed: int = 0, options: shapes.SceneOptions = shapes.SceneOptions(), **kwargs):
     self.image_size, self.num_train, self.num_eval, self.seed = (
         image_size, num_train, num_eval, seed)
-    self.max_objects = max_objects
-    name = f"px{image_size}_train{num_train}_eval{num_eval}_seed{seed}"
-    if max_objects != 3:  # the default keeps the names datasets were built under
-      name += f"_obj{max_objects}"
+    self.options = options
+    name = f"px{image_size}_train{num_train}_eval{num_eval}_seed{seed}{options.name}"
     super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -65,7 +63,7 @@ class TfjaxShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, num: int):
     images, scenes, captions = shapes.generate_split(split, num, self.image_size, self.seed,
-                                                     self.max_objects)
+                                                     self.options)
     for i in range(num):
       rid = f"shapes-{split}-{i}"
       yield rid, {"image": _png(images[i]), "caption": captions[i],
@@ -77,7 +75,7 @@ def builder(config: ml_collections.ConfigDict, root: str) -> TfjaxShapes:
   data_dir = d.tfds_dir or os.path.join(root, "tfds")
   return TfjaxShapes(image_size=d.image_size, num_train=d.num_train_scenes,
                      num_eval=d.num_eval_scenes, seed=d.seed,
-                     max_objects=int(d.get("max_objects", 3)), data_dir=data_dir,
+                     options=shapes.SceneOptions.from_config(d), data_dir=data_dir,
                      file_format="array_record")
 
 

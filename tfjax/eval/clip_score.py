@@ -52,7 +52,7 @@ def maybe_clip_score(gen: Any, path: str | None, num_samples: int, *, seed: int 
   from tfjax.data import shapes
   _, _, captions = shapes.generate_split("test", num_samples, int(gen.config.data.image_size),
                                          seed=seed,
-                                         max_objects=int(gen.config.data.get("max_objects", 3)))
+                                         options=shapes.SceneOptions.from_config(gen.config.data))
   images, rng = [], jax.random.key(seed + 2)
   for i in range(0, num_samples, batch_size):
     rng, key = jax.random.split(rng)

@@ -51,7 +51,7 @@ def maybe_fid(gen: Any, path: str | None, num_samples: int, *, seed: int = 0,
   from tfjax.data import shapes
   size = int(gen.config.data.image_size)
   real, _, captions = shapes.generate_split("test", num_samples, size, seed=seed,
-                                            max_objects=int(gen.config.data.get("max_objects", 3)))
+                                            options=shapes.SceneOptions.from_config(gen.config.data))
   fake, rng = [], jax.random.key(seed + 1)
   for i in range(0, num_samples, batch_size):
     rng, key = jax.random.split(rng)

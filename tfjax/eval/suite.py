@@ -40,9 +40,9 @@ def _batches(n: int, size: int):
     yield slice(i, min(n, i + size))
 
 
-def _max_objects(gen: Any) -> int:
-  """Objects per scene the model was trained on (data.max_objects)."""
-  return int(gen.config.data.get("max_objects", 3))
+def _scene_options(gen: Any) -> shapes.SceneOptions:
+  """The scenes the model was trained on (data.max_objects, data.object_sizes)."""
+  return shapes.SceneOptions.from_config(gen.config.data)
 
 
 def shapes_eval(gen: Any, num_samples: int, *, seed: int = 0, batch_size: int = 8,
@@ -50,7 +50,7 @@ def shapes_eval(gen: Any, num_samples: int, *, seed: int = 0, batch_size: int = 
   """Text-to-image on held-out captions, scored by the pixel checker."""
   size = int(gen.config.data.image_size)
   _, scenes, captions = shapes.generate_split("test", num_samples, size, seed=seed,
-                                          max_objects=_max_objects(gen))
+                                          options=_scene_options(gen))
   images = []
   rng = jax.random.key(seed)
   for sl in _batches(num_samples, batch_size):
@@ -72,7 +72,7 @@ def captioning_eval(gen: Any, num_samples: int, *, seed: int = 0,
   """Image-to-text on held-out images: CIDEr-D and exact-scene accuracy."""
   size = int(gen.config.data.image_size)
   images, scenes, _ = shapes.generate_split("test", num_samples, size, seed=seed,
-                                          max_objects=_max_objects(gen))
+                                          options=_scene_options(gen))
   ref_rng = np.random.default_rng([seed, 7])
   references = [sorted({shapes.caption(s, ref_rng) for _ in range(NUM_REFERENCES * 3)})
                 [:NUM_REFERENCES] for s in scenes]
@@ -100,7 +100,7 @@ def shapes_text_batches(gen: Any, num_docs: int, seed: int = 0):
   seq_len, bsz = int(c.data.seq_len), int(c.data.batch_size)
   latent = (c.model.latent_size, c.model.latent_size, c.model.latent_channels)
   docs = []
-  for text in shapes.text_corpus("test", num_docs, seed=seed, max_objects=_max_objects(gen)):
+  for text in shapes.text_corpus("test", num_docs, seed=seed, options=_scene_options(gen)):
     for chunk in split_text(gen.tokenizer.encode(text), seq_len):
       docs.append(make_document([("text", chunk)], patches_per_image(c.model)))
   for start in range(0, len(docs), bsz):

@@ -47,7 +47,7 @@ def load_images(config: ml_collections.ConfigDict, split: str, num: int) -> np.n
     from tfjax.data import shapes
     seed = int(config.vae.seed) + (0 if split == "train" else 1)
     return shapes.generate_split(split, num, image_size(config), seed,
-                                 int(config.data.get("max_objects", 3)))[0]
+                                 shapes.SceneOptions.from_config(config.data))[0]
   raise ValueError(f"config key data.image_text_source: VAE training supports 'shapes' "
                    f"here, got {source!r}; pass images to train_vae() or set vae.path")
 

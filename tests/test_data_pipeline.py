@@ -328,3 +328,13 @@ def test_tfds_sources_by_name(built, tmp_path):
   assert rep["train"]["num_records"] == 300
   b = next(pipeline.make_train_iterator(c, built, process_index=0, process_count=1))
   assert b["image_valid"].any() and (b["segment_ids"] > 0).mean() > 0.5
+
+
+def test_latent_cache_of_other_scenes_is_refused(built):
+  from tfjax.data import sources
+  meta = latents.read_metadata(sources.latent_dir(tiny_config(), built))
+  assert meta["source"].startswith("shapes/px32_train300")
+  # Same directory, other scenes: the cache would silently pair the wrong latents.
+  c = tiny_config(max_objects=1)
+  with pytest.raises(ValueError, match="data.latents"):
+    build.build_latents(c, built, latents.PixelPatchEncoder(8, 4))

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -122,5 +123,24 @@ def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
   """
   root = sources.data_root(config, data_dir)
   out = sources.latent_dir(config, root)
-  return latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
+  source = sources.image_source_name(config, root)
+  meta_path = os.path.join(out, latents_lib.METADATA_FILE)
+  if os.path.exists(meta_path):
+    cached = latents_lib.read_metadata(out).get("source")
+    if cached not in (None, source):  # caches from before the field was written pass
+      raise ValueError(
+          f"latent cache {out} holds {cached!r}, but the config selects {source!r} "
+          f"(data.image_text_source and, for shapes, data.image_size/num_*_scenes/seed/"
+          f"max_objects/object_sizes): delete {out} to re-encode, or set data.latents "
+          f"to another directory")
+  report = latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
       encoder, sources.image_source(config, root, split), out, split=split, batch_size=batch_size))
+  if os.path.exists(meta_path):
+    meta = latents_lib.read_metadata(out)
+    if meta.get("source") != source:
+      meta["source"] = source
+      tmp = meta_path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+      os.replace(tmp, meta_path)
+  return report

@@ -107,6 +107,17 @@ def image_source(config: ml_collections.ConfigDict, data_dir: str | None, split:
   raise ValueError(f"config key data.image_text_source: unknown source {name!r}")
 
 
+def image_source_name(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
+  """What `image_source` reads, as recorded in a latent cache: the source
+  string, plus for the built-in shapes the dataset's config name (size,
+  splits, seed, scene options), so that a cache of other scenes is caught."""
+  name = config.data.image_text_source
+  if name == "shapes":
+    from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top
+    return "shapes/" + tfds_shapes.builder(config, data_root(config, data_dir)).builder_config.name
+  return name
+
+
 class _TfdsImageText:
   """coco_captions-style records -> {image, caption, scene, id}."""
 

@@ -1,11 +1,13 @@
-"""Mosaic GPU forward kernel: checks and tile sweep in one device call.
+"""Mosaic GPU kernels: checks and tile sweeps in one device call.
 
-  python benchmarks/mgpu_dev.py [--configs 64,128,2;64,64,3] [--shapes 4096/64,...]
+  python benchmarks/mgpu_dev.py [--configs "64,128,2,1;64,64,3,1"] [--shapes 4096/64,...]
+      [--bwd "64,64,2,64,64,2;..."] [--best_file PATH]
 
 For each workload shape (attention_layout.py, B=2, H=16, bf16): the Mosaic
 forward's out and lse against the Triton forward's, then forward time per
-Mosaic config against the Triton forward, and forward+backward (Mosaic
-forward + Triton backward) for the default config. Milliseconds are medians
+Mosaic config against the Triton forward, forward+backward (Mosaic forward +
+Triton backward) for the best one, and with each --bwd Mosaic backward config
+(gradients checked against the Triton kernels'). Milliseconds are medians
 of groups of back-to-back calls (attention.py's timer).
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ from tfjax.ops.mask import key_ranges  # noqa: E402
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="4096/64,4096/128,8192/64,8192/128")
-  p.add_argument("--configs", default="", help="';'-separated bq,bk,stages,heads[,lpt] (default: a sweep)")
+  p.add_argument("--configs", default="",
+                 help="';'-separated bq,bk,stages,heads[,lpt] (default: a sweep)")
   p.add_argument("--reps", type=int, default=30)
   p.add_argument("--group", type=int, default=10)
   p.add_argument("--bwd", default="", help="';'-separated MosaicBwdConfig fields to time")

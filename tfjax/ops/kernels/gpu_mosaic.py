@@ -1,6 +1,10 @@
-"""Block-sparse Transfusion attention forward for Hopper: Pallas Mosaic GPU.
+"""Block-sparse Transfusion attention for Hopper: Pallas Mosaic GPU kernels.
 
-One CTA per (q head, 2 * block_q query rows, batch row), three warpgroups:
+Forward (`forward`), and a backward (`backward`: a dk/dv kernel and a dq
+kernel, same warp-specialised pattern, described at `MosaicBwdConfig`).
+
+Forward: one CTA per (q head, 2 * block_q query rows, batch row), three
+warpgroups:
 
   warpgroups 0, 1  consumers: each owns block_q query rows (its Q tile in
                    shared memory), runs QK^T and PV on the tensor cores
@@ -24,9 +28,11 @@ Triton kernel, whose backward (gpu._backward) consumes this kernel's
 base-2 log-sum-exp unchanged.
 
 bf16/f16 only, head dims 64 and 128 (dispatch falls back to the Triton
-kernel otherwise). There is no interpret mode: on CPU it lowers (tests check
-that) but cannot run. Run on an H100 with JAX 0.11.2: see
-benchmarks/NOTES_attention.md for tests and timings.
+kernels otherwise). There is no interpret mode: on CPU the kernels lower to
+their Mosaic GPU modules (tests check that) but cannot run. Run on an H100
+with JAX 0.11.2 (2026-11-25): forward and backward match the Triton kernels
+and the float32 XLA reference; GPU tests and timings in
+benchmarks/NOTES_attention.md (runs M1-M4) and benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 

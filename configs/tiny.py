@@ -4,6 +4,23 @@ Trains end to end (dataset, tokenizer, VAE, latents, transformer, samples,
 report) on a 2-core CPU in under 20 minutes:
 
   tfjax-train --config=configs/tiny.py --workdir=/tmp/tfjax_tiny
+
+What makes a 20-minute CPU model draw the asked-for colour and shape (each
+measured with the shapes checker on 32 held-out captions, 3000 steps, one
+H100 run per variant unless noted, all on one-object scenes after the first
+point; noisy: two runs of one recipe differed by up to 20 points):
+  - U-Net patch layers (the paper's finding for small models): linear
+    patches 0-3% correct, U-Net 16% on one-object scenes of any size.
+  - One object per scene, large only (data.max_objects, data.object_sizes):
+    any size 16%, medium+large 47%, large 66%; two or three objects
+    medium+large 16% / 6%. The full 1-3 object dataset needs a larger model
+    and more steps (configs/transfusion_*.py, or this file on a GPU with
+    data.max_objects=3 and more train.num_steps).
+  - Image-caption pairs 4x the text-only tokens (data.text_image_ratio).
+  - Learning rate 2e-3 (any size: 31% vs 16% at 1e-3; medium+large 50% vs
+    47%); EMA 0.999 hurt this short run (34% vs 66%).
+  - The paper's sampler: DDPM, 250 steps, CFG 5 (DDIM 50 / CFG 3 on the same
+    checkpoint: 12% vs 19%).
 """
 from tfjax.config import default_config, tiny_vae
 
@@ -21,6 +38,8 @@ def get_config():
   m.attention_impl = "xla"
   m.scan_layers = True
   m.remat_policy = "none"
+  m.patch_type = "unet"       # conv down/up blocks around the transformer (see above)
+  m.unet_channels = (64, 128)
   m.patch_size = 2            # 8x8x8 latents -> 16 patches per image
   m.latent_size = 8
   m.time_embed_dim = 128
@@ -29,6 +48,9 @@ def get_config():
   c.data.vocab_size = 512
   c.data.num_train_scenes = 4000
   c.data.num_eval_scenes = 200
+  c.data.max_objects = 1      # one large object per scene: learnable in 20 CPU minutes
+  c.data.object_sizes = "large"
+  c.data.text_image_ratio = 0.25
   c.data.seq_len = 128
   c.data.batch_size = 16
   c.data.max_images_per_seq = 4
@@ -37,7 +59,7 @@ def get_config():
 
   t = c.train
   t.num_steps = 3000
-  t.learning_rate = 1e-3
+  t.learning_rate = 2e-3
   t.end_learning_rate = 1e-4
   t.warmup_steps = 200
   t.weight_decay = 0.0
@@ -46,7 +68,7 @@ def get_config():
   t.sample_every = 0
   t.checkpoint_every = 500
 
-  c.diffusion.sample_steps = 50
-  c.diffusion.sampler = "ddim"
-  c.diffusion.cfg_scale = 3.0
+  c.diffusion.sample_steps = 250  # the paper's sampler (also the default config's)
+  c.diffusion.sampler = "ddpm"
+  c.diffusion.cfg_scale = 5.0
   return c

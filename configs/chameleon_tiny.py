@@ -1,7 +1,7 @@
-"""Tiny Chameleon baseline on the shapes dataset: configs/tiny.py's transformer
+"""Tiny Chameleon baseline on the shapes dataset: configs/tiny_comparisons.py's transformer
 trained on VQ-VAE image tokens under the LM loss.
 
-Same data, tokenizer and transformer as configs/tiny.py; images are 64x64 ->
+Same data, tokenizer and transformer as configs/tiny_comparisons.py; images are 64x64 ->
 an 8x8 grid of VQ codes = 64 tokens per image (Transfusion tiny: 16 patches),
 the paper's 4:1 ratio of Chameleon image tokens to Transfusion patches.
 
@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+import tiny_comparisons as tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config():

@@ -4,7 +4,7 @@ The model is configs/tiny.py's; training starts from its export or workdir
 (train.init_from) and runs a short schedule of its own on the shapes editing
 set (tfjax/data/editing.py), alone or mixed with pretraining documents:
 
-  tfjax-train --config=configs/tiny.py --workdir=/tmp/tfjax_tiny
+  tfjax-train --config=configs/tiny.py --workdir=/tmp/tfjax_tiny --config.data.max_objects=2
   tfjax-export --workdir=/tmp/tfjax_tiny --out=/tmp/tfjax_tiny_export --dtype=float32
   tfjax-edit-data --config=configs/edit_tiny.py \
       --config.data.dir=/tmp/tfjax_tiny/data --config.vae.path=/tmp/tfjax_tiny/vae
@@ -32,6 +32,12 @@ def get_config():
   e.num_train = 8000          # the paper's 8k editing examples
   e.num_eval = 200
   e.pretrain_fraction = 0.0   # >0 mixes in pretraining documents (needs their caches)
+  # Edit scenes: one or two large objects (an add needs a one-object source, a
+  # remove a two-object one), the sizes tiny.py pretrains on. Pretrain the
+  # model you fine-tune with --config.data.max_objects=2 so that two-object
+  # scenes are not new to it (benchmarks/SCIENCE.md, Editing).
+  e.max_objects = 2
+  e.object_sizes = c.data.object_sizes
 
   # An example is 2 images (2 x 18 positions) + an instruction (~8 tokens)
   # + BOS/EOS, about 46 positions: two examples per 128-position row.

@@ -2,7 +2,7 @@
 
   tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep_tiny
 
-Both families use configs/tiny.py's transformer shape (size overrides below),
+Both families use configs/tiny_comparisons.py's transformer shape (size overrides below),
 the same data and tokenizer; Chameleon sees 64 VQ tokens per image where
 Transfusion sees 16 latent patches. Compute = 6ND with the same N and D
 accounting for both.
@@ -14,7 +14,7 @@ def get_config():
   s = ml_collections.ConfigDict()
   s.name = "sweep_tiny"
   s.families = {
-      "transfusion": {"config": "configs/tiny.py", "overrides": ()},
+      "transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()},
       "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
   }
   s.sizes = {"xs": ("model.dim=128", "model.num_layers=4", "model.num_heads=4",

@@ -76,6 +76,16 @@ def test_edits_change_one_thing_and_splits_share_no_scene():
   assert [e["instruction"] for e in again] == [e["instruction"] for e in train[:8]]
 
 
+def test_edit_scenes_stay_within_scene_options():
+  options = shapes.SceneOptions(max_objects=2, sizes=("large",))
+  exs = editing.generate_split("train", 40, 32, with_images=False, options=options)
+  assert [ex["meta"]["edit"]["type"] for ex in exs[:4]] == list(editing.EDIT_TYPES)
+  for ex in exs:
+    for key in ("source_scene", "target_scene"):
+      objs = ex["meta"][key]["objects"]
+      assert 1 <= len(objs) <= 2 and {o["size"] for o in objs} == {"large"}
+
+
 def test_checker_scores_ground_truth_pairs():
   examples = editing.generate_split("test", 120, 64)
   metas = [ex["meta"] for ex in examples]

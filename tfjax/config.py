@@ -97,6 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.num_train = 8000          # shapes editing train examples (the paper fine-tunes on 8k)
   e.num_eval = 200            # shapes editing examples in validation and in test
   e.seed = 0                  # seed of the generated shapes edits
+  e.max_objects = 3           # shapes edit scenes hold 1..max_objects objects (an add stays within)
+  e.object_sizes = "small,medium,large"  # size classes of edit scenes (and of added objects)
   e.pretrain_fraction = 0.0   # share of training documents from the pretraining sources; 0 = editing alone
 
   # ---- image autoencoder (see tfjax/vae) ---------------------------------

@@ -12,11 +12,11 @@ def get_config():
   s = ml_collections.ConfigDict()
   s.name = "ablation_attention_patches"
   s.families = {
-      "linear_bidirectional": {"config": "configs/tiny.py", "overrides": ()},
-      "linear_causal": {"config": "configs/tiny.py",
+      "linear_bidirectional": {"config": "configs/tiny_comparisons.py", "overrides": ()},
+      "linear_causal": {"config": "configs/tiny_comparisons.py",
                         "overrides": ("model.image_attention=causal",)},
-      "unet_bidirectional": {"config": "configs/tiny.py", "overrides": UNET},
-      "unet_causal": {"config": "configs/tiny.py",
+      "unet_bidirectional": {"config": "configs/tiny_comparisons.py", "overrides": UNET},
+      "unet_causal": {"config": "configs/tiny_comparisons.py",
                       "overrides": UNET + ("model.image_attention=causal",)},
   }
   s.sizes = {"xs": ()}

@@ -10,14 +10,14 @@ def get_config():
   s = ml_collections.ConfigDict()
   s.name = "ablation_objective"
   s.families = {
-      "ddpm": {"config": "configs/tiny.py", "overrides": ()},
-      "no_noise_limit": {"config": "configs/tiny.py",
+      "ddpm": {"config": "configs/tiny_comparisons.py", "overrides": ()},
+      "no_noise_limit": {"config": "configs/tiny_comparisons.py",
                          "overrides": ("diffusion.max_t_image_first=-1",)},
-      "lambda1": {"config": "configs/tiny.py", "overrides": ("diffusion.loss_weight=1.0",)},
-      "lambda20": {"config": "configs/tiny.py", "overrides": ("diffusion.loss_weight=20.0",)},
-      "caption_first_half": {"config": "configs/tiny.py",
+      "lambda1": {"config": "configs/tiny_comparisons.py", "overrides": ("diffusion.loss_weight=1.0",)},
+      "lambda20": {"config": "configs/tiny_comparisons.py", "overrides": ("diffusion.loss_weight=20.0",)},
+      "caption_first_half": {"config": "configs/tiny_comparisons.py",
                             "overrides": ("data.caption_first_prob=0.5",)},
-      "flow": {"config": "configs/tiny.py",
+      "flow": {"config": "configs/tiny_comparisons.py",
                "overrides": ("diffusion.objective=flow", "diffusion.sampler=ddim")},
   }
   s.sizes = {"xs": ()}

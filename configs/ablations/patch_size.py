@@ -11,7 +11,7 @@ import ml_collections
 def get_config():
   s = ml_collections.ConfigDict()
   s.name = "ablation_patch_size"
-  s.families = {f"patch{k}": {"config": "configs/tiny.py",
+  s.families = {f"patch{k}": {"config": "configs/tiny_comparisons.py",
                               "overrides": (f"model.patch_size={k}",)} for k in (1, 2, 4, 8)}
   s.sizes = {"xs": ()}
   s.budgets = (204_800, 614_400)

@@ -2,14 +2,14 @@
 
   tfjax-sweep --config=configs/ablations/science_cpu.py --workdir=/tmp/science
 
-  transfusion          configs/tiny.py (bidirectional intra-image attention,
+  transfusion          configs/tiny_comparisons.py (bidirectional intra-image attention,
                        linear 2x2 patches)
   chameleon            configs/chameleon_tiny.py
   transfusion_causal   causal intra-image attention, linear patches
   transfusion_unet     U-Net patch encoder/decoder (2 levels = patch 2)
 each at four token budgets.
 
-Every run has the same transformer (configs/tiny.py narrowed to dim 64, 2
+Every run has the same transformer (configs/tiny_comparisons.py narrowed to dim 64, 2
 layers, for a shared 2-core CPU) and sees the same number of training tokens
 per budget; compute is 6ND for all.
 """
@@ -22,11 +22,11 @@ def get_config():
   s = ml_collections.ConfigDict()
   s.name = "science_cpu"
   s.families = {
-      "transfusion": {"config": "configs/tiny.py", "overrides": ()},
+      "transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()},
       "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
-      "transfusion_causal": {"config": "configs/tiny.py",
+      "transfusion_causal": {"config": "configs/tiny_comparisons.py",
                              "overrides": ("model.image_attention=causal",)},
-      "transfusion_unet": {"config": "configs/tiny.py",
+      "transfusion_unet": {"config": "configs/tiny_comparisons.py",
                            "overrides": ("model.patch_type=unet", "model.unet_channels=(32, 64)")},
   }
   # dim 64 x 2 layers: what a shared 2-core CPU trains in minutes.

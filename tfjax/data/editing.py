@@ -87,7 +87,8 @@ def _fits(obj: dict[str, Any], others: Sequence[dict[str, Any]]) -> bool:
       for p in others)
 
 
-def _edit_recolor(scene: Scene, rng: np.random.Generator):
+def _edit_recolor(scene: Scene, rng: np.random.Generator,
+                  options: shapes.SceneOptions):
   objs = scene["objects"]
   for i in rng.permutation(len(objs)):
     ref = referring_expression(int(i), objs, rng)
@@ -102,7 +103,8 @@ def _edit_recolor(scene: Scene, rng: np.random.Generator):
   return None
 
 
-def _edit_move(scene: Scene, rng: np.random.Generator):
+def _edit_move(scene: Scene, rng: np.random.Generator,
+               options: shapes.SceneOptions):
   objs = scene["objects"]
   for i in rng.permutation(len(objs)):
     ref = referring_expression(int(i), objs, rng)
@@ -123,12 +125,13 @@ def _edit_move(scene: Scene, rng: np.random.Generator):
   return None
 
 
-def _edit_add(scene: Scene, rng: np.random.Generator):
+def _edit_add(scene: Scene, rng: np.random.Generator,
+              options: shapes.SceneOptions):
   objs = scene["objects"]
-  if len(objs) >= MAX_OBJECTS:
+  if len(objs) >= min(MAX_OBJECTS, options.max_objects):
     return None
   for _ in range(50):
-    size = str(rng.choice(list(shapes.SIZES)))
+    size = str(rng.choice(list(options.sizes)))
     r = shapes.SIZES[size]
     x, y = (float(v) for v in np.round(rng.uniform(r + 0.01, 1 - r - 0.01, size=2), 3))
     new = dict(shape=str(rng.choice(shapes.SHAPES)), color=str(rng.choice(list(shapes.COLORS))),
@@ -143,7 +146,8 @@ def _edit_add(scene: Scene, rng: np.random.Generator):
   return None
 
 
-def _edit_remove(scene: Scene, rng: np.random.Generator):
+def _edit_remove(scene: Scene, rng: np.random.Generator,
+                 options: shapes.SceneOptions):
   objs = scene["objects"]
   if len(objs) < 2:  # an empty result scene is never seen in pretraining
     return None
@@ -161,12 +165,16 @@ _EDITORS = {"recolor": _edit_recolor, "move": _edit_move, "add": _edit_add,
             "remove": _edit_remove}
 
 
-def make_edit(scene: Scene, kind: str, rng: np.random.Generator
+def make_edit(scene: Scene, kind: str, rng: np.random.Generator,
+              options: shapes.SceneOptions = shapes.SceneOptions()
               ) -> tuple[str, Scene, dict[str, Any]] | None:
-  """(instruction, target scene, edit metadata), or None if `kind` cannot apply."""
+  """(instruction, target scene, edit metadata), or None if `kind` cannot apply.
+
+  An add keeps the result within `options` (object count and size classes).
+  """
   if kind not in _EDITORS:
     raise ValueError(f"unknown edit type {kind!r}; known: {EDIT_TYPES}")
-  return _EDITORS[kind](scene, rng)
+  return _EDITORS[kind](scene, rng, options)
 
 
 def _split_ok(split: str, source: Scene, target: Scene) -> bool:
@@ -176,8 +184,12 @@ def _split_ok(split: str, source: Scene, target: Scene) -> bool:
 
 
 def generate_split(split: str, num: int, image_size: int, seed: int = 0,
-                   with_images: bool = True) -> list[dict[str, Any]]:
+                   with_images: bool = True,
+                   options: shapes.SceneOptions = shapes.SceneOptions()) -> list[dict[str, Any]]:
   """`num` shapes editing examples of `split`, edit types in equal turns.
+
+  Source and target scenes stay within `options` (config keys
+  editing.max_objects and editing.object_sizes).
 
   Deterministic in (split, num, seed); example i of a larger `num` equals
   example i of a smaller one.
@@ -188,13 +200,13 @@ def generate_split(split: str, num: int, image_size: int, seed: int = 0,
   out = []
   while len(out) < num:
     kind = EDIT_TYPES[len(out) % len(EDIT_TYPES)]
-    scene = shapes.random_scene(rng)
+    scene = shapes.random_scene(rng, max_objects=options.max_objects, sizes=options.sizes)
     # Cheap test first: most scenes are rejected for the held-out splits.
     if shapes.split_of(scene) != split:
       continue
     # Several tries per accepted source: a held-out target is rare (~10%).
     for _ in range(MAX_EDIT_TRIES):
-      made = make_edit(scene, kind, rng)
+      made = make_edit(scene, kind, rng, options)
       if made is None or _split_ok(split, scene, made[1]):
         break
     if made is None or not _split_ok(split, scene, made[1]):

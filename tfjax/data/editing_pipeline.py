@@ -27,7 +27,7 @@ from array_record.python import array_record_module
 from flax import serialization
 
 from tfjax.config import ConfigError, patches_per_image
-from tfjax.data import editing, sources
+from tfjax.data import editing, shapes, sources
 from tfjax.data import latents as latents_lib
 from tfjax.data.tokenizer import Tokenizer
 
@@ -62,7 +62,8 @@ def build_editing_set(config: ml_collections.ConfigDict, data_dir: str | None = 
   for split, num in counts.items():
     path = os.path.join(root, f"{split}.jsonl")
     if not os.path.exists(path):
-      examples = editing.generate_split(split, num, config.data.image_size, e.seed)
+      examples = editing.generate_split(split, num, config.data.image_size, e.seed,
+                                        options=shapes.SceneOptions.from_config(e))
       editing.write_folder(examples, root, split)
     out[split] = path
   return out

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from tfjax.data import editing as editing_data
+from tfjax.data import shapes
 from tfjax.eval.shapes_checker import Detection, detect
 
 CATEGORIES = ("edited", "unchanged", "correct")
@@ -124,7 +125,9 @@ def suite_examples(config: Any, num: int | None = None, split: str = "test",
   """The shapes editing examples the suite scores (deterministic in seed)."""
   n = int(num or config.editing.num_eval)
   seed = config.editing.seed if seed is None else seed
-  return editing_data.generate_split(split, n, int(config.data.image_size), seed)
+  options = shapes.SceneOptions.from_config(config.editing)
+  return editing_data.generate_split(split, n, int(config.data.image_size), seed,
+                                     options=options)
 
 
 def generate_edits(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,

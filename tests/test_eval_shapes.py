@@ -52,3 +52,19 @@ def test_detect_reads_back_a_known_scene():
   assert dets[1].x == pytest.approx(0.3, abs=0.02) and dets[1].y == pytest.approx(0.3, abs=0.02)
   with pytest.raises(ValueError, match="shape"):
     shapes_checker.detect(np.zeros((8, 8)))
+
+
+def test_eval_overrides_set_config_keys_and_refuse_model_keys():
+  from tfjax.config import default_config
+  from tfjax.eval.suite import apply_overrides
+  c = default_config()
+  apply_overrides(c, ["editing.max_objects=2", "editing.object_sizes=large",
+                      "diffusion.cfg_scale=3.5"])
+  assert c.editing.max_objects == 2 and c.editing.object_sizes == "large"
+  assert c.diffusion.cfg_scale == 3.5
+  with pytest.raises(ValueError, match="model keys"):
+    apply_overrides(c, ["model.dim=64"])
+  with pytest.raises(ValueError, match="editing.nope"):
+    apply_overrides(c, ["editing.nope=1"])
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    apply_overrides(c, ["editing.max_objects"])

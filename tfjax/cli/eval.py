@@ -1,7 +1,8 @@
 """tfjax-eval: score a trained model (workdir or export) on the evaluation suite.
 
   tfjax-eval --model=DIR --suite=shapes|captioning|perplexity|editing|all \
-      [--num-samples=64] --json=results.json [--inception=FILE] [--clip=DIR]
+      [--num-samples=64] --json=results.json [--inception=FILE] [--clip=DIR] \
+      [--override=KEY=VALUE ...]
 
 Writes the results as JSON (headline keys shapes_accuracy, caption_cider,
 caption_scene_accuracy, perplexity) and a Markdown table next to it
@@ -23,6 +24,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed for the held-out draw and sampling
 _BATCH = flags.DEFINE_integer("batch-size", 8, "Prompts generated together.")
 _INCEPTION = flags.DEFINE_string("inception", None, "Inception feature extractor "
                                  "(.jax_export file) for FID; without it FID is skipped.")
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "KEY=VALUE set on the model's config before evaluating, repeatable: "
+    "held-out data or sampling settings, e.g. --override=editing.max_objects=2 to score "
+    "a pretrained model on a fine-tuning config's edits. model.* keys are refused.")
 _CLIP = flags.DEFINE_string("clip", None, "Directory with CLIP encoders (see "
                             "tfjax/eval/clip_score.py); without it CLIP score is skipped.")
 
@@ -33,7 +38,7 @@ def _main(argv) -> None:
     raise SystemExit("--model and --json are required")
   from tfjax.eval.suite import evaluate_to_files, markdown_table
   results = evaluate_to_files(_MODEL.value, _SUITE.value, _NUM.value, _JSON.value, _SEED.value,
-                     _BATCH.value, _INCEPTION.value, _CLIP.value)
+                     _BATCH.value, _INCEPTION.value, _CLIP.value, _OVERRIDE.value)
   print(markdown_table(results))
   print(f"wrote {_JSON.value}")
 

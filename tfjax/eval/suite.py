@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -160,15 +160,46 @@ def run(gen: Any, suite: str = "all", num_samples: int = 64, *, seed: int = 0,
   return results
 
 
+def apply_overrides(config: Any, overrides: Sequence[str]) -> None:
+  """Sets KEY=VALUE pairs (dotted keys, Python literals or plain strings) on a
+  loaded model's config, in place. `model.*` keys are refused: the weights fix
+  the architecture. Evaluating a model on other held-out data or sampling
+  settings (e.g. editing.max_objects=2, diffusion.cfg_scale=3) needs no
+  retraining."""
+  import ast
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--override {item!r}: expected KEY=VALUE")
+    if key.startswith("model."):
+      raise ValueError(f"--override {key}: model keys are fixed by the weights")
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+      node = node.get(part) if hasattr(node, "get") else None
+      if node is None:
+        raise ValueError(f"--override: the model's config has no section {part!r} (key {key})")
+    if leaf not in node:
+      raise ValueError(f"--override: the model's config has no key {key}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value
+
+
 def evaluate_to_files(model_dir: str, suite: str, num_samples: int, json_path: str, seed: int = 0,
-             batch_size: int = 8, inception: str | None = None, clip: str | None = None) -> dict:
+             batch_size: int = 8, inception: str | None = None, clip: str | None = None,
+             overrides: Sequence[str] = ()) -> dict:
   """What `tfjax-eval` does: load the model, run, write JSON and a Markdown table."""
   from tfjax.export import load_pretrained
   gen = load_pretrained(model_dir)
+  apply_overrides(gen.config, overrides)
   out_dir = os.path.dirname(os.path.abspath(json_path))
   results = run(gen, suite, num_samples, seed=seed, batch_size=batch_size,
                           out_dir=out_dir, inception=inception, clip=clip)
   results["model"] = os.path.abspath(model_dir)
+  results["overrides"] = list(overrides)
   os.makedirs(out_dir, exist_ok=True)
   with open(json_path, "w") as f:
     json.dump(results, f, indent=2, default=str)

@@ -256,6 +256,7 @@ def finetuned(built, tmp_path_factory):
   before = _digest(exp_dir), _digest(os.path.join(pre_dir, "checkpoints"))
   ft = tiny_config(built)
   ft.train.init_from = exp_dir
+  ft.train.ema_decay = 0.9
   result = train(ft, ft_dir, devices=one)
   return dict(config=ft, result=result, pre_dir=pre_dir, exp_dir=exp_dir, ft_dir=ft_dir,
               before=before, tmp=tmp, devices=one)
@@ -279,6 +280,9 @@ def test_finetune_starts_from_export_and_changes_only_what_it_should(finetuned):
   assert 0 < from_export <= bound < from_fresh
   moved = sum(not np.array_equal(a, b) for a, b in zip(flat(tuned), flat(exported)))
   assert moved > len(flat(tuned)) // 2
+  # The EMA started from the export too (not from the fresh init).
+  ema = jax.device_get(result.state.ema)
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(flat(ema), flat(exported))) <= bound
   # The export and the pretraining run are left as they were.
   assert (_digest(exp_dir),
           _digest(os.path.join(finetuned["pre_dir"], "checkpoints"))) == finetuned["before"]

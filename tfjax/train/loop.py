@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -156,7 +157,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state = create_train_state(config, mesh, tx, init_params)
     if tc.init_from:
-      state = state.replace(params=_restore_params_from(tc.init_from, abstract_state, config))
+      params = _restore_params_from(tc.init_from, abstract_state, config)
+      # The EMA starts where training starts: from the loaded weights, not the
+      # random init (whose trace would take ~1/(1-decay) steps to fade). A
+      # jitted copy keeps the shardings and gives the EMA buffers of its own,
+      # since the train step donates both trees.
+      ema = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p))(params) if state.ema else {}
+      state = state.replace(params=params, ema=ema)
     step = 0
 
   spec = batch_spec(config.data.batch_size, config.data.seq_len, config.data.max_images_per_seq,

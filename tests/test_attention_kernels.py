@@ -290,6 +290,27 @@ def test_mosaic_forward_lowers_for_cuda(d, hq, hkv, seq, mcfg):
   assert "mosaic_gpu" in text
 
 
+def _check_bf16_kernel_against_reference(cfg, seg, img, q, k, v, do):
+  """impl="pallas" under `cfg`: output and gradients against the float32 XLA
+  reference at the bf16 tolerance, bf16 results, zero rows on padding."""
+  ker = lambda q, k, v: dispatch.attention(q, k, v, seg, img, impl="pallas", config=cfg)
+  mask = transfusion_mask(seg, img)
+  f32 = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    o_ref, vjp_ref = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), f32(q), f32(k), f32(v))
+    grads_ref = vjp_ref(f32(do))
+  o, grads = jax.jit(lambda q, k, v, do: (lambda r: (r[0], r[1](do)))(jax.vjp(ker, q, k, v)))(
+      q, k, v, do)
+  assert o.dtype == jnp.bfloat16 and o.shape == q.shape
+  assert _rel(o, o_ref) < TOL[jnp.bfloat16]
+  for name, g, gr in zip("qkv", grads, grads_ref):
+    assert g.dtype == jnp.bfloat16, name
+    assert _rel(g, gr) < TOL[jnp.bfloat16], f"d{name}: {_rel(g, gr)}"
+  pad = np.asarray(seg) == 0
+  assert np.all(np.asarray(o, np.float32)[pad] == 0)
+  assert np.all(np.asarray(grads[0], np.float32)[pad] == 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES)
 def test_mosaic_forward_matches_reference(d, hq, hkv, seq, mcfg):
@@ -304,20 +325,7 @@ def test_mosaic_forward_matches_reference(d, hq, hkv, seq, mcfg):
   seg, img = jnp.asarray(seg), jnp.asarray(img)
   q, k, v, do = _inputs(rng, 2, seq, hq, hkv, d, jnp.bfloat16)
   cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d), mosaic_fwd=mcfg)
-  ker = lambda q, k, v: dispatch.attention(q, k, v, seg, img, impl="pallas", config=cfg)
-  mask = transfusion_mask(seg, img)
-  f32 = lambda x: x.astype(jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    o_ref, vjp_ref = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), f32(q), f32(k), f32(v))
-    grads_ref = vjp_ref(f32(do))
-  o, grads = jax.jit(lambda q, k, v, do: (lambda r: (r[0], r[1](do)))(jax.vjp(ker, q, k, v)))(
-      q, k, v, do)
-  assert o.dtype == jnp.bfloat16 and o.shape == q.shape
-  assert _rel(o, o_ref) < TOL[jnp.bfloat16]
-  for name, g, gr in zip("qkv", grads, grads_ref):
-    assert _rel(g, gr) < TOL[jnp.bfloat16], f"d{name}: {_rel(g, gr)}"
-  pad = np.asarray(seg) == 0
-  assert np.all(np.asarray(o, np.float32)[pad] == 0)
+  _check_bf16_kernel_against_reference(cfg, seg, img, q, k, v, do)
 
 
 MOSAIC_BWD_CASES = [
@@ -357,17 +365,4 @@ def test_mosaic_backward_matches_reference(d, hq, hkv, seq, bcfg):
   q, k, v, do = _inputs(rng, 2, seq, hq, hkv, d, jnp.bfloat16)
   cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d), mosaic_fwd=(64, 128, 2, 1),
                             mosaic_bwd=bcfg)
-  ker = lambda q, k, v: dispatch.attention(q, k, v, seg, img, impl="pallas", config=cfg)
-  mask = transfusion_mask(seg, img)
-  f32 = lambda x: x.astype(jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    o_ref, vjp_ref = jax.vjp(lambda q, k, v: xla_attention(q, k, v, mask), f32(q), f32(k), f32(v))
-    grads_ref = vjp_ref(f32(do))
-  o, grads = jax.jit(lambda q, k, v, do: (lambda r: (r[0], r[1](do)))(jax.vjp(ker, q, k, v)))(
-      q, k, v, do)
-  assert _rel(o, o_ref) < TOL[jnp.bfloat16]
-  for name, g, gr in zip("qkv", grads, grads_ref):
-    assert g.dtype == jnp.bfloat16, name
-    assert _rel(g, gr) < TOL[jnp.bfloat16], f"d{name}: {_rel(g, gr)}"
-  pad = np.asarray(seg) == 0
-  assert np.all(np.asarray(grads[0], np.float32)[pad] == 0)
+  _check_bf16_kernel_against_reference(cfg, seg, img, q, k, v, do)

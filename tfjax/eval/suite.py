@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from tfjax.batch import Batch
+from tfjax import config as config_lib
 from tfjax.config import patches_per_image
 from tfjax.data import shapes
 from tfjax.eval import caption_scene, cider, clip_score, fid, shapes_checker
@@ -161,31 +162,15 @@ def run(gen: Any, suite: str = "all", num_samples: int = 64, *, seed: int = 0,
 
 
 def apply_overrides(config: Any, overrides: Sequence[str]) -> None:
-  """Sets KEY=VALUE pairs (dotted keys, Python literals or plain strings) on a
-  loaded model's config, in place. `model.*` keys are refused: the weights fix
-  the architecture. Evaluating a model on other held-out data or sampling
-  settings (e.g. editing.max_objects=2, diffusion.cfg_scale=3) needs no
-  retraining."""
-  import ast
+  """tfjax-eval --override: KEY=VALUE pairs set on a loaded model's config, in
+  place (`tfjax.config.apply_overrides`). `model.*` keys are refused: the
+  weights fix the architecture. Evaluating a model on other held-out data or
+  sampling settings (e.g. editing.max_objects=2, diffusion.cfg_scale=3) needs
+  no retraining."""
   for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"--override {item!r}: expected KEY=VALUE")
-    if key.startswith("model."):
-      raise ValueError(f"--override {key}: model keys are fixed by the weights")
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-      node = node.get(part) if hasattr(node, "get") else None
-      if node is None:
-        raise ValueError(f"--override: the model's config has no section {part!r} (key {key})")
-    if leaf not in node:
-      raise ValueError(f"--override: the model's config has no key {key}")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node[leaf] = value
+    if item.startswith("model."):
+      raise ValueError(f"--override {item.split('=', 1)[0]}: model keys are fixed by the weights")
+  config_lib.apply_overrides(config, overrides, where="--override")
 
 
 def evaluate_to_files(model_dir: str, suite: str, num_samples: int, json_path: str, seed: int = 0,

@@ -24,7 +24,6 @@ Training compute is 6 * N * D for every family (tfjax/train/flops.py's
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -35,6 +34,8 @@ import time
 from typing import Any, Sequence
 
 import ml_collections
+
+from tfjax.config import apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +54,6 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def _parse_value(text: str, old: Any) -> Any:
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  if isinstance(old, str) and not isinstance(value, str):
-    return text  # a string key keeps "123" as "123"
-  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  return value
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
-                    where: str = "overrides") -> ml_collections.ConfigDict:
-  """Applies "section.key=value" strings (values as Python literals) in place."""
-  for item in overrides:
-    if "=" not in item:
-      raise ValueError(f"{where}: {item!r} is not 'section.key=value'")
-    key, text = item.split("=", 1)
-    *parents, leaf = key.strip().split(".")
-    node = config
-    for p in parents:
-      if p not in node:
-        raise KeyError(f"{where}: config key {key!r} does not exist (no section {p!r})")
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"{where}: config key {key!r} does not exist")
-    node[leaf] = _parse_value(text.strip(), node[leaf])
-  return config
 
 
 @dataclasses.dataclass

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -133,14 +132,6 @@ def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
           f"(data.image_text_source and, for shapes, data.image_size/num_*_scenes/seed/"
           f"max_objects/object_sizes): delete {out} to re-encode, or set data.latents "
           f"to another directory")
-  report = latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
-      encoder, sources.image_source(config, root, split), out, split=split, batch_size=batch_size))
-  if os.path.exists(meta_path):
-    meta = latents_lib.read_metadata(out)
-    if meta.get("source") != source:
-      meta["source"] = source
-      tmp = meta_path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-      os.replace(tmp, meta_path)
-  return report
+  return latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
+      encoder, sources.image_source(config, root, split), out, split=split, batch_size=batch_size,
+      source=source))

@@ -125,7 +125,7 @@ def read_metadata(cache_dir: str) -> dict[str, Any]:
 
 def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]], out_dir: str,
                        *, split: str = "train", batch_size: int = 64,
-                       records_per_shard: int = 20000) -> dict[str, Any]:
+                       records_per_shard: int = 20000, source: str | None = None) -> dict[str, Any]:
   """Encodes every image of `images_source` and writes `split` shards to `out_dir`.
 
   Args:
@@ -134,6 +134,8 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
     images_source: random-access records (len/getitem) with `image` (encoded
       bytes or uint8 [H, W, 3]), `caption`, optional `scene` and `id`.
     out_dir: cache directory; metadata.json there is created or updated.
+    source: what the images are (e.g. the shapes dataset's config name),
+      recorded in the metadata so that a cache of other images is caught.
 
   Returns:
     The split's metadata entry: {"num_records", "shards", "skipped"}. Records
@@ -187,6 +189,8 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
                      f"{meta['latent_shape']}")
   meta.update(scale=float(encoder.scale), shift=float(encoder.shift),
               latent_shape=latent_shape or meta.get("latent_shape"), encoder=repr(encoder))
+  if source is not None:
+    meta["source"] = source
   entry = {"num_records": written, "shards": [os.path.basename(p) for p in paths],
            "skipped": skipped}
   meta.setdefault("splits", {})[split] = entry

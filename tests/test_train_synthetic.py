@@ -1,0 +1,35 @@
+"""Synthetic packed batches: pinned output, Batch invariants, the trainer's dataset."""
+import hashlib
+
+import numpy as np
+import pytest
+
+from configs.tiny import get_config
+from tfjax.batch import BATCH_FIELDS
+from tfjax.config import BOI_ID, BOS_ID, EOI_ID, EOS_ID, patches_per_image
+from tfjax.train.synthetic import synthetic_batch
+
+
+def checksum(batch):
+  """sha256 over every field's dtype, shape and bytes, in BATCH_FIELDS order."""
+  h = hashlib.sha256()
+  for f in BATCH_FIELDS:
+    a = np.ascontiguousarray(batch[f])
+    h.update(f"{f}:{a.dtype}:{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+# Benchmarks time the train step on these batches (benchmarks/train.py: index 0
+# and 1, doc_len seq_len / 4 or the trainer's default): recorded results stay
+# comparable only while the batches do not change.
+@pytest.mark.parametrize("index,doc_len,digest", [
+    (0, None, "478e9b1048d2873f"),
+    (1, None, "6428d2f90f93b920"),
+    (0, 32, "7bb195da5a76baa4"),
+    (1, 32, "b35887f7b3a7100f"),
+])
+def test_synthetic_batch_output_is_pinned(index, doc_len, digest):
+  b = synthetic_batch(get_config(), index, doc_len=doc_len)
+  assert b["tokens"].shape == (16, 128) and b["image_latents"].shape == (16, 4, 8, 8, 8)
+  assert checksum(b) == digest

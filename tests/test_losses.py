@@ -6,10 +6,11 @@ import optax
 import pytest
 
 from tfjax import config as config_lib
-from tfjax.batch import Batch, random_batch
+from tfjax.batch import Batch
 from tfjax.config import BOI_ID
 from tfjax.losses import drop_captions, transfusion_loss
 from tfjax.model import Transfusion, init_params
+from tfjax.train.synthetic import synthetic_batch
 
 
 def tiny_config():
@@ -17,13 +18,13 @@ def tiny_config():
   c.model.update(dict(vocab_size=48, dim=32, num_layers=2, num_heads=4, num_kv_heads=4,
                       dtype="float32", attention_impl="xla", remat_policy="none",
                       latent_size=4, latent_channels=4, patch_size=2, time_embed_dim=16))
+  c.data.update(seq_len=64, batch_size=2, max_images_per_seq=3)
   c.diffusion.caption_dropout = 0.0
   return c
 
 
 def make_batch(c, seed=0):
-  arrays = random_batch(seed, 2, 64, 3, (4, 4, 4), config_lib.patches_per_image(c.model),
-                        c.model.vocab_size)
+  arrays = synthetic_batch(c, 0, seed, whole_documents=True)  # padding at rows' ends
   return Batch.from_dict({k: jnp.asarray(v) for k, v in arrays.items()})
 
 

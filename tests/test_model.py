@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from tfjax import config as config_lib
-from tfjax.batch import Batch, random_batch
+from tfjax.batch import Batch
 from tfjax.model import KVCache, Transfusion, abstract_params, count_params, init_params
 from tfjax.model.layers import apply_rope
 from tfjax.model.patch import patchify, unpatchify
+from tfjax.train.synthetic import synthetic_batch
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 
@@ -47,9 +48,10 @@ def apply(model_config, params, b, noisy=None, t=None):
 
 
 def make_batch(mc, seed=0, batch=2, seq=48, max_images=3):
-  arrays = random_batch(seed, batch, seq, max_images,
-                        (mc.latent_size, mc.latent_size, mc.latent_channels),
-                        config_lib.patches_per_image(mc), mc.vocab_size)
+  c = config_lib.default_config()
+  c.model = mc
+  c.data.update(seq_len=seq, max_images_per_seq=max_images)
+  arrays = synthetic_batch(c, 0, seed, batch_size=batch, whole_documents=True)
   return Batch.from_dict({k: jnp.asarray(v) for k, v in arrays.items()})
 
 

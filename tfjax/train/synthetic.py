@@ -16,8 +16,12 @@ from tfjax.config import BOI_ID, BOS_ID, EOI_ID, EOS_ID, patches_per_image
 
 
 def _fill_row(out: dict[str, np.ndarray], row: int, rng: np.random.Generator,
-              config: ml_collections.ConfigDict, doc_len: int) -> None:
-  """Packs documents into one row: text, or caption + image (either order)."""
+              config: ml_collections.ConfigDict, doc_len: int, whole_documents: bool) -> None:
+  """Packs documents into one row: text, or caption + image (either order).
+
+  The last document is cut at the row's end, or with `whole_documents` left
+  out, leaving padding as the real packer does.
+  """
   seq = out["tokens"].shape[1]
   max_images = out["image_starts"].shape[1]
   n_patch = patches_per_image(config.model)
@@ -60,6 +64,11 @@ def _fill_row(out: dict[str, np.ndarray], row: int, rng: np.random.Generator,
     if pos < seq:
       inputs[pos] = EOS_ID
       pos += 1
+    elif whole_documents:
+      # No room for EOS: the document was cut. Only text documents can be (an
+      # image one is drawn only where it fits), so its tokens are all there is to undo.
+      inputs[start:] = 0
+      break
     end = min(pos, seq)
     out["segment_ids"][row, start:end] = segment
     out["positions"][row, start:end] = np.arange(end - start)
@@ -75,9 +84,15 @@ def _fill_row(out: dict[str, np.ndarray], row: int, rng: np.random.Generator,
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, index: int, seed: int = 0,
-                    batch_size: int | None = None, doc_len: int | None = None
-                    ) -> dict[str, np.ndarray]:
-  """One packed batch of random tokens and latents, like tfjax.data produces."""
+                    batch_size: int | None = None, doc_len: int | None = None,
+                    whole_documents: bool = False) -> dict[str, np.ndarray]:
+  """One packed batch of random tokens and latents, like tfjax.data produces.
+
+  Shapes come from the config (data.seq_len, data.max_images_per_seq, the
+  model's latents and patches); every Batch invariant holds. Documents hold
+  about `doc_len` positions (default data.seq_len); `whole_documents` leaves
+  padding at the end of rows instead of cutting the last document.
+  """
   m = config.model
   batch_size = config.data.batch_size if batch_size is None else batch_size
   seq = config.data.seq_len
@@ -85,7 +100,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, index: int, seed: int = 0
                     (m.latent_size, m.latent_size, m.latent_channels))
   rng = np.random.default_rng([seed, index])
   for row in range(batch_size):
-    _fill_row(out, row, rng, config, doc_len or seq)
+    _fill_row(out, row, rng, config, doc_len or seq, whole_documents)
   out["image_latents"] = rng.standard_normal(out["image_latents"].shape).astype(np.float32)
   out["image_latents"] *= out["image_valid"][..., None, None, None]
   return out

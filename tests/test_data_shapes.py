@@ -161,3 +161,23 @@ def test_max_objects_names_its_own_tfds_config(tmp_path):
   c.data.object_sizes = "large,huge"
   with pytest.raises(ValueError, match="data.object_sizes"):
     validate(c)
+
+
+def test_scene_option_errors_name_the_editing_section():
+  from tfjax.config import ConfigError, default_config, validate
+  c = default_config()
+  c.editing.max_objects = 5
+  with pytest.raises(ValueError, match=r"^config key editing\.max_objects: must be in 1\.\.4"):
+    shapes.SceneOptions.from_config(c.editing, "editing")
+  with pytest.raises(ConfigError, match=r"^config key editing\.max_objects"):
+    validate(c)
+  c.editing.max_objects = 2
+  c.editing.object_sizes = "large,huge"
+  with pytest.raises(ValueError, match=r"^config key editing\.object_sizes"):
+    shapes.SceneOptions.from_config(c.editing, "editing")
+  with pytest.raises(ConfigError, match=r"^config key editing\.object_sizes"):
+    validate(c)
+  c.editing.object_sizes = "large"
+  options = shapes.SceneOptions.from_config(c.editing, "editing")
+  # The section only names errors: the same scenes are the same options.
+  assert options == shapes.SceneOptions(max_objects=2, sizes=("large",))

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from tfjax.scene_limits import read_scene_limits, scene_limits_error
+
 # Special tokens get fixed ids at the start of every vocabulary (tokenizer.py
 # maps a loaded sentencepiece model onto these).
 PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID = 0, 1, 2, 3, 4
@@ -349,10 +351,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(c.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler",
            f"unknown {c.diffusion.sampler!r}")
   _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
-  _require(1 <= c.data.get("max_objects", 3) <= 4, "data.max_objects", "must be in 1..4")
-  sizes = [s.strip() for s in str(c.data.get("object_sizes", "small")).split(",") if s.strip()]
-  _require(sizes and set(sizes) <= {"small", "medium", "large"}, "data.object_sizes",
-           f"must be a comma list of small, medium, large; got {c.data.get('object_sizes')!r}")
+  for section in ("data", "editing"):  # both build shapes scenes (SceneOptions)
+    if section in c:
+      problem = scene_limits_error(*read_scene_limits(c[section]), section)
+      if problem:
+        raise ConfigError(problem)
   _require(c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
   _require(c.model.vocab_size > EOI_ID, "model.vocab_size", "too small for the special tokens")
   return c

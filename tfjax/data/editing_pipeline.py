@@ -63,7 +63,7 @@ def build_editing_set(config: ml_collections.ConfigDict, data_dir: str | None = 
     path = os.path.join(root, f"{split}.jsonl")
     if not os.path.exists(path):
       examples = editing.generate_split(split, num, config.data.image_size, e.seed,
-                                        options=shapes.SceneOptions.from_config(e))
+                                        options=shapes.SceneOptions.from_config(e, "editing"))
       editing.write_folder(examples, root, split)
     out[split] = path
   return out

@@ -20,6 +20,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tfjax.scene_limits import (DEFAULT_MAX_OBJECTS, SIZE_NAMES, read_scene_limits,
+                                scene_limits_error)
+
 SHAPES = ("circle", "square", "triangle")
 
 # Saturated, mutually distant colours: any two colours, or a colour and a
@@ -33,8 +36,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (30, 210, 215),
 }
 
-# Circumradius of an object as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.10, "medium": 0.15, "large": 0.21}
+# Circumradius of an object as a fraction of the image side, per size class
+# (the names are tfjax.scene_limits', which configs are checked against).
+SIZES: dict[str, float] = dict(zip(SIZE_NAMES, (0.10, 0.15, 0.21)))
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
@@ -104,26 +108,23 @@ class SceneOptions:
 
   The defaults are the full dataset; the tiny main job narrows them
   (`data.max_objects`, `data.object_sizes`) so that a model trained for
-  minutes on a CPU can learn it.
+  minutes on a CPU can learn it. Edit scenes take theirs from the `editing`
+  section; `section` names it in errors (and takes no part in equality).
   """
-  max_objects: int = 3
+  max_objects: int = DEFAULT_MAX_OBJECTS
   sizes: tuple[str, ...] = tuple(SIZES)
+  section: str = dataclasses.field(default="data", compare=False, repr=False)
 
   def __post_init__(self):
-    if not 1 <= self.max_objects <= len(_NUMBERS):
-      raise ValueError(f"config key data.max_objects must be in 1..{len(_NUMBERS)}, "
-                       f"got {self.max_objects}")
-    unknown = [s for s in self.sizes if s not in SIZES]
-    if unknown or not self.sizes:
-      raise ValueError(f"config key data.object_sizes: unknown or empty sizes {list(self.sizes)}; "
-                       f"known: {', '.join(SIZES)}")
+    problem = scene_limits_error(self.max_objects, self.sizes, self.section)
+    if problem:
+      raise ValueError(problem)
 
   @classmethod
-  def from_config(cls, data: Any) -> "SceneOptions":
-    """From a config's `data` section (older configs lack the keys: defaults)."""
-    sizes = str(data.get("object_sizes", ",".join(SIZES)))
-    return cls(max_objects=int(data.get("max_objects", 3)),
-               sizes=tuple(s.strip() for s in sizes.split(",") if s.strip()))
+  def from_config(cls, config_section: Any, section: str = "data") -> "SceneOptions":
+    """From the config section named `section` (`data` or `editing`)."""
+    max_objects, sizes = read_scene_limits(config_section)
+    return cls(max_objects=max_objects, sizes=sizes, section=section)
 
   @property
   def is_default(self) -> bool:

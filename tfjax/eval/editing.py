@@ -125,7 +125,7 @@ def suite_examples(config: Any, num: int | None = None, split: str = "test",
   """The shapes editing examples the suite scores (deterministic in seed)."""
   n = int(num or config.editing.num_eval)
   seed = config.editing.seed if seed is None else seed
-  options = shapes.SceneOptions.from_config(config.editing)
+  options = shapes.SceneOptions.from_config(config.editing, "editing")
   return editing_data.generate_split(split, n, int(config.data.image_size), seed,
                                      options=options)
 

@@ -44,7 +44,7 @@ import copy
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -87,13 +87,23 @@ def _fits(obj: dict[str, Any], others: Sequence[dict[str, Any]]) -> bool:
       for p in others)
 
 
+def _referable(objs: Sequence[dict[str, Any]], rng: np.random.Generator
+               ) -> Iterator[tuple[int, str]]:
+  """(index, referring expression) of the objects a phrase can single out, in random order.
+
+  Lazy: rng is drawn in the order of the loop written out in place (callers draw
+  between objects, and stop at the first that works), so the generated set is unchanged.
+  """
+  for i in rng.permutation(len(objs)):
+    ref = referring_expression(int(i), objs, rng)
+    if ref is not None:
+      yield int(i), ref
+
+
 def _edit_recolor(scene: Scene, rng: np.random.Generator,
                   options: shapes.SceneOptions):
   objs = scene["objects"]
-  for i in rng.permutation(len(objs)):
-    ref = referring_expression(int(i), objs, rng)
-    if ref is None:
-      continue
+  for i, ref in _referable(objs, rng):
     old = objs[i]["color"]
     new = str(rng.choice([c for c in shapes.COLORS if c != old]))
     target = copy.deepcopy(scene)
@@ -106,10 +116,7 @@ def _edit_recolor(scene: Scene, rng: np.random.Generator,
 def _edit_move(scene: Scene, rng: np.random.Generator,
                options: shapes.SceneOptions):
   objs = scene["objects"]
-  for i in rng.permutation(len(objs)):
-    ref = referring_expression(int(i), objs, rng)
-    if ref is None:
-      continue
+  for i, ref in _referable(objs, rng):
     others = [o for j, o in enumerate(objs) if j != i]
     for direction in rng.permutation(list(DIRECTIONS)):
       dx, dy = DIRECTIONS[str(direction)]
@@ -151,10 +158,7 @@ def _edit_remove(scene: Scene, rng: np.random.Generator,
   objs = scene["objects"]
   if len(objs) < 2:  # an empty result scene is never seen in pretraining
     return None
-  for i in rng.permutation(len(objs)):
-    ref = referring_expression(int(i), objs, rng)
-    if ref is None:
-      continue
+  for i, ref in _referable(objs, rng):
     target = copy.deepcopy(scene)
     del target["objects"][i]
     return f"remove {ref}", target, {"type": "remove", "object": int(i)}

@@ -106,8 +106,7 @@ def build_editing_cache(encoder: latents_lib.Encoder, source: Any, out_dir: str,
         images.extend(pair)
       if not batch:
         continue
-      x = np.stack(images).astype(np.float32) / 127.5 - 1.0
-      z = np.asarray(encoder.encode(x), np.float32)
+      z = latents_lib.encode_images(encoder, images)
       latent_shape = latent_shape or list(z.shape[1:])
       for j, ex in enumerate(batch):
         writer.write(_record(ex, z[2 * j], z[2 * j + 1]))

@@ -40,6 +40,12 @@ class Encoder(Protocol):
     """float32 [b, H, W, 3] in [-1, 1] -> latents [b, h, w, c]."""
 
 
+def encode_images(encoder: Encoder, images: Sequence[np.ndarray]) -> np.ndarray:
+  """uint8 images [H, W, 3] of one size -> float32 latents [b, h, w, c]."""
+  x = np.stack(images).astype(np.float32) / 127.5 - 1.0  # the [-1, 1] encoders take
+  return np.asarray(encoder.encode(x), np.float32)
+
+
 class PixelPatchEncoder:
   """A fixed stand-in for the VAE: a linear map of each d x d pixel patch.
 
@@ -172,8 +178,7 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
         images.append(img)
       if not images:
         continue
-      x = np.stack(images).astype(np.float32) / 127.5 - 1.0
-      z = np.asarray(encoder.encode(x), np.float32)
+      z = encode_images(encoder, images)
       latent_shape = latent_shape or list(z.shape[1:])
       for j in range(len(ids)):
         writers[written % num_shards].write(encode_record(ids[j], captions[j], scenes[j], z[j]))

@@ -38,6 +38,8 @@ def main():
   p.add_argument("--reps", type=int, default=30)
   p.add_argument("--group", type=int, default=10)
   p.add_argument("--bwd", default="", help="';'-separated MosaicBwdConfig fields to time")
+  p.add_argument("--no_triton_bwd", action="store_true",
+                 help="skip timing the all-Triton forward+backward (saves its compiles)")
   p.add_argument("--best_file", default="", help="write the best backward config here if it "
                  "beats the Triton backward at every shape")
   args = p.parse_args()
@@ -98,7 +100,8 @@ def main():
     got, want = fb_m(q, k, v, do), fb_t(q, k, v, do)
     errs = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, want))
     t_fbm = time_jax(fb_m, (q, k, v, do), args.reps, args.group // 2)
-    t_fbt = time_jax(fb_t, (q, k, v, do), args.reps, args.group // 2)
+    t_fbt = (float("nan") if args.no_triton_bwd else
+             time_jax(fb_t, (q, k, v, do), args.reps, args.group // 2))
     line = (f"{seq}/{d}: fwd mosaic {best[0]} {best[1]:.3f} ms ({flops / best[1] / 1e9:.0f}) vs "
             f"triton {t_tri:.3f} | f+b {t_fbm:.3f} ms ({3.5 * flops / t_fbm / 1e9:.0f}) vs "
             f"triton {t_fbt:.3f} | f+b err vs triton {errs}")

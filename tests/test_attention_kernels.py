@@ -272,7 +272,7 @@ MOSAIC_CASES = [
     #  (block_q per warpgroup, block_k, stages, heads per CTA[, lpt]))
     (64, 4, 2, 512, (64, 128, 3, 2)),         # GQA, 2 heads per CTA (2 kv heads)
     (128, 2, 2, 384, (64, 128, 2, 1)),        # CTA rows (128) != key tile
-    (128, 4, 1, 512, (64, 64, 2, 4, False)),  # multi-query, narrow key tiles, grid order
+    (128, 4, 1, 512, (64, 64, 2, 4, False, True)),  # MQA, narrow key tiles, grid order, heads outer
     (64, 2, 2, 320, (64, 64, 4, 2)),          # padded to 384
 ]
 
@@ -329,25 +329,49 @@ def test_mosaic_forward_matches_reference(d, hq, hkv, seq, mcfg):
 
 
 MOSAIC_BWD_CASES = [
-    # (head_dim, q_heads, kv_heads, seq, MosaicBwdConfig fields)
-    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2)),     # GQA
-    (128, 2, 2, 384, (64, 64, 3, 64, 128, 2)),   # deeper dk/dv ring, wide dq key tiles
-    (128, 2, 1, 320, (64, 64, 2, 64, 64, 3)),    # multi-query, padded to 384
+    # (head_dim, q_heads, kv_heads, seq, MosaicBwdConfig fields: dk/dv tiles,
+    #  dq tiles, fuse_dq, consumer registers, sdp_group)
+    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 1)),    # GQA, fused
+    (128, 2, 2, 384, (64, 64, 2, 64, 64, 2, 1)),   # fused at head dim 128
+    (128, 2, 1, 384, (64, 64, 2, 64, 64, 2, 1, 240)),  # fused, 240 registers, multi-query
+    (64, 2, 2, 320, (64, 64, 3, 64, 64, 2, 1, 240)),  # fused, 3-deep ring, padded to 384
+    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0)),    # two kernels, GQA
+    (128, 2, 2, 384, (64, 64, 3, 64, 128, 2, 0, 232, 0)),  # two kernels, wide dq key tiles, S then dP
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,bcfg", MOSAIC_BWD_CASES[:1])
+@pytest.mark.parametrize("d,hq,hkv,seq,bcfg", [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
-  from tfjax.ops.kernels import gpu_mosaic
+  from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, seq, hkv, d), jnp.bfloat16)
   ids = jax.ShapeDtypeStruct((2, seq), jnp.int32)
   lse = jax.ShapeDtypeStruct((2, hq, seq), jnp.float32)
-  cfg = gpu_mosaic.MosaicBwdConfig(*bcfg)
-  f = jax.jit(lambda q, k, v, o, lse, do, ks, ke: gpu_mosaic.backward(
+  cfg = gpu_mosaic_bwd.MosaicBwdConfig(*bcfg)
+  f = jax.jit(lambda q, k, v, o, lse, do, ks, ke: gpu_mosaic_bwd.backward(
       q, k, v, o, lse, do, ks, ke, scale=0.1, cfg=cfg))
   text = f.trace(q, kv, kv, q, lse, q, ids, ids).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_mosaic_fused_backward_lowers_under_scan_and_grad():
+  """The fused backward's mutable dq accumulator (a jax.new_ref) lowers where
+  the model puts it: a custom_vjp inside a layer scan, differentiated."""
+  import dataclasses
+  from tfjax.ops.kernels import gpu
+  seq, d = 256, 128
+  cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d), mosaic_fwd=(64, 128, 2, 1),
+                            mosaic_bwd=(64, 64, 2, 64, 64, 2, 1))
+  ids = jnp.zeros((1, seq), jnp.int32)
+
+  def loss(x):
+    def layer(h, _):
+      return gpu.attention(h, h, h, ids, ids + seq, scale=0.1, config=cfg), None
+    return jax.lax.scan(layer, x, None, length=2)[0].astype(jnp.float32).sum()
+
+  x = jax.ShapeDtypeStruct((1, seq, 2, d), jnp.bfloat16)
+  text = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2
 
 
 @pytest.mark.gpu

@@ -271,8 +271,8 @@ class GpuConfig:
   # replaces the Triton forward; None: Triton. Set by dispatch on Hopper
   # for bf16/f16 and head dims 64/128.
   mosaic_fwd: tuple | None = None
-  # gpu_mosaic.MosaicBwdConfig fields of the Mosaic GPU backward (dk/dv and
-  # dq kernels), used with the Mosaic forward; None: the Triton backward.
+  # gpu_mosaic_bwd.MosaicBwdConfig fields of the Mosaic GPU backward (fused,
+  # or dk/dv and dq kernels), used with the Mosaic forward; None: Triton.
   mosaic_bwd: tuple | None = None
 
   @classmethod
@@ -301,8 +301,8 @@ class GpuConfig:
     if self.mosaic_fwd:
       blocks += [2 * self.mosaic_fwd[0], self.mosaic_fwd[1]]
     if self.mosaic_bwd:
-      from tfjax.ops.kernels import gpu_mosaic
-      blocks.append(gpu_mosaic.MosaicBwdConfig(*self.mosaic_bwd).multiple)
+      from tfjax.ops.kernels import gpu_mosaic_bwd
+      blocks.append(gpu_mosaic_bwd.MosaicBwdConfig(*self.mosaic_bwd).multiple)
     return math.lcm(*blocks)
 
   @staticmethod
@@ -315,13 +315,17 @@ class GpuConfig:
 
   @staticmethod
   def mosaic_bwd_default(head_dim: int) -> tuple | None:
-    """Mosaic GPU backward tiles (None: the Triton backward).
+    """Mosaic GPU backward tiles (gpu_mosaic_bwd.MosaicBwdConfig fields; None:
+    the Triton backward).
 
-    H100 (NOTES_attention.md, run M3): 64x64 tiles and 2 stages in both the
-    dk/dv and the dq kernel beat the Triton backward at all four shapes.
+    H100, runs M5-M8 of NOTES_attention.md: at head dim 64 the fused dk/dv/dq
+    kernel (240 registers) is fastest (f+b 0.37-0.43 vs 0.42-0.47 ms at 4096,
+    0.66-0.70 vs 0.70-0.75 at 8192); at head dim 128 it is slower than the
+    two kernels (8192: 1.08-1.16 vs 0.93-0.96 ms), which stay the default there.
     """
-    del head_dim
-    return (64, 64, 2, 64, 64, 2)
+    if head_dim <= 64:
+      return (64, 64, 2, 64, 64, 2, 1, 240)
+    return (64, 64, 2, 64, 64, 2, 0, 232, 0)
 
 
 def _mosaic_forward(q, k, v, ks, ke, *, scale, cfg, interpret):
@@ -339,10 +343,10 @@ _attention_mosaic = block_sparse_vjp(_mosaic_forward, _backward)
 
 
 def _mosaic_backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
-  from tfjax.ops.kernels import gpu_mosaic
+  from tfjax.ops.kernels import gpu_mosaic_bwd
   del interpret
-  return gpu_mosaic.backward(q, k, v, o, lse, do, ks, ke, scale=scale,
-                             cfg=gpu_mosaic.MosaicBwdConfig(*cfg.mosaic_bwd))
+  return gpu_mosaic_bwd.backward(q, k, v, o, lse, do, ks, ke, scale=scale,
+                                 cfg=gpu_mosaic_bwd.MosaicBwdConfig(*cfg.mosaic_bwd))
 
 
 # Mosaic GPU forward and backward.

@@ -1,7 +1,7 @@
 """Block-sparse Transfusion attention for Hopper: Pallas Mosaic GPU kernels.
 
-Forward (`forward`), and a backward (`backward`: a dk/dv kernel and a dq
-kernel, same warp-specialised pattern, described at `MosaicBwdConfig`).
+This file: the forward (`forward`) and the helpers both directions share;
+the backward is in gpu_mosaic_bwd.py.
 
 Forward: one CTA per (q head, 2 * block_q query rows, batch row), three
 warpgroups:
@@ -56,16 +56,42 @@ class MosaicFwdConfig:
   block_k: keys per tile; num_stages: K/V shared-memory ring depth;
   heads: q heads one CTA walks in turn (its work list is the same for all;
   the K/V stream runs on across them and the next head's Q tile is
-  prefetched); lpt: launch the query tiles with the most key blocks first."""
+  prefetched); lpt: launch the query tiles with the most key blocks first;
+  heads_outer: every query tile of one head group before the next group's
+  (heads the slowest grid axis: the K/V of the heads in flight stay in L2)."""
   block_q: int = 64
   block_k: int = 128
   num_stages: int = 2
   heads: int = 1
   lpt: bool = True
+  heads_outer: bool = False
 
   @property
   def multiple(self) -> int:
     return math.lcm(2 * self.block_q, self.block_k)
+
+
+# Helpers shared with the backward (gpu_mosaic_bwd.py); JAX 0.10 (CI) and 0.11
+# (the device) spell some of these differently.
+def _smem_transforms(plgpu, dtype, width, swizzle=128):
+  """Tiling + swizzle of a shared-memory tile whose rows hold `width` elements
+  (wgmma operands that meet in one instruction need the same swizzle)."""
+  elem = jnp.dtype(dtype).itemsize
+  swizzle = min(swizzle, width * elem)
+  return (plgpu.TilingTransform((8, swizzle // elem)), plgpu.SwizzleTransform(swizzle))
+
+
+def _transposed(plgpu, ref):
+  if hasattr(ref, "transpose"):
+    return ref.transpose((1, 0))
+  return plgpu.transpose_ref(ref, (1, 0))  # jax 0.10
+
+
+def _load_vec(plgpu, ref, layout):
+  try:
+    return plgpu.load(ref, layout=layout, optimized=False)
+  except TypeError:  # jax 0.10: the index is a positional argument
+    return plgpu.load(ref, (), layout=layout, optimized=False)
 
 
 def supported(dtype, head_dim: int) -> bool:
@@ -106,18 +132,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-  # JAX 0.10 / 0.11 spell two of these differently (the device runs 0.11).
-  def load_rows(ref):
-    try:
-      return plgpu.load(ref, layout=row_layout, optimized=False)
-    except TypeError:  # jax 0.10: the index is a positional argument
-      return plgpu.load(ref, (), layout=row_layout, optimized=False)
-
-  def transposed(ref):
-    if hasattr(ref, "transpose"):
-      return ref.transpose((1, 0))
-    return plgpu.transpose_ref(ref, (1, 0))  # jax 0.10
-
   def kernel(order_ref, blocks_ref, counts_ref, ksmax_ref, kemin_ref, ks_ref, ke_ref,
              q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
     hg = lax.axis_index("hg")
@@ -144,8 +158,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
                                 q_smem.at[wg, buf], q_bar.at[wg * nbuf + buf])
 
       load_q(0, 0)
-      ks_row = load_rows(ks_ref.at[b, pl.ds(row0, bq)])
-      ke_row = load_rows(ke_ref.at[b, pl.ds(row0, bq)])
+      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
+      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
       wblk = qi * 2 + wg
       kmax = ksmax_ref[b, wblk]
       kmin = kemin_ref[b, wblk]
@@ -177,7 +191,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
           kb_next = blocks_ref[b, qi, lax.min(t + 1, jnp.int32(nk - 1))]
 
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, qo_smem, transposed(k_smem.at[slot]))
+            plgpu.wgmma(acc_ref, qo_smem, _transposed(plgpu, k_smem.at[slot]))
             sched()
             return acc_ref[...]
 
@@ -263,9 +277,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
 
   def entry(*refs):
-    elem = jnp.dtype(dtype).itemsize
-    swizzle = min(128, d * elem)
-    transforms = (plgpu.TilingTransform((8, swizzle // elem)), plgpu.SwizzleTransform(swizzle))
+    transforms = _smem_transforms(plgpu, dtype, d)
     smem = [
         plgpu.SMEM((2, nbuf, bq, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
@@ -286,361 +298,10 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
       entry,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)],
-      grid=(hq // nh, batch * nq),
-      grid_names=("hg", "tile"),
+      grid=(batch * nq, hq // nh) if cfg.heads_outer else (hq // nh, batch * nq),
+      grid_names=("tile", "hg") if cfg.heads_outer else ("hg", "tile"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(order, blocks, counts, ks_max, ke_min, ks, ke, q, k, v)
   return out, lse
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicBwdConfig:
-  """Tiles of the two Mosaic GPU backward kernels.
-
-  dk/dv: each consumer warpgroup owns block_k_dkv keys (CTA: 2x), the
-  producer streams q/dO/lse/delta tiles of block_q_dkv rows (stages deep)
-  over the key block's non-empty query blocks. dq: each consumer owns
-  block_q_dq query rows (CTA: 2x), the producer streams K/V tiles of
-  block_k_dq keys over the query block's non-empty key blocks.
-  """
-  block_q_dkv: int = 64
-  block_k_dkv: int = 64
-  stages_dkv: int = 2
-  block_q_dq: int = 64
-  block_k_dq: int = 64
-  stages_dq: int = 2
-
-  @property
-  def multiple(self) -> int:
-    return math.lcm(self.block_q_dkv, 2 * self.block_k_dkv, 2 * self.block_q_dq, self.block_k_dq)
-
-
-def _smem_transforms(plgpu, dtype, d):
-  elem = jnp.dtype(dtype).itemsize
-  swizzle = min(128, d * elem)
-  return (plgpu.TilingTransform((8, swizzle // elem)), plgpu.SwizzleTransform(swizzle))
-
-
-def _transposed(plgpu, ref):
-  if hasattr(ref, "transpose"):
-    return ref.transpose((1, 0))
-  return plgpu.transpose_ref(ref, (1, 0))  # jax 0.10
-
-
-def _load_vec(plgpu, ref, layout):
-  try:
-    return plgpu.load(ref, layout=layout, optimized=False)
-  except TypeError:  # jax 0.10: the index is a positional argument
-    return plgpu.load(ref, (), layout=layout, optimized=False)
-
-
-def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig):
-  """(dq, dk, dv) from the forward's out and base-2 lse [batch, q_heads, seq]."""
-  batch, seq, hq, d = q.shape
-  hkv = k.shape[2]
-  group = hq // hkv
-  delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
-  dk, dv = _dkv(q, k, v, do, lse, delta, ks, ke, scale=scale, cfg=cfg)
-  if group > 1:
-    dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
-    dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)
-  dq = _dq(q, k, v, do, lse, delta, ks, ke, scale=scale, cfg=cfg)
-  return dq, dk, dv
-
-
-def _dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
-  """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller)."""
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-  from tfjax.ops.kernels.block_map import FULL, tile_states
-
-  batch, seq, hq, d = q.shape
-  group = hq // k.shape[2]
-  dtype = q.dtype
-  bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
-  cta_k = 2 * bk
-  nq, nkc = seq // bq, seq // cta_k
-  wl = block_map(ks, ke, bq, cta_k).kv_blocks          # [batch, nkc, nq]
-  blocks, counts = wl.blocks, wl.counts
-  # Per warpgroup (bk keys) and list entry: is that tile full?
-  st = jnp.swapaxes(tile_states(ks, ke, bq, bk), 1, 2).reshape(batch, nkc, 2, nq)
-  full = (jnp.take_along_axis(st, blocks[:, :, None, :], axis=3) == FULL).astype(jnp.int32)
-  qk_scale = float(scale) * LOG2E
-  wgmma_layout = plgpu.Layout.WGMMA
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-  tr = _smem_transforms(plgpu, dtype, d)
-
-  def kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-             delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, scoped):
-    h = lax.axis_index("heads")
-    j = lax.axis_index("kv")
-    b = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
-    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem), \
-        (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
-    n = counts_ref[b, j]
-
-    @pl.when(wg < 2)
-    def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      kb0 = j * cta_k + wg * bk
-      hk = lax.div(h, jnp.int32(group))
-      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb0, bk), hk], k_smem.at[wg], k_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb0, bk), hk], v_smem.at[wg], v_bar.at[wg])
-      plgpu.barrier_wait(k_bar.at[wg])
-      plgpu.barrier_wait(v_bar.at[wg])
-      k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
-      zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
-
-      def body(t, carry):
-        dk, dv, is_full = carry
-        slot = lax.rem(t, jnp.int32(stages))
-        full_next = full_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
-        plgpu.barrier_wait(q_bar.at[slot])
-
-        def st_fn(acc_ref):
-          plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
-          return acc_ref[...]
-
-        s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32)) * qk_scale
-        plgpu.barrier_wait(vec_bar.at[slot])
-
-        def masked():
-          kpos = kb0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wgmma_layout)
-          lo = _load_vec(plgpu, ks_smem.at[slot], col_layout)
-          hi = _load_vec(plgpu, ke_smem.at[slot], col_layout)
-          ok = (kpos >= lax.broadcast_in_dim(lo, (bk, bq), [1])) & (
-              kpos < lax.broadcast_in_dim(hi, (bk, bq), [1]))
-          return jnp.where(ok, s_t, -jnp.inf)
-
-        s_t = lax.cond(is_full != 0, lambda: s_t, masked)
-        lse_c = _load_vec(plgpu, lse_smem.at[slot], col_layout)
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse_c, (bk, bq), [1]))
-        plgpu.barrier_wait(do_bar.at[slot])
-
-        def dv_dp(refs):
-          dv_ref_, dp_ref_ = refs
-          plgpu.wgmma(dv_ref_, p_t.astype(dtype), do_smem.at[slot])
-          plgpu.wgmma(dp_ref_, v_tile, _transposed(plgpu, do_smem.at[slot]))
-
-        dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros((bk, bq)))))
-        delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))
-
-        def dk_fn(acc_ref):
-          plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
-
-        dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
-        plgpu.barrier_arrive(free.at[slot])
-        return dk, dv, full_next
-
-      dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
-                                             full_ref[b, j, wg, 0]))
-      k_tile[...] = (dk * scale).astype(dtype)
-      v_tile[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, pl.ds(kb0, bk), h])
-      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[b, pl.ds(kb0, bk), h])
-      plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == 2)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def issue(t, slot):
-        rows = pl.ds(blocks_ref[b, j, t] * bq, bq)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
-        plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
-        plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
-
-      for i in range(stages):
-        pl.when(i < n)(functools.partial(issue, jnp.int32(i), i))
-
-      @pl.loop(0, jnp.maximum(n - stages, 0))
-      def _(t):
-        slot = lax.rem(t, jnp.int32(stages))
-        plgpu.barrier_wait(free.at[slot])
-        issue(t + stages, slot)
-
-  def entry(*refs):
-    smem = [
-        plgpu.SMEM((2, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((2, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.int32),
-        plgpu.SMEM((stages, bq), jnp.int32),
-    ]
-    pl.run_scoped(
-        lambda *scoped: kernel(*refs, scoped),
-        smem,
-        (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_arrivals=4, num_barriers=stages)),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        collective_axes="wg",
-    )
-
-  shape = jax.ShapeDtypeStruct((batch, seq, hq, d), dtype)
-  return plgpu.kernel(
-      entry,
-      out_type=[shape, shape],
-      grid=(hq, nkc, batch),
-      grid_names=("heads", "kv", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(blocks, counts, full, q, k, v, do, lse, delta, ks, ke)
-
-
-def _dq(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
-  """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS."""
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-
-  batch, seq, hq, d = q.shape
-  group = hq // k.shape[2]
-  dtype = q.dtype
-  bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
-  cta_q = 2 * bq
-  nq, nk = seq // cta_q, seq // bk
-  wl = block_map(ks, ke, cta_q, bk).q_blocks
-  blocks, counts = wl.blocks, wl.counts
-  ks_max = jnp.max(ks.reshape(batch, seq // bq, bq), axis=-1)
-  ke_min = jnp.min(ke.reshape(batch, seq // bq, bq), axis=-1)
-  qk_scale = float(scale) * LOG2E
-  wgmma_layout = plgpu.Layout.WGMMA
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  tr = _smem_transforms(plgpu, dtype, d)
-
-  def kernel(blocks_ref, counts_ref, ksmax_ref, kemin_ref, ks_ref, ke_ref, q_ref, k_ref,
-             v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
-    h = lax.axis_index("heads")
-    qi = lax.axis_index("q")
-    b = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
-    (q_smem, do_smem, k_smem, v_smem), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scoped
-    n = counts_ref[b, qi]
-
-    @pl.when(wg < 2)
-    def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      row0 = qi * cta_q + wg * bq
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem.at[wg], q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(row0, bq), h], do_smem.at[wg], do_bar.at[wg])
-      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
-      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
-      lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(row0, bq)], row_layout)
-      delta_row = _load_vec(plgpu, delta_ref.at[b, h, pl.ds(row0, bq)], row_layout)
-      wblk = qi * 2 + wg
-      kmax = ksmax_ref[b, wblk]
-      kmin = kemin_ref[b, wblk]
-      q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-      plgpu.barrier_wait(q_bar.at[wg])
-      plgpu.barrier_wait(do_bar.at[wg])
-      zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
-
-      def body(t, carry):
-        dq, kb = carry
-        slot = lax.rem(t, jnp.int32(stages))
-        kb_next = blocks_ref[b, qi, lax.min(t + 1, jnp.int32(nk - 1))]
-        plgpu.barrier_wait(k_bar.at[slot])
-
-        def s_fn(acc_ref):
-          plgpu.wgmma(acc_ref, q_tile, _transposed(plgpu, k_smem.at[slot]))
-          return acc_ref[...]
-
-        s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32)) * qk_scale
-        k0 = kb * bk
-        full = (k0 >= kmax) & (k0 + bk <= kmin)
-
-        def masked():
-          kpos = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-          ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
-              kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
-          return jnp.where(ok, s, -jnp.inf)
-
-        s = lax.cond(full, lambda: s, masked)
-        p = jnp.exp2(s - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
-        plgpu.barrier_wait(v_bar.at[slot])
-
-        def dp_fn(acc_ref):
-          plgpu.wgmma(acc_ref, do_tile, _transposed(plgpu, v_smem.at[slot]))
-          return acc_ref[...]
-
-        dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
-        plgpu.barrier_arrive(v_free.at[slot])
-        ds = p * (dp - lax.broadcast_in_dim(delta_row, (bq, bk), [0]))
-
-        def dq_fn(acc_ref):
-          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
-
-        dq = pl.run_state(dq_fn)(plgpu.ACC.init(dq))
-        plgpu.barrier_arrive(k_free.at[slot])
-        return dq, kb_next
-
-      dq, _ = lax.fori_loop(0, n, body, (zeros((bq, d)), blocks_ref[b, qi, 0]))
-      q_tile[...] = (dq * scale).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(row0, bq), h])
-      plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == 2)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
-      hk = lax.div(h, jnp.int32(group))
-
-      def issue_k(t, slot):
-        rows = pl.ds(blocks_ref[b, qi, t] * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
-
-      def issue_v(t, slot):
-        rows = pl.ds(blocks_ref[b, qi, t] * bk, bk)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
-
-      for i in range(stages):
-        @pl.when(i < n)
-        def _():
-          issue_k(jnp.int32(i), i)
-          issue_v(jnp.int32(i), i)
-
-      @pl.loop(0, jnp.maximum(n - stages, 0))
-      def _(t):
-        slot = lax.rem(t, jnp.int32(stages))
-        plgpu.barrier_wait(v_free.at[slot])
-        issue_v(t + stages, slot)
-        plgpu.barrier_wait(k_free.at[slot])
-        issue_k(t + stages, slot)
-
-  def entry(*refs):
-    smem = [
-        plgpu.SMEM((2, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((2, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
-    ]
-    pl.run_scoped(
-        lambda *scoped: kernel(*refs, scoped),
-        smem,
-        (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
-        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-        collective_axes="wg",
-    )
-
-  return plgpu.kernel(
-      entry,
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(hq, nq, batch),
-      grid_names=("heads", "q", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(blocks, counts, ks_max, ke_min, ks, ke, q, k, v, do, lse, delta)

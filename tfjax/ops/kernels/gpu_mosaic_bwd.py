@@ -100,6 +100,24 @@ def _full_flags(ks, ke, blocks, block_q, block_k):
   return (jnp.take_along_axis(st, blocks[:, :, None, :], axis=3) == FULL).astype(jnp.int32)
 
 
+def _probs_t(plgpu, s_t, is_full, k0, lo_ref, hi_ref, lse_ref):
+  """P^T [keys, rows] = exp2(S^T - lse) for keys k0.. against streamed query
+  rows whose visible keys are [lo, hi) (shared-memory vectors, with lse):
+  masked by two comparisons unless the tile `is_full`."""
+  layout = plgpu.Layout.WGMMA
+  col = plgpu.Layout.WGMMA.reduce(0)
+  shape = s_t.shape
+
+  def masked():
+    kpos = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+    lo = lax.broadcast_in_dim(_load_vec(plgpu, lo_ref, col), shape, [1])
+    hi = lax.broadcast_in_dim(_load_vec(plgpu, hi_ref, col), shape, [1])
+    return jnp.where((kpos >= lo) & (kpos < hi), s_t, -jnp.inf)
+
+  s_t = lax.cond(is_full != 0, lambda: s_t, masked)
+  return jnp.exp2(s_t - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), shape, [1]))
+
+
 def _fused(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
   """(dq, dk, dv per q head), all [batch, seq, q_heads, d], in one kernel."""
   import jax.experimental.pallas as pl
@@ -174,17 +192,8 @@ def _fused(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
         s_t = s_t * qk_scale
         plgpu.barrier_wait(vec_bar.at[slot])
 
-        def masked():
-          kpos = kb0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wgmma_layout)
-          lo = _load_vec(plgpu, ks_smem.at[slot], col_layout)
-          hi = _load_vec(plgpu, ke_smem.at[slot], col_layout)
-          ok = (kpos >= lax.broadcast_in_dim(lo, (bk, bq), [1])) & (
-              kpos < lax.broadcast_in_dim(hi, (bk, bq), [1]))
-          return jnp.where(ok, s_t, -jnp.inf)
-
-        s_t = lax.cond(is_full != 0, lambda: s_t, masked)
-        lse_c = _load_vec(plgpu, lse_smem.at[slot], col_layout)
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse_c, (bk, bq), [1]))
+        p_t = _probs_t(plgpu, s_t, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
+                       lse_smem.at[slot])
         delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
         ds_own = ds_smem.at[buf, pl.ds(wg * bk, bk)]
         ds_own[...] = (p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))).astype(dtype)
@@ -364,17 +373,8 @@ def _dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
           s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32)) * qk_scale
         plgpu.barrier_wait(vec_bar.at[slot])
 
-        def masked():
-          kpos = kb0 + plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=wgmma_layout)
-          lo = _load_vec(plgpu, ks_smem.at[slot], col_layout)
-          hi = _load_vec(plgpu, ke_smem.at[slot], col_layout)
-          ok = (kpos >= lax.broadcast_in_dim(lo, (bk, bq), [1])) & (
-              kpos < lax.broadcast_in_dim(hi, (bk, bq), [1]))
-          return jnp.where(ok, s_t, -jnp.inf)
-
-        s_t = lax.cond(is_full != 0, lambda: s_t, masked)
-        lse_c = _load_vec(plgpu, lse_smem.at[slot], col_layout)
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse_c, (bk, bq), [1]))
+        p_t = _probs_t(plgpu, s_t, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
+                       lse_smem.at[slot])
         delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
         if cfg.sdp_group:
           ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))

@@ -390,3 +390,22 @@ def test_mosaic_backward_matches_reference(d, hq, hkv, seq, bcfg):
   cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d), mosaic_fwd=(64, 128, 2, 1),
                             mosaic_bwd=bcfg)
   _check_bf16_kernel_against_reference(cfg, seg, img, q, k, v, do)
+
+
+def test_mosaic_backward_config_choice(monkeypatch):
+  """Fused backward at head dim 64, two kernels at 128 (the H100 measurements),
+  TFJAX_MOSAIC_BWD overrides it, and the sequence multiple follows the kernels
+  that run."""
+  from tfjax.ops.kernels import gpu_mosaic_bwd
+  monkeypatch.delenv("TFJAX_MOSAIC_BWD", raising=False)
+  c64 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64))
+  c128 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(128))
+  assert c64.fuse_dq == 1 and c64.consumer_regs == 240
+  assert c128.fuse_dq == 0 and c128.sdp_group == 0
+  # The fused kernel has no dq tiles: (64 rows, 2 x 64 keys) alone set the multiple.
+  assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 64, 128, 2, 1).multiple == 128
+  assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 128, 64, 2, 0).multiple == 256
+  monkeypatch.setenv("TFJAX_MOSAIC_BWD", "64,64,2,64,64,2,0")
+  assert gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64)).fuse_dq == 0
+  monkeypatch.setenv("TFJAX_MOSAIC_BWD", "0")
+  assert dispatch.mosaic_backward_config(64) is None

@@ -3,15 +3,23 @@
 # (training, VAE, generation) and runs the CPU test suite's core on the GPU.
 #
 #   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|train|vae|generate]
+#   (device tool, carry .whl_app and .whl)  bash benchmarks/gpu_run.sh attention
 #
 # .whl_app holds the wheels the GPU image lacks (grain, ml_collections,
-# tensorflow-datasets, array_record and their small dependencies).
+# tensorflow-datasets, array_record and their small dependencies); .whl holds
+# tokamax and what it imports (xprof, pydantic, qwix, ...) for the attention
+# table's tokamax row. `attention` is not part of `all`: the table alone needs
+# most of a 600 s call.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/tfjax_gpu_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl_app/*.whl || exit 1
+if [[ $what == attention && -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 LOG=$OUT/gpu_run.log
 python3 -c "import sys, jax, jaxlib, flax, optax, orbax.checkpoint as o, grain, torch
@@ -21,7 +29,7 @@ print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 
 section() { echo; echo "=== $1"; } 
-run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG" | grep -E "^\{|passed|failed|error|Error|tokens_per_s|images_per_s|\|" | tail -n 30; }
+run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG" | grep -E "^\{|^PARTIAL|passed|failed|error|Error|tokens_per_s|images_per_s|\|" | tail -n 30; }
 
 if [[ $what == all || $what == tests ]]; then
   section "core tests on the GPU (float32 matmuls at full precision: TF32 would fail 1e-5 checks)"
@@ -37,6 +45,10 @@ if [[ $what == all || $what == train ]]; then
         --batch_size=8 --steps=10 --config.model.attention_impl=$impl
     done
   done
+fi
+if [[ $what == attention ]]; then
+  section "attention table, every peer in one run (PARTIAL JSON after each shape)"
+  run python3 benchmarks/attention.py --seqs 8192,4096 --dims 128,64 --reps ${REPS:-15}
 fi
 if [[ $what == all || $what == vae ]]; then
   section "VAE encode/decode at 256x256"

@@ -50,20 +50,21 @@ def _backend() -> str:
   return jax.default_backend()
 
 
-def _gpu_is_hopper_or_newer() -> bool:
+def _compute_capability() -> float:
+  """The first device's compute capability (e.g. 9.0), 0 where it has none."""
   try:
-    cc = getattr(jax.devices()[0], "compute_capability", "0")
-    return float(cc) >= 9.0
-  except (ValueError, TypeError):
-    return False
+    return float(getattr(jax.devices()[0], "compute_capability", "0"))
+  except (ValueError, TypeError, RuntimeError):
+    return 0.0
+
+
+def _gpu_is_hopper_or_newer() -> bool:
+  return _compute_capability() >= 9.0
 
 
 def _gpu_is_hopper() -> bool:
-  """Compute capability 9.x: where the Mosaic GPU forward (wgmma) runs."""
-  try:
-    return str(getattr(jax.devices()[0], "compute_capability", "0")).startswith("9")
-  except (ValueError, TypeError, RuntimeError):
-    return False
+  """Compute capability 9.x: where the Mosaic GPU kernels (wgmma) run."""
+  return 9.0 <= _compute_capability() < 10.0
 
 
 def use_mosaic_forward(kind: str, head_dim: int, dtype) -> bool:
@@ -117,8 +118,9 @@ def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
 def mosaic_backward_config(head_dim: int) -> tuple | None:
   """The Mosaic GPU backward's tiles, or None for the Triton backward.
 
-  TFJAX_MOSAIC_BWD in the environment: "0" (Triton) or six comma-separated
-  integers (gpu_mosaic.MosaicBwdConfig fields) override the default.
+  TFJAX_MOSAIC_BWD in the environment: "0" (Triton) or comma-separated
+  integers (gpu_mosaic_bwd.MosaicBwdConfig fields, in order; omitted trailing
+  fields keep their defaults) override the default.
   """
   from tfjax.ops.kernels import gpu
   env = os.environ.get("TFJAX_MOSAIC_BWD", "")

@@ -312,7 +312,6 @@ class GpuConfig:
     # shape but 8192/128 (where 2 heads tie); 64-key tiles and deeper rings lose.
     return (64, 128, 2, 1)
 
-
   @staticmethod
   def mosaic_bwd_default(head_dim: int) -> tuple | None:
     """Mosaic GPU backward tiles (gpu_mosaic_bwd.MosaicBwdConfig fields; None:

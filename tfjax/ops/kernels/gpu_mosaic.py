@@ -1,7 +1,7 @@
 """Block-sparse Transfusion attention for Hopper: Pallas Mosaic GPU kernels.
 
 This file: the forward (`forward`) and the helpers both directions share;
-the backward is in gpu_mosaic_bwd.py.
+the backward is in gpu_mosaic_bwd.py (fused) and gpu_mosaic_bwd_two_kernel.py.
 
 Forward: one CTA per (q head, 2 * block_q query rows, batch row), three
 warpgroups:
@@ -58,7 +58,8 @@ class MosaicFwdConfig:
   the K/V stream runs on across them and the next head's Q tile is
   prefetched); lpt: launch the query tiles with the most key blocks first;
   heads_outer: every query tile of one head group before the next group's
-  (heads the slowest grid axis: the K/V of the heads in flight stay in L2)."""
+  (heads the slowest grid axis, meant to keep the K/V of the heads in flight
+  in L2; measured mixed on the H100, run M7 of NOTES_attention.md, so off)."""
   block_q: int = 64
   block_k: int = 128
   num_stages: int = 2
@@ -94,6 +95,34 @@ def _load_vec(plgpu, ref, layout):
     return plgpu.load(ref, (), layout=layout, optimized=False)
 
 
+def _longest_first(counts):
+  """Launch order of the flattened work lists, longest first: a shorter tail of
+  lone CTAs at the end of the grid."""
+  return jnp.argsort(-counts.reshape(-1), stable=True).astype(jnp.int32)
+
+
+def _row_block_bounds(ks, ke, rows):
+  """(max k_start, min k_end) per `rows` query rows: a key tile [k0, k0 + bk)
+  is full for all of them iff k0 >= the first and k0 + bk <= the second (an
+  empty row never passes)."""
+  batch, seq = ks.shape
+  return (jnp.max(ks.reshape(batch, seq // rows, rows), axis=-1),
+          jnp.min(ke.reshape(batch, seq // rows, rows), axis=-1))
+
+
+def _fill_ring(pl, n, stages, issue, refill):
+  """A producer warpgroup's ring of `stages` shared-memory slots: items 0 ..
+  stages-1 (of n) by issue(t, slot) at once, then item t + stages into slot
+  t mod stages by refill(t + stages, slot), which waits for the slot first."""
+  for i in range(stages):
+    pl.when(i < n)(functools.partial(issue, jnp.int32(i), i))
+
+  @pl.loop(0, jnp.maximum(n - stages, 0))
+  def _(t):
+    slot = lax.rem(t, jnp.int32(stages))
+    refill(t + stages, slot)
+
+
 def supported(dtype, head_dim: int) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
       head_dim in (64, 128)
@@ -119,15 +148,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
   nq, nk = seq // cta_q, kv_len // bk
   wl = block_map(ks, ke, cta_q, bk, kv_len).q_blocks
   blocks, counts = wl.blocks, wl.counts
-  flat_counts = counts.reshape(-1)
-  if cfg.lpt:  # the longest work lists first: a shorter tail
-    order = jnp.argsort(-flat_counts, stable=True).astype(jnp.int32)
-  else:
-    order = jnp.arange(batch * nq, dtype=jnp.int32)
-  # Per block_q rows: a tile [k0, k0 + bk) is full for them iff
-  # k0 >= max k_start and k0 + bk <= min k_end (an empty row never passes).
-  ks_max = jnp.max(ks.reshape(batch, seq // bq, bq), axis=-1)
-  ke_min = jnp.min(ke.reshape(batch, seq // bq, bq), axis=-1)
+  order = _longest_first(counts) if cfg.lpt else jnp.arange(batch * nq, dtype=jnp.int32)
+  ks_max, ke_min = _row_block_bounds(ks, ke, bq)  # per consumer warpgroup's rows
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -264,17 +286,14 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
 
-      for i in range(stages):
-        pl.when(i < total)(functools.partial(issue, jnp.int32(i), i))
-
-      @pl.loop(0, jnp.maximum(total - stages, 0))
-      def _(t):
-        slot = lax.rem(t, jnp.int32(stages))
-        rows, hk = rows_and_head(t + stages)
+      def refill(g, slot):
+        rows, hk = rows_and_head(g)
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
+
+      _fill_ring(pl, total, stages, issue, refill)
 
   def entry(*refs):
     transforms = _smem_transforms(plgpu, dtype, d)

@@ -1,0 +1,309 @@
+"""Block-sparse Transfusion attention for Hopper: the two-kernel Mosaic GPU backward.
+
+`dkv`: per CTA 2 * block_k keys (one block_k per consumer warpgroup, K and V
+resident in shared memory), the producer streaming the key block's non-empty
+query tiles, dV and dK accumulated in registers. `dq`: the forward's walk over
+a query block's non-empty key blocks, recomputing S and dP. Seven matrix
+products per tile pair against the fused kernel's five (gpu_mosaic_bwd.py),
+but no float32 atomics: deterministic, and at head dim 128 faster on the H100
+(NOTES_attention.md, runs M5-M8). `gpu_mosaic_bwd.backward` calls these.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tfjax.ops.kernels.block_map import block_map
+from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _fill_ring, _load_vec, _row_block_bounds,
+                                          _smem_transforms, _transposed)
+from tfjax.ops.kernels.gpu_mosaic_bwd import (_full_flags, _key_block_barriers, _probs_t,
+                                              _query_tile_smem, _stream_query_tiles)
+
+
+def dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
+  """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  batch, seq, hq, d = q.shape
+  group = hq // k.shape[2]
+  dtype = q.dtype
+  bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
+  cta_k = 2 * bk
+  nq, nkc = seq // bq, seq // cta_k
+  wl = block_map(ks, ke, bq, cta_k).kv_blocks          # [batch, nkc, nq]
+  blocks, counts = wl.blocks, wl.counts
+  # Per warpgroup (bk keys) and list entry: is that tile full?
+  full = _full_flags(ks, ke, blocks, bq, bk)
+  qk_scale = float(scale) * LOG2E
+  wgmma_layout = plgpu.Layout.WGMMA
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  tr = _smem_transforms(plgpu, dtype, d)
+
+  def kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+             delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, scoped):
+    h = lax.axis_index("heads")
+    j = lax.axis_index("kv")
+    b = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem), \
+        (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
+    n = counts_ref[b, j]
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      kb0 = j * cta_k + wg * bk
+      hk = lax.div(h, jnp.int32(group))
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb0, bk), hk], k_smem.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb0, bk), hk], v_smem.at[wg], v_bar.at[wg])
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+      k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+      zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
+
+      def body(t, carry):
+        dk, dv, is_full = carry
+        slot = lax.rem(t, jnp.int32(stages))
+        full_next = full_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
+        plgpu.barrier_wait(q_bar.at[slot])
+        if cfg.sdp_group:  # S^T and dP^T in one wgmma group
+          plgpu.barrier_wait(do_bar.at[slot])
+
+          def s_dp(refs):
+            plgpu.wgmma(refs[0], k_tile, _transposed(plgpu, q_smem.at[slot]))
+            plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
+
+          s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
+                                          plgpu.ACC.init(zeros((bk, bq)))))
+          s_t = s_t * qk_scale
+        else:
+          def st_fn(acc_ref):
+            plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
+            return acc_ref[...]
+
+          s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32)) * qk_scale
+        plgpu.barrier_wait(vec_bar.at[slot])
+
+        p_t = _probs_t(plgpu, s_t, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
+                       lse_smem.at[slot])
+        delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
+        if cfg.sdp_group:
+          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
+
+          def dv_dk(refs):
+            plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
+            plgpu.wgmma(refs[1], ds_t.astype(dtype), q_smem.at[slot])
+
+          dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        else:
+          plgpu.barrier_wait(do_bar.at[slot])
+
+          def dv_dp(refs):
+            plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
+            plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
+
+          dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros((bk, bq)))))
+          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
+
+          def dk_fn(acc_ref):
+            plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+
+          dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(free.at[slot])
+        return dk, dv, full_next
+
+      dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
+                                             full_ref[b, j, wg, 0]))
+      k_tile[...] = (dk * scale).astype(dtype)
+      v_tile[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, pl.ds(kb0, bk), h])
+      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[b, pl.ds(kb0, bk), h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
+                          lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem,
+                          delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free)
+
+  def entry(*refs):
+    smem = [
+        plgpu.SMEM((2, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((2, bk, d), dtype, transforms=tr),
+        *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
+    ]
+    pl.run_scoped(
+        lambda *scoped: kernel(*refs, scoped),
+        smem,
+        *_key_block_barriers(plgpu, stages),
+        collective_axes="wg",
+    )
+
+  shape = jax.ShapeDtypeStruct((batch, seq, hq, d), dtype)
+  return plgpu.kernel(
+      entry,
+      out_type=[shape, shape],
+      grid=(hq, nkc, batch),
+      grid_names=("heads", "kv", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(blocks, counts, full, q, k, v, do, lse, delta, ks, ke)
+
+
+def dq(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
+  """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  batch, seq, hq, d = q.shape
+  group = hq // k.shape[2]
+  dtype = q.dtype
+  bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
+  cta_q = 2 * bq
+  nq, nk = seq // cta_q, seq // bk
+  wl = block_map(ks, ke, cta_q, bk).q_blocks
+  blocks, counts = wl.blocks, wl.counts
+  ks_max, ke_min = _row_block_bounds(ks, ke, bq)
+  qk_scale = float(scale) * LOG2E
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  tr = _smem_transforms(plgpu, dtype, d)
+
+  def kernel(blocks_ref, counts_ref, ksmax_ref, kemin_ref, ks_ref, ke_ref, q_ref, k_ref,
+             v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
+    h = lax.axis_index("heads")
+    qi = lax.axis_index("q")
+    b = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    (q_smem, do_smem, k_smem, v_smem), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scoped
+    n = counts_ref[b, qi]
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      row0 = qi * cta_q + wg * bq
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem.at[wg], q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(row0, bq), h], do_smem.at[wg], do_bar.at[wg])
+      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
+      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
+      lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(row0, bq)], row_layout)
+      delta_row = _load_vec(plgpu, delta_ref.at[b, h, pl.ds(row0, bq)], row_layout)
+      wblk = qi * 2 + wg
+      kmax = ksmax_ref[b, wblk]
+      kmin = kemin_ref[b, wblk]
+      q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+      plgpu.barrier_wait(q_bar.at[wg])
+      plgpu.barrier_wait(do_bar.at[wg])
+      zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
+
+      def body(t, carry):
+        dq, kb = carry
+        slot = lax.rem(t, jnp.int32(stages))
+        kb_next = blocks_ref[b, qi, lax.min(t + 1, jnp.int32(nk - 1))]
+        plgpu.barrier_wait(k_bar.at[slot])
+        k0 = kb * bk
+        full = (k0 >= kmax) & (k0 + bk <= kmin)
+
+        def masked(s):
+          kpos = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
+          ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
+              kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
+          return jnp.where(ok, s, -jnp.inf)
+
+        def s_fn(acc_ref):
+          plgpu.wgmma(acc_ref, q_tile, _transposed(plgpu, k_smem.at[slot]))
+          return acc_ref[...]
+
+        def dp_fn(acc_ref):
+          plgpu.wgmma(acc_ref, do_tile, _transposed(plgpu, v_smem.at[slot]))
+          return acc_ref[...]
+
+        if cfg.sdp_group:  # S and dP in one wgmma group
+          plgpu.barrier_wait(v_bar.at[slot])
+
+          def s_dp(refs):
+            plgpu.wgmma(refs[0], q_tile, _transposed(plgpu, k_smem.at[slot]))
+            plgpu.wgmma(refs[1], do_tile, _transposed(plgpu, v_smem.at[slot]))
+
+          s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bq, bk))),
+                                      plgpu.ACC.init(zeros((bq, bk)))))
+          plgpu.barrier_arrive(v_free.at[slot])
+          s = lax.cond(full, lambda: s * qk_scale, lambda: masked(s * qk_scale))
+          p = jnp.exp2(s - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
+        else:
+          s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32)) * qk_scale
+          s = lax.cond(full, lambda: s, lambda: masked(s))
+          p = jnp.exp2(s - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
+          plgpu.barrier_wait(v_bar.at[slot])
+          dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
+          plgpu.barrier_arrive(v_free.at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta_row, (bq, bk), [0]))
+
+        def dq_fn(acc_ref):
+          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+        dq = pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq, kb_next
+
+      dq, _ = lax.fori_loop(0, n, body, (zeros((bq, d)), blocks_ref[b, qi, 0]))
+      q_tile[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(row0, bq), h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      hk = lax.div(h, jnp.int32(group))
+
+      def issue_k(t, slot):
+        rows = pl.ds(blocks_ref[b, qi, t] * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
+
+      def issue_v(t, slot):
+        rows = pl.ds(blocks_ref[b, qi, t] * bk, bk)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
+
+      def issue(t, slot):
+        issue_k(t, slot)
+        issue_v(t, slot)
+
+      def refill(t, slot):
+        plgpu.barrier_wait(v_free.at[slot])
+        issue_v(t, slot)
+        plgpu.barrier_wait(k_free.at[slot])
+        issue_k(t, slot)
+
+      _fill_ring(pl, n, stages, issue, refill)
+
+  def entry(*refs):
+    smem = [
+        plgpu.SMEM((2, bq, d), dtype, transforms=tr),
+        plgpu.SMEM((2, bq, d), dtype, transforms=tr),
+        plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+    ]
+    pl.run_scoped(
+        lambda *scoped: kernel(*refs, scoped),
+        smem,
+        (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+        collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(hq, nq, batch),
+      grid_names=("heads", "q", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(blocks, counts, ks_max, ke_min, ks, ke, q, k, v, do, lse, delta)

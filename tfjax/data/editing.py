@@ -204,7 +204,7 @@ def generate_split(split: str, num: int, image_size: int, seed: int = 0,
   out = []
   while len(out) < num:
     kind = EDIT_TYPES[len(out) % len(EDIT_TYPES)]
-    scene = shapes.random_scene(rng, max_objects=options.max_objects, sizes=options.sizes)
+    scene = options.random_scene(rng)
     # Cheap test first: most scenes are rejected for the held-out splits.
     if shapes.split_of(scene) != split:
       continue

@@ -126,6 +126,10 @@ class SceneOptions:
     max_objects, sizes = read_scene_limits(config_section)
     return cls(max_objects=max_objects, sizes=sizes, section=section)
 
+  def random_scene(self, rng: np.random.Generator) -> Scene:
+    """A random scene within these options (see the module-level random_scene)."""
+    return random_scene(rng, max_objects=self.max_objects, sizes=self.sizes)
+
   @property
   def is_default(self) -> bool:
     return self == SceneOptions()
@@ -245,7 +249,7 @@ def generate_split(split: str, num: int, image_size: int, seed: int = 0,
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   scenes, captions = [], []
   while len(scenes) < num:
-    scene = random_scene(rng, max_objects=options.max_objects, sizes=options.sizes)
+    scene = options.random_scene(rng)
     if split_of(scene) != split:
       continue
     images[len(scenes)] = render(scene, image_size)
@@ -287,7 +291,7 @@ def text_corpus(split: str, num: int, seed: int = 0,
   rng = np.random.default_rng([seed, 100 + SPLITS.index(split)])
   docs = []
   while len(docs) < num:
-    scene = random_scene(rng, max_objects=options.max_objects, sizes=options.sizes)
+    scene = options.random_scene(rng)
     if split_of(scene) != split:
       continue
     kind = rng.random()

@@ -51,7 +51,7 @@ def shapes_eval(gen: Any, num_samples: int, *, seed: int = 0, batch_size: int = 
   """Text-to-image on held-out captions, scored by the pixel checker."""
   size = int(gen.config.data.image_size)
   _, scenes, captions = shapes.generate_split("test", num_samples, size, seed=seed,
-                                          options=_scene_options(gen))
+                                              options=_scene_options(gen))
   images = []
   rng = jax.random.key(seed)
   for sl in _batches(num_samples, batch_size):
@@ -73,7 +73,7 @@ def captioning_eval(gen: Any, num_samples: int, *, seed: int = 0,
   """Image-to-text on held-out images: CIDEr-D and exact-scene accuracy."""
   size = int(gen.config.data.image_size)
   images, scenes, _ = shapes.generate_split("test", num_samples, size, seed=seed,
-                                          options=_scene_options(gen))
+                                            options=_scene_options(gen))
   ref_rng = np.random.default_rng([seed, 7])
   references = [sorted({shapes.caption(s, ref_rng) for _ in range(NUM_REFERENCES * 3)})
                 [:NUM_REFERENCES] for s in scenes]

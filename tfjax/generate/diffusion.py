@@ -57,8 +57,10 @@ class DiffusionParams:
     return cls(num_steps=int(d.sample_steps), sampler=str(d.sampler),
                cfg_scale=float(d.cfg_scale), objective=str(d.objective),
                num_timesteps=int(d.num_timesteps),
-               clip_x0=float(config.sample.get("clip_x0", 6.0)),
-               x0_min_alpha_bar=float(config.sample.get("x0_min_alpha_bar", 1e-3)))
+               # configs saved before these keys existed get the defaults above
+               clip_x0=float(config.sample.get("clip_x0", cls.clip_x0)),
+               x0_min_alpha_bar=float(config.sample.get("x0_min_alpha_bar",
+                                                        cls.x0_min_alpha_bar)))
 
 
 def _patch_call(x_t: jax.Array, t: jax.Array, rope_start: jax.Array, image_id: jax.Array,

@@ -1,7 +1,7 @@
 """Mosaic GPU kernels: checks and tile sweeps in one device call.
 
   python benchmarks/mgpu_dev.py [--configs "64,128,2,1;64,64,3,1"] [--shapes 4096/64,...]
-      [--bwd "64,64,2,64,64,2;..."] [--best_file PATH]
+      [--bwd "64,64,2,64,64,2,0;64,64,2,64,64,2,1,240"] [--no_triton_bwd] [--best_file PATH]
 
 For each workload shape (attention_layout.py, B=2, H=16, bf16): the Mosaic
 forward's out and lse against the Triton forward's, then forward time per
@@ -37,7 +37,9 @@ def main():
                  help="';'-separated bq,bk,stages,heads[,lpt] (default: a sweep)")
   p.add_argument("--reps", type=int, default=30)
   p.add_argument("--group", type=int, default=10)
-  p.add_argument("--bwd", default="", help="';'-separated MosaicBwdConfig fields to time")
+  p.add_argument("--bwd", default="",
+                 help="';'-separated gpu_mosaic_bwd.MosaicBwdConfig fields to time "
+                 "(in order; trailing fields default, e.g. fuse_dq=1)")
   p.add_argument("--no_triton_bwd", action="store_true",
                  help="skip timing the all-Triton forward+backward (saves its compiles)")
   p.add_argument("--best_file", default="", help="write the best backward config here if it "

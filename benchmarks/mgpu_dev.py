@@ -60,8 +60,9 @@ def main():
     q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
     scale = d ** -0.5
     base = gpu.GpuConfig.for_head_dim(d)
-    tri = jax.jit(lambda q, k, v: gpu._forward(q, k, v, ks, ke, scale=scale, cfg=base,
-                                               interpret=False))
+    tri_sched = gpu.schedule(ks, ke, base)
+    tri = jax.jit(lambda q, k, v: gpu._forward(q, k, v, ks, ke, tri_sched, scale=scale,
+                                               cfg=base, interpret=False))
     o_t, lse_t = tri(q, k, v)
     t_tri = time_jax(tri, (q, k, v), args.reps, args.group)
     print(f"{seq}/{d} triton fwd {t_tri:.3f} ms ({flops / t_tri / 1e9:.0f} TF/s)", flush=True)

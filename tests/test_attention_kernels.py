@@ -137,6 +137,32 @@ def test_under_scan_and_remat():
   assert _rel(g, g_ref) < 1e-4
 
 
+def test_plan_shared_by_layers_matches_per_call_plans():
+  """One AttentionPlan built outside a scanned layer stack gives the values and
+  gradients of each call building its own; a plan for another length is refused."""
+  rng = np.random.default_rng(11)
+  seg, img = map(jnp.asarray, random_layout(rng, 2, 100, pad_max=10))
+  q, _, _, _ = _inputs(rng, 2, 100, 2, 2, 64, jnp.float32)
+  plan = dispatch.plan(seg, img, head_dim=64, dtype=jnp.float32, impl="pallas")
+  assert plan.kind == "gpu_interpret" and plan.seq == 100
+  assert plan.k_start.shape == (2, 128)  # padded to the tiles' multiple, 32
+
+  def loss(x, plan):
+    def layer(h, _):
+      return h + ops_attention(h, h, h, seg, img, impl="pallas", plan=plan), None
+    return jnp.sum(jax.lax.scan(layer, x, None, length=2)[0] ** 2)
+
+  v_plan, g_plan = jax.jit(jax.value_and_grad(loss))(q, plan)
+  v_own, g_own = jax.jit(jax.value_and_grad(lambda x: loss(x, None)))(q)
+  assert float(v_plan) == float(v_own)
+  np.testing.assert_array_equal(np.asarray(g_plan), np.asarray(g_own))
+  with pytest.raises(ValueError, match="plan was built for sequence length 100"):
+    ops_attention(q[:, :64], q[:, :64], q[:, :64], seg[:, :64], img[:, :64], impl="pallas",
+                  plan=plan)
+  from tfjax.ops import attention_plan
+  assert attention_plan(seg, img, head_dim=64, impl="xla") is None
+
+
 _SHARDED = r"""
 import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, sys.argv[1])
@@ -167,6 +193,34 @@ with jax.set_mesh(mesh):
   qs = jax.device_put(q, NamedSharding(mesh, P("data", None, None, None)))
   val = jax.jit(lambda q: jnp.sum(attention(q, q, q, seg, img, impl="pallas") ** 2))(qs)
 assert abs(float(val) - float(ref)) / abs(float(ref)) < 1e-5
+# A plan built under the mesh (per device, on its batch slice) and shared.
+from tfjax.ops import attention_plan
+for types in ((AxisType.Explicit,) * 3, (AxisType.Auto,) * 3):
+  mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=types)
+  with jax.set_mesh(mesh):
+    qs = jax.device_put(q, NamedSharding(mesh, P("data", None, "tensor", None)))
+    ids = NamedSharding(mesh, P("data", None))
+    def loss(q, s, i):
+      plan = attention_plan(s, i, head_dim=64, dtype=q.dtype, impl="pallas")
+      h = attention(q, q, q, s, i, impl="pallas", plan=plan)
+      return jnp.sum(attention(h, h, h, s, i, impl="pallas", plan=plan) ** 2)
+    f = jax.jit(jax.value_and_grad(loss))
+    args = (qs, jax.device_put(seg, ids), jax.device_put(img, ids))
+    val, g = f(*args)
+    txt = f.lower(*args).compile().as_text()
+  h = attention(q, q, q, seg, img, impl="xla")
+  want = jnp.sum(attention(h, h, h, seg, img, impl="xla") ** 2)
+  assert abs(float(val) - float(want)) / abs(float(want)) < 1e-5, (types, val, want)
+  assert "all-gather" not in txt, f"the batch was gathered around the planned kernel ({types})"
+  # Its launch orders index each device's slice: refused outside the mesh.
+  with jax.set_mesh(mesh):
+    plan = jax.jit(lambda s, i: attention_plan(s, i, head_dim=64, dtype=q.dtype,
+                                               impl="pallas"))(*args[1:])
+  try:
+    attention(q, q, q, seg, img, impl="pallas", plan=plan)
+    raise AssertionError("a mesh-built plan was accepted without the mesh")
+  except ValueError as e:
+    assert "built under a mesh" in str(e)
 print("OK")
 """
 
@@ -354,24 +408,33 @@ def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   assert "mosaic_gpu" in text
 
 
-def test_mosaic_fused_backward_lowers_under_scan_and_grad():
-  """The fused backward's mutable dq accumulator (a jax.new_ref) lowers where
-  the model puts it: a custom_vjp inside a layer scan, differentiated."""
+@pytest.mark.parametrize("bwd", [(64, 64, 2, 64, 64, 2, 1), (64, 64, 2, 64, 64, 2, 0)],
+                         ids=["fused", "two_kernel"])
+def test_mosaic_backward_lowers_under_scan_and_grad_with_a_plan(bwd):
+  """The Mosaic kernels where the model puts them: a custom_vjp inside a layer
+  scan, differentiated, their schedule built once outside the scan (the fused
+  backward's mutable dq accumulator, a jax.new_ref, included)."""
   import dataclasses
   from tfjax.ops.kernels import gpu
   seq, d = 256, 128
   cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d), mosaic_fwd=(64, 128, 2, 1),
-                            mosaic_bwd=(64, 64, 2, 64, 64, 2, 1))
-  ids = jnp.zeros((1, seq), jnp.int32)
+                            mosaic_bwd=bwd)
+  ks = jnp.zeros((1, seq), jnp.int32)
+  ke = ks + seq
 
   def loss(x):
+    sched = gpu.schedule(ks, ke, cfg)
     def layer(h, _):
-      return gpu.attention(h, h, h, ids, ids + seq, scale=0.1, config=cfg), None
+      return gpu.attention(h, h, h, ks, ke, scale=0.1, config=cfg, sched=sched), None
     return jax.lax.scan(layer, x, None, length=2)[0].astype(jnp.float32).sum()
 
   x = jax.ShapeDtypeStruct((1, seq, 2, d), jnp.bfloat16)
   text = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2
+  # Built once: one argsort (the launch order) per schedule, none in the scan.
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(jnp.zeros(x.shape, x.dtype)))
+  body = jaxpr[jaxpr.index("scan["):]
+  assert "sort" not in body.split("jaxpr=")[1].split("linear=")[0]
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import ml_collections
 from tfjax import config as config_lib
 from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init
 from tfjax.ops import attention as attention_op
+from tfjax.ops import attention_plan
 from tfjax.ops import transfusion_mask, xla_attention
 from tfjax.ops.kernels.dispatch import cached_attention
 
@@ -38,7 +39,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                image_ids: jax.Array, layer_kv: tuple[jax.Array, jax.Array] | None,
-               cache_ctx: tuple[jax.Array, jax.Array, jax.Array] | None):
+               cache_ctx: tuple[jax.Array, jax.Array, jax.Array] | None, plan=None):
     """x: [batch, seq, dim] -> ([batch, seq, dim], this call's (k, v) or None).
 
     With `layer_kv` (the cache buffer, [batch, max_len, kv_heads, head_dim]
@@ -47,7 +48,8 @@ class Attention(nn.Module):
     they were before this call, plus the queries' key intervals into the
     buffer (or None) for the kernel path. The buffer is only read here: the caller
     writes the returned (k, v) [batch, seq, kv_heads, head_dim] into it once,
-    so a denoising step that discards them copies nothing.
+    so a denoising step that discards them copies nothing. `plan`: the
+    kernel's attention plan of this batch, shared by all layers (or None).
     """
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -70,7 +72,7 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, c.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
     if layer_kv is None:
-      out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl)
+      out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl, plan=plan)
       new_kv = None
     else:
       cache_segments, cache_images, length, ranges = cache_ctx
@@ -111,7 +113,7 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, layer_kv, context):
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
-    positions, segment_ids, image_ids, cache_ctx = context
+    positions, segment_ids, image_ids, cache_ctx, plan = context
     placement = c.get("norm_placement", "pre")
     if placement not in ("pre", "chameleon"):
       raise ValueError(f"config key model.norm_placement: unknown {placement!r} (pre | chameleon)")
@@ -120,11 +122,12 @@ class Block(nn.Module):
     attention = Attention(c, name="attention")
     mlp = SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")
     if placement == "pre":
-      h, new_kv = attention(attn_norm(x), positions, segment_ids, image_ids, layer_kv, cache_ctx)
+      h, new_kv = attention(attn_norm(x), positions, segment_ids, image_ids, layer_kv, cache_ctx,
+                            plan)
       x = x + h
       x = x + mlp(mlp_norm(x))
     else:
-      h, new_kv = attention(x, positions, segment_ids, image_ids, layer_kv, cache_ctx)
+      h, new_kv = attention(x, positions, segment_ids, image_ids, layer_kv, cache_ctx, plan)
       x = x + attn_norm(h)
       x = x + mlp_norm(mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -152,7 +155,11 @@ class Transformer(nn.Module):
       # body ("broadcasted variable has a data dependency on the scan body",
       # seen on the H100). Without gradients the checkpoint costs nothing.
       block = nn.remat(Block, prevent_cse=not c.scan_layers)
-    context = (positions, segment_ids, image_ids, cache_ctx)
+    plan = None
+    if cache_kv is None:  # the kernel's key intervals and work lists, once for all layers
+      plan = attention_plan(segment_ids, image_ids, head_dim=c.dim // c.num_heads,
+                            dtype=_dtype(c.dtype), impl=c.attention_impl)
+    context = (positions, segment_ids, image_ids, cache_ctx, plan)
     if c.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0 if cache_kv is not None else nn.broadcast, nn.broadcast),

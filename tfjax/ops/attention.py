@@ -47,9 +47,27 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
 
 
+def _check_impl(impl: str) -> None:
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}"
+                     " (config key model.attention_impl)")
+
+
+def attention_plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
+                   dtype=jnp.bfloat16, impl: str = "xla"):
+  """What the kernel derives from the mask (key intervals, work lists), built
+  once per batch and passed to every layer's `attention(..., plan=)`; None
+  where `impl` resolves to the XLA reference. See dispatch.AttentionPlan."""
+  _check_impl(impl)
+  if impl == "xla":
+    return None
+  from tfjax.ops.kernels import dispatch  # pylint: disable=g-import-not-at-top
+  return dispatch.plan(segment_ids, image_ids, head_dim=head_dim, dtype=dtype, impl=impl)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               image_ids: jax.Array, impl: str = "xla",
-              scale: float | None = None) -> jax.Array:
+              scale: float | None = None, plan=None) -> jax.Array:
   """Self-attention over a packed Transfusion sequence.
 
   Args:
@@ -58,16 +76,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     image_ids: int[batch, seq] image ids, 0 = not an image patch. Pass zeros
       for plain document-causal attention.
     impl: "xla" (reference), "pallas" (block-sparse kernel), "auto".
+    plan: `attention_plan(segment_ids, image_ids, ...)` of this batch (kernel
+      paths; None: the call builds its own).
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}"
-                     " (config key model.attention_impl)")
+  _check_impl(impl)
   if impl == "xla":
     return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  try:
-    from tfjax.ops.kernels import dispatch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    if impl == "auto":  # kernels not built into this tree: the reference is correct
-      return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-    raise
-  return dispatch.attention(q, k, v, segment_ids, image_ids, impl=impl, scale=scale)
+  from tfjax.ops.kernels import dispatch  # pylint: disable=g-import-not-at-top
+  return dispatch.attention(q, k, v, segment_ids, image_ids, impl=impl, scale=scale, plan=plan)

@@ -133,25 +133,31 @@ def live_fraction(states: jax.Array) -> jax.Array:
 
 
 def block_sparse_vjp(forward: Callable, backward: Callable) -> Callable:
-  """A differentiable attention(q, k, v, k_start, k_end, scale, cfg, interpret)
-  from a kernel family's `forward(...) -> (out, lse)` and
-  `backward(q, k, v, out, lse, d_out, k_start, k_end, ...) -> (dq, dk, dv)`.
+  """A differentiable attention(q, k, v, k_start, k_end, sched, scale, cfg,
+  interpret) from a kernel family's
+  `forward(q, k, v, k_start, k_end, sched, ...) -> (out, lse)` and
+  `backward(q, k, v, out, lse, d_out, k_start, k_end, sched, ...) -> (dq, dk, dv)`.
 
-  The GPU and TPU kernels share this wiring; the intervals, scale, tiling
-  config and interpret flag get no gradient.
+  `sched` is the family's schedule (its work lists, a pytree of integer
+  arrays built from the key intervals by the family's `schedule` function),
+  computed once and shared by the forward and the backward, or by every
+  layer when passed in from an `AttentionPlan`. The GPU and TPU kernels share
+  this wiring; intervals, schedule, scale, tiling config and interpret flag
+  get no gradient.
   """
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-  def attention(q, k, v, ks, ke, scale, cfg, interpret):
-    return forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)[0]
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+  def attention(q, k, v, ks, ke, sched, scale, cfg, interpret):
+    return forward(q, k, v, ks, ke, sched, scale=scale, cfg=cfg, interpret=interpret)[0]
 
-  def attention_fwd(q, k, v, ks, ke, scale, cfg, interpret):
-    o, lse = forward(q, k, v, ks, ke, scale=scale, cfg=cfg, interpret=interpret)
-    return o, (q, k, v, o, lse, ks, ke)
+  def attention_fwd(q, k, v, ks, ke, sched, scale, cfg, interpret):
+    o, lse = forward(q, k, v, ks, ke, sched, scale=scale, cfg=cfg, interpret=interpret)
+    return o, (q, k, v, o, lse, ks, ke, sched)
 
   def attention_bwd(scale, cfg, interpret, res, do):
-    q, k, v, o, lse, ks, ke = res
-    dq, dk, dv = backward(q, k, v, o, lse, do, ks, ke, scale=scale, cfg=cfg, interpret=interpret)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, ks, ke, sched = res
+    dq, dk, dv = backward(q, k, v, o, lse, do, ks, ke, sched, scale=scale, cfg=cfg,
+                          interpret=interpret)
+    return dq, dk, dv, None, None, None
 
   attention.defvjp(attention_fwd, attention_bwd)
   return attention

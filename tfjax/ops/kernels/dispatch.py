@@ -140,21 +140,64 @@ def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _local_attention(q, k, v, segment_ids, image_ids, *, kind, scale, config):
-  """The kernel on one device's slice."""
-  seq = q.shape[1]
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("k_start", "k_end", "sched"),
+                   meta_fields=("kind", "config", "seq", "batch_axes"))
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+  """Everything the kernels derive from the mask, computed once per batch.
+
+  The key intervals and the kernels' work lists depend on segment_ids and
+  image_ids only, not on q, k or v: a model computes them once (`plan`) and
+  hands the plan to every layer's `attention(..., plan=plan)`, as
+  FlexAttention's BlockMask is built once and reused. Without a plan each
+  call builds its own (the same arrays, every layer, forward and backward
+  in XLA ops around the kernels).
+
+  k_start, k_end: int32[batch, padded seq] key intervals.
+  sched: the kernel family's schedule (gpu.Schedule / tpu.Schedule).
+  kind, config: the implementation and tiling the schedule was built for;
+    seq: the unpadded sequence length; batch_axes: the mesh axes the batch
+    was split over while building it, None without a mesh (all static). The
+    launch orders index the device's own batch slice, so the attention calls
+    split the batch the same way.
+  """
+  k_start: jax.Array
+  k_end: jax.Array
+  sched: object
+  kind: str
+  config: object
+  seq: int
+  batch_axes: tuple | None = None
+
+
+def _local_plan(segment_ids, image_ids, *, kind, config) -> AttentionPlan:
+  """The plan for one device's batch slice."""
+  seq = segment_ids.shape[1]
   padded = -(-seq // config.multiple) * config.multiple
-  q, k, v = (_pad_to(x, padded) for x in (q, k, v))
-  segment_ids = _pad_to(segment_ids, padded)
-  image_ids = _pad_to(image_ids, padded)
-  ks, ke = key_ranges(segment_ids, image_ids)
+  ks, ke = key_ranges(_pad_to(segment_ids, padded), _pad_to(image_ids, padded))
   if kind == "tpu":
     from tfjax.ops.kernels import tpu
-    out = tpu.attention(q, k, v, ks, ke, scale=scale, config=config)
+    sched = tpu.schedule(ks, ke, config)
   else:
     from tfjax.ops.kernels import gpu
-    out = gpu.attention(q, k, v, ks, ke, scale=scale, config=config,
-                        interpret=kind == "gpu_interpret")
+    sched = gpu.schedule(ks, ke, config, interpret=kind == "gpu_interpret")
+  return AttentionPlan(ks, ke, sched, kind, config, seq)
+
+
+def _local_attention(q, k, v, plan: AttentionPlan, *, scale):
+  """The kernel on one device's slice, under its plan."""
+  seq, config = q.shape[1], plan.config
+  padded = plan.k_start.shape[1]
+  q, k, v = (_pad_to(x, padded) for x in (q, k, v))
+  if plan.kind == "tpu":
+    from tfjax.ops.kernels import tpu
+    out = tpu.attention(q, k, v, plan.k_start, plan.k_end, scale=scale, config=config,
+                        sched=plan.sched)
+  else:
+    from tfjax.ops.kernels import gpu
+    out = gpu.attention(q, k, v, plan.k_start, plan.k_end, scale=scale, config=config,
+                        interpret=plan.kind == "gpu_interpret", sched=plan.sched)
   return out[:, :seq]
 
 
@@ -170,24 +213,82 @@ def _mesh_axes(mesh, names, size):
 
 
 def _explicit_spec(mesh, x):
-  """(batch axes, head axes) read off x's type on a mesh with Explicit axes.
+  """(batch axes, head axes) read off the type of x ([batch, seq, heads,
+  head_dim], or [batch, seq] ids: no head axes) on a mesh with Explicit axes.
 
   Returns None on an Auto mesh, where shard_map may reshard to our specs.
   """
   if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return None
   spec = tuple(jax.typeof(x).sharding.spec)
-  spec = spec + (None,) * (x.ndim - len(spec))
+  spec = spec + (None,) * (4 - len(spec))
   if spec[1] is not None or spec[3] is not None:
     raise ValueError(f"the attention kernel needs seq and head_dim unsharded, got {spec}"
                      " (config key mesh.rules: 'seq' and 'head_dim' must map to None)")
   return spec[0], spec[2]
 
 
+def _batch_and_head_axes(mesh, q, kv_heads: int):
+  """(batch axes, kv-head axes, explicit?) of the kernel's shard_map: on an
+  explicit-sharding mesh q's own spec, else the mesh axes that divide."""
+  typed = _explicit_spec(mesh, q)
+  if typed is not None:
+    return typed + (True,)
+  return _mesh_axes(mesh, BATCH_AXES, q.shape[0]), _mesh_axes(mesh, HEAD_AXES, kv_heads), False
+
+
+def _sharded_mesh():
+  """The mesh set with `jax.set_mesh`, or None when there is nothing to shard."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return None
+  return mesh
+
+
+def _resolve(impl: str, head_dim: int, dtype, block_q, block_k, config):
+  kind = choose(impl, head_dim)
+  if kind == "xla":
+    return kind, None
+  return kind, config or kernel_config(kind, head_dim, block_q, block_k, dtype)
+
+
+def plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
+         dtype=jnp.bfloat16, impl: str = "auto", block_q: int | None = None,
+         block_k: int | None = None, config=None) -> AttentionPlan | None:
+  """The attention plan of a packed batch, for every layer's `attention`.
+
+  Args:
+    segment_ids, image_ids: int[batch, seq] (see `tfjax.ops.mask`).
+    head_dim, dtype: of the q/k/v the plan will serve (they pick the kernels
+      and their tiles).
+    impl, block_q, block_k, config: as for `attention`.
+  Returns:
+    An AttentionPlan, or None where `impl` resolves to the XLA reference
+    (which needs none). Under a mesh (`jax.set_mesh`) the plan is built
+    per device on its batch slice, sharded like the batch.
+  """
+  kind, config = _resolve(impl, head_dim, dtype, block_q, block_k, config)
+  if kind == "xla":
+    return None
+  fn = functools.partial(_local_plan, kind=kind, config=config)
+  mesh = _sharded_mesh()
+  if mesh is None:
+    return fn(segment_ids, image_ids)
+  b_axes = _mesh_axes(mesh, BATCH_AXES, segment_ids.shape[0])
+  ids = P(b_axes, None)
+  if _explicit_spec(mesh, segment_ids) is not None:
+    segment_ids, image_ids = (jax.sharding.reshard(x, ids) for x in (segment_ids, image_ids))
+  # Every plan array is batch-major (the launch orders flatten batch first and
+  # index the device's own slice), so one batch spec shards them all.
+  built = jax.shard_map(fn, mesh=mesh, in_specs=(ids, ids), out_specs=P(b_axes),
+                        check_vma=False)(segment_ids, image_ids)
+  return dataclasses.replace(built, batch_axes=b_axes)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               image_ids: jax.Array, impl: str = "auto", scale: float | None = None,
               block_q: int | None = None, block_k: int | None = None,
-              config=None) -> jax.Array:
+              config=None, plan: AttentionPlan | None = None) -> jax.Array:
   """Transfusion-masked attention through the block-sparse kernel.
 
   Args:
@@ -197,6 +298,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     scale: logit scale, default head_dim ** -0.5.
     block_q, block_k: override the tile sizes.
     config: a full kernel config (gpu.GpuConfig / tpu.TpuConfig) instead.
+    plan: `plan(segment_ids, image_ids, ...)` for this batch, built once and
+      shared by the layers; it fixes the kernel and its tiles (impl, block_q,
+      block_k and config are then unused). None: built inside this call.
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype.
   """
@@ -205,30 +309,43 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     raise ValueError(f"q_heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}"
                      " (config keys model.num_heads / model.num_kv_heads)")
   scale = head_dim ** -0.5 if scale is None else scale
-  kind = choose(impl, head_dim)
-  if kind == "xla":
-    from tfjax.ops.attention import xla_attention
-    from tfjax.ops.mask import transfusion_mask
-    return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  config = config or kernel_config(kind, head_dim, block_q, block_k, q.dtype)
-  fn = functools.partial(_local_attention, kind=kind, scale=scale, config=config)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
-    return fn(q, k, v, segment_ids, image_ids)
-  b_axes = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
-  h_axes = _mesh_axes(mesh, HEAD_AXES, k.shape[2])
-  typed = _explicit_spec(mesh, q)
-  qkv = P(b_axes, None, h_axes, None)
-  ids = P(b_axes, None)
-  if typed is not None:  # explicit-sharding mesh: follow q's own spec
-    b_axes, h_axes = typed
-    qkv = P(b_axes, None, h_axes, None)
-    ids = P(b_axes, None)
-    reshard = jax.sharding.reshard  # no-ops where the spec already matches
-    q, k, v = (reshard(x, qkv) for x in (q, k, v))
-    segment_ids, image_ids = reshard(segment_ids, ids), reshard(image_ids, ids)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids),
-                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids, image_ids)
+  if plan is None:
+    kind, config = _resolve(impl, head_dim, q.dtype, block_q, block_k, config)
+    if kind == "xla":
+      from tfjax.ops.attention import xla_attention
+      from tfjax.ops.mask import transfusion_mask
+      return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
+  elif plan.seq != q.shape[1]:
+    raise ValueError(f"the attention plan was built for sequence length {plan.seq}, "
+                     f"q has {q.shape[1]}: build it from this batch's segment_ids")
+  if plan is None:  # each call (each device) builds its own
+    make_plan = functools.partial(_local_plan, kind=kind, config=config)
+
+    def local(q, k, v, segment_ids, image_ids):
+      return _local_attention(q, k, v, make_plan(segment_ids, image_ids), scale=scale)
+    args = (q, k, v, segment_ids, image_ids)
+  else:
+    local = functools.partial(_local_attention, scale=scale)
+    args = (q, k, v, plan)
+  mesh = _sharded_mesh()
+  if plan is not None and plan.batch_axes and (
+      mesh is None or not set(plan.batch_axes) <= set(mesh.axis_names)):
+    raise ValueError(f"the attention plan was built under a mesh (batch over "
+                     f"{plan.batch_axes}); use it under that mesh (jax.set_mesh)")
+  if mesh is None:
+    return local(*args)
+  b_axes, h_axes, typed = _batch_and_head_axes(mesh, q, k.shape[2])
+  if plan is not None:  # split the batch as the plan's launch orders assume
+    b_axes = plan.batch_axes
+  qkv, ids = P(b_axes, None, h_axes, None), P(b_axes, None)
+  if typed:  # reshards are no-ops where the spec already matches
+    reshard = jax.sharding.reshard
+    args = tuple(reshard(x, qkv) for x in args[:3]) + (
+        tuple(reshard(x, ids) for x in args[3:]) if plan is None else (plan,))
+  # The plan's arrays are all batch-major: one batch spec covers the pytree.
+  in_specs = (qkv,) * 3 + ((ids, ids) if plan is None else (P(b_axes),))
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qkv,
+                       check_vma=False)(*args)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,

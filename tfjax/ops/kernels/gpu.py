@@ -27,12 +27,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tfjax.ops.kernels.block_map import block_map, block_sparse_vjp
+from tfjax.ops.kernels.block_map import WorkList, block_map, block_sparse_vjp
 
 LOG2E = math.log2(math.e)
 # Stands for the log-sum-exp of a row with no key: exp2(s - BIG) == 0.
@@ -177,12 +178,56 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
+class TritonBwdSchedule(NamedTuple):
+  dkv: WorkList  # per key block, its query blocks, at cfg.dkv's tiles
+  dq: WorkList   # per query block, its key blocks, at cfg.dq's tiles
+
+
+class Schedule(NamedTuple):
+  """Every work list the config's kernels walk, from the key intervals alone.
+
+  fwd: WorkList (Triton) or gpu_mosaic.FwdSchedule; bwd: TritonBwdSchedule or
+  gpu_mosaic_bwd.BwdSchedule. Computed once per batch it serves the forward,
+  the backward and every layer (dispatch.AttentionPlan).
+  """
+  fwd: Any
+  bwd: Any
+
+
+def _mosaic(config: "GpuConfig", interpret: bool) -> tuple[bool, bool]:
+  """(Mosaic forward, Mosaic backward) for this config."""
+  fwd = bool(config.mosaic_fwd) and not interpret
+  return fwd, fwd and bool(config.mosaic_bwd)
+
+
+def schedule(k_start: jax.Array, k_end: jax.Array, config: "GpuConfig",
+             interpret: bool = False, kv_len: int | None = None) -> Schedule:
+  """The work lists for int32[batch, seq] key intervals under `config`."""
+  mosaic_fwd, mosaic_bwd = _mosaic(config, interpret)
+  if mosaic_fwd:
+    from tfjax.ops.kernels import gpu_mosaic
+    fwd = gpu_mosaic.fwd_schedule(k_start, k_end, gpu_mosaic.MosaicFwdConfig(*config.mosaic_fwd),
+                                  kv_len)
+  else:
+    fwd = block_map(k_start, k_end, *config.fwd[:2], kv_len).q_blocks
+  if kv_len not in (None, k_start.shape[1]):  # forward only (KV cache)
+    return Schedule(fwd, None)
+  if mosaic_bwd:
+    from tfjax.ops.kernels import gpu_mosaic_bwd
+    bwd = gpu_mosaic_bwd.bwd_schedule(
+        k_start, k_end, gpu_mosaic_bwd.MosaicBwdConfig(*config.mosaic_bwd))
+  else:
+    bwd = TritonBwdSchedule(block_map(k_start, k_end, *config.dkv[:2]).kv_blocks,
+                            block_map(k_start, k_end, *config.dq[:2]).q_blocks)
+  return Schedule(fwd, bwd)
+
+
+def _forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):
   batch, seq, hq, d = q.shape
   kv_len = k.shape[1]  # == seq, except for queries against a KV cache
   group = hq // k.shape[2]
   block_q, block_k, num_warps, num_stages = cfg.fwd
-  wl = block_map(ks, ke, block_q, block_k, kv_len).q_blocks
+  wl = sched.fwd
   kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
                              skip_full_mask=cfg.skip_full_mask)
   return pl.pallas_call(
@@ -208,7 +253,7 @@ def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
   )(wl.blocks, wl.full, wl.counts, q, k, v, ks, ke)
 
 
-def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
+def _backward(q, k, v, o, lse, do, ks, ke, sched, *, scale, cfg, interpret):
   batch, seq, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
@@ -221,7 +266,7 @@ def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
   kv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, h: (b, j, h // group, 0))
   dkv_block = pl.BlockSpec((None, block_k, None, d), lambda j, b, h: (b, j, h, 0))
   grad_dtype = k.dtype if group == 1 else jnp.float32
-  wl = block_map(ks, ke, block_q, block_k).kv_blocks
+  wl = sched.bwd.dkv
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, block_q=block_q, block_k=block_k,
                         skip_full_mask=cfg.skip_full_mask),
@@ -238,7 +283,7 @@ def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
 
   block_q, block_k, num_warps, num_stages = cfg.dq
   params = _compiler_params(num_warps, num_stages)
-  wl = block_map(ks, ke, block_q, block_k).q_blocks
+  wl = sched.bwd.dq
   q_block = pl.BlockSpec((None, block_q, None, d), lambda i, b, h: (b, i, h, 0))
   whole_kv = pl.BlockSpec((None, seq, None, d), lambda i, b, h: (b, 0, h // group, 0))
   q_vec = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
@@ -327,13 +372,13 @@ class GpuConfig:
     return (64, 64, 2, 64, 64, 2, 0, 232, 0)
 
 
-def _mosaic_forward(q, k, v, ks, ke, *, scale, cfg, interpret):
+def _mosaic_forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):
   """The Mosaic GPU forward (Hopper), same (out, lse) contract as `_forward`."""
   from tfjax.ops.kernels import gpu_mosaic
   if interpret:
     raise ValueError("the Mosaic GPU forward has no interpret mode")
   return gpu_mosaic.forward(q, k, v, ks, ke, scale=scale,
-                            cfg=gpu_mosaic.MosaicFwdConfig(*cfg.mosaic_fwd))
+                            cfg=gpu_mosaic.MosaicFwdConfig(*cfg.mosaic_fwd), sched=sched.fwd)
 
 
 _attention = block_sparse_vjp(_forward, _backward)
@@ -341,11 +386,12 @@ _attention = block_sparse_vjp(_forward, _backward)
 _attention_mosaic = block_sparse_vjp(_mosaic_forward, _backward)
 
 
-def _mosaic_backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
+def _mosaic_backward(q, k, v, o, lse, do, ks, ke, sched, *, scale, cfg, interpret):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   del interpret
   return gpu_mosaic_bwd.backward(q, k, v, o, lse, do, ks, ke, scale=scale,
-                                 cfg=gpu_mosaic_bwd.MosaicBwdConfig(*cfg.mosaic_bwd))
+                                 cfg=gpu_mosaic_bwd.MosaicBwdConfig(*cfg.mosaic_bwd),
+                                 sched=sched.bwd)
 
 
 # Mosaic GPU forward and backward.
@@ -354,7 +400,7 @@ _attention_mosaic_all = block_sparse_vjp(_mosaic_forward, _mosaic_backward)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
               k_end: jax.Array, *, scale: float, config: GpuConfig | None = None,
-              interpret: bool = False) -> jax.Array:
+              interpret: bool = False, sched: Schedule | None = None) -> jax.Array:
   """Block-sparse attention over per-query key intervals, differentiable.
 
   Args:
@@ -365,16 +411,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
       of `config.multiple`. With `config.mosaic_fwd` set (and not
       interpreting) the forward is the Mosaic GPU kernel of gpu_mosaic.py.
     interpret: run in Pallas interpret mode (CPU tests).
+    sched: `schedule(k_start, k_end, config, interpret)` computed beforehand
+      (an AttentionPlan shares one across layers); built here when None.
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
   """
   config = config or GpuConfig.for_head_dim(q.shape[-1], q.dtype)
   if q.shape[1] % config.multiple:
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
+  mosaic_fwd, mosaic_bwd = _mosaic(config, interpret)
   fn = _attention
-  if config.mosaic_fwd and not interpret:
-    fn = _attention_mosaic_all if config.mosaic_bwd else _attention_mosaic
-  return fn(q, k, v, k_start, k_end, float(scale), config, interpret)
+  if mosaic_fwd:
+    fn = _attention_mosaic_all if mosaic_bwd else _attention_mosaic
+  sched = schedule(k_start, k_end, config, interpret) if sched is None else sched
+  return fn(q, k, v, k_start, k_end, sched, float(scale), config, interpret)
 
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
@@ -387,5 +437,10 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Arr
   k_start/k_end int32[batch, seq] index into the kv_len keys.
   """
   config = config or GpuConfig.for_head_dim(q.shape[-1], q.dtype)
-  out, _ = _forward(q, k, v, k_start, k_end, scale=float(scale), cfg=config, interpret=interpret)
+  # The Triton forward: the Mosaic one needs 128-row query tiles, more than a
+  # decoding step's queries.
+  config = dataclasses.replace(config, mosaic_fwd=None, mosaic_bwd=None)
+  sched = schedule(k_start, k_end, config, interpret, kv_len=k.shape[1])
+  out, _ = _forward(q, k, v, k_start, k_end, sched, scale=float(scale), cfg=config,
+                    interpret=interpret)
   return out

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +129,39 @@ def supported(dtype, head_dim: int) -> bool:
       head_dim in (64, 128)
 
 
-def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
-  """(out [batch, seq, q_heads, d], lse float32[batch, q_heads, seq], base 2)."""
+class FwdSchedule(NamedTuple):
+  """The forward's walk, from the key intervals alone (see `fwd_schedule`).
+
+  order:  int32[batch * n_cta] the CTAs' (batch, query tile) in launch order,
+          flattened as b * n_cta + tile (local to the device's batch slice).
+  blocks, counts: `block_map.WorkList` fields at (2 * block_q, block_k).
+  ks_max, ke_min: int32[batch, seq // block_q] per consumer warpgroup's rows.
+  """
+  order: jax.Array
+  blocks: jax.Array
+  counts: jax.Array
+  ks_max: jax.Array
+  ke_min: jax.Array
+
+
+def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> FwdSchedule:
+  """The forward's work lists for int32[batch, seq] key intervals [ks, ke)."""
+  batch, seq = ks.shape
+  kv_len = seq if kv_len is None else kv_len
+  cta_q = 2 * cfg.block_q
+  wl = block_map(ks, ke, cta_q, cfg.block_k, kv_len).q_blocks
+  order = (_longest_first(wl.counts) if cfg.lpt
+           else jnp.arange(batch * (seq // cta_q), dtype=jnp.int32))
+  ks_max, ke_min = _row_block_bounds(ks, ke, cfg.block_q)
+  return FwdSchedule(order, wl.blocks, wl.counts, ks_max, ke_min)
+
+
+def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
+            sched: FwdSchedule | None = None):
+  """(out [batch, seq, q_heads, d], lse float32[batch, q_heads, seq], base 2).
+
+  sched: `fwd_schedule(ks, ke, cfg, kv_len)` computed beforehand, or None.
+  """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -146,10 +178,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
   if not supported(dtype, d):
     raise ValueError(f"Mosaic GPU forward takes bf16/f16 and head dim 64/128, got {dtype}/{d}")
   nq, nk = seq // cta_q, kv_len // bk
-  wl = block_map(ks, ke, cta_q, bk, kv_len).q_blocks
-  blocks, counts = wl.blocks, wl.counts
-  order = _longest_first(counts) if cfg.lpt else jnp.arange(batch * nq, dtype=jnp.int32)
-  ks_max, ke_min = _row_block_bounds(ks, ke, bq)  # per consumer warpgroup's rows
+  order, blocks, counts, ks_max, ke_min = (
+      fwd_schedule(ks, ke, cfg, kv_len) if sched is None else sched)
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -219,7 +249,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
 
           s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
           plgpu.barrier_arrive(k_free.at[slot])
-          s = s * qk_scale
           k0 = kb * bk
           full = (k0 >= kmax) & (k0 + bk <= kmin)
 
@@ -230,9 +259,11 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
             return jnp.where(ok, s, -jnp.inf)
 
           s = lax.cond(full, lambda: s, masked)
+          # m is the running max of the unscaled logits: the scale goes into
+          # exp2's argument, one fused multiply-add per element.
           m_new = jnp.maximum(m, s.max(axis=1))
-          alpha = jnp.exp2(m - m_new)
-          p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+          alpha = jnp.exp2((m - m_new) * qk_scale)
+          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new * qk_scale, s.shape, [0]))
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           l = l * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
@@ -261,7 +292,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig):
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
         h = hg * nh + hh
         qo_smem[...] = acc.astype(dtype)
-        lse_smem[wg, buf] = jnp.where(live, m + jnp.log(l_safe) * (1.0 / math.log(2.0)), BIG)
+        lse_smem[wg, buf] = jnp.where(
+            live, m * qk_scale + jnp.log(l_safe) * (1.0 / math.log(2.0)), BIG)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), h])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, h, pl.ds(row0, bq)])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from jax import lax
 
 from tfjax.ops.kernels.block_map import FULL, block_map, tile_states
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _fill_ring, _load_vec, _longest_first,
-                                          _smem_transforms, _transposed)
+                                          _row_block_bounds, _smem_transforms, _transposed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +77,61 @@ class MosaicBwdConfig:
     return math.lcm(*blocks)
 
 
-def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig):
-  """(dq, dk, dv) from the forward's out and base-2 lse [batch, q_heads, seq]."""
+class DkvSchedule(NamedTuple):
+  """The walk over key blocks (fused and dk/dv kernels), at (block_q_dkv,
+  2 * block_k_dkv) tiles: `block_map.WorkList` blocks and counts
+  [batch, key chunks(, list)], `full` from `_full_flags`, and the fused
+  kernel's launch order (flat b * key chunks + chunk; None for dk/dv)."""
+  blocks: jax.Array
+  counts: jax.Array
+  full: jax.Array
+  order: jax.Array | None
+
+
+class DqSchedule(NamedTuple):
+  """The dq kernel's walk over query blocks (two-kernel path): work lists at
+  (2 * block_q_dq, block_k_dq), and per block_q_dq rows max k_start, min k_end."""
+  blocks: jax.Array
+  counts: jax.Array
+  ks_max: jax.Array
+  ke_min: jax.Array
+
+
+class BwdSchedule(NamedTuple):
+  dkv: DkvSchedule
+  dq: DqSchedule | None  # None: the fused kernel computes dq
+
+
+def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
+  """The backward's work lists for int32[batch, seq] key intervals [ks, ke)."""
+  bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
+  wl = block_map(ks, ke, bq, 2 * bk).kv_blocks          # [batch, key chunks, nq]
+  dkv = DkvSchedule(wl.blocks, wl.counts, _full_flags(ks, ke, wl.blocks, bq, bk),
+                    _longest_first(wl.counts) if cfg.fuse_dq else None)
+  if cfg.fuse_dq:
+    return BwdSchedule(dkv, None)
+  bq, bk = cfg.block_q_dq, cfg.block_k_dq
+  wl = block_map(ks, ke, 2 * bq, bk).q_blocks
+  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts, *_row_block_bounds(ks, ke, bq)))
+
+
+def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
+             sched: BwdSchedule | None = None):
+  """(dq, dk, dv) from the forward's out and base-2 lse [batch, q_heads, seq].
+
+  sched: `bwd_schedule(ks, ke, cfg)` computed beforehand, or None.
+  """
   batch, seq, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
+  sched = bwd_schedule(ks, ke, cfg) if sched is None else sched
   delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
   if cfg.fuse_dq:
-    dq, dk, dv = _fused(q, k, v, do, lse, delta, ks, ke, scale=scale, cfg=cfg)
+    dq, dk, dv = _fused(q, k, v, do, lse, delta, ks, ke, sched.dkv, scale=scale, cfg=cfg)
   else:
     from tfjax.ops.kernels import gpu_mosaic_bwd_two_kernel as two_kernel
-    dk, dv = two_kernel.dkv(q, k, v, do, lse, delta, ks, ke, scale=scale, cfg=cfg)
-    dq = two_kernel.dq(q, k, v, do, lse, delta, ks, ke, scale=scale, cfg=cfg)
+    dk, dv = two_kernel.dkv(q, k, v, do, lse, delta, ks, ke, sched.dkv, scale=scale, cfg=cfg)
+    dq = two_kernel.dq(q, k, v, do, lse, delta, ks, ke, sched.dq, scale=scale, cfg=cfg)
   if group > 1:  # the kernels write dk, dv per q head
     dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)
@@ -103,10 +147,11 @@ def _full_flags(ks, ke, blocks, block_q, block_k):
   return (jnp.take_along_axis(st, blocks[:, :, None, :], axis=3) == FULL).astype(jnp.int32)
 
 
-def _probs_t(plgpu, s_t, is_full, k0, lo_ref, hi_ref, lse_ref):
-  """P^T [keys, rows] = exp2(S^T - lse) for keys k0.. against streamed query
-  rows whose visible keys are [lo, hi) (shared-memory vectors, with lse):
-  masked by two comparisons unless the tile `is_full`."""
+def _probs_t(plgpu, s_t, qk_scale, is_full, k0, lo_ref, hi_ref, lse_ref):
+  """P^T [keys, rows] = exp2(qk_scale * S^T - lse) for unscaled logits S^T of
+  keys k0.. against streamed query rows whose visible keys are [lo, hi)
+  (shared-memory vectors, with lse): masked by two comparisons unless the
+  tile `is_full`. The scale rides in exp2's argument (one fused multiply-add)."""
   layout = plgpu.Layout.WGMMA
   col = plgpu.Layout.WGMMA.reduce(0)
   shape = s_t.shape
@@ -118,10 +163,11 @@ def _probs_t(plgpu, s_t, is_full, k0, lo_ref, hi_ref, lse_ref):
     return jnp.where((kpos >= lo) & (kpos < hi), s_t, -jnp.inf)
 
   s_t = lax.cond(is_full != 0, lambda: s_t, masked)
-  return jnp.exp2(s_t - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), shape, [1]))
+  return jnp.exp2(s_t * qk_scale
+                  - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), shape, [1]))
 
 
-def _fused(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
+def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   """(dq, dk, dv per q head), all [batch, seq, q_heads, d], in one kernel."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -133,10 +179,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
   cta_k = 2 * bk
   half = d // 2  # dQ columns per consumer warpgroup
   nq, nkc = seq // bq, seq // cta_k
-  wl = block_map(ks, ke, bq, cta_k).kv_blocks          # [batch, nkc, nq]
-  blocks, counts = wl.blocks, wl.counts
-  full = _full_flags(ks, ke, blocks, bq, bk)
-  order = _longest_first(counts)
+  blocks, counts, full, order = sched
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -191,10 +234,9 @@ def _fused(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
 
         s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
                                         plgpu.ACC.init(zeros((bk, bq)))))
-        s_t = s_t * qk_scale
         plgpu.barrier_wait(vec_bar.at[slot])
 
-        p_t = _probs_t(plgpu, s_t, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
+        p_t = _probs_t(plgpu, s_t, qk_scale, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
                        lse_smem.at[slot])
         delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
         ds_own = ds_smem.at[buf, pl.ds(wg * bk, bk)]

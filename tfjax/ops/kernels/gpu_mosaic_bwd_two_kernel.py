@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import block_map
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _fill_ring, _load_vec, _row_block_bounds,
-                                          _smem_transforms, _transposed)
-from tfjax.ops.kernels.gpu_mosaic_bwd import (_full_flags, _key_block_barriers, _probs_t,
-                                              _query_tile_smem, _stream_query_tiles)
+from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _fill_ring, _load_vec, _smem_transforms,
+                                          _transposed)
+from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t, _query_tile_smem,
+                                              _stream_query_tiles)
 
 
-def dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
+def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -32,10 +31,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
   bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
   cta_k = 2 * bk
   nq, nkc = seq // bq, seq // cta_k
-  wl = block_map(ks, ke, bq, cta_k).kv_blocks          # [batch, nkc, nq]
-  blocks, counts = wl.blocks, wl.counts
-  # Per warpgroup (bk keys) and list entry: is that tile full?
-  full = _full_flags(ks, ke, blocks, bq, bk)
+  blocks, counts, full, _ = sched  # gpu_mosaic_bwd.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -77,16 +73,15 @@ def dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
 
           s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
                                           plgpu.ACC.init(zeros((bk, bq)))))
-          s_t = s_t * qk_scale
         else:
           def st_fn(acc_ref):
             plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
             return acc_ref[...]
 
-          s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32)) * qk_scale
+          s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
         plgpu.barrier_wait(vec_bar.at[slot])
 
-        p_t = _probs_t(plgpu, s_t, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
+        p_t = _probs_t(plgpu, s_t, qk_scale, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
                        lse_smem.at[slot])
         delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
         if cfg.sdp_group:
@@ -155,7 +150,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
   )(blocks, counts, full, q, k, v, do, lse, delta, ks, ke)
 
 
-def dq(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
+def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -166,9 +161,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
   bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
   cta_q = 2 * bq
   nq, nk = seq // cta_q, seq // bk
-  wl = block_map(ks, ke, cta_q, bk).q_blocks
-  blocks, counts = wl.blocks, wl.counts
-  ks_max, ke_min = _row_block_bounds(ks, ke, bq)
+  blocks, counts, ks_max, ke_min = sched  # gpu_mosaic_bwd.DqSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -233,12 +226,12 @@ def dq(q, k, v, do, lse, delta, ks, ke, *, scale, cfg):
           s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bq, bk))),
                                       plgpu.ACC.init(zeros((bq, bk)))))
           plgpu.barrier_arrive(v_free.at[slot])
-          s = lax.cond(full, lambda: s * qk_scale, lambda: masked(s * qk_scale))
-          p = jnp.exp2(s - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
         else:
-          s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32)) * qk_scale
-          s = lax.cond(full, lambda: s, lambda: masked(s))
-          p = jnp.exp2(s - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
+          s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
+        s = lax.cond(full, lambda: s, lambda: masked(s))
+        # Unscaled logits: the scale rides in exp2's argument (one FMA).
+        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
+        if not cfg.sdp_group:
           plgpu.barrier_wait(v_bar.at[slot])
           dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
           plgpu.barrier_arrive(v_free.at[slot])

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from tfjax.ops.kernels.block_map import block_map, block_sparse_vjp
+from tfjax.ops.kernels.block_map import WorkList, block_map, block_sparse_vjp
 
 LANES = 128
 BIG = 1e30
@@ -53,6 +54,12 @@ class TpuConfig:
   @property
   def multiple(self) -> int:
     return max(self.block_q, self.block_k)
+
+
+class Schedule(NamedTuple):
+  """The kernels' work lists: per query block (forward, dq) and per key block (dk/dv)."""
+  q_blocks: WorkList
+  kv_blocks: WorkList
 
 
 def _lanes(x):
@@ -165,12 +172,19 @@ def _params(interpret):
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")))
 
 
-def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
+def schedule(k_start: jax.Array, k_end: jax.Array, cfg: TpuConfig) -> Schedule:
+  """The work lists of all three kernels (one tiling) from int32[batch, seq]
+  key intervals."""
+  bm = block_map(k_start, k_end, cfg.block_q, cfg.block_k)
+  return Schedule(q_blocks=bm.q_blocks, kv_blocks=bm.kv_blocks)
+
+
+def _forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):
   """q: [batch, q_heads, seq, d]; k, v: [batch, kv_heads, seq, d]; ks/ke lane-broadcast."""
   batch, hq, seq, d = q.shape
   group = hq // k.shape[1]
   bq, bk = cfg.block_q, cfg.block_k
-  wl = block_map(ks[..., 0], ke[..., 0], bq, bk).q_blocks
+  wl = sched.q_blocks
   nk = seq // bk
   q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, t, *_: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, d),
@@ -193,12 +207,12 @@ def _forward(q, k, v, ks, ke, *, scale, cfg, interpret):
   )(wl.blocks, wl.full, wl.counts, q, k, v, ks, ke)
 
 
-def _backward(q, k, v, o, lse, do, ks, ke, *, scale, cfg, interpret):
+def _backward(q, k, v, o, lse, do, ks, ke, sched, *, scale, cfg, interpret):
   batch, hq, seq, d = q.shape
   hkv = k.shape[1]
   group = hq // hkv
   bq, bk = cfg.block_q, cfg.block_k
-  bm = block_map(ks[..., 0], ke[..., 0], bq, bk)
+  bm = sched
   delta = _lanes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1))
 
   # dk/dv: outer = key blocks, inner = their query blocks.
@@ -251,7 +265,7 @@ _attention = block_sparse_vjp(_forward, _backward)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
               k_end: jax.Array, *, scale: float, config: TpuConfig | None = None,
-              interpret: bool = False) -> jax.Array:
+              interpret: bool = False, sched: Schedule | None = None) -> jax.Array:
   """Block-sparse attention over per-query key intervals, differentiable.
 
   Args:
@@ -260,6 +274,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
     scale: logit scale.
     config: tile sizes; seq must be a multiple of `config.multiple`.
     interpret: Pallas TPU interpret mode (runs on CPU; tests).
+    sched: `schedule(k_start, k_end, config)` computed beforehand (an
+      AttentionPlan shares one across layers); built here when None.
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
   """
@@ -268,6 +284,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
   # The kernel wants [batch, heads, seq, head_dim]: (seq, head_dim) tiles.
   t = lambda x: jnp.swapaxes(x, 1, 2)
-  out = _attention(t(q), t(k), t(v), _lanes(k_start.astype(jnp.int32)),
-                   _lanes(k_end.astype(jnp.int32)), float(scale), config, interpret)
+  k_start, k_end = k_start.astype(jnp.int32), k_end.astype(jnp.int32)
+  sched = schedule(k_start, k_end, config) if sched is None else sched
+  out = _attention(t(q), t(k), t(v), _lanes(k_start), _lanes(k_end), sched, float(scale),
+                   config, interpret)
   return t(out)

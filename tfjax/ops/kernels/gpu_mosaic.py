@@ -67,10 +67,22 @@ class MosaicFwdConfig:
   heads: int = 1
   lpt: bool = True
   heads_outer: bool = False
+  # Compile without Pallas's automatic warpgroup barriers and without scratch
+  # for cross-warp reductions (tokamax's settings for its forward): the kernel
+  # already orders its shared-memory stores (commit_smem before each TMA) and
+  # reduces rows within warps.
+  lean: bool = False
 
   @property
   def multiple(self) -> int:
     return math.lcm(2 * self.block_q, self.block_k)
+
+
+def _compiler_params(plgpu, lean: bool):
+  if lean:
+    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
+                                reduction_scratch_bytes=0)
+  return plgpu.CompilerParams(approx_math=True)
 
 
 # Helpers shared with the backward (gpu_mosaic_bwd.py); JAX 0.10 (CI) and 0.11
@@ -353,6 +365,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       grid_names=("tile", "hg") if cfg.heads_outer else ("hg", "tile"),
       num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_compiler_params(plgpu, cfg.lean),
   )(order, blocks, counts, ks_max, ke_min, ks, ke, q, k, v)
   return out, lse

@@ -41,8 +41,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from tfjax.ops.kernels.block_map import FULL, block_map, tile_states
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _fill_ring, _load_vec, _longest_first,
-                                          _row_block_bounds, _smem_transforms, _transposed)
+from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
+                                          _longest_first, _row_block_bounds, _smem_transforms,
+                                          _transposed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ class MosaicBwdConfig:
   consumer_regs: int = 232
   # Two-kernel path: issue S and dP in one wgmma group (1), or S alone first (0).
   sdp_group: int = 1
+  # gpu_mosaic.MosaicFwdConfig.lean's compiler settings, for every backward kernel.
+  lean: int = 0
 
   @property
   def multiple(self) -> int:
@@ -106,6 +109,8 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   """The backward's work lists for int32[batch, seq] key intervals [ks, ke)."""
   bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
   wl = block_map(ks, ke, bq, 2 * bk).kv_blocks          # [batch, key chunks, nq]
+  # (Longest-first launch order for the two-kernel path measured neutral on
+  # an H200, NOTES_attention.md run M11: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts, _full_flags(ks, ke, wl.blocks, bq, bk),
                     _longest_first(wl.counts) if cfg.fuse_dq else None)
   if cfg.fuse_dq:
@@ -305,7 +310,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
                     thread_name="wg")
   dk, dv = pl.kernel(
       entry, out_type=[shape, shape], mesh=mesh,
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_compiler_params(plgpu, cfg.lean),
   )(order, blocks, counts, full, q, k, v, do, lse, delta, ks, ke, dq_acc)
   dq = (dq_acc[...] * scale).astype(dtype)
   return dq, dk, dv

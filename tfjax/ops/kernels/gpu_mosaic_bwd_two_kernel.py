@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _fill_ring, _load_vec, _smem_transforms,
-                                          _transposed)
+from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
+                                          _smem_transforms, _transposed)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t, _query_tile_smem,
                                               _stream_query_tiles)
 
@@ -146,7 +146,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       grid_names=("heads", "kv", "batch"),
       num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_compiler_params(plgpu, cfg.lean),
   )(blocks, counts, full, q, k, v, do, lse, delta, ks, ke)
 
 
@@ -298,5 +298,5 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       grid_names=("heads", "q", "batch"),
       num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_compiler_params(plgpu, cfg.lean),
   )(blocks, counts, ks_max, ke_min, ks, ke, q, k, v, do, lse, delta)

@@ -1,0 +1,115 @@
+"""Where one attention forward+backward call spends its time, kernel by kernel.
+
+Runs the attention benchmark's workload (attention_layout.py, B=2, H=16,
+bf16) through `dispatch.attention` with a prebuilt plan, warms it up, then
+opens the CUDA profiler window (cuProfilerStart, through torch) around one
+call per shape, so that Nsight Compute times only those kernels:
+
+  ncu --clock-control none --profile-from-start off \\
+      --metrics gpu__time_duration.sum --csv --log-file ncu.csv \\
+      python3 benchmarks/profile_attention.py [--shapes 4096/64,8192/128]
+  python3 benchmarks/profile_attention.py --summarize ncu.csv
+
+The second command prints, per shape, each kernel's microseconds (Mosaic
+kernels, XLA fusions, copies) and the sum: the split between the attention
+kernels and the XLA work around them. ncu serialises kernels, so the sum is
+the time with no overlap between kernels, close to a call's own time here
+(one stream). The last line is one JSON object: {shape: {kernel: us}}.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(shapes: list[str], with_plan_in_call: bool) -> None:
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  import attention_layout as layout
+  from attention import _fwd_bwd
+  from tfjax.ops.kernels import dispatch
+
+  for shape in shapes:
+    seq, d = map(int, shape.split("/"))
+    doc, img = layout.make_layout(2, seq)
+    seg, im = jnp.asarray(doc), jnp.asarray(img)
+    q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(2, seq, 16, d))
+    plan = dispatch.plan(seg, im, head_dim=d, dtype=q.dtype, impl="pallas")
+    variants = {"plan given": lambda q, k, v: dispatch.attention(q, k, v, seg, im, plan=plan)}
+    if with_plan_in_call:
+      variants["plan in the call"] = lambda q, k, v: dispatch.attention(
+          q, k, v, seg, im, impl="pallas")
+    for name, f in variants.items():
+      fb = _fwd_bwd(f)
+      for _ in range(3):
+        jax.block_until_ready(fb(q, k, v, do))
+      print(f"PROFILE {shape} {name}", flush=True)
+      marker = torch.empty(1, device="cuda")
+      torch.cuda.synchronize()
+      torch.cuda.profiler.start()
+      marker.fill_(1.0)  # a torch FillFunctor kernel opens each window in the log
+      torch.cuda.synchronize()
+      jax.block_until_ready(fb(q, k, v, do))
+      torch.cuda.profiler.stop()
+
+
+def summarize(path: str, shapes: list[str], with_plan_in_call: bool) -> None:
+  """ncu's CSV (one row per kernel launch, in launch order) split per window."""
+  names = [f"{s} {n}" for s in shapes for n in
+           (("plan given", "plan in the call") if with_plan_in_call else ("plan given",))]
+  rows = []
+  with open(path) as f:
+    lines = [ln for ln in f if ln.startswith('"')]
+  for r in csv.DictReader(lines):
+    if r.get("Metric Name") == "gpu__time_duration.sum":
+      scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
+      rows.append((int(r["ID"]), r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
+  rows.sort()
+  windows = []
+  for _, kernel, us in rows:
+    if "FillFunctor" in kernel:  # run()'s marker opens a window
+      windows.append([])
+    elif windows:
+      windows[-1].append((kernel, us))
+  if len(windows) != len(names):
+    raise SystemExit(f"{len(windows)} profiler windows in {path}, expected {len(names)}"
+                     " (same --shapes / --with_plan_in_call as the profiled run?)")
+  result = {}
+  for name, window in zip(names, windows):
+    acc = collections.OrderedDict()
+    for kernel, us in window:
+      key = kernel[:60]
+      acc[key] = acc.get(key, 0.0) + us
+    total = sum(acc.values())
+    print(f"\n{name}: {len(window)} kernels, {total:.1f} us")
+    for kernel, us in sorted(acc.items(), key=lambda x: -x[1]):
+      print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  {kernel}")
+    result[name] = {k: round(v, 1) for k, v in acc.items()}
+  print(json.dumps(result))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", default="4096/64,4096/128,8192/64,8192/128")
+  p.add_argument("--with_plan_in_call", action="store_true",
+                 help="also profile the call that builds its own plan")
+  p.add_argument("--summarize", default="", help="print the breakdown from ncu's CSV log")
+  args = p.parse_args()
+  shapes = args.shapes.split(",")
+  if args.summarize:
+    summarize(args.summarize, shapes, args.with_plan_in_call)
+  else:
+    run(shapes, args.with_plan_in_call)
+
+
+if __name__ == "__main__":
+  main()

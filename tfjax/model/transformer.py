@@ -111,6 +111,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, layer_kv, context):
+    """x: [batch, seq, dim]; context = (positions, segment_ids, image_ids,
+    cache_ctx, attention plan), the same for every layer (see Attention)."""
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
     positions, segment_ids, image_ids, cache_ctx, plan = context

@@ -18,6 +18,14 @@
 The sequence is padded to a multiple of the block size with padding positions
 (segment id 0), which attend to nothing and are sliced off again.
 
+Plans: everything the kernels derive from the mask (the padded key intervals,
+each kernel's work lists and launch order) depends on segment_ids and
+image_ids only. `plan(...)` builds it once per batch as an `AttentionPlan`
+(a pytree), and `attention(..., plan=plan)` uses it instead of rebuilding it;
+the Transformer builds one per step for all its layers. Without a plan each
+call builds its own (on the H100, 4-9% of an f+b call at the benchmark's
+shapes: benchmarks/RESULTS.md).
+
 Sharding: a Pallas call is opaque to XLA's partitioner, which would gather a
 sharded batch onto every device. When a mesh is set with `jax.set_mesh(mesh)` (as the trainer
 should, around tracing its step), the call is wrapped in

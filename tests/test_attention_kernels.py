@@ -384,17 +384,18 @@ def test_mosaic_forward_matches_reference(d, hq, hkv, seq, mcfg):
 
 MOSAIC_BWD_CASES = [
     # (head_dim, q_heads, kv_heads, seq, MosaicBwdConfig fields: dk/dv tiles,
-    #  dq tiles, fuse_dq, consumer registers, sdp_group)
+    #  dq tiles, fuse_dq, consumer registers, sdp_group, lean, dq_own_keys)
     (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 1)),    # GQA, fused
     (128, 2, 2, 384, (64, 64, 2, 64, 64, 2, 1)),   # fused at head dim 128
     (128, 2, 1, 384, (64, 64, 2, 64, 64, 2, 1, 240)),  # fused, 240 registers, multi-query
     (64, 2, 2, 320, (64, 64, 3, 64, 64, 2, 1, 240)),  # fused, 3-deep ring, padded to 384
     (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0)),    # two kernels, GQA
     (128, 2, 2, 384, (64, 64, 3, 64, 128, 2, 0, 232, 0)),  # two kernels, wide dq key tiles, S then dP
+    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 1, 240, 1, 0, 1)),  # fused, dQ over own keys, GQA
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,bcfg", [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4)])
+@pytest.mark.parametrize("d,hq,hkv,seq,bcfg", [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)

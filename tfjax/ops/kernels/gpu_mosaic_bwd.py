@@ -71,6 +71,11 @@ class MosaicBwdConfig:
   sdp_group: int = 1
   # gpu_mosaic.MosaicFwdConfig.lean's compiler settings, for every backward kernel.
   lean: int = 0
+  # Fused kernel's dQ: 0 = each warpgroup its half of the columns over both
+  # warpgroups' keys (they meet at a barrier per tile); 1 = each warpgroup all
+  # columns over its own keys (no barrier; twice the float32 adds). Head dim
+  # 64 only (all columns of a dQ tile are 64 more registers at 128).
+  dq_own_keys: int = 0
 
   @property
   def multiple(self) -> int:
@@ -182,7 +187,11 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   dtype = q.dtype
   bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
   cta_k = 2 * bk
-  half = d // 2  # dQ columns per consumer warpgroup
+  own = bool(cfg.dq_own_keys)
+  if own and d > 64:
+    raise ValueError("dq_own_keys=1 takes head dim 64 (gpu_mosaic_bwd.MosaicBwdConfig)")
+  half = d // 2  # dQ columns per consumer warpgroup (dq_own_keys=0)
+  dq_cols = d if own else half
   nq, nkc = seq // bq, seq // cta_k
   blocks, counts, full, order = sched
   qk_scale = float(scale) * LOG2E
@@ -192,7 +201,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   swizzle = min(128, half * jnp.dtype(dtype).itemsize)
   tr = _smem_transforms(plgpu, dtype, d, swizzle)
   tr_ds = _smem_transforms(plgpu, dtype, bq, swizzle)
-  tr_dq = _smem_transforms(plgpu, jnp.float32, half)
+  tr_dq = _smem_transforms(plgpu, jnp.float32, dq_cols)
 
   def kernel(order_ref, blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref,
              lse_ref, delta_ref, ks_ref, ke_ref, dq_ref, dk_ref, dv_ref, scoped):
@@ -217,10 +226,14 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
       k_own, v_own = k_smem.at[pl.ds(wg * bk, bk)], v_smem.at[pl.ds(wg * bk, bk)]
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb0, bk), hk], k_own, k_bar.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb0, bk), hk], v_own, v_bar.at[wg])
-      plgpu.barrier_wait(k_bar.at[0])  # dQ reads both warpgroups' keys
-      plgpu.barrier_wait(k_bar.at[1])
+      if own:
+        plgpu.barrier_wait(k_bar.at[wg])
+        k_cols = k_own
+      else:
+        plgpu.barrier_wait(k_bar.at[0])  # dQ reads both warpgroups' keys
+        plgpu.barrier_wait(k_bar.at[1])
+        k_cols = k_smem.at[:, pl.ds(wg * half, half)]
       plgpu.barrier_wait(v_bar.at[wg])
-      k_cols = k_smem.at[:, pl.ds(wg * half, half)]
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
@@ -248,21 +261,24 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
         ds_own[...] = (p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))).astype(dtype)
         p16 = p_t.astype(dtype)
         plgpu.commit_smem()
-        both_consumers()  # both halves of dS^T are in shared memory
+        if not own:
+          both_consumers()  # both halves of dS^T are in shared memory
+        ds_for_dq = ds_own if own else ds_smem.at[buf]
 
         def grads(refs):
           dv_ref, dk_ref, dq_part_ref = refs
           plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
           plgpu.wgmma(dk_ref, ds_own, q_smem.at[slot])
-          plgpu.wgmma(dq_part_ref, _transposed(plgpu, ds_smem.at[buf]), k_cols)
+          plgpu.wgmma(dq_part_ref, _transposed(plgpu, ds_for_dq), k_cols)
 
         dv, dk, dq_part = pl.run_state(grads)(
-            (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros((bq, half)))))
+            (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros((bq, dq_cols)))))
         plgpu.barrier_arrive(free.at[slot])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's dQ add has read dq_smem
         dq_smem.at[wg][...] = dq_part
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, h, pl.ds(wg * half, half)],
+        cols = pl.ds(0, d) if own else pl.ds(wg * half, half)
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, h, cols],
                                 reduction_op="add")
         return dk, dv, full_next
 
@@ -289,7 +305,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
         plgpu.SMEM((cta_k, d), dtype, transforms=tr),
         *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
         plgpu.SMEM((2, cta_k, bq), dtype, transforms=tr_ds),
-        plgpu.SMEM((2, bq, half), jnp.float32, transforms=tr_dq),
+        plgpu.SMEM((2, bq, dq_cols), jnp.float32, transforms=tr_dq),
     ]
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),

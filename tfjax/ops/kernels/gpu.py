@@ -9,6 +9,10 @@ its time follows the number of non-empty tiles:
            query blocks; per q head (a GQA group is summed afterwards).
   dq       grid (q block, batch, q head): over the q block's key blocks.
 
+The lists come from `schedule(k_start, k_end, config)` (the Mosaic kernels'
+too, when the config selects them), built inside `attention` or once per
+batch in a `dispatch.AttentionPlan` shared by every layer.
+
 Full tiles skip the mask; partial tiles build it from two comparisons against
 the per-row key interval [k_start, k_end). Rows with an empty interval
 (padding) give zeros and zero gradients.

@@ -5,7 +5,8 @@ The same algorithm as `gpu.py`, shaped for the TPU's grid model: the grid is
 block's compacted work list, delivered through scalar prefetch. A block spec's
 index map reads the list, so the pipeline copies only non-empty tiles; padded
 list entries repeat the last block (no new copy) and skip all compute with
-`pl.when`. Full tiles skip the mask.
+`pl.when`. Full tiles skip the mask. The lists come from `schedule(...)`,
+built inside `attention` or once per batch in a `dispatch.AttentionPlan`.
 
   forward  inner = key blocks of the q block: online softmax in VMEM scratch.
   dk/dv    inner = query blocks of the key block; dk, dv accumulated per q head.

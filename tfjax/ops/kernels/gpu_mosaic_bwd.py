@@ -69,7 +69,10 @@ class MosaicBwdConfig:
   consumer_regs: int = 232
   # Two-kernel path: issue S and dP in one wgmma group (1), or S alone first (0).
   sdp_group: int = 1
-  # gpu_mosaic.MosaicFwdConfig.lean's compiler settings, for every backward kernel.
+  # gpu_mosaic.MosaicFwdConfig.lean's compiler settings, for every backward
+  # kernel. Off: within noise on the H100/H200 (NOTES_attention.md, M12), and
+  # the backward's warpgroups hand dS^T to each other through shared memory,
+  # where the automatic barriers are the safe default.
   lean: int = 0
   # Fused kernel's dQ: 0 = each warpgroup its half of the columns over both
   # warpgroups' keys (they meet at a barrier per tile); 1 = each warpgroup all

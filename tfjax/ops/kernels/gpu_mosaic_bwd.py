@@ -288,12 +288,9 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
       dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
                                              full_ref[b, j, wg, 0]))
       both_consumers()  # the other warpgroup's last dQ product has read our K rows
-      k_own[...] = (dk * scale).astype(dtype)
-      v_own[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, pl.ds(kb0, bk), h])
-      plgpu.copy_smem_to_gmem(v_own, dv_ref.at[b, pl.ds(kb0, bk), h])
-      plgpu.wait_smem_to_gmem(0)
+      rows = pl.ds(kb0, bk)
+      _store_key_grads(plgpu, dk * scale, dv, k_own, v_own, dk_ref.at[b, rows, h],
+                       dv_ref.at[b, rows, h])
 
     @pl.when(wg == 2)
     def _producer():
@@ -345,6 +342,17 @@ def _query_tile_smem(plgpu, stages, bq, d, dtype, tr):
       plgpu.SMEM((stages, bq), jnp.int32),
       plgpu.SMEM((stages, bq), jnp.int32),
   ]
+
+
+def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst):
+  """A consumer's epilogue: its dK and dV accumulators to global memory,
+  through its K and V tiles in shared memory (no longer read by then)."""
+  k_tile[...] = dk.astype(k_tile.dtype)
+  v_tile[...] = dv.astype(v_tile.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_tile, dk_dst)
+  plgpu.copy_smem_to_gmem(v_tile, dv_dst)
+  plgpu.wait_smem_to_gmem(0)
 
 
 def _key_block_barriers(plgpu, stages):

@@ -17,7 +17,7 @@ from jax import lax
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _smem_transforms, _transposed)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t, _query_tile_smem,
-                                              _stream_query_tiles)
+                                              _store_key_grads, _stream_query_tiles)
 
 
 def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
@@ -111,12 +111,9 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
 
       dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
                                              full_ref[b, j, wg, 0]))
-      k_tile[...] = (dk * scale).astype(dtype)
-      v_tile[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, pl.ds(kb0, bk), h])
-      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[b, pl.ds(kb0, bk), h])
-      plgpu.wait_smem_to_gmem(0)
+      rows = pl.ds(kb0, bk)
+      _store_key_grads(plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h],
+                       dv_ref.at[b, rows, h])
 
     @pl.when(wg == 2)
     def _producer():

@@ -220,16 +220,21 @@ def _mesh_axes(mesh, names, size):
   return tuple(axes) or None
 
 
+def _is_explicit(mesh) -> bool:
+  """Arrays on this mesh carry their sharding in their type (Explicit axes)."""
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
 def _explicit_spec(mesh, x):
-  """(batch axes, head axes) read off the type of x ([batch, seq, heads,
-  head_dim], or [batch, seq] ids: no head axes) on a mesh with Explicit axes.
+  """(batch axes, head axes) read off the type of x [batch, seq, heads,
+  head_dim] on a mesh with Explicit axes.
 
   Returns None on an Auto mesh, where shard_map may reshard to our specs.
   """
-  if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+  if not _is_explicit(mesh):
     return None
   spec = tuple(jax.typeof(x).sharding.spec)
-  spec = spec + (None,) * (4 - len(spec))
+  spec = spec + (None,) * (x.ndim - len(spec))
   if spec[1] is not None or spec[3] is not None:
     raise ValueError(f"the attention kernel needs seq and head_dim unsharded, got {spec}"
                      " (config key mesh.rules: 'seq' and 'head_dim' must map to None)")
@@ -284,7 +289,7 @@ def plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
     return fn(segment_ids, image_ids)
   b_axes = _mesh_axes(mesh, BATCH_AXES, segment_ids.shape[0])
   ids = P(b_axes, None)
-  if _explicit_spec(mesh, segment_ids) is not None:
+  if _is_explicit(mesh):
     segment_ids, image_ids = (jax.sharding.reshard(x, ids) for x in (segment_ids, image_ids))
   # Every plan array is batch-major (the launch orders flatten batch first and
   # index the device's own slice), so one batch spec shards them all.
@@ -317,22 +322,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     raise ValueError(f"q_heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}"
                      " (config keys model.num_heads / model.num_kv_heads)")
   scale = head_dim ** -0.5 if scale is None else scale
-  if plan is None:
+  if plan is None:  # each call (each device) builds its own
     kind, config = _resolve(impl, head_dim, q.dtype, block_q, block_k, config)
     if kind == "xla":
       from tfjax.ops.attention import xla_attention
       from tfjax.ops.mask import transfusion_mask
       return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
-  elif plan.seq != q.shape[1]:
-    raise ValueError(f"the attention plan was built for sequence length {plan.seq}, "
-                     f"q has {q.shape[1]}: build it from this batch's segment_ids")
-  if plan is None:  # each call (each device) builds its own
     make_plan = functools.partial(_local_plan, kind=kind, config=config)
 
     def local(q, k, v, segment_ids, image_ids):
       return _local_attention(q, k, v, make_plan(segment_ids, image_ids), scale=scale)
     args = (q, k, v, segment_ids, image_ids)
   else:
+    if plan.seq != q.shape[1]:
+      raise ValueError(f"the attention plan was built for sequence length {plan.seq}, "
+                       f"q has {q.shape[1]}: build it from this batch's segment_ids")
     local = functools.partial(_local_attention, scale=scale)
     args = (q, k, v, plan)
   mesh = _sharded_mesh()

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import block_map
+from tfjax.ops.kernels.block_map import EMPTY, FULL, block_map, tile_states
 
 LOG2E = math.log2(math.e)
 BIG = 1e30  # same convention as gpu.py: lse of a row with no key
@@ -72,6 +72,10 @@ class MosaicFwdConfig:
   # already orders its shared-memory stores (commit_smem before each TMA) and
   # reduces rows within warps.
   lean: bool = False
+  # A consumer whose own block_q rows see nothing of a listed key block (the
+  # CTA's 2 * block_q rows do) skips its matrix products and softmax for that
+  # tile and only keeps the barrier protocol.
+  skip_empty: bool = True
 
   @property
   def multiple(self) -> int:
@@ -114,13 +118,20 @@ def _longest_first(counts):
   return jnp.argsort(-counts.reshape(-1), stable=True).astype(jnp.int32)
 
 
-def _row_block_bounds(ks, ke, rows):
-  """(max k_start, min k_end) per `rows` query rows: a key tile [k0, k0 + bk)
-  is full for all of them iff k0 >= the first and k0 + bk <= the second (an
-  empty row never passes)."""
-  batch, seq = ks.shape
-  return (jnp.max(ks.reshape(batch, seq // rows, rows), axis=-1),
-          jnp.min(ke.reshape(batch, seq // rows, rows), axis=-1))
+def warpgroup_tile_states(ks, ke, blocks, block_q, block_k, *, by_keys=False, kv_len=None):
+  """int32[batch, n_cta, 2, list]: EMPTY/PARTIAL/FULL of each consumer
+  warpgroup's own tile at every entry of a CTA's work list.
+
+  The CTA covers two (block_q, block_k) tiles per entry: two query blocks
+  (`blocks`: a q_blocks list of key blocks) or, `by_keys`, two key blocks
+  (`blocks`: a kv_blocks list of query blocks); warpgroup w owns the w-th.
+  """
+  st = tile_states(ks, ke, block_q, block_k, kv_len)   # [batch, nq, nk]
+  if by_keys:
+    st = jnp.swapaxes(st, 1, 2)
+  batch, n = st.shape[:2]
+  st = st.reshape(batch, n // 2, 2, st.shape[-1])
+  return jnp.take_along_axis(st, blocks[:, :, None, :], axis=3)
 
 
 def _fill_ring(pl, n, stages, issue, refill):
@@ -147,13 +158,13 @@ class FwdSchedule(NamedTuple):
   order:  int32[batch * n_cta] the CTAs' (batch, query tile) in launch order,
           flattened as b * n_cta + tile (local to the device's batch slice).
   blocks, counts: `block_map.WorkList` fields at (2 * block_q, block_k).
-  ks_max, ke_min: int32[batch, seq // block_q] per consumer warpgroup's rows.
+  states: int32[batch, n_cta, 2, n_k] each consumer's own tile per list
+          entry (`warpgroup_tile_states`).
   """
   order: jax.Array
   blocks: jax.Array
   counts: jax.Array
-  ks_max: jax.Array
-  ke_min: jax.Array
+  states: jax.Array
 
 
 def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> FwdSchedule:
@@ -164,8 +175,8 @@ def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> Fwd
   wl = block_map(ks, ke, cta_q, cfg.block_k, kv_len).q_blocks
   order = (_longest_first(wl.counts) if cfg.lpt
            else jnp.arange(batch * (seq // cta_q), dtype=jnp.int32))
-  ks_max, ke_min = _row_block_bounds(ks, ke, cfg.block_q)
-  return FwdSchedule(order, wl.blocks, wl.counts, ks_max, ke_min)
+  states = warpgroup_tile_states(ks, ke, wl.blocks, cfg.block_q, cfg.block_k, kv_len=kv_len)
+  return FwdSchedule(order, wl.blocks, wl.counts, states)
 
 
 def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
@@ -190,13 +201,12 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   if not supported(dtype, d):
     raise ValueError(f"Mosaic GPU forward takes bf16/f16 and head dim 64/128, got {dtype}/{d}")
   nq, nk = seq // cta_q, kv_len // bk
-  order, blocks, counts, ks_max, ke_min = (
-      fwd_schedule(ks, ke, cfg, kv_len) if sched is None else sched)
+  order, blocks, counts, states = fwd_schedule(ks, ke, cfg, kv_len) if sched is None else sched
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-  def kernel(order_ref, blocks_ref, counts_ref, ksmax_ref, kemin_ref, ks_ref, ke_ref,
+  def kernel(order_ref, blocks_ref, counts_ref, states_ref, ks_ref, ke_ref,
              q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
     hg = lax.axis_index("hg")
     flat = order_ref[lax.axis_index("tile")]
@@ -224,9 +234,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       load_q(0, 0)
       ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
       ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
-      wblk = qi * 2 + wg
-      kmax = ksmax_ref[b, wblk]
-      kmin = kemin_ref[b, wblk]
 
       @pl.when(total > 0)
       def _():
@@ -247,58 +254,78 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         plgpu.barrier_wait(q_bar.at[wg * nbuf + buf])
 
         def body(t, carry):
-          acc, m, l, kb = carry
+          acc, m, l, kb, state = carry
           g = hh * n + t
           slot = lax.rem(g, jnp.int32(stages))
-          # The next tile's key block, read now: its latency hides under
-          # this tile's matrix products instead of stalling the mask test.
-          kb_next = blocks_ref[b, qi, lax.min(t + 1, jnp.int32(nk - 1))]
+          # The next tile's key block and state, read now: their latency hides
+          # under this tile's matrix products instead of stalling the mask test.
+          t_next = lax.min(t + 1, jnp.int32(nk - 1))
+          kb_next = blocks_ref[b, qi, t_next]
+          state_next = states_ref[b, qi, wg, t_next]
 
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, qo_smem, _transposed(plgpu, k_smem.at[slot]))
-            sched()
-            return acc_ref[...]
-
-          s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-          plgpu.barrier_arrive(k_free.at[slot])
-          k0 = kb * bk
-          full = (k0 >= kmax) & (k0 + bk <= kmin)
-
-          def masked():
-            kpos = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-            ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
-                kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
-            return jnp.where(ok, s, -jnp.inf)
-
-          s = lax.cond(full, lambda: s, masked)
-          # m is the running max of the unscaled logits: the scale goes into
-          # exp2's argument, one fused multiply-add per element.
-          m_new = jnp.maximum(m, s.max(axis=1))
-          alpha = jnp.exp2((m - m_new) * qk_scale)
-          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new * qk_scale, s.shape, [0]))
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          l = l * alpha + p.sum(axis=1)
-          p16 = p.astype(dtype)
-          acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-          plgpu.barrier_arrive(sched_bar)
-          plgpu.barrier_wait(v_bar.at[slot])
-          plgpu.barrier_wait(sched_bar)
-
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
+          def wait_next_k():
             @pl.when(g + 1 < total)
             def _():
               plgpu.barrier_wait(k_bar.at[lax.rem(g + 1, jnp.int32(stages))])
 
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+          def tile():
+            def qk(acc_ref):
+              plgpu.wgmma(acc_ref, qo_smem, _transposed(plgpu, k_smem.at[slot]))
+              sched()
+              return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+
+            def masked():
+              kpos = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
+              ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
+                  kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
+              return jnp.where(ok, s, -jnp.inf)
+
+            s = lax.cond(state == FULL, lambda: s, masked)
+            # m is the running max of the unscaled logits: the scale goes into
+            # exp2's argument, one fused multiply-add per element.
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2((m - m_new) * qk_scale)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new * qk_scale, s.shape, [0]))
+            acc_new = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_new = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc_new, l_new, m_new, p16 = lax.optimization_barrier((acc_new, l_new, m_new, p16))
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(sched_bar)
+
+            def pv(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+              wait_next_k()
+
+            return pl.run_state(pv)(plgpu.ACC.init(acc_new)), m_new, l_new
+
+          def skip():
+            # The same barrier steps as tile(), in the same order (every
+            # warpgroup tracks each barrier's phase itself), without the work.
+            sched()
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(sched_bar)
+            wait_next_k()
+            return acc, m, l
+
+          if cfg.skip_empty:
+            acc, m, l = lax.cond(state == EMPTY, skip, tile)
+          else:
+            acc, m, l = tile()
           plgpu.barrier_arrive(v_free.at[slot])
-          return acc, m_new, l, kb_next
+          return acc, m, l, kb_next, state_next
 
         m0 = plgpu.layout_cast(jnp.full((bq,), -BIG, jnp.float32), row_layout)
         l0 = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
         acc0 = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), wgmma_layout)
-        acc, m, l, _ = lax.fori_loop(0, n, body, (acc0, m0, l0, blocks_ref[b, qi, 0]))
+        acc, m, l, _, _ = lax.fori_loop(
+            0, n, body, (acc0, m0, l0, blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0]))
         live = l > 0.0
         l_safe = jnp.where(live, l, 1.0)
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -366,5 +393,5 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(order, blocks, counts, ks_max, ke_min, ks, ke, q, k, v)
+  )(order, blocks, counts, states, ks, ke, q, k, v)
   return out, lse

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import FULL, block_map, tile_states
+from tfjax.ops.kernels.block_map import EMPTY, FULL, block_map
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _longest_first, _row_block_bounds, _smem_transforms,
-                                          _transposed)
+                                          _longest_first, _smem_transforms, _transposed,
+                                          warpgroup_tile_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,10 @@ class MosaicBwdConfig:
   # columns over its own keys (no barrier; twice the float32 adds). Head dim
   # 64 only (all columns of a dQ tile are 64 more registers at 128).
   dq_own_keys: int = 0
+  # A consumer skips the tiles where its own rows/keys meet nothing (the CTA's
+  # other warpgroup's do), keeping only the barrier protocol (and, in the
+  # fused kernel, its zero half of dS^T for the other's dQ).
+  skip_empty: int = 1
 
   @property
   def multiple(self) -> int:
@@ -91,21 +95,21 @@ class MosaicBwdConfig:
 class DkvSchedule(NamedTuple):
   """The walk over key blocks (fused and dk/dv kernels), at (block_q_dkv,
   2 * block_k_dkv) tiles: `block_map.WorkList` blocks and counts
-  [batch, key chunks(, list)], `full` from `_full_flags`, and the fused
-  kernel's launch order (flat b * key chunks + chunk; None for dk/dv)."""
+  [batch, key chunks(, list)], each consumer's own tile state per entry
+  (`gpu_mosaic.warpgroup_tile_states`, [batch, key chunks, 2, list]), and the
+  fused kernel's launch order (flat b * key chunks + chunk; None for dk/dv)."""
   blocks: jax.Array
   counts: jax.Array
-  full: jax.Array
+  states: jax.Array
   order: jax.Array | None
 
 
 class DqSchedule(NamedTuple):
   """The dq kernel's walk over query blocks (two-kernel path): work lists at
-  (2 * block_q_dq, block_k_dq), and per block_q_dq rows max k_start, min k_end."""
+  (2 * block_q_dq, block_k_dq) and each consumer's own tile state per entry."""
   blocks: jax.Array
   counts: jax.Array
-  ks_max: jax.Array
-  ke_min: jax.Array
+  states: jax.Array
 
 
 class BwdSchedule(NamedTuple):
@@ -119,13 +123,15 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   wl = block_map(ks, ke, bq, 2 * bk).kv_blocks          # [batch, key chunks, nq]
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M11: grid order there.)
-  dkv = DkvSchedule(wl.blocks, wl.counts, _full_flags(ks, ke, wl.blocks, bq, bk),
+  dkv = DkvSchedule(wl.blocks, wl.counts,
+                    warpgroup_tile_states(ks, ke, wl.blocks, bq, bk, by_keys=True),
                     _longest_first(wl.counts) if cfg.fuse_dq else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
   bq, bk = cfg.block_q_dq, cfg.block_k_dq
   wl = block_map(ks, ke, 2 * bq, bk).q_blocks
-  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts, *_row_block_bounds(ks, ke, bq)))
+  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts,
+                                     warpgroup_tile_states(ks, ke, wl.blocks, bq, bk)))
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
@@ -151,20 +157,12 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
   return dq, dk, dv
 
 
-def _full_flags(ks, ke, blocks, block_q, block_k):
-  """int32[batch, key chunks, 2, list length]: is list entry t's tile full for
-  warpgroup w's block_k keys (no mask needed)?"""
-  batch = ks.shape[0]
-  st = jnp.swapaxes(tile_states(ks, ke, block_q, block_k), 1, 2)
-  st = st.reshape(batch, blocks.shape[1], 2, st.shape[-1])
-  return (jnp.take_along_axis(st, blocks[:, :, None, :], axis=3) == FULL).astype(jnp.int32)
-
-
 def _probs_t(plgpu, s_t, qk_scale, is_full, k0, lo_ref, hi_ref, lse_ref):
   """P^T [keys, rows] = exp2(qk_scale * S^T - lse) for unscaled logits S^T of
   keys k0.. against streamed query rows whose visible keys are [lo, hi)
   (shared-memory vectors, with lse): masked by two comparisons unless the
-  tile `is_full`. The scale rides in exp2's argument (one fused multiply-add)."""
+  tile `is_full` (a bool scalar). The scale rides in exp2's argument (one
+  fused multiply-add)."""
   layout = plgpu.Layout.WGMMA
   col = plgpu.Layout.WGMMA.reduce(0)
   shape = s_t.shape
@@ -175,7 +173,7 @@ def _probs_t(plgpu, s_t, qk_scale, is_full, k0, lo_ref, hi_ref, lse_ref):
     hi = lax.broadcast_in_dim(_load_vec(plgpu, hi_ref, col), shape, [1])
     return jnp.where((kpos >= lo) & (kpos < hi), s_t, -jnp.inf)
 
-  s_t = lax.cond(is_full != 0, lambda: s_t, masked)
+  s_t = lax.cond(is_full, lambda: s_t, masked)
   return jnp.exp2(s_t * qk_scale
                   - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), shape, [1]))
 
@@ -196,7 +194,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   half = d // 2  # dQ columns per consumer warpgroup (dq_own_keys=0)
   dq_cols = d if own else half
   nq, nkc = seq // bq, seq // cta_k
-  blocks, counts, full, order = sched
+  blocks, counts, states, order = sched
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -206,7 +204,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   tr_ds = _smem_transforms(plgpu, dtype, bq, swizzle)
   tr_dq = _smem_transforms(plgpu, jnp.float32, dq_cols)
 
-  def kernel(order_ref, blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref,
+  def kernel(order_ref, blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref,
              lse_ref, delta_ref, ks_ref, ke_ref, dq_ref, dk_ref, dv_ref, scoped):
     h = lax.axis_index("heads")
     flat = order_ref[lax.axis_index("tile")]
@@ -240,42 +238,61 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
-        dk, dv, is_full = carry
+        dk, dv, state = carry
         slot = lax.rem(t, jnp.int32(stages))
         buf = lax.rem(t, jnp.int32(2))
-        full_next = full_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
+        state_next = states_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
         rows = pl.ds(blocks_ref[b, j, t] * bq, bq)
         plgpu.barrier_wait(q_bar.at[slot])
         plgpu.barrier_wait(do_bar.at[slot])
-
-        def s_dp(refs):
-          s_ref, dp_ref = refs
-          plgpu.wgmma(s_ref, k_own, _transposed(plgpu, q_smem.at[slot]))
-          plgpu.wgmma(dp_ref, v_own, _transposed(plgpu, do_smem.at[slot]))
-
-        s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
-                                        plgpu.ACC.init(zeros((bk, bq)))))
-        plgpu.barrier_wait(vec_bar.at[slot])
-
-        p_t = _probs_t(plgpu, s_t, qk_scale, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
-                       lse_smem.at[slot])
-        delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
         ds_own = ds_smem.at[buf, pl.ds(wg * bk, bk)]
-        ds_own[...] = (p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))).astype(dtype)
-        p16 = p_t.astype(dtype)
-        plgpu.commit_smem()
-        if not own:
-          both_consumers()  # both halves of dS^T are in shared memory
         ds_for_dq = ds_own if own else ds_smem.at[buf]
 
-        def grads(refs):
-          dv_ref, dk_ref, dq_part_ref = refs
-          plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
-          plgpu.wgmma(dk_ref, ds_own, q_smem.at[slot])
-          plgpu.wgmma(dq_part_ref, _transposed(plgpu, ds_for_dq), k_cols)
+        def dq_product(refs):
+          plgpu.wgmma(refs[-1], _transposed(plgpu, ds_for_dq), k_cols)
 
-        dv, dk, dq_part = pl.run_state(grads)(
-            (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros((bq, dq_cols)))))
+        def tile():
+          def s_dp(refs):
+            s_ref, dp_ref = refs
+            plgpu.wgmma(s_ref, k_own, _transposed(plgpu, q_smem.at[slot]))
+            plgpu.wgmma(dp_ref, v_own, _transposed(plgpu, do_smem.at[slot]))
+
+          s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
+                                          plgpu.ACC.init(zeros((bk, bq)))))
+          plgpu.barrier_wait(vec_bar.at[slot])
+
+          p_t = _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
+                         ke_smem.at[slot], lse_smem.at[slot])
+          delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
+          ds_own[...] = (p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))
+                         ).astype(dtype)
+          p16 = p_t.astype(dtype)
+          plgpu.commit_smem()
+          if not own:
+            both_consumers()  # both halves of dS^T are in shared memory
+
+          def grads(refs):
+            plgpu.wgmma(refs[0], p16, do_smem.at[slot])
+            plgpu.wgmma(refs[1], ds_own, q_smem.at[slot])
+            dq_product(refs)
+
+          return pl.run_state(grads)(
+              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros((bq, dq_cols)))))
+
+        def skip():
+          # Our keys meet none of these rows: dS^T is zero, dK and dV keep.
+          plgpu.barrier_wait(vec_bar.at[slot])  # same waits as tile(): phases
+          if own:
+            return dv, dk, zeros((bq, dq_cols))
+          ds_own[...] = zeros((bk, bq)).astype(dtype)
+          plgpu.commit_smem()
+          both_consumers()
+          return dv, dk, pl.run_state(dq_product)((plgpu.ACC.init(zeros((bq, dq_cols))),))[0]
+
+        if cfg.skip_empty:
+          dv, dk, dq_part = lax.cond(state == EMPTY, skip, tile)
+        else:
+          dv, dk, dq_part = tile()
         plgpu.barrier_arrive(free.at[slot])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's dQ add has read dq_smem
         dq_smem.at[wg][...] = dq_part
@@ -283,10 +300,10 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
         cols = pl.ds(0, d) if own else pl.ds(wg * half, half)
         plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, h, cols],
                                 reduction_op="add")
-        return dk, dv, full_next
+        return dk, dv, state_next
 
       dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
-                                             full_ref[b, j, wg, 0]))
+                                             states_ref[b, j, wg, 0]))
       both_consumers()  # the other warpgroup's last dQ product has read our K rows
       rows = pl.ds(kb0, bk)
       _store_key_grads(plgpu, dk * scale, dv, k_own, v_own, dk_ref.at[b, rows, h],
@@ -327,7 +344,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   dk, dv = pl.kernel(
       entry, out_type=[shape, shape], mesh=mesh,
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(order, blocks, counts, full, q, k, v, do, lse, delta, ks, ke, dq_acc)
+  )(order, blocks, counts, states, q, k, v, do, lse, delta, ks, ke, dq_acc)
   dq = (dq_acc[...] * scale).astype(dtype)
   return dq, dk, dv
 

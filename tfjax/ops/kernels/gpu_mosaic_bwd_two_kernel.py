@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tfjax.ops.kernels.block_map import EMPTY, FULL
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _smem_transforms, _transposed)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t, _query_tile_smem,
@@ -31,13 +32,13 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
   cta_k = 2 * bk
   nq, nkc = seq // bq, seq // cta_k
-  blocks, counts, full, _ = sched  # gpu_mosaic_bwd.DkvSchedule
+  blocks, counts, states, _ = sched  # gpu_mosaic_bwd.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   tr = _smem_transforms(plgpu, dtype, d)
 
-  def kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+  def kernel(blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, scoped):
     h = lax.axis_index("heads")
     j = lax.axis_index("kv")
@@ -60,57 +61,69 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
-        dk, dv, is_full = carry
+        dk, dv, state = carry
         slot = lax.rem(t, jnp.int32(stages))
-        full_next = full_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
+        state_next = states_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
         plgpu.barrier_wait(q_bar.at[slot])
-        if cfg.sdp_group:  # S^T and dP^T in one wgmma group
-          plgpu.barrier_wait(do_bar.at[slot])
 
-          def s_dp(refs):
-            plgpu.wgmma(refs[0], k_tile, _transposed(plgpu, q_smem.at[slot]))
-            plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
+        def tile():
+          if cfg.sdp_group:  # S^T and dP^T in one wgmma group
+            plgpu.barrier_wait(do_bar.at[slot])
 
-          s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
-                                          plgpu.ACC.init(zeros((bk, bq)))))
-        else:
-          def st_fn(acc_ref):
-            plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
-            return acc_ref[...]
+            def s_dp(refs):
+              plgpu.wgmma(refs[0], k_tile, _transposed(plgpu, q_smem.at[slot]))
+              plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
 
-          s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
-        plgpu.barrier_wait(vec_bar.at[slot])
+            s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
+                                            plgpu.ACC.init(zeros((bk, bq)))))
+          else:
+            def st_fn(acc_ref):
+              plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
+              return acc_ref[...]
 
-        p_t = _probs_t(plgpu, s_t, qk_scale, is_full, kb0, ks_smem.at[slot], ke_smem.at[slot],
-                       lse_smem.at[slot])
-        delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
-        if cfg.sdp_group:
-          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
+            s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
+          plgpu.barrier_wait(vec_bar.at[slot])
 
-          def dv_dk(refs):
-            plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-            plgpu.wgmma(refs[1], ds_t.astype(dtype), q_smem.at[slot])
+          p_t = _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
+                         ke_smem.at[slot], lse_smem.at[slot])
+          delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
+          if cfg.sdp_group:
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
 
-          dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-        else:
+            def dv_dk(refs):
+              plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
+              plgpu.wgmma(refs[1], ds_t.astype(dtype), q_smem.at[slot])
+
+            return pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
           plgpu.barrier_wait(do_bar.at[slot])
 
           def dv_dp(refs):
             plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
             plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
 
-          dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros((bk, bq)))))
+          dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
+                                              plgpu.ACC.init(zeros((bk, bq)))))
           ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
 
           def dk_fn(acc_ref):
             plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
 
-          dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+          return dv_new, pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+
+        def skip():  # our keys meet none of these rows; the same waits (phases)
+          plgpu.barrier_wait(do_bar.at[slot])
+          plgpu.barrier_wait(vec_bar.at[slot])
+          return dv, dk
+
+        if cfg.skip_empty:
+          dv, dk = lax.cond(state == EMPTY, skip, tile)
+        else:
+          dv, dk = tile()
         plgpu.barrier_arrive(free.at[slot])
-        return dk, dv, full_next
+        return dk, dv, state_next
 
       dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
-                                             full_ref[b, j, wg, 0]))
+                                             states_ref[b, j, wg, 0]))
       rows = pl.ds(kb0, bk)
       _store_key_grads(plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h],
                        dv_ref.at[b, rows, h])
@@ -144,7 +157,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(blocks, counts, full, q, k, v, do, lse, delta, ks, ke)
+  )(blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
 
 
 def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
@@ -158,13 +171,13 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
   cta_q = 2 * bq
   nq, nk = seq // cta_q, seq // bk
-  blocks, counts, ks_max, ke_min = sched  # gpu_mosaic_bwd.DqSchedule
+  blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   tr = _smem_transforms(plgpu, dtype, d)
 
-  def kernel(blocks_ref, counts_ref, ksmax_ref, kemin_ref, ks_ref, ke_ref, q_ref, k_ref,
+  def kernel(blocks_ref, counts_ref, states_ref, ks_ref, ke_ref, q_ref, k_ref,
              v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
     h = lax.axis_index("heads")
     qi = lax.axis_index("q")
@@ -183,24 +196,21 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
       lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(row0, bq)], row_layout)
       delta_row = _load_vec(plgpu, delta_ref.at[b, h, pl.ds(row0, bq)], row_layout)
-      wblk = qi * 2 + wg
-      kmax = ksmax_ref[b, wblk]
-      kmin = kemin_ref[b, wblk]
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(do_bar.at[wg])
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
-        dq, kb = carry
+        dq, kb, state = carry
         slot = lax.rem(t, jnp.int32(stages))
-        kb_next = blocks_ref[b, qi, lax.min(t + 1, jnp.int32(nk - 1))]
+        t_next = lax.min(t + 1, jnp.int32(nk - 1))
+        kb_next = blocks_ref[b, qi, t_next]
+        state_next = states_ref[b, qi, wg, t_next]
         plgpu.barrier_wait(k_bar.at[slot])
-        k0 = kb * bk
-        full = (k0 >= kmax) & (k0 + bk <= kmin)
 
         def masked(s):
-          kpos = k0 + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
+          kpos = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
           ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
               kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
           return jnp.where(ok, s, -jnp.inf)
@@ -213,35 +223,44 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
           plgpu.wgmma(acc_ref, do_tile, _transposed(plgpu, v_smem.at[slot]))
           return acc_ref[...]
 
-        if cfg.sdp_group:  # S and dP in one wgmma group
+        def tile():
+          if cfg.sdp_group:  # S and dP in one wgmma group
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            def s_dp(refs):
+              plgpu.wgmma(refs[0], q_tile, _transposed(plgpu, k_smem.at[slot]))
+              plgpu.wgmma(refs[1], do_tile, _transposed(plgpu, v_smem.at[slot]))
+
+            s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bq, bk))),
+                                        plgpu.ACC.init(zeros((bq, bk)))))
+            plgpu.barrier_arrive(v_free.at[slot])
+          else:
+            s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
+          s = lax.cond(state == FULL, lambda: s, lambda: masked(s))
+          # Unscaled logits: the scale rides in exp2's argument (one FMA).
+          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
+          if not cfg.sdp_group:
+            plgpu.barrier_wait(v_bar.at[slot])
+            dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+          ds = p * (dp - lax.broadcast_in_dim(delta_row, (bq, bk), [0]))
+
+          def dq_fn(acc_ref):
+            plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+          return pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+
+        def skip():  # our rows see none of these keys; the same barrier steps
           plgpu.barrier_wait(v_bar.at[slot])
-
-          def s_dp(refs):
-            plgpu.wgmma(refs[0], q_tile, _transposed(plgpu, k_smem.at[slot]))
-            plgpu.wgmma(refs[1], do_tile, _transposed(plgpu, v_smem.at[slot]))
-
-          s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bq, bk))),
-                                      plgpu.ACC.init(zeros((bq, bk)))))
           plgpu.barrier_arrive(v_free.at[slot])
-        else:
-          s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
-        s = lax.cond(full, lambda: s, lambda: masked(s))
-        # Unscaled logits: the scale rides in exp2's argument (one FMA).
-        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
-        if not cfg.sdp_group:
-          plgpu.barrier_wait(v_bar.at[slot])
-          dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
-          plgpu.barrier_arrive(v_free.at[slot])
-        ds = p * (dp - lax.broadcast_in_dim(delta_row, (bq, bk), [0]))
+          return dq
 
-        def dq_fn(acc_ref):
-          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
-
-        dq = pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+        dq = lax.cond(state == EMPTY, skip, tile) if cfg.skip_empty else tile()
         plgpu.barrier_arrive(k_free.at[slot])
-        return dq, kb_next
+        return dq, kb_next, state_next
 
-      dq, _ = lax.fori_loop(0, n, body, (zeros((bq, d)), blocks_ref[b, qi, 0]))
+      dq, _, _ = lax.fori_loop(0, n, body, (zeros((bq, d)), blocks_ref[b, qi, 0],
+                                            states_ref[b, qi, wg, 0]))
       q_tile[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(row0, bq), h])
@@ -296,4 +315,4 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(blocks, counts, ks_max, ke_min, ks, ke, q, k, v, do, lse, delta)
+  )(blocks, counts, states, ks, ke, q, k, v, do, lse, delta)

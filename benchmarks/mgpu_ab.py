@@ -1,0 +1,115 @@
+"""Mosaic GPU kernel variants side by side, in one device call (A/B runs).
+
+  python benchmarks/mgpu_ab.py [--variants "d0/d0;d1/d1;64,64,2,1,1,0,0,1/d1"]
+      [--shapes 4096/64,...] [--rounds 2] [--reps 20]
+
+A variant is FWD/BWD: the forward's `gpu_mosaic.MosaicFwdConfig` fields and
+the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
+integers, or `dN`: the default tiles for the head dim with skip_empty=N. Per
+shape (attention_layout.py, B=2, H=16, bf16) every variant's forward and
+forward+backward is timed with its schedule built outside the call, in
+`--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
+and gradients are compared with the first variant's. The last line is JSON:
+{"<shape> <variant>": [fwd ms, f+b ms], ...} (medians over the rounds).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import attention_layout as layout  # noqa: E402
+from attention import rel_err, time_jax  # noqa: E402
+from tfjax.ops.kernels import gpu  # noqa: E402
+from tfjax.ops.kernels.gpu_mosaic import MosaicFwdConfig  # noqa: E402
+from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig  # noqa: E402
+
+
+def _fields(spec: str, default: tuple, cls) -> tuple:
+  if spec.startswith("d"):
+    full = dataclasses.astuple(cls(*default))
+    return full[:-1] + (int(spec[1:]),)  # skip_empty is the last field
+  return tuple(int(x) for x in spec.split(","))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--shapes", default="4096/64,4096/128,8192/64,8192/128")
+  p.add_argument("--variants", default="d0/d0;d1/d1")
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--group", type=int, default=10)
+  args = p.parse_args()
+  print(f"jax {jax.__version__} {jax.devices()}", flush=True)
+  bsz, heads = 2, 16
+  result = {}
+  for shape in args.shapes.split(","):
+    seq, d = map(int, shape.split("/"))
+    doc, img = layout.make_layout(bsz, seq)
+    nnz = int(layout.counts(doc, img)["transfusion"].sum())
+    flops = 4.0 * heads * d * nnz
+    ks, ke = gpu_key_ranges(doc, img)
+    q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
+    scale = d ** -0.5
+    base = gpu.GpuConfig.for_head_dim(d)
+    fns = {}
+    for spec in args.variants.split(";"):
+      f_spec, b_spec = spec.split("/")
+      cfg = dataclasses.replace(
+          base, mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d), MosaicFwdConfig),
+          mosaic_bwd=_fields(b_spec, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
+      sched = jax.jit(lambda ks, ke, cfg=cfg: gpu.schedule(ks, ke, cfg))(ks, ke)
+
+      def fwd(q, k, v, sched, cfg=cfg):
+        return gpu.attention(q, k, v, ks, ke, scale=scale, config=cfg, sched=sched)
+
+      def fb(q, k, v, do, sched, fwd=fwd):
+        o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, sched), q, k, v)
+        return (o,) + vjp(do)
+
+      fns[spec] = (jax.jit(fwd), jax.jit(fb), sched)
+    ref = None
+    times = {s: ([], []) for s in fns}
+    for r in range(args.rounds):
+      for spec, (f, g, sched) in fns.items():
+        try:
+          if r == 0:
+            got = g(q, k, v, do, sched)
+            ref = got if ref is None else ref
+            errs = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
+          tf = time_jax(f, (q, k, v, sched), args.reps, args.group)
+          tb = time_jax(g, (q, k, v, do, sched), args.reps, args.group // 2)
+        except Exception as e:  # report and go on with the next variant
+          print(f"{shape} {spec}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+          continue
+        times[spec][0].append(tf)
+        times[spec][1].append(tb)
+        print(f"{shape} round {r} {spec}: fwd {tf:.3f} ms ({flops / tf / 1e9:.0f} TF/s) "
+              f"f+b {tb:.3f} ms ({3.5 * flops / tb / 1e9:.0f})"
+              + (f" | o/dq/dk/dv vs first {errs}" if r == 0 else ""), flush=True)
+    for spec, (tf, tb) in times.items():
+      if tf:
+        result[f"{shape} {spec}"] = [round(statistics.median(tf), 4),
+                                     round(statistics.median(tb), 4)]
+  print("\nvariant | fwd ms | f+b ms")
+  for key, (tf, tb) in result.items():
+    print(f"{key} | {tf:.3f} | {tb:.3f}")
+  print(json.dumps(result))
+
+
+def gpu_key_ranges(doc, img):
+  from tfjax.ops.mask import key_ranges
+  return key_ranges(jnp.asarray(doc), jnp.asarray(img))
+
+
+if __name__ == "__main__":
+  main()

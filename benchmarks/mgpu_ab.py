@@ -36,8 +36,7 @@ from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig  # noqa: E402
 
 def _fields(spec: str, default: tuple, cls) -> tuple:
   if spec.startswith("d"):
-    full = dataclasses.astuple(cls(*default))
-    return full[:-1] + (int(spec[1:]),)  # skip_empty is the last field
+    return dataclasses.astuple(dataclasses.replace(cls(*default), skip_empty=int(spec[1:])))
   return tuple(int(x) for x in spec.split(","))
 
 

@@ -328,10 +328,11 @@ MOSAIC_CASES = [
     (128, 2, 2, 384, (64, 128, 2, 1)),        # CTA rows (128) != key tile
     (128, 4, 1, 512, (64, 64, 2, 4, False, True)),  # MQA, narrow key tiles, grid order, heads outer
     (64, 2, 2, 320, (64, 64, 4, 2)),          # padded to 384
+    (128, 2, 2, 384, (64, 128, 2, 1, True, False, False, False)),  # no empty-tile skipping
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2])
+@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-1:])
 def test_mosaic_forward_lowers_for_cuda(d, hq, hkv, seq, mcfg):
   """The Mosaic GPU forward traces and lowers to a Mosaic GPU module anywhere."""
   from tfjax.ops.kernels import gpu_mosaic
@@ -384,18 +385,22 @@ def test_mosaic_forward_matches_reference(d, hq, hkv, seq, mcfg):
 
 MOSAIC_BWD_CASES = [
     # (head_dim, q_heads, kv_heads, seq, MosaicBwdConfig fields: dk/dv tiles,
-    #  dq tiles, fuse_dq, consumer registers, sdp_group, lean, dq_own_keys)
+    #  dq tiles, fuse_dq, consumer registers, sdp_group, lean, dq_own_keys,
+    #  skip_empty, dq_delta)
     (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 1)),    # GQA, fused
     (128, 2, 2, 384, (64, 64, 2, 64, 64, 2, 1)),   # fused at head dim 128
     (128, 2, 1, 384, (64, 64, 2, 64, 64, 2, 1, 240)),  # fused, 240 registers, multi-query
     (64, 2, 2, 320, (64, 64, 3, 64, 64, 2, 1, 240)),  # fused, 3-deep ring, padded to 384
-    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0)),    # two kernels, GQA
+    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1)),  # two kernels, GQA, delta in dq
     (128, 2, 2, 384, (64, 64, 3, 64, 128, 2, 0, 232, 0)),  # two kernels, wide dq key tiles, S then dP
     (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 1, 240, 1, 0, 1)),  # fused, dQ over own keys, GQA
+    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 1, 240, 1, 0, 0, 0)),  # fused, no empty-tile skipping
+    (128, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 0, 1)),  # two kernels, no skip, delta in dq
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,bcfg", [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6)])
+@pytest.mark.parametrize("d,hq,hkv,seq,bcfg",
+                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
@@ -465,7 +470,8 @@ def test_mosaic_backward_config_choice(monkeypatch):
   c64 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64))
   c128 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(128))
   assert c64.fuse_dq == 1 and c64.consumer_regs == 240
-  assert c128.fuse_dq == 0 and c128.sdp_group == 0
+  assert c128.fuse_dq == 0 and c128.sdp_group == 1 and c128.dq_delta == 1
+  assert c64.skip_empty == c128.skip_empty == 1
   # The fused kernel has no dq tiles: (64 rows, 2 x 64 keys) alone set the multiple.
   assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 64, 128, 2, 1).multiple == 128
   assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 128, 64, 2, 0).multiple == 256

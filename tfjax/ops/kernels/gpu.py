@@ -366,14 +366,17 @@ class GpuConfig:
     """Mosaic GPU backward tiles (gpu_mosaic_bwd.MosaicBwdConfig fields; None:
     the Triton backward).
 
-    H100, runs M5-M8 of NOTES_attention.md: at head dim 64 the fused dk/dv/dq
-    kernel (240 registers) is fastest (f+b 0.37-0.43 vs 0.42-0.47 ms at 4096,
-    0.66-0.70 vs 0.70-0.75 at 8192); at head dim 128 it is slower than the
-    two kernels (8192: 1.08-1.16 vs 0.93-0.96 ms), which stay the default there.
+    H100, runs M5-M8 and M14-M15 of NOTES_attention.md: at head dim 64 the
+    fused dk/dv/dq kernel (240 registers) is fastest (f+b 0.37-0.43 vs
+    0.42-0.47 ms at 4096, 0.66-0.70 vs 0.70-0.75 at 8192); at head dim 128 it
+    is slower than the two kernels (8192: 1.21 vs 0.88-0.91 ms), which stay the
+    default there, with S and dP in one wgmma group and delta computed inside
+    the dq kernel (0.882 vs 0.912 ms at 8192/128, 0.548 vs 0.561 at 4096/128).
+    Empty-tile skipping per warpgroup (skip_empty) is on in both.
     """
     if head_dim <= 64:
       return (64, 64, 2, 64, 64, 2, 1, 240)
-    return (64, 64, 2, 64, 64, 2, 0, 232, 0)
+    return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1)
 
 
 def _mosaic_forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):

@@ -19,10 +19,11 @@ warpgroups:
                    the bulk tensor copy engine (TMA), waiting for the
                    consumers to release each slot.
 
-Empty tiles are never visited. A consumer decides per tile whether its own
-rows see the whole key block (from the max k_start and min k_end of its rows,
-precomputed per block_q rows); only then is the mask skipped, otherwise it is
-built from two comparisons against the rows' [k_start, k_end) intervals.
+Empty tiles are never visited. Per listed tile each consumer reads its own
+rows' tile state (`warpgroup_tile_states`): empty for its rows (the other
+warpgroup's meet the key block), it skips the tile's work and keeps only the
+barrier steps; full, no mask; partial, the mask from two comparisons against
+the rows' [k_start, k_end) intervals.
 Rows with an empty interval (padding) get 0 out and lse = BIG, like the
 Triton kernel, whose backward (gpu._backward) consumes this kernel's
 base-2 log-sum-exp unchanged.
@@ -105,11 +106,11 @@ def _transposed(plgpu, ref):
   return plgpu.transpose_ref(ref, (1, 0))  # jax 0.10
 
 
-def _load_vec(plgpu, ref, layout):
+def _load_vec(plgpu, ref, layout, optimized=False):
   try:
-    return plgpu.load(ref, layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
   except TypeError:  # jax 0.10: the index is a positional argument
-    return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, (), layout=layout, optimized=optimized)
 
 
 def _longest_first(counts):

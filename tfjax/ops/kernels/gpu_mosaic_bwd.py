@@ -83,6 +83,9 @@ class MosaicBwdConfig:
   # other warpgroup's do), keeping only the barrier protocol (and, in the
   # fused kernel, its zero half of dS^T for the other's dQ).
   skip_empty: int = 1
+  # Two-kernel path: the dq kernel computes delta = rowsum(o * dO) from its
+  # own tiles and runs first (no separate XLA pass over o and dO).
+  dq_delta: int = 0
 
   @property
   def multiple(self) -> int:
@@ -144,13 +147,18 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
   hkv = k.shape[2]
   group = hq // hkv
   sched = bwd_schedule(ks, ke, cfg) if sched is None else sched
-  delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = lambda: jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
   if cfg.fuse_dq:
-    dq, dk, dv = _fused(q, k, v, do, lse, delta, ks, ke, sched.dkv, scale=scale, cfg=cfg)
+    dq, dk, dv = _fused(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale, cfg=cfg)
   else:
     from tfjax.ops.kernels import gpu_mosaic_bwd_two_kernel as two_kernel
-    dk, dv = two_kernel.dkv(q, k, v, do, lse, delta, ks, ke, sched.dkv, scale=scale, cfg=cfg)
-    dq = two_kernel.dq(q, k, v, do, lse, delta, ks, ke, sched.dq, scale=scale, cfg=cfg)
+    if cfg.dq_delta:
+      dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale, cfg=cfg,
+                              o=o)
+    else:
+      dlt = delta()
+      dq = two_kernel.dq(q, k, v, do, lse, dlt, ks, ke, sched.dq, scale=scale, cfg=cfg)
+    dk, dv = two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale, cfg=cfg)
   if group > 1:  # the kernels write dk, dv per q head
     dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)

@@ -6,7 +6,10 @@ query tiles, dV and dK accumulated in registers. `dq`: the forward's walk over
 a query block's non-empty key blocks, recomputing S and dP. Seven matrix
 products per tile pair against the fused kernel's five (gpu_mosaic_bwd.py),
 but no float32 atomics: deterministic, and at head dim 128 faster on the H100
-(NOTES_attention.md, runs M5-M8). `gpu_mosaic_bwd.backward` calls these.
+(NOTES_attention.md, runs M5-M8). `gpu_mosaic_bwd.backward` calls these; with
+`dq_delta` the dq kernel runs first and also writes delta = rowsum(o * dO)
+for the dk/dv kernel. Each consumer skips the listed tiles that its own 64
+keys (dk/dv) or rows (dq) do not meet (`skip_empty`).
 """
 from __future__ import annotations
 
@@ -160,8 +163,14 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   )(blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
 
 
-def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
-  """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS."""
+def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
+  """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS.
+
+  With `o` (the forward's output) instead of `delta`: (dq, delta), delta =
+  rowsum(o * do) float32[batch, q_heads, seq] computed from the tiles the
+  kernel loads anyway, for the dk/dv kernel that runs after it (no separate
+  pass over o and dO).
+  """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -177,13 +186,17 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   tr = _smem_transforms(plgpu, dtype, d)
 
+  own_delta = o is not None
+
   def kernel(blocks_ref, counts_ref, states_ref, ks_ref, ke_ref, q_ref, k_ref,
-             v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
+             v_ref, do_ref, lse_ref, delta_ref, dq_ref, *rest):
+    # delta_ref holds o when own_delta; then rest = (delta out, scoped).
     h = lax.axis_index("heads")
     qi = lax.axis_index("q")
     b = lax.axis_index("batch")
     wg = lax.axis_index("wg")
-    (q_smem, do_smem, k_smem, v_smem), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scoped
+    (q_smem, do_smem, k_smem, v_smem, *o_smem), (q_bar, do_bar, k_bar, v_bar, *o_bar), \
+        (k_free, v_free) = rest[-1]
     n = counts_ref[b, qi]
 
     @pl.when(wg < 2)
@@ -195,10 +208,21 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
       ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
       lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(row0, bq)], row_layout)
-      delta_row = _load_vec(plgpu, delta_ref.at[b, h, pl.ds(row0, bq)], row_layout)
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+      if own_delta:
+        o_tile, delta_smem = o_smem[0].at[wg], o_smem[1].at[wg]
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, pl.ds(row0, bq), h], o_tile, o_bar[0].at[wg])
+      else:
+        delta_row = _load_vec(plgpu, delta_ref.at[b, h, pl.ds(row0, bq)], row_layout)
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(do_bar.at[wg])
+      if own_delta:
+        plgpu.barrier_wait(o_bar[0].at[wg])
+        f32 = lambda ref: _load_vec(plgpu, ref, wgmma_layout, True).astype(jnp.float32)
+        delta_row = jnp.sum(f32(o_tile) * f32(do_tile), axis=1)
+        delta_smem[...] = delta_row
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(delta_smem, rest[0].at[b, h, pl.ds(row0, bq)])
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
@@ -298,21 +322,27 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
     ]
+    bars = [plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)]
+    if own_delta:
+      smem += [plgpu.SMEM((2, bq, d), dtype, transforms=tr), plgpu.SMEM((2, bq), jnp.float32)]
+      bars += [plgpu.Barrier(num_barriers=2)]
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
-        (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+        tuple(bars),
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
         collective_axes="wg",
     )
 
+  dq_type = jax.ShapeDtypeStruct(q.shape, dtype)
   return plgpu.kernel(
       entry,
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      out_type=[dq_type, jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)]
+      if own_delta else dq_type,
       grid=(hq, nq, batch),
       grid_names=("heads", "q", "batch"),
       num_threads=3,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(blocks, counts, states, ks, ke, q, k, v, do, lse, delta)
+  )(blocks, counts, states, ks, ke, q, k, v, do, lse, o if own_delta else delta)

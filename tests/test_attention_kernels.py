@@ -329,12 +329,10 @@ MOSAIC_CASES = [
     (128, 4, 1, 512, (64, 64, 2, 4, False, True)),  # MQA, narrow key tiles, grid order, heads outer
     (64, 2, 2, 320, (64, 64, 4, 2)),          # padded to 384
     (128, 2, 2, 384, (64, 128, 2, 1, True, False, False, False)),  # no empty-tile skipping
-    (128, 2, 2, 384, (64, 128, 2, 1, True, False, False, True, True)),  # QK^T/PV overlap
-    (64, 4, 2, 384, (64, 128, 2, 1, True, False, False, True, True)),  # QK^T/PV overlap, GQA
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-3:])
+@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-1:])
 def test_mosaic_forward_lowers_for_cuda(d, hq, hkv, seq, mcfg):
   """The Mosaic GPU forward traces and lowers to a Mosaic GPU module anywhere."""
   from tfjax.ops.kernels import gpu_mosaic

@@ -77,11 +77,6 @@ class MosaicFwdConfig:
   # CTA's 2 * block_q rows do) skips its matrix products and softmax for that
   # tile and only keeps the barrier protocol.
   skip_empty: bool = True
-  # FlashAttention-3's in-warpgroup overlap instead of the two consumers'
-  # turn-taking: each consumer issues tile t+1's QK^T and tile t's PV together
-  # and runs t+1's softmax while PV is still on the tensor cores (one head per
-  # CTA; no empty-tile skipping).
-  pipeline: bool = False
 
   @property
   def multiple(self) -> int:
@@ -207,8 +202,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   if not supported(dtype, d):
     raise ValueError(f"Mosaic GPU forward takes bf16/f16 and head dim 64/128, got {dtype}/{d}")
   nq, nk = seq // cta_q, kv_len // bk
-  if cfg.pipeline and nh > 1:
-    raise ValueError("MosaicFwdConfig.pipeline takes one head per CTA (heads=1)")
   order, blocks, counts, states = fwd_schedule(ks, ke, cfg, kv_len) if sched is None else sched
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
@@ -247,62 +240,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       def _():
         plgpu.barrier_wait(k_bar.at[0])
 
-      if not cfg.pipeline:
-        pl.when(wg == 1)(sched)
-
-      def softmax_step(s, kb, state, m, l):
-        """Mask (unless the tile is full), running max and sum: (m, l,
-        alpha, p in the input dtype) for unscaled logits s [bq, bk]."""
-        def masked():
-          kpos = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-          ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
-              kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
-          return jnp.where(ok, s, -jnp.inf)
-
-        s = lax.cond(state == FULL, lambda: s, masked)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2((m - m_new) * qk_scale)
-        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new * qk_scale, s.shape, [0]))
-        return m_new, l * alpha + p.sum(axis=1), alpha, p.astype(dtype)
-
-      def pipelined(qo_smem, m0, l0):
-        """The walk with QK^T of tile t+1 and PV of tile t in flight together
-        (n > 0; one head per CTA, so list entry t is ring item t)."""
-        def tiles(acc_ref, s_ref):
-          plgpu.wgmma(s_ref, qo_smem, _transposed(plgpu, k_smem.at[0]))
-          s = plgpu.wgmma_accumulator_load(s_ref)
-          plgpu.barrier_arrive(k_free.at[0])
-          m, l, _, p16 = softmax_step(s, blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0], m0, l0)
-
-          def body(t, carry):
-            m, l, p16 = carry
-            slot = lax.rem(t, jnp.int32(stages))
-            nxt = lax.rem(t + 1, jnp.int32(stages))
-            kb1 = blocks_ref[b, qi, t + 1]
-            st1 = states_ref[b, qi, wg, t + 1]
-            plgpu.barrier_wait(k_bar.at[nxt])
-            s_ref[...] = plgpu.layout_cast(jnp.full((bq, bk), 0.0, jnp.float32), wgmma_layout)
-            plgpu.wgmma(s_ref, qo_smem, _transposed(plgpu, k_smem.at[nxt]))
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # PV may still run
-            plgpu.barrier_arrive(k_free.at[nxt])
-            m, l, alpha, p16 = softmax_step(s, kb1, st1, m, l)
-            acc = plgpu.wgmma_accumulator_load(acc_ref)
-            plgpu.barrier_arrive(v_free.at[slot])
-            acc_ref[...] = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            return m, l, p16
-
-          m, l, p16 = lax.fori_loop(0, n - 1, body, (m, l, p16))
-          last = lax.rem(n - 1, jnp.int32(stages))
-          plgpu.barrier_wait(v_bar.at[last])
-          plgpu.wgmma(acc_ref, p16, v_smem.at[last])
-          acc = plgpu.wgmma_accumulator_load(acc_ref)
-          plgpu.barrier_arrive(v_free.at[last])
-          return acc, m, l
-
-        return pl.run_scoped(tiles, plgpu.ACC((bq, d), jnp.float32),
-                             plgpu.ACC((bq, bk), jnp.float32))
+      pl.when(wg == 1)(sched)
 
       def head_body(hh, _):
         buf = lax.rem(hh, jnp.int32(nbuf))
@@ -387,12 +325,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         m0 = plgpu.layout_cast(jnp.full((bq,), -BIG, jnp.float32), row_layout)
         l0 = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
         acc0 = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), wgmma_layout)
-        if cfg.pipeline:
-          acc, m, l = lax.cond(n > 0, lambda: pipelined(qo_smem, m0, l0),
-                               lambda: (acc0, m0, l0))
-        else:
-          acc, m, l, _, _ = lax.fori_loop(
-              0, n, body, (acc0, m0, l0, blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0]))
+        acc, m, l, _, _ = lax.fori_loop(
+            0, n, body, (acc0, m0, l0, blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0]))
         live = l > 0.0
         l_safe = jnp.where(live, l, 1.0)
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -406,8 +340,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         return 0
 
       lax.fori_loop(0, nh, head_body, 0)
-      if not cfg.pipeline:
-        pl.when(wg == 0)(sched)
+      pl.when(wg == 0)(sched)
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)

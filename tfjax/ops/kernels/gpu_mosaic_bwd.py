@@ -260,13 +260,9 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
           plgpu.wgmma(refs[-1], _transposed(plgpu, ds_for_dq), k_cols)
 
         def tile():
-          def s_dp(refs):
-            s_ref, dp_ref = refs
-            plgpu.wgmma(s_ref, k_own, _transposed(plgpu, q_smem.at[slot]))
-            plgpu.wgmma(dp_ref, v_own, _transposed(plgpu, do_smem.at[slot]))
-
-          s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
-                                          plgpu.ACC.init(zeros((bk, bq)))))
+          s_t, dp_t = _products_in_one_group(
+              plgpu, pl, [(k_own, _transposed(plgpu, q_smem.at[slot])),
+                          (v_own, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
           plgpu.barrier_wait(vec_bar.at[slot])
 
           p_t = _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
@@ -355,6 +351,17 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   )(order, blocks, counts, states, q, k, v, do, lse, delta, ks, ke, dq_acc)
   dq = (dq_acc[...] * scale).astype(dtype)
   return dq, dk, dv
+
+
+def _products_in_one_group(plgpu, pl, pairs, shape):
+  """(a @ b for each (a, b) in pairs): float32 [shape] products issued as one
+  wgmma group into fresh accumulators (S and dP of a tile, transposed or not)."""
+  def issue(refs):
+    for acc_ref, (a, b) in zip(refs, pairs):
+      plgpu.wgmma(acc_ref, a, b)
+
+  zeros = lambda: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+  return pl.run_state(issue)(tuple(plgpu.ACC.init(zeros()) for _ in pairs))
 
 
 def _query_tile_smem(plgpu, stages, bq, d, dtype, tr):

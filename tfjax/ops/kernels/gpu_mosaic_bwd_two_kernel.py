@@ -20,7 +20,8 @@ from jax import lax
 from tfjax.ops.kernels.block_map import EMPTY, FULL
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _smem_transforms, _transposed)
-from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t, _query_tile_smem,
+from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
+                                              _products_in_one_group, _query_tile_smem,
                                               _store_key_grads, _stream_query_tiles)
 
 
@@ -73,12 +74,9 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
           if cfg.sdp_group:  # S^T and dP^T in one wgmma group
             plgpu.barrier_wait(do_bar.at[slot])
 
-            def s_dp(refs):
-              plgpu.wgmma(refs[0], k_tile, _transposed(plgpu, q_smem.at[slot]))
-              plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
-
-            s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bk, bq))),
-                                            plgpu.ACC.init(zeros((bk, bq)))))
+            s_t, dp_t = _products_in_one_group(
+                plgpu, pl, [(k_tile, _transposed(plgpu, q_smem.at[slot])),
+                            (v_tile, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
           else:
             def st_fn(acc_ref):
               plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
@@ -251,12 +249,9 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
           if cfg.sdp_group:  # S and dP in one wgmma group
             plgpu.barrier_wait(v_bar.at[slot])
 
-            def s_dp(refs):
-              plgpu.wgmma(refs[0], q_tile, _transposed(plgpu, k_smem.at[slot]))
-              plgpu.wgmma(refs[1], do_tile, _transposed(plgpu, v_smem.at[slot]))
-
-            s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros((bq, bk))),
-                                        plgpu.ACC.init(zeros((bq, bk)))))
+            s, dp = _products_in_one_group(
+                plgpu, pl, [(q_tile, _transposed(plgpu, k_smem.at[slot])),
+                            (do_tile, _transposed(plgpu, v_smem.at[slot]))], (bq, bk))
             plgpu.barrier_arrive(v_free.at[slot])
           else:
             s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))

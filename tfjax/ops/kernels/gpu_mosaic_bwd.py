@@ -298,12 +298,19 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
         else:
           dv, dk, dq_part = tile()
         plgpu.barrier_arrive(free.at[slot])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's dQ add has read dq_smem
-        dq_smem.at[wg][...] = dq_part
-        plgpu.commit_smem()
-        cols = pl.ds(0, d) if own else pl.ds(wg * half, half)
-        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, h, cols],
-                                reduction_op="add")
+
+        def add_dq():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's add has read dq_smem
+          dq_smem.at[wg][...] = dq_part
+          plgpu.commit_smem()
+          cols = pl.ds(0, d) if own else pl.ds(wg * half, half)
+          plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, h, cols],
+                                  reduction_op="add")
+
+        if own and cfg.skip_empty:  # over our own keys an empty tile adds nothing
+          pl.when(state != EMPTY)(add_dq)
+        else:
+          add_dq()
         return dk, dv, state_next
 
       dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),

@@ -135,6 +135,15 @@ def warpgroup_tile_states(ks, ke, blocks, block_q, block_k, *, by_keys=False, kv
   return jnp.take_along_axis(st, blocks[:, :, None, :], axis=3)
 
 
+def _masked_rows(plgpu, s, k0, ks_row, ke_row):
+  """Logits s [rows, keys k0..] with -inf where a key lies outside its row's
+  [k_start, k_end) (row vectors in the WGMMA row layout): two comparisons."""
+  kpos = k0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+  ok = (kpos >= lax.broadcast_in_dim(ks_row, s.shape, [0])) & (
+      kpos < lax.broadcast_in_dim(ke_row, s.shape, [0]))
+  return jnp.where(ok, s, -jnp.inf)
+
+
 def _fill_ring(pl, n, stages, issue, refill):
   """A producer warpgroup's ring of `stages` shared-memory slots: items 0 ..
   stages-1 (of n) by issue(t, slot) at once, then item t + stages into slot
@@ -278,13 +287,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
 
-            def masked():
-              kpos = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-              ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
-                  kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
-              return jnp.where(ok, s, -jnp.inf)
-
-            s = lax.cond(state == FULL, lambda: s, masked)
+            s = lax.cond(state == FULL, lambda: s,
+                         lambda: _masked_rows(plgpu, s, kb * bk, ks_row, ke_row))
             # m is the running max of the unscaled logits: the scale goes into
             # exp2's argument, one fused multiply-add per element.
             m_new = jnp.maximum(m, s.max(axis=1))

@@ -19,7 +19,7 @@ from jax import lax
 
 from tfjax.ops.kernels.block_map import EMPTY, FULL
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _smem_transforms, _transposed)
+                                          _masked_rows, _smem_transforms, _transposed)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
                                               _store_key_grads, _stream_query_tiles)
@@ -187,8 +187,8 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   own_delta = o is not None
 
   def kernel(blocks_ref, counts_ref, states_ref, ks_ref, ke_ref, q_ref, k_ref,
-             v_ref, do_ref, lse_ref, delta_ref, dq_ref, *rest):
-    # delta_ref holds o when own_delta; then rest = (delta out, scoped).
+             v_ref, do_ref, lse_ref, delta_or_o_ref, dq_ref, *rest):
+    # rest: (scoped,), or (delta out, scoped) when own_delta.
     h = lax.axis_index("heads")
     qi = lax.axis_index("q")
     b = lax.axis_index("batch")
@@ -209,9 +209,10 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
       if own_delta:
         o_tile, delta_smem = o_smem[0].at[wg], o_smem[1].at[wg]
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, pl.ds(row0, bq), h], o_tile, o_bar[0].at[wg])
+        plgpu.copy_gmem_to_smem(delta_or_o_ref.at[b, pl.ds(row0, bq), h], o_tile,
+                                o_bar[0].at[wg])
       else:
-        delta_row = _load_vec(plgpu, delta_ref.at[b, h, pl.ds(row0, bq)], row_layout)
+        delta_row = _load_vec(plgpu, delta_or_o_ref.at[b, h, pl.ds(row0, bq)], row_layout)
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(do_bar.at[wg])
       if own_delta:
@@ -231,12 +232,6 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
         state_next = states_ref[b, qi, wg, t_next]
         plgpu.barrier_wait(k_bar.at[slot])
 
-        def masked(s):
-          kpos = kb * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-          ok = (kpos >= lax.broadcast_in_dim(ks_row, (bq, bk), [0])) & (
-              kpos < lax.broadcast_in_dim(ke_row, (bq, bk), [0]))
-          return jnp.where(ok, s, -jnp.inf)
-
         def s_fn(acc_ref):
           plgpu.wgmma(acc_ref, q_tile, _transposed(plgpu, k_smem.at[slot]))
           return acc_ref[...]
@@ -255,7 +250,8 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
             plgpu.barrier_arrive(v_free.at[slot])
           else:
             s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
-          s = lax.cond(state == FULL, lambda: s, lambda: masked(s))
+          s = lax.cond(state == FULL, lambda: s,
+                       lambda: _masked_rows(plgpu, s, kb * bk, ks_row, ke_row))
           # Unscaled logits: the scale rides in exp2's argument (one FMA).
           p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
           if not cfg.sdp_group:

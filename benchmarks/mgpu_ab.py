@@ -32,6 +32,7 @@ from attention import rel_err, time_jax  # noqa: E402
 from tfjax.ops.kernels import gpu  # noqa: E402
 from tfjax.ops.kernels.gpu_mosaic import MosaicFwdConfig  # noqa: E402
 from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig  # noqa: E402
+from tfjax.ops.mask import key_ranges  # noqa: E402
 
 
 def _fields(spec: str, default: tuple, cls) -> tuple:
@@ -56,7 +57,7 @@ def main():
     doc, img = layout.make_layout(bsz, seq)
     nnz = int(layout.counts(doc, img)["transfusion"].sum())
     flops = 4.0 * heads * d * nnz
-    ks, ke = gpu_key_ranges(doc, img)
+    ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
     q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
     scale = d ** -0.5
     base = gpu.GpuConfig.for_head_dim(d)
@@ -103,11 +104,6 @@ def main():
   for key, (tf, tb) in result.items():
     print(f"{key} | {tf:.3f} | {tb:.3f}")
   print(json.dumps(result))
-
-
-def gpu_key_ranges(doc, img):
-  from tfjax.ops.mask import key_ranges
-  return key_ranges(jnp.asarray(doc), jnp.asarray(img))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ each kernel's work lists and launch order) depends on segment_ids and
 image_ids only. `plan(...)` builds it once per batch as an `AttentionPlan`
 (a pytree), and `attention(..., plan=plan)` uses it instead of rebuilding it;
 the Transformer builds one per step for all its layers. Without a plan each
-call builds its own (on the H100, 4-9% of an f+b call at the benchmark's
+call builds its own (on the H100, 4-12% of an f+b call at the benchmark's
 shapes: benchmarks/RESULTS.md).
 
 Sharding: a Pallas call is opaque to XLA's partitioner, which would gather a

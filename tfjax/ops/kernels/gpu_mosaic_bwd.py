@@ -125,7 +125,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
   wl = block_map(ks, ke, bq, 2 * bk).kv_blocks          # [batch, key chunks, nq]
   # (Longest-first launch order for the two-kernel path measured neutral on
-  # an H200, NOTES_attention.md run M11: grid order there.)
+  # an H200, NOTES_attention.md run M12: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts,
                     warpgroup_tile_states(ks, ke, wl.blocks, bq, bk, by_keys=True),
                     _longest_first(wl.counts) if cfg.fuse_dq else None)

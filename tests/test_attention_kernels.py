@@ -63,6 +63,41 @@ def test_work_lists_are_the_nonempty_tiles():
         assert np.all(full[b, i, n:] == 0)
 
 
+@pytest.mark.parametrize("consumers", [2, 3])
+def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
+  """The Mosaic kernels' schedules (CTAs of `consumers` warpgroups, 64 rows or
+  keys each; with 3 the last CTA reaches past 512): every CTA lists exactly
+  the key (query) blocks its warpgroups meet, and each warpgroup's state per
+  entry is the dense mask's state of its own tile; beyond the sequence, empty."""
+  from tfjax.ops.kernels import gpu_mosaic, gpu_mosaic_bwd
+  rng = np.random.default_rng(11)
+  seg, img = random_layout(rng, 2, 512)
+  seg, img = jnp.asarray(seg), jnp.asarray(img)
+  ks, ke = key_ranges(seg, img)
+  cta = consumers * 64
+  padded = -(-512 // cta) * cta
+  mask = np.zeros((2, padded, padded), bool)
+  mask[:, :512, :512] = np.asarray(transfusion_mask(seg, img))
+  fwd = gpu_mosaic.fwd_schedule(
+      ks, ke, gpu_mosaic.MosaicFwdConfig(64, 64, consumers=consumers))
+  bwd = gpu_mosaic_bwd.bwd_schedule(ks, ke, gpu_mosaic_bwd.MosaicBwdConfig(
+      fuse_dq=0, consumers_dkv=consumers, consumers_dq=consumers))
+  by_rows = np.asarray(bmap.dense_tile_states(jnp.asarray(mask[:, :, :512]), 64, 64))
+  by_keys = np.asarray(bmap.dense_tile_states(jnp.asarray(mask[:, :512]), 64, 64))
+  by_keys = by_keys.transpose(0, 2, 1)
+  for (blocks, counts, states), dense in (
+      (fwd[1:], by_rows), (bwd.dq, by_rows), (bwd.dkv[:3], by_keys)):
+    blocks, counts, states = map(np.asarray, (blocks, counts, states))
+    assert blocks.shape[1] == padded // cta and states.shape[2] == consumers
+    for b in range(2):
+      for c in range(blocks.shape[1]):
+        own = dense[b, c * consumers:(c + 1) * consumers]   # [consumers, other side]
+        n = counts[b, c]
+        np.testing.assert_array_equal(blocks[b, c, :n], np.nonzero(own.any(axis=0))[0])
+        np.testing.assert_array_equal(states[b, c, :, :n], own[:, blocks[b, c, :n]])
+  assert np.all(by_rows[:, 512 // 64:] == bmap.EMPTY)
+
+
 def _inputs(rng, batch, seq, hq, hkv, d, dtype):
   draw = lambda h: jnp.asarray(rng.standard_normal((batch, seq, h, d)), dtype)
   return draw(hq), draw(hkv), draw(hkv), draw(hq)
@@ -329,10 +364,13 @@ MOSAIC_CASES = [
     (128, 4, 1, 512, (64, 64, 2, 4, False, True)),  # MQA, narrow key tiles, grid order, heads outer
     (64, 2, 2, 320, (64, 64, 4, 2)),          # padded to 384
     (128, 2, 2, 384, (64, 128, 2, 1, True, False, False, False)),  # no empty-tile skipping
+    # three consumers: 192-row CTAs, the last one reaching past 512
+    (64, 4, 2, 512, (64, 128, 2, 1, True, False, False, True, 3)),
+    (128, 2, 2, 384, (64, 64, 2, 2, True, False, False, True, 3)),  # 3 consumers, 2 heads
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-1:])
+@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-3:])
 def test_mosaic_forward_lowers_for_cuda(d, hq, hkv, seq, mcfg):
   """The Mosaic GPU forward traces and lowers to a Mosaic GPU module anywhere."""
   from tfjax.ops.kernels import gpu_mosaic
@@ -396,11 +434,15 @@ MOSAIC_BWD_CASES = [
     (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 1, 240, 1, 0, 1)),  # fused, dQ over own keys, GQA
     (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 1, 240, 1, 0, 0, 0)),  # fused, no empty-tile skipping
     (128, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 0, 1)),  # two kernels, no skip, delta in dq
+    # two kernels with three consumers each: the last 192-key and 192-row CTAs
+    # reach past 512 (GQA, delta in dq); dq alone at head dim 128
+    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3)),
+    (128, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 3)),
 ]
 
 
 @pytest.mark.parametrize("d,hq,hkv,seq,bcfg",
-                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8)])
+                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
@@ -462,19 +504,29 @@ def test_mosaic_backward_matches_reference(d, hq, hkv, seq, bcfg):
 
 
 def test_mosaic_backward_config_choice(monkeypatch):
-  """Fused backward at head dim 64, two kernels at 128 (the H100 measurements),
-  TFJAX_MOSAIC_BWD overrides it, and the sequence multiple follows the kernels
-  that run."""
-  from tfjax.ops.kernels import gpu_mosaic_bwd
+  """Two kernels at both head dims, three consumer warpgroups at 64 (the H100
+  measurements), TFJAX_MOSAIC_BWD overrides it, and the sequence multiple
+  follows the kernels that run."""
+  from tfjax.ops.kernels import gpu, gpu_mosaic, gpu_mosaic_bwd
   monkeypatch.delenv("TFJAX_MOSAIC_BWD", raising=False)
   c64 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64))
   c128 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(128))
-  assert c64.fuse_dq == 1 and c64.consumer_regs == 240
-  assert c128.fuse_dq == 0 and c128.sdp_group == 1 and c128.dq_delta == 1
+  assert c64.fuse_dq == c128.fuse_dq == 0 and c64.dq_delta == c128.dq_delta == 1
+  assert (c64.consumers_dkv, c64.consumers_dq) == (3, 3)
+  assert (c128.consumers_dkv, c128.consumers_dq) == (2, 2) and c128.sdp_group == 1
   assert c64.skip_empty == c128.skip_empty == 1
+  assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(64)).consumers == 3
+  assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128)).consumers == 2
   # The fused kernel has no dq tiles: (64 rows, 2 x 64 keys) alone set the multiple.
   assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 64, 128, 2, 1).multiple == 128
   assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 128, 64, 2, 0).multiple == 256
+  # Three consumers pad their last CTA themselves: the tiles alone set it.
+  assert c64.multiple == 64 and gpu_mosaic.MosaicFwdConfig(64, 128, consumers=3).multiple == 128
+  with pytest.raises(ValueError, match="two-kernel"):
+    gpu_mosaic_bwd.bwd_schedule(jnp.zeros((1, 128), jnp.int32), jnp.zeros((1, 128), jnp.int32),
+                                gpu_mosaic_bwd.MosaicBwdConfig(consumers_dq=3))
+  with pytest.raises(ValueError, match="2 or 3"):
+    gpu_mosaic.MosaicFwdConfig(consumers=4).registers
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "64,64,2,64,64,2,0")
   assert gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64)).fuse_dq == 0
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "0")

@@ -348,7 +348,8 @@ class GpuConfig:
     """The sequence length must be a multiple of this."""
     blocks = [b for c in (self.fwd, self.dkv, self.dq) for b in c[:2]]
     if self.mosaic_fwd:
-      blocks += [2 * self.mosaic_fwd[0], self.mosaic_fwd[1]]
+      from tfjax.ops.kernels import gpu_mosaic
+      blocks.append(gpu_mosaic.MosaicFwdConfig(*self.mosaic_fwd).multiple)
     if self.mosaic_bwd:
       from tfjax.ops.kernels import gpu_mosaic_bwd
       blocks.append(gpu_mosaic_bwd.MosaicBwdConfig(*self.mosaic_bwd).multiple)
@@ -359,6 +360,11 @@ class GpuConfig:
     """Mosaic GPU forward tiles: the best of the H100 runs (NOTES_attention.md)."""
     # H100, run 2 of the Mosaic forward: one head per CTA is best at every
     # shape but 8192/128 (where 2 heads tie); 64-key tiles and deeper rings lose.
+    # Run M20: at head dim 64 three consumer warpgroups (192-row CTAs) beat two
+    # (0.167 vs 0.195 ms at 8192, 0.105 vs 0.119 at 4096); at 128 (64-key
+    # tiles, for the registers) they do not.
+    if head_dim <= 64:
+      return (64, 128, 2, 1, True, False, False, True, 3)
     return (64, 128, 2, 1)
 
   @staticmethod
@@ -372,10 +378,13 @@ class GpuConfig:
     is slower than the two kernels (8192: 1.21 vs 0.88-0.91 ms), which stay the
     default there, with S and dP in one wgmma group and delta computed inside
     the dq kernel (0.882 vs 0.912 ms at 8192/128, 0.548 vs 0.561 at 4096/128).
-    Empty-tile skipping per warpgroup (skip_empty) is on in both.
+    Empty-tile skipping per warpgroup (skip_empty) is on in both. Run M20: at
+    head dim 64 the two kernels with three consumer warpgroups each (and delta
+    in dq) overtake the fused kernel (f+b 0.574 vs 0.635 ms at 8192, 0.370 vs
+    0.381 at 4096, both with the three-consumer forward).
     """
     if head_dim <= 64:
-      return (64, 64, 2, 64, 64, 2, 1, 240)
+      return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3)
     return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1)
 
 

@@ -3,21 +3,22 @@
 This file: the forward (`forward`) and the helpers both directions share;
 the backward is in gpu_mosaic_bwd.py (fused) and gpu_mosaic_bwd_two_kernel.py.
 
-Forward: one CTA per (q head, 2 * block_q query rows, batch row), three
-warpgroups:
+Forward: one CTA per (q head, C * block_q query rows, batch row), C + 1
+warpgroups (C = `MosaicFwdConfig.consumers`, 2 or 3):
 
-  warpgroups 0, 1  consumers: each owns block_q query rows (its Q tile in
-                   shared memory), runs QK^T and PV on the tensor cores
-                   (wgmma; the accumulators in registers, P from registers)
-                   and the online softmax between them. A schedule barrier
-                   lets one warpgroup's softmax overlap the other's matrix
-                   products.
-  warpgroup 2      producer: walks the CTA's compacted work list (its
-                   non-empty key blocks, `block_map.q_blocks` at
-                   (2 * block_q, block_k) tiles) and streams those K and V
-                   tiles into a ring of `num_stages` shared-memory slots with
-                   the bulk tensor copy engine (TMA), waiting for the
-                   consumers to release each slot.
+  warpgroups 0..C-1  consumers: each owns block_q query rows (its Q tile in
+                     shared memory), runs QK^T and PV on the tensor cores
+                     (wgmma; the accumulators in registers, P from registers)
+                     and the online softmax between them. With two, a
+                     schedule barrier lets one warpgroup's softmax overlap the
+                     other's matrix products; three (head dim 64) run free,
+                     and the third hides latency instead.
+  warpgroup C        producer: walks the CTA's compacted work list (its
+                     non-empty key blocks, `block_map.q_blocks` at
+                     (C * block_q, block_k) tiles) and streams those K and V
+                     tiles into a ring of `num_stages` shared-memory slots with
+                     the bulk tensor copy engine (TMA), waiting for the
+                     consumers to release each slot.
 
 Empty tiles are never visited. Per listed tile each consumer reads its own
 rows' tile state (`warpgroup_tile_states`): empty for its rows (the other
@@ -77,10 +78,48 @@ class MosaicFwdConfig:
   # CTA's 2 * block_q rows do) skips its matrix products and softmax for that
   # tile and only keeps the barrier protocol.
   skip_empty: bool = True
+  # Consumer warpgroups per CTA (2 or 3; the CTA covers consumers * block_q
+  # rows). Two alternate through a schedule barrier (one's softmax under the
+  # other's matrix products); three run free, and the kernel pads the query
+  # side to whole CTAs itself (the last CTA's surplus warpgroups idle).
+  consumers: int = 2
 
   @property
   def multiple(self) -> int:
-    return math.lcm(2 * self.block_q, self.block_k)
+    rows = 2 * self.block_q if self.consumers == 2 else self.block_q
+    return math.lcm(rows, self.block_k)
+
+  @property
+  def cta_q(self) -> int:
+    return self.consumers * self.block_q
+
+  @property
+  def registers(self) -> tuple[int, int]:
+    return warpgroup_registers(self.consumers)
+
+
+def warpgroup_registers(consumers: int) -> tuple[int, int]:
+  """(consumer, producer) registers per thread: the SM's 64K over one CTA of
+  `consumers` + 1 warpgroups of 128 threads."""
+  if consumers not in (2, 3):
+    raise ValueError(f"consumer warpgroups per CTA must be 2 or 3, got {consumers}")
+  return (232, 40) if consumers == 2 else (160, 24)
+
+
+def _pad_rows(ks, ke, cta):
+  """Key intervals padded with empty rows to whole CTAs of `cta` rows."""
+  pad = -ks.shape[1] % cta
+  if not pad:
+    return ks, ke
+  return (jnp.pad(ks, ((0, 0), (0, pad))), jnp.pad(ke, ((0, 0), (0, pad))))
+
+
+def _when_inside(pl, start, length: int, ragged: bool):
+  """Decorator: run the body when a warpgroup's first row (or key) `start`
+  lies inside the sequence; unconditionally when no CTA reaches past it."""
+  if not ragged:
+    return lambda body: body()
+  return pl.when(start < length)
 
 
 def _compiler_params(plgpu, lean: bool):
@@ -119,19 +158,20 @@ def _longest_first(counts):
   return jnp.argsort(-counts.reshape(-1), stable=True).astype(jnp.int32)
 
 
-def warpgroup_tile_states(ks, ke, blocks, block_q, block_k, *, by_keys=False, kv_len=None):
-  """int32[batch, n_cta, 2, list]: EMPTY/PARTIAL/FULL of each consumer
+def warpgroup_tile_states(ks, ke, blocks, block_q, block_k, *, by_keys=False, kv_len=None,
+                          per_cta=2):
+  """int32[batch, n_cta, per_cta, list]: EMPTY/PARTIAL/FULL of each consumer
   warpgroup's own tile at every entry of a CTA's work list.
 
-  The CTA covers two (block_q, block_k) tiles per entry: two query blocks
-  (`blocks`: a q_blocks list of key blocks) or, `by_keys`, two key blocks
+  The CTA covers per_cta (block_q, block_k) tiles per entry: query blocks
+  (`blocks`: a q_blocks list of key blocks) or, `by_keys`, key blocks
   (`blocks`: a kv_blocks list of query blocks); warpgroup w owns the w-th.
   """
   st = tile_states(ks, ke, block_q, block_k, kv_len)   # [batch, nq, nk]
   if by_keys:
     st = jnp.swapaxes(st, 1, 2)
   batch, n = st.shape[:2]
-  st = st.reshape(batch, n // 2, 2, st.shape[-1])
+  st = st.reshape(batch, n // per_cta, per_cta, st.shape[-1])
   return jnp.take_along_axis(st, blocks[:, :, None, :], axis=3)
 
 
@@ -179,13 +219,14 @@ class FwdSchedule(NamedTuple):
 
 def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> FwdSchedule:
   """The forward's work lists for int32[batch, seq] key intervals [ks, ke)."""
-  batch, seq = ks.shape
-  kv_len = seq if kv_len is None else kv_len
-  cta_q = 2 * cfg.block_q
-  wl = block_map(ks, ke, cta_q, cfg.block_k, kv_len).q_blocks
+  kv_len = ks.shape[1] if kv_len is None else kv_len
+  ks, ke = _pad_rows(ks, ke, cfg.cta_q)
+  batch, rows = ks.shape
+  wl = block_map(ks, ke, cfg.cta_q, cfg.block_k, kv_len).q_blocks
   order = (_longest_first(wl.counts) if cfg.lpt
-           else jnp.arange(batch * (seq // cta_q), dtype=jnp.int32))
-  states = warpgroup_tile_states(ks, ke, wl.blocks, cfg.block_q, cfg.block_k, kv_len=kv_len)
+           else jnp.arange(batch * (rows // cfg.cta_q), dtype=jnp.int32))
+  states = warpgroup_tile_states(ks, ke, wl.blocks, cfg.block_q, cfg.block_k, kv_len=kv_len,
+                                 per_cta=cfg.consumers)
   return FwdSchedule(order, wl.blocks, wl.counts, states)
 
 
@@ -205,13 +246,16 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   bq, bk, stages = cfg.block_q, cfg.block_k, cfg.num_stages
   nh = math.gcd(cfg.heads, hq)
   nbuf = 2 if nh > 1 else 1
-  cta_q = 2 * bq
-  if seq % cta_q or kv_len % bk:
-    raise ValueError(f"lengths ({seq}, {kv_len}) must be multiples of ({cta_q}, {bk})")
+  n_cons, cta_q = cfg.consumers, cfg.cta_q
+  if seq % cfg.multiple or kv_len % bk:
+    raise ValueError(f"lengths ({seq}, {kv_len}) must be multiples of ({cfg.multiple}, {bk})")
   if not supported(dtype, d):
     raise ValueError(f"Mosaic GPU forward takes bf16/f16 and head dim 64/128, got {dtype}/{d}")
-  nq, nk = seq // cta_q, kv_len // bk
+  nq, nk = -(-seq // cta_q), kv_len // bk
   order, blocks, counts, states = fwd_schedule(ks, ke, cfg, kv_len) if sched is None else sched
+  ks, ke = _pad_rows(ks, ke, cta_q)
+  pingpong = n_cons == 2
+  regs_consumer, regs_producer = cfg.registers
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -229,17 +273,24 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
     total = n * nh  # K/V tiles the CTA streams, over its heads
 
     def sched():
-      plgpu.barrier_arrive(sched_bar)
-      plgpu.barrier_wait(sched_bar)
+      if pingpong:
+        plgpu.barrier_arrive(sched_bar)
+        plgpu.barrier_wait(sched_bar)
 
-    @pl.when(wg < 2)
+    @pl.when(wg < n_cons)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(regs_consumer, action="increase")
       row0 = qi * cta_q + wg * bq
+      # With three consumers the last CTA may reach past the sequence: its
+      # surplus warpgroups' tiles are all empty (padded intervals), so they
+      # only keep the barrier steps; they load and store nothing.
+      in_seq = _when_inside(pl, row0, seq, seq % cta_q != 0)
 
       def load_q(hh, buf):
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), hg * nh + hh],
-                                q_smem.at[wg, buf], q_bar.at[wg * nbuf + buf])
+        @in_seq
+        def _():
+          plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), hg * nh + hh],
+                                  q_smem.at[wg, buf], q_bar.at[wg * nbuf + buf])
 
       load_q(0, 0)
       ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
@@ -249,7 +300,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       def _():
         plgpu.barrier_wait(k_bar.at[0])
 
-      pl.when(wg == 1)(sched)
+      if pingpong:
+        pl.when(wg == 1)(sched)
 
       def head_body(hh, _):
         buf = lax.rem(hh, jnp.int32(nbuf))
@@ -261,7 +313,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             # must have been read out before the next Q tile lands there.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             load_q(hh + 1, 1 - buf)
-        plgpu.barrier_wait(q_bar.at[wg * nbuf + buf])
+        in_seq(lambda: plgpu.barrier_wait(q_bar.at[wg * nbuf + buf]))
 
         def body(t, carry):
           acc, m, l, kb, state = carry
@@ -298,9 +350,11 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             l_new = l * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             acc_new, l_new, m_new, p16 = lax.optimization_barrier((acc_new, l_new, m_new, p16))
-            plgpu.barrier_arrive(sched_bar)
+            if pingpong:
+              plgpu.barrier_arrive(sched_bar)
             plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_wait(sched_bar)
+            if pingpong:
+              plgpu.barrier_wait(sched_bar)
 
             def pv(acc_ref):
               plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -313,9 +367,11 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             # warpgroup tracks each barrier's phase itself), without the work.
             sched()
             plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_arrive(sched_bar)
+            if pingpong:
+              plgpu.barrier_arrive(sched_bar)
             plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_wait(sched_bar)
+            if pingpong:
+              plgpu.barrier_wait(sched_bar)
             wait_next_k()
             return acc, m, l
 
@@ -335,21 +391,25 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         l_safe = jnp.where(live, l, 1.0)
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
         h = hg * nh + hh
-        qo_smem[...] = acc.astype(dtype)
-        lse_smem[wg, buf] = jnp.where(
-            live, m * qk_scale + jnp.log(l_safe) * (1.0 / math.log(2.0)), BIG)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), h])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, h, pl.ds(row0, bq)])
+
+        @in_seq
+        def _store():
+          qo_smem[...] = acc.astype(dtype)
+          lse_smem[wg, buf] = jnp.where(
+              live, m * qk_scale + jnp.log(l_safe) * (1.0 / math.log(2.0)), BIG)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), h])
+          plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, h, pl.ds(row0, bq)])
         return 0
 
       lax.fori_loop(0, nh, head_body, 0)
-      pl.when(wg == 0)(sched)
+      if pingpong:
+        pl.when(wg == 0)(sched)
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == n_cons)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(regs_producer, action="decrease")
 
       def rows_and_head(g):
         hh = lax.div(g, n)
@@ -374,17 +434,17 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   def entry(*refs):
     transforms = _smem_transforms(plgpu, dtype, d)
     smem = [
-        plgpu.SMEM((2, nbuf, bq, d), dtype, transforms=transforms),
+        plgpu.SMEM((n_cons, nbuf, bq, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
-        plgpu.SMEM((2, nbuf, bq), jnp.float32),
+        plgpu.SMEM((n_cons, nbuf, bq), jnp.float32),
     ]
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=2 * nbuf)),
-        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+         plgpu.Barrier(num_barriers=n_cons * nbuf)),
+        (plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg",
     )
@@ -395,7 +455,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
                 jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)],
       grid=(batch * nq, hq // nh) if cfg.heads_outer else (hq // nh, batch * nq),
       grid_names=("tile", "hg") if cfg.heads_outer else ("hg", "tile"),
-      num_threads=3,
+      num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
   )(order, blocks, counts, states, ks, ke, q, k, v)

@@ -42,8 +42,8 @@ from jax import lax
 
 from tfjax.ops.kernels.block_map import EMPTY, FULL, block_map
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _longest_first, _smem_transforms, _transposed,
-                                          warpgroup_tile_states)
+                                          _longest_first, _pad_rows, _smem_transforms,
+                                          _transposed, warpgroup_tile_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +86,19 @@ class MosaicBwdConfig:
   # Two-kernel path: the dq kernel computes delta = rowsum(o * dO) from its
   # own tiles and runs first (no separate XLA pass over o and dO).
   dq_delta: int = 0
+  # Two-kernel path: consumer warpgroups per CTA of the dk/dv and of the dq
+  # kernel (2 or 3, as gpu_mosaic.MosaicFwdConfig.consumers; with 3 the
+  # kernel pads its last CTA's keys or rows itself). Head dim 64 for dk/dv
+  # (three warpgroups' dK and dV accumulators at 128 exceed the registers).
+  consumers_dkv: int = 2
+  consumers_dq: int = 2
 
   @property
   def multiple(self) -> int:
-    blocks = [self.block_q_dkv, 2 * self.block_k_dkv]
+    cta = lambda n, block: (2 if n == 2 else 1) * block
+    blocks = [self.block_q_dkv, cta(self.consumers_dkv, self.block_k_dkv)]
     if not self.fuse_dq:
-      blocks += [2 * self.block_q_dq, self.block_k_dq]
+      blocks += [cta(self.consumers_dq, self.block_q_dq), self.block_k_dq]
     return math.lcm(*blocks)
 
 
@@ -122,19 +129,27 @@ class BwdSchedule(NamedTuple):
 
 def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   """The backward's work lists for int32[batch, seq] key intervals [ks, ke)."""
-  bq, bk = cfg.block_q_dkv, cfg.block_k_dkv
-  wl = block_map(ks, ke, bq, 2 * bk).kv_blocks          # [batch, key chunks, nq]
+  if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
+    raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
+                     "path (fuse_dq=0); the fused kernel runs two consumers")
+  seq = ks.shape[1]
+  bq, bk, n = cfg.block_q_dkv, cfg.block_k_dkv, cfg.consumers_dkv
+  keys = -(-seq // (n * bk)) * n * bk  # keys padded to whole CTAs (no interval reaches them)
+  wl = block_map(ks, ke, bq, n * bk, keys).kv_blocks          # [batch, key chunks, nq]
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts,
-                    warpgroup_tile_states(ks, ke, wl.blocks, bq, bk, by_keys=True),
+                    warpgroup_tile_states(ks, ke, wl.blocks, bq, bk, by_keys=True,
+                                          kv_len=keys, per_cta=n),
                     _longest_first(wl.counts) if cfg.fuse_dq else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
-  bq, bk = cfg.block_q_dq, cfg.block_k_dq
-  wl = block_map(ks, ke, 2 * bq, bk).q_blocks
+  bq, bk, n = cfg.block_q_dq, cfg.block_k_dq, cfg.consumers_dq
+  ks, ke = _pad_rows(ks, ke, n * bq)
+  wl = block_map(ks, ke, n * bq, bk, seq).q_blocks
   return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts,
-                                     warpgroup_tile_states(ks, ke, wl.blocks, bq, bk)))
+                                     warpgroup_tile_states(ks, ke, wl.blocks, bq, bk,
+                                                           kv_len=seq, per_cta=n)))
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
@@ -394,22 +409,22 @@ def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _key_block_barriers(plgpu, stages):
+def _key_block_barriers(plgpu, stages, consumers=2):
   """Barriers of the key-block kernels: ((K, V) per consumer warpgroup; q, dO
-  and the four row vectors per ring slot), and each slot's release by both
-  consumers."""
-  return ((plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+  and the four row vectors per ring slot), and each slot's release by every
+  consumer."""
+  return ((plgpu.Barrier(num_barriers=consumers), plgpu.Barrier(num_barriers=consumers),
            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
            plgpu.Barrier(num_arrivals=4, num_barriers=stages)),
-          plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+          plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
 
 
 def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, lse_ref,
                         delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem,
                         ks_smem, ke_smem, q_bar, do_bar, vec_bar, free):
   """Producer warpgroup of the key-block kernels: the n query blocks listed in
-  `blocks` into a ring of `stages` slots, each refilled once both consumers
-  have released it."""
+  `blocks` into a ring of `stages` slots, each refilled once every consumer
+  has released it."""
 
   def issue(t, slot):
     rows = pl.ds(blocks[t] * bq, bq)

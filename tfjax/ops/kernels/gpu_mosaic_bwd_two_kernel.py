@@ -1,9 +1,12 @@
 """Block-sparse Transfusion attention for Hopper: the two-kernel Mosaic GPU backward.
 
-`dkv`: per CTA 2 * block_k keys (one block_k per consumer warpgroup, K and V
-resident in shared memory), the producer streaming the key block's non-empty
-query tiles, dV and dK accumulated in registers. `dq`: the forward's walk over
-a query block's non-empty key blocks, recomputing S and dP. Seven matrix
+`dkv`: per CTA C * block_k keys (one block_k per consumer warpgroup, K and V
+resident in shared memory; C = `consumers_dkv`, 2 or 3), the producer
+streaming the key block's non-empty query tiles, dV and dK accumulated in
+registers. `dq`: the forward's walk over a query block's non-empty key
+blocks (C = `consumers_dq` warpgroups of rows), recomputing S and dP. With
+three consumers the last CTA may reach past the sequence: its surplus
+warpgroups load the last real tile, meet only empty tiles and store nothing. Seven matrix
 products per tile pair against the fused kernel's five (gpu_mosaic_bwd.py),
 but no float32 atomics: deterministic, and at head dim 128 faster on the H100
 (NOTES_attention.md, runs M5-M8). `gpu_mosaic_bwd.backward` calls these; with
@@ -19,7 +22,8 @@ from jax import lax
 
 from tfjax.ops.kernels.block_map import EMPTY, FULL
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _masked_rows, _smem_transforms, _transposed)
+                                          _masked_rows, _pad_rows, _smem_transforms,
+                                          _transposed, _when_inside, warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
                                               _store_key_grads, _stream_query_tiles)
@@ -34,8 +38,12 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   group = hq // k.shape[2]
   dtype = q.dtype
   bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
-  cta_k = 2 * bk
-  nq, nkc = seq // bq, seq // cta_k
+  n_cons = cfg.consumers_dkv
+  if n_cons == 3 and d > 64:
+    raise ValueError("consumers_dkv=3 takes head dim 64 (gpu_mosaic_bwd.MosaicBwdConfig)")
+  regs_consumer, regs_producer = warpgroup_registers(n_cons)
+  cta_k = n_cons * bk
+  nq, nkc = seq // bq, -(-seq // cta_k)
   blocks, counts, states, _ = sched  # gpu_mosaic_bwd.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
@@ -52,13 +60,17 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
     n = counts_ref[b, j]
 
-    @pl.when(wg < 2)
+    @pl.when(wg < n_cons)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(regs_consumer, action="increase")
       kb0 = j * cta_k + wg * bk
       hk = lax.div(h, jnp.int32(group))
-      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb0, bk), hk], k_smem.at[wg], k_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb0, bk), hk], v_smem.at[wg], v_bar.at[wg])
+      # A surplus warpgroup of the last CTA (three consumers) reads the last
+      # real key block, meets no row (its tiles are empty) and stores nothing.
+      ragged = seq % cta_k != 0
+      kb_load = lax.min(kb0, jnp.int32(seq - bk)) if ragged else kb0
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb_load, bk), hk], v_smem.at[wg], v_bar.at[wg])
       plgpu.barrier_wait(k_bar.at[wg])
       plgpu.barrier_wait(v_bar.at[wg])
       k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
@@ -126,26 +138,26 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
                                              states_ref[b, j, wg, 0]))
       rows = pl.ds(kb0, bk)
-      _store_key_grads(plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h],
-                       dv_ref.at[b, rows, h])
+      _when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
+          plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h]))
 
-    @pl.when(wg == 2)
+    @pl.when(wg == n_cons)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(regs_producer, action="decrease")
       _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
                           lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem,
                           delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free)
 
   def entry(*refs):
     smem = [
-        plgpu.SMEM((2, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((2, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
         *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
     ]
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
-        *_key_block_barriers(plgpu, stages),
+        *_key_block_barriers(plgpu, stages, n_cons),
         collective_axes="wg",
     )
 
@@ -155,7 +167,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       out_type=[shape, shape],
       grid=(hq, nkc, batch),
       grid_names=("heads", "kv", "batch"),
-      num_threads=3,
+      num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
   )(blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
@@ -176,9 +188,12 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   group = hq // k.shape[2]
   dtype = q.dtype
   bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
-  cta_q = 2 * bq
-  nq, nk = seq // cta_q, seq // bk
+  n_cons = cfg.consumers_dq
+  regs_consumer, regs_producer = warpgroup_registers(n_cons)
+  cta_q = n_cons * bq
+  nq, nk = -(-seq // cta_q), seq // bk
   blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
+  ks, ke = _pad_rows(ks, ke, cta_q)
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -197,31 +212,40 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
         (k_free, v_free) = rest[-1]
     n = counts_ref[b, qi]
 
-    @pl.when(wg < 2)
+    @pl.when(wg < n_cons)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(regs_consumer, action="increase")
       row0 = qi * cta_q + wg * bq
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem.at[wg], q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(row0, bq), h], do_smem.at[wg], do_bar.at[wg])
+      # A surplus warpgroup of the last CTA (three consumers) reads the last
+      # real rows, sees no key (padded intervals: its tiles are empty) and
+      # stores nothing.
+      ragged = seq % cta_q != 0
+      in_seq = _when_inside(pl, row0, seq, ragged)
+      ld = lax.min(row0, jnp.int32(seq - bq)) if ragged else row0
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(ld, bq), h], q_smem.at[wg], q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(ld, bq), h], do_smem.at[wg], do_bar.at[wg])
       ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
       ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
-      lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(row0, bq)], row_layout)
+      lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(ld, bq)], row_layout)
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
       if own_delta:
         o_tile, delta_smem = o_smem[0].at[wg], o_smem[1].at[wg]
-        plgpu.copy_gmem_to_smem(delta_or_o_ref.at[b, pl.ds(row0, bq), h], o_tile,
+        plgpu.copy_gmem_to_smem(delta_or_o_ref.at[b, pl.ds(ld, bq), h], o_tile,
                                 o_bar[0].at[wg])
       else:
-        delta_row = _load_vec(plgpu, delta_or_o_ref.at[b, h, pl.ds(row0, bq)], row_layout)
+        delta_row = _load_vec(plgpu, delta_or_o_ref.at[b, h, pl.ds(ld, bq)], row_layout)
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(do_bar.at[wg])
       if own_delta:
         plgpu.barrier_wait(o_bar[0].at[wg])
         f32 = lambda ref: _load_vec(plgpu, ref, wgmma_layout, True).astype(jnp.float32)
         delta_row = jnp.sum(f32(o_tile) * f32(do_tile), axis=1)
-        delta_smem[...] = delta_row
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(delta_smem, rest[0].at[b, h, pl.ds(row0, bq)])
+
+        @in_seq
+        def _():
+          delta_smem[...] = delta_row
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(delta_smem, rest[0].at[b, h, pl.ds(row0, bq)])
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
@@ -276,14 +300,17 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
 
       dq, _, _ = lax.fori_loop(0, n, body, (zeros((bq, d)), blocks_ref[b, qi, 0],
                                             states_ref[b, qi, wg, 0]))
-      q_tile[...] = (dq * scale).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(row0, bq), h])
+
+      @in_seq
+      def _():
+        q_tile[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(row0, bq), h])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == n_cons)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(regs_producer, action="decrease")
       hk = lax.div(h, jnp.int32(group))
 
       def issue_k(t, slot):
@@ -308,21 +335,22 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
 
   def entry(*refs):
     smem = [
-        plgpu.SMEM((2, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((2, bq, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
     ]
-    bars = [plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+    bars = [plgpu.Barrier(num_barriers=n_cons), plgpu.Barrier(num_barriers=n_cons),
             plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)]
     if own_delta:
-      smem += [plgpu.SMEM((2, bq, d), dtype, transforms=tr), plgpu.SMEM((2, bq), jnp.float32)]
-      bars += [plgpu.Barrier(num_barriers=2)]
+      smem += [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
+               plgpu.SMEM((n_cons, bq), jnp.float32)]
+      bars += [plgpu.Barrier(num_barriers=n_cons)]
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
         tuple(bars),
-        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+        (plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),) * 2,
         collective_axes="wg",
     )
 
@@ -333,7 +361,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
       if own_delta else dq_type,
       grid=(hq, nq, batch),
       grid_names=("heads", "q", "batch"),
-      num_threads=3,
+      num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
   )(blocks, counts, states, ks, ke, q, k, v, do, lse, o if own_delta else delta)

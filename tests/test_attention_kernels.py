@@ -438,11 +438,13 @@ MOSAIC_BWD_CASES = [
     # reach past 512 (GQA, delta in dq); dq alone at head dim 128
     (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3)),
     (128, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 3)),
+    # 240 registers, S^T and dP^T apart in dk/dv only, GQA
+    (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 1)),
 ]
 
 
 @pytest.mark.parametrize("d,hq,hkv,seq,bcfg",
-                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10)])
+                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10, 11)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
@@ -513,7 +515,8 @@ def test_mosaic_backward_config_choice(monkeypatch):
   c128 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(128))
   assert c64.fuse_dq == c128.fuse_dq == 0 and c64.dq_delta == c128.dq_delta == 1
   assert (c64.consumers_dkv, c64.consumers_dq) == (3, 3)
-  assert (c128.consumers_dkv, c128.consumers_dq) == (2, 2) and c128.sdp_group == 1
+  assert (c128.consumers_dkv, c128.consumers_dq) == (2, 3) and c128.sdp_group == 2
+  assert c128.consumer_regs == 240
   assert c64.skip_empty == c128.skip_empty == 1
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(64)).consumers == 3
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128)).consumers == 2

@@ -381,11 +381,14 @@ class GpuConfig:
     Empty-tile skipping per warpgroup (skip_empty) is on in both. Run M20: at
     head dim 64 the two kernels with three consumer warpgroups each (and delta
     in dq) overtake the fused kernel (f+b 0.574 vs 0.635 ms at 8192, 0.370 vs
-    0.381 at 4096, both with the three-consumer forward).
+    0.381 at 4096, both with the three-consumer forward). Run M21: at head dim
+    128, 240 registers, S^T and dP^T issued apart in the dk/dv kernel (no
+    spills) and three consumers in dq: 0.848 vs 0.879 ms at 8192, 0.506 vs
+    0.516 at 4096.
     """
     if head_dim <= 64:
       return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3)
-    return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1)
+    return (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 1, 2, 3)
 
 
 def _mosaic_forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):

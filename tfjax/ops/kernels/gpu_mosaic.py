@@ -98,12 +98,15 @@ class MosaicFwdConfig:
     return warpgroup_registers(self.consumers)
 
 
-def warpgroup_registers(consumers: int) -> tuple[int, int]:
+def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, int]:
   """(consumer, producer) registers per thread: the SM's 64K over one CTA of
-  `consumers` + 1 warpgroups of 128 threads."""
+  `consumers` + 1 warpgroups of 128 threads; two consumers take 232 (producer
+  40) or 240 (producer 24)."""
   if consumers not in (2, 3):
     raise ValueError(f"consumer warpgroups per CTA must be 2 or 3, got {consumers}")
-  return (232, 40) if consumers == 2 else (160, 24)
+  if consumers == 3:
+    return 160, 24
+  return consumer_regs, 40 if consumer_regs <= 232 else 24
 
 
 def _pad_rows(ks, ke, cta):

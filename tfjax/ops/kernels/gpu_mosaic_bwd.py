@@ -43,7 +43,8 @@ from jax import lax
 from tfjax.ops.kernels.block_map import EMPTY, FULL, block_map
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _longest_first, _pad_rows, _smem_transforms,
-                                          _transposed, warpgroup_tile_states)
+                                          _transposed, warpgroup_registers,
+                                          warpgroup_tile_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +65,12 @@ class MosaicBwdConfig:
   block_k_dq: int = 64
   stages_dq: int = 2
   fuse_dq: int = 1
-  # Fused kernel: the consumer warpgroups' register budget (232, or 240 with
-  # the producer cut to 24).
+  # The consumer warpgroups' register budget (232, or 240 with the producer
+  # cut to 24) where a kernel runs two consumers.
   consumer_regs: int = 232
-  # Two-kernel path: issue S and dP in one wgmma group (1), or S alone first (0).
+  # Two-kernel path: issue S and dP in one wgmma group (1), or S alone first
+  # (0), or grouped in the dq kernel only (2: the dk/dv kernel's dK and dV
+  # accumulators leave less room for both products at once).
   sdp_group: int = 1
   # gpu_mosaic.MosaicFwdConfig.lean's compiler settings, for every backward
   # kernel. Off: within noise on the H100/H200 (NOTES_attention.md, M12), and
@@ -337,7 +340,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(40 if cfg.consumer_regs <= 232 else 24, action="decrease")
+      plgpu.set_max_registers(warpgroup_registers(2, cfg.consumer_regs)[1], action="decrease")
       _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
                           lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem,
                           delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free)

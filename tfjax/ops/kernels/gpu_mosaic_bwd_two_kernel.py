@@ -41,7 +41,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   n_cons = cfg.consumers_dkv
   if n_cons == 3 and d > 64:
     raise ValueError("consumers_dkv=3 takes head dim 64 (gpu_mosaic_bwd.MosaicBwdConfig)")
-  regs_consumer, regs_producer = warpgroup_registers(n_cons)
+  regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_k = n_cons * bk
   nq, nkc = seq // bq, -(-seq // cta_k)
   blocks, counts, states, _ = sched  # gpu_mosaic_bwd.DkvSchedule
@@ -49,6 +49,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   tr = _smem_transforms(plgpu, dtype, d)
+  sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
 
   def kernel(blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, scoped):
@@ -83,7 +84,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
         plgpu.barrier_wait(q_bar.at[slot])
 
         def tile():
-          if cfg.sdp_group:  # S^T and dP^T in one wgmma group
+          if sdp_group:  # S^T and dP^T in one wgmma group
             plgpu.barrier_wait(do_bar.at[slot])
 
             s_t, dp_t = _products_in_one_group(
@@ -100,7 +101,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
           p_t = _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
                          ke_smem.at[slot], lse_smem.at[slot])
           delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
-          if cfg.sdp_group:
+          if sdp_group:
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
 
             def dv_dk(refs):
@@ -189,7 +190,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   dtype = q.dtype
   bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
   n_cons = cfg.consumers_dq
-  regs_consumer, regs_producer = warpgroup_registers(n_cons)
+  regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_q = n_cons * bq
   nq, nk = -(-seq // cta_q), seq // bk
   blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule

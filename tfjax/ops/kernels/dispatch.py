@@ -6,10 +6,9 @@
   impl="auto"    GPU (Hopper or newer): the Pallas GPU kernels (on Hopper, for
                  bf16/f16 at head dims 64/128, the Mosaic GPU kernels of
                  gpu_mosaic.py and gpu_mosaic_bwd.py, else the Triton kernels
-                 of gpu.py; at head dim 64 the Mosaic backward is fused and its
-                 dq is summed by float32 atomics, so not bit-reproducible:
-                 TFJAX_MOSAIC_BWD=64,64,2,64,64,2,0 picks the deterministic
-                 two-kernel backward);
+                 of gpu.py; the default Mosaic backward is the deterministic
+                 two-kernel one; TFJAX_MOSAIC_BWD=64,64,2,64,64,2,1,240 picks
+                 the fused kernel, whose dq is summed by float32 atomics);
                  TPU: the Pallas TPU kernel; anything else (CPU): the XLA
                  reference, since interpret mode is far too slow to train with.
   impl="pallas"  the kernel for the backend; on CPU, the GPU kernel in Pallas

@@ -19,12 +19,13 @@ of `block_map.py` and the forward's base-2 log-sum-exp (gpu_mosaic.py):
                    global memory by a TMA reduce-add. Five matrix products per
                    tile pair, as in FlashAttention-3's backward. The float32
                    adds arrive in no fixed order, so dq can differ in its last
-                   bits from run to run. The default at head dim 64.
+                   bits from run to run. The default at head dim 64 until
+                   the three-consumer two-kernel path overtook it (M20).
   two kernels      (gpu_mosaic_bwd_two_kernel.py) a dk/dv kernel (the same walk without dQ) and a dq kernel
-                   (the forward's walk over key blocks, recomputing S and dP):
-                   seven matrix products per tile pair, deterministic. The
-                   default at head dim 128, where the fused kernel measured
-                   slower (NOTES_attention.md, runs M5-M8).
+                   (the forward's walk over key blocks, recomputing S and dP),
+                   each with two or three consumer warpgroups: seven matrix
+                   products per tile pair, deterministic. The default at both
+                   head dims (NOTES_attention.md, runs M5-M8, M20-M22).
 
 bf16/f16, head dims 64 and 128. On CPU the kernels lower to Mosaic GPU
 modules (tests check that) but cannot run. Measured on an H100 with JAX

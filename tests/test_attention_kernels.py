@@ -530,6 +530,9 @@ def test_mosaic_backward_config_choice(monkeypatch):
                                 gpu_mosaic_bwd.MosaicBwdConfig(consumers_dq=3))
   with pytest.raises(ValueError, match="2 or 3"):
     gpu_mosaic.MosaicFwdConfig(consumers=4).registers
+  with pytest.raises(ValueError, match="consumer_regs"):  # setmaxnreg would wait forever
+    gpu_mosaic.warpgroup_registers(2, 248)
+  assert gpu_mosaic.warpgroup_registers(2, 240) == (240, 24)
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "64,64,2,64,64,2,0")
   assert gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64)).fuse_dq == 0
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "0")

@@ -101,12 +101,20 @@ class MosaicFwdConfig:
 def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, int]:
   """(consumer, producer) registers per thread: the SM's 64K over one CTA of
   `consumers` + 1 warpgroups of 128 threads; two consumers take 232 (producer
-  40) or 240 (producer 24)."""
+  40) or 240 (producer 24).
+
+  Only these splits: `setmaxnreg` can hand out no more than the CTA was
+  launched with (64K over its threads), and a request beyond that waits
+  forever instead of failing (a four-consumer trial hung; NOTES M24).
+  """
   if consumers not in (2, 3):
     raise ValueError(f"consumer warpgroups per CTA must be 2 or 3, got {consumers}")
   if consumers == 3:
     return 160, 24
-  return consumer_regs, 40 if consumer_regs <= 232 else 24
+  if consumer_regs not in (232, 240):
+    raise ValueError(f"MosaicBwdConfig.consumer_regs must be 232 or 240, got {consumer_regs}: "
+                     "two consumers and the producer share the SM's 64K registers")
+  return consumer_regs, 40 if consumer_regs == 232 else 24
 
 
 def _pad_rows(ks, ke, cta):

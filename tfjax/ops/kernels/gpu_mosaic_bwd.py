@@ -221,6 +221,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   half = d // 2  # dQ columns per consumer warpgroup (dq_own_keys=0)
   dq_cols = d if own else half
   nq, nkc = seq // bq, seq // cta_k
+  regs_consumer, regs_producer = warpgroup_registers(2, cfg.consumer_regs)
   blocks, counts, states, order = sched
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
@@ -248,7 +249,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
 
     @pl.when(wg < 2)
     def _consumer():
-      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      plgpu.set_max_registers(regs_consumer, action="increase")
       kb0 = j * cta_k + wg * bk
       hk = lax.div(h, jnp.int32(group))
       k_own, v_own = k_smem.at[pl.ds(wg * bk, bk)], v_smem.at[pl.ds(wg * bk, bk)]
@@ -341,7 +342,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(warpgroup_registers(2, cfg.consumer_regs)[1], action="decrease")
+      plgpu.set_max_registers(regs_producer, action="decrease")
       _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
                           lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem,
                           delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free)

@@ -45,6 +45,25 @@ def test_key_ranges_and_tile_states_match_mask(seed):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_coarsened_tile_states_match_the_mask():
+  """States of tile groups from the fine states (what the Mosaic schedules
+  share) equal the dense mask's at the coarse tiling; padding adds empty."""
+  rng = np.random.default_rng(5)
+  seg, img = random_layout(rng, 2, 768)
+  seg, img = jnp.asarray(seg), jnp.asarray(img)
+  ks, ke = key_ranges(seg, img)
+  mask = transfusion_mask(seg, img)
+  fine = bmap.tile_states(ks, ke, 64, 64)
+  for fq, fk in ((2, 2), (3, 1), (1, 3), (2, 1)):
+    got = bmap.coarsen(fine, fq, fk)
+    want = bmap.dense_tile_states(mask, 64 * fq, 64 * fk)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  padded = np.asarray(bmap.pad_states(fine, 14, 15))
+  assert padded.shape == (2, 14, 15)
+  np.testing.assert_array_equal(padded[:, :12, :12], np.asarray(fine))
+  assert np.all(padded[:, 12:] == bmap.EMPTY) and np.all(padded[:, :, 12:] == bmap.EMPTY)
+
+
 def test_work_lists_are_the_nonempty_tiles():
   rng = np.random.default_rng(7)
   seg, img = random_layout(rng, 2, 512)

@@ -95,6 +95,25 @@ def tile_states(k_start: jax.Array, k_end: jax.Array, block_q: int,
   return jnp.where(full, FULL, jnp.where(nonempty, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
+def pad_states(states: jax.Array, n_q: int, n_k: int) -> jax.Array:
+  """`states` [batch, nq, nk] padded with EMPTY tiles to [batch, n_q, n_k]
+  (rows or keys past the sequence, which no interval reaches)."""
+  _, nq, nk = states.shape
+  return jnp.pad(states, ((0, 0), (0, n_q - nq), (0, n_k - nk)), constant_values=EMPTY)
+
+
+def coarsen(states: jax.Array, fq: int, fk: int) -> jax.Array:
+  """The states of (fq x fk)-tile groups [batch, nq // fq, nk // fk]: full
+  where every tile is, empty where every tile is, else partial. Never less
+  exact than `tile_states` at the coarse tiling (a group whose tiles are all
+  empty is empty even where its rows' bounds straddle it)."""
+  batch, nq, nk = states.shape
+  grouped = states.reshape(batch, nq // fq, fq, nk // fk, fk)
+  full = jnp.all(grouped == FULL, axis=(2, 4))
+  nonempty = jnp.any(grouped != EMPTY, axis=(2, 4))
+  return jnp.where(full, FULL, jnp.where(nonempty, PARTIAL, EMPTY)).astype(jnp.int32)
+
+
 def compact(states: jax.Array) -> WorkList:
   """Work lists along the last axis of `states` int32[batch, n_outer, n_inner]."""
   n_inner = states.shape[-1]

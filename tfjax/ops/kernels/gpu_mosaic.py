@@ -21,7 +21,7 @@ warpgroups (C = `MosaicFwdConfig.consumers`, 2 or 3):
                      consumers to release each slot.
 
 Empty tiles are never visited. Per listed tile each consumer reads its own
-rows' tile state (`warpgroup_tile_states`): empty for its rows (the other
+rows' tile state (`warpgroup_schedule`): empty for its rows (the other
 warpgroup's meet the key block), it skips the tile's work and keeps only the
 barrier steps; full, no mask; partial, the mask from two comparisons against
 the rows' [k_start, k_end) intervals.
@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import EMPTY, FULL, block_map, tile_states
+from tfjax.ops.kernels.block_map import (EMPTY, FULL, WorkList, coarsen, compact, pad_states,
+                                         tile_states)
 
 LOG2E = math.log2(math.e)
 BIG = 1e30  # same convention as gpu.py: lse of a row with no key
@@ -169,21 +170,25 @@ def _longest_first(counts):
   return jnp.argsort(-counts.reshape(-1), stable=True).astype(jnp.int32)
 
 
-def warpgroup_tile_states(ks, ke, blocks, block_q, block_k, *, by_keys=False, kv_len=None,
-                          per_cta=2):
-  """int32[batch, n_cta, per_cta, list]: EMPTY/PARTIAL/FULL of each consumer
-  warpgroup's own tile at every entry of a CTA's work list.
+def warpgroup_schedule(states, per_cta: int, *, by_keys: bool = False
+                       ) -> tuple[WorkList, jax.Array]:
+  """A CTA's work lists and each consumer warpgroup's tile per entry.
 
-  The CTA covers per_cta (block_q, block_k) tiles per entry: query blocks
-  (`blocks`: a q_blocks list of key blocks) or, `by_keys`, key blocks
-  (`blocks`: a kv_blocks list of query blocks); warpgroup w owns the w-th.
+  states: int32[batch, nq, nk] EMPTY/PARTIAL/FULL at one warpgroup's tile
+    (`tile_states`), padded with empty tiles to whole CTAs on the side the
+    CTAs split: rows, or keys when `by_keys`.
+  Returns (lists, own): the compacted non-empty tiles of each CTA of
+  per_cta warpgroups (`block_map.WorkList` over CTAs: key blocks, or query
+  blocks when `by_keys`), and int32[batch, n_cta, per_cta, list], warpgroup
+  w's own tile state at every entry. One tile-state pass serves both, and is
+  shared by every schedule at the same tiling.
   """
-  st = tile_states(ks, ke, block_q, block_k, kv_len)   # [batch, nq, nk]
   if by_keys:
-    st = jnp.swapaxes(st, 1, 2)
-  batch, n = st.shape[:2]
-  st = st.reshape(batch, n // per_cta, per_cta, st.shape[-1])
-  return jnp.take_along_axis(st, blocks[:, :, None, :], axis=3)
+    states = jnp.swapaxes(states, 1, 2)
+  batch, n, m = states.shape
+  lists = compact(coarsen(states, per_cta, 1))
+  own = states.reshape(batch, n // per_cta, per_cta, m)
+  return lists, jnp.take_along_axis(own, lists.blocks[:, :, None, :], axis=3)
 
 
 def _masked_rows(plgpu, s, k0, ks_row, ke_row):
@@ -218,9 +223,9 @@ class FwdSchedule(NamedTuple):
 
   order:  int32[batch * n_cta] the CTAs' (batch, query tile) in launch order,
           flattened as b * n_cta + tile (local to the device's batch slice).
-  blocks, counts: `block_map.WorkList` fields at (2 * block_q, block_k).
+  blocks, counts: `block_map.WorkList` fields at (consumers * block_q, block_k).
   states: int32[batch, n_cta, 2, n_k] each consumer's own tile per list
-          entry (`warpgroup_tile_states`).
+          entry (`warpgroup_schedule`).
   """
   order: jax.Array
   blocks: jax.Array
@@ -230,15 +235,15 @@ class FwdSchedule(NamedTuple):
 
 def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> FwdSchedule:
   """The forward's work lists for int32[batch, seq] key intervals [ks, ke)."""
-  kv_len = ks.shape[1] if kv_len is None else kv_len
-  ks, ke = _pad_rows(ks, ke, cfg.cta_q)
-  batch, rows = ks.shape
-  wl = block_map(ks, ke, cfg.cta_q, cfg.block_k, kv_len).q_blocks
+  batch, seq = ks.shape
+  kv_len = seq if kv_len is None else kv_len
+  n_cta = -(-seq // cfg.cta_q)
+  states = pad_states(tile_states(ks, ke, cfg.block_q, cfg.block_k, kv_len),
+                      n_cta * cfg.consumers, kv_len // cfg.block_k)
+  wl, own = warpgroup_schedule(states, cfg.consumers)
   order = (_longest_first(wl.counts) if cfg.lpt
-           else jnp.arange(batch * (rows // cfg.cta_q), dtype=jnp.int32))
-  states = warpgroup_tile_states(ks, ke, wl.blocks, cfg.block_q, cfg.block_k, kv_len=kv_len,
-                                 per_cta=cfg.consumers)
-  return FwdSchedule(order, wl.blocks, wl.counts, states)
+           else jnp.arange(batch * n_cta, dtype=jnp.int32))
+  return FwdSchedule(order, wl.blocks, wl.counts, own)
 
 
 def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,

@@ -41,11 +41,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import EMPTY, FULL, block_map
+from tfjax.ops.kernels.block_map import EMPTY, FULL, pad_states, tile_states
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _longest_first, _pad_rows, _smem_transforms,
-                                          _transposed, warpgroup_registers,
-                                          warpgroup_tile_states)
+                                          _longest_first, _smem_transforms, _transposed,
+                                          warpgroup_registers, warpgroup_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +107,11 @@ class MosaicBwdConfig:
 
 class DkvSchedule(NamedTuple):
   """The walk over key blocks (fused and dk/dv kernels), at (block_q_dkv,
-  2 * block_k_dkv) tiles: `block_map.WorkList` blocks and counts
+  consumers_dkv * block_k_dkv) tiles: `block_map.WorkList` blocks and counts
   [batch, key chunks(, list)], each consumer's own tile state per entry
-  (`gpu_mosaic.warpgroup_tile_states`, [batch, key chunks, 2, list]), and the
-  fused kernel's launch order (flat b * key chunks + chunk; None for dk/dv)."""
+  (`gpu_mosaic.warpgroup_schedule`, [batch, key chunks, consumers, list]),
+  and the fused kernel's launch order (flat b * key chunks + chunk; None for
+  dk/dv)."""
   blocks: jax.Array
   counts: jax.Array
   states: jax.Array
@@ -120,7 +120,8 @@ class DkvSchedule(NamedTuple):
 
 class DqSchedule(NamedTuple):
   """The dq kernel's walk over query blocks (two-kernel path): work lists at
-  (2 * block_q_dq, block_k_dq) and each consumer's own tile state per entry."""
+  (consumers_dq * block_q_dq, block_k_dq) and each consumer's own tile state
+  per entry."""
   blocks: jax.Array
   counts: jax.Array
   states: jax.Array
@@ -137,23 +138,22 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
                      "path (fuse_dq=0); the fused kernel runs two consumers")
   seq = ks.shape[1]
+  cta_tiles = lambda block, n: -(-seq // (n * block)) * n  # tiles in whole CTAs
   bq, bk, n = cfg.block_q_dkv, cfg.block_k_dkv, cfg.consumers_dkv
-  keys = -(-seq // (n * bk)) * n * bk  # keys padded to whole CTAs (no interval reaches them)
-  wl = block_map(ks, ke, bq, n * bk, keys).kv_blocks          # [batch, key chunks, nq]
+  states = tile_states(ks, ke, bq, bk)                       # [batch, nq, nk]
+  wl, own = warpgroup_schedule(pad_states(states, seq // bq, cta_tiles(bk, n)), n, by_keys=True)
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
-  dkv = DkvSchedule(wl.blocks, wl.counts,
-                    warpgroup_tile_states(ks, ke, wl.blocks, bq, bk, by_keys=True,
-                                          kv_len=keys, per_cta=n),
+  dkv = DkvSchedule(wl.blocks, wl.counts, own,
                     _longest_first(wl.counts) if cfg.fuse_dq else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
-  bq, bk, n = cfg.block_q_dq, cfg.block_k_dq, cfg.consumers_dq
-  ks, ke = _pad_rows(ks, ke, n * bq)
-  wl = block_map(ks, ke, n * bq, bk, seq).q_blocks
-  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts,
-                                     warpgroup_tile_states(ks, ke, wl.blocks, bq, bk,
-                                                           kv_len=seq, per_cta=n)))
+  if (cfg.block_q_dq, cfg.block_k_dq) != (bq, bk):
+    bq, bk = cfg.block_q_dq, cfg.block_k_dq
+    states = tile_states(ks, ke, bq, bk)
+  n = cfg.consumers_dq
+  wl, own = warpgroup_schedule(pad_states(states, cta_tiles(bq, n), seq // bk), n)
+  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts, own))
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,

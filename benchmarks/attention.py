@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,6 +42,26 @@ import jax.numpy as jnp  # noqa: E402
 from tfjax.ops.attention import xla_attention  # noqa: E402
 from tfjax.ops.kernels import dispatch  # noqa: E402
 from tfjax.ops.mask import transfusion_mask  # noqa: E402
+
+
+class KernelWorkload(NamedTuple):
+  """One shape of the shared layout as the tfjax kernels take it."""
+  ks: jax.Array    # int32[batch, seq] key intervals [ks, ke)
+  ke: jax.Array
+  q: jax.Array     # bf16 [batch, seq, heads, d], likewise k, v, do
+  k: jax.Array
+  v: jax.Array
+  do: jax.Array
+  flops: float     # forward FLOPs on the unmasked pairs (4 * H * D * nnz)
+
+
+def kernel_workload(bsz: int, seq: int, heads: int, d: int) -> KernelWorkload:
+  from tfjax.ops.mask import key_ranges
+  doc, img = layout.make_layout(bsz, seq)
+  nnz = int(layout.counts(doc, img)["transfusion"].sum())
+  ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
+  q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
+  return KernelWorkload(ks, ke, q, k, v, do, 4.0 * heads * d * nnz)
 
 
 def time_jax(fn, args, reps: int, group: int) -> float:
@@ -233,11 +254,7 @@ def sweep(bsz, seq, heads, d, args):
   """
   import dataclasses
   from tfjax.ops.kernels import gpu
-  from tfjax.ops.mask import key_ranges
-  doc, img = layout.make_layout(bsz, seq)
-  flops_f = 4.0 * heads * d * int(layout.counts(doc, img)["transfusion"].sum())
-  ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
-  q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
+  ks, ke, q, k, v, do, flops_f = kernel_workload(bsz, seq, heads, d)
   base = gpu.GpuConfig.for_head_dim(d)
   for part, configs in SWEEP.items():
     for c in configs:

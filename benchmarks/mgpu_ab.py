@@ -25,14 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-import attention_layout as layout  # noqa: E402
-from attention import rel_err, time_jax  # noqa: E402
+from attention import kernel_workload, rel_err, time_jax  # noqa: E402
 from tfjax.ops.kernels import gpu  # noqa: E402
 from tfjax.ops.kernels.gpu_mosaic import MosaicFwdConfig  # noqa: E402
 from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig  # noqa: E402
-from tfjax.ops.mask import key_ranges  # noqa: E402
 
 
 def _fields(spec: str, default: tuple, cls) -> tuple:
@@ -54,11 +51,7 @@ def main():
   result = {}
   for shape in args.shapes.split(","):
     seq, d = map(int, shape.split("/"))
-    doc, img = layout.make_layout(bsz, seq)
-    nnz = int(layout.counts(doc, img)["transfusion"].sum())
-    flops = 4.0 * heads * d * nnz
-    ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
-    q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
+    ks, ke, q, k, v, do, flops = kernel_workload(bsz, seq, heads, d)
     scale = d ** -0.5
     base = gpu.GpuConfig.for_head_dim(d)
     fns = {}

@@ -21,13 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import attention_layout as layout  # noqa: E402
-from attention import _fwd_bwd, rel_err, time_jax  # noqa: E402
+from attention import _fwd_bwd, kernel_workload, rel_err, time_jax  # noqa: E402
 from tfjax.ops.kernels import gpu, gpu_mosaic  # noqa: E402
-from tfjax.ops.mask import key_ranges  # noqa: E402
 
 
 def main():
@@ -53,11 +50,7 @@ def main():
   summary = []
   for shape in args.shapes.split(","):
     seq, d = map(int, shape.split("/"))
-    doc, img = layout.make_layout(bsz, seq)
-    nnz = int(layout.counts(doc, img)["transfusion"].sum())
-    flops = 4.0 * heads * d * nnz
-    ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
-    q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
+    ks, ke, q, k, v, do, flops = kernel_workload(bsz, seq, heads, d)
     scale = d ** -0.5
     base = gpu.GpuConfig.for_head_dim(d)
     tri_sched = gpu.schedule(ks, ke, base)

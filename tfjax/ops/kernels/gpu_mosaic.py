@@ -76,8 +76,8 @@ class MosaicFwdConfig:
   # reduces rows within warps.
   lean: bool = False
   # A consumer whose own block_q rows see nothing of a listed key block (the
-  # CTA's 2 * block_q rows do) skips its matrix products and softmax for that
-  # tile and only keeps the barrier protocol.
+  # CTA's other rows do) skips its matrix products and softmax for that tile
+  # and only keeps the barrier protocol.
   skip_empty: bool = True
   # Consumer warpgroups per CTA (2 or 3; the CTA covers consumers * block_q
   # rows). Two alternate through a schedule barrier (one's softmax under the
@@ -87,8 +87,7 @@ class MosaicFwdConfig:
 
   @property
   def multiple(self) -> int:
-    rows = 2 * self.block_q if self.consumers == 2 else self.block_q
-    return math.lcm(rows, self.block_k)
+    return math.lcm(length_multiple(self.consumers, self.block_q), self.block_k)
 
   @property
   def cta_q(self) -> int:
@@ -97,6 +96,14 @@ class MosaicFwdConfig:
   @property
   def registers(self) -> tuple[int, int]:
     return warpgroup_registers(self.consumers)
+
+
+def length_multiple(consumers: int, block: int) -> int:
+  """What a kernel whose CTAs split `consumers` blocks of `block` rows (or
+  keys) needs the length to be a multiple of: two-consumer CTAs stay whole
+  (their configs predate the padding and keep their modules), three pad
+  their last CTA themselves."""
+  return 2 * block if consumers == 2 else block
 
 
 def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, int]:
@@ -224,7 +231,7 @@ class FwdSchedule(NamedTuple):
   order:  int32[batch * n_cta] the CTAs' (batch, query tile) in launch order,
           flattened as b * n_cta + tile (local to the device's batch slice).
   blocks, counts: `block_map.WorkList` fields at (consumers * block_q, block_k).
-  states: int32[batch, n_cta, 2, n_k] each consumer's own tile per list
+  states: int32[batch, n_cta, consumers, n_k] each consumer's own tile per list
           entry (`warpgroup_schedule`).
   """
   order: jax.Array
@@ -346,6 +353,14 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             def _():
               plgpu.barrier_wait(k_bar.at[lax.rem(g + 1, jnp.int32(stages))])
 
+          def wait_v_and_turn():
+            # Ping-pong: hand the tensor cores over, wait for V, then for them.
+            if pingpong:
+              plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:
+              plgpu.barrier_wait(sched_bar)
+
           def tile():
             def qk(acc_ref):
               plgpu.wgmma(acc_ref, qo_smem, _transposed(plgpu, k_smem.at[slot]))
@@ -366,11 +381,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             l_new = l * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             acc_new, l_new, m_new, p16 = lax.optimization_barrier((acc_new, l_new, m_new, p16))
-            if pingpong:
-              plgpu.barrier_arrive(sched_bar)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if pingpong:
-              plgpu.barrier_wait(sched_bar)
+            wait_v_and_turn()
 
             def pv(acc_ref):
               plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -383,11 +394,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             # warpgroup tracks each barrier's phase itself), without the work.
             sched()
             plgpu.barrier_arrive(k_free.at[slot])
-            if pingpong:
-              plgpu.barrier_arrive(sched_bar)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if pingpong:
-              plgpu.barrier_wait(sched_bar)
+            wait_v_and_turn()
             wait_next_k()
             return acc, m, l
 

@@ -44,7 +44,8 @@ from jax import lax
 from tfjax.ops.kernels.block_map import EMPTY, FULL, pad_states, tile_states
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _longest_first, _smem_transforms, _transposed,
-                                          warpgroup_registers, warpgroup_schedule)
+                                          length_multiple, warpgroup_registers,
+                                          warpgroup_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +99,9 @@ class MosaicBwdConfig:
 
   @property
   def multiple(self) -> int:
-    cta = lambda n, block: (2 if n == 2 else 1) * block
-    blocks = [self.block_q_dkv, cta(self.consumers_dkv, self.block_k_dkv)]
+    blocks = [self.block_q_dkv, length_multiple(self.consumers_dkv, self.block_k_dkv)]
     if not self.fuse_dq:
-      blocks += [cta(self.consumers_dq, self.block_q_dq), self.block_k_dq]
+      blocks += [length_multiple(self.consumers_dq, self.block_q_dq), self.block_k_dq]
     return math.lcm(*blocks)
 
 

@@ -6,10 +6,11 @@ streaming the key block's non-empty query tiles, dV and dK accumulated in
 registers. `dq`: the forward's walk over a query block's non-empty key
 blocks (C = `consumers_dq` warpgroups of rows), recomputing S and dP. With
 three consumers the last CTA may reach past the sequence: its surplus
-warpgroups load the last real tile, meet only empty tiles and store nothing. Seven matrix
-products per tile pair against the fused kernel's five (gpu_mosaic_bwd.py),
-but no float32 atomics: deterministic, and at head dim 128 faster on the H100
-(NOTES_attention.md, runs M5-M8). `gpu_mosaic_bwd.backward` calls these; with
+warpgroups load the last real tile, meet only empty tiles and store
+nothing. Seven matrix products per tile pair against the fused kernel's
+five (gpu_mosaic_bwd.py), but no float32 atomics: deterministic, and on the
+H100 faster at head dim 128 (NOTES_attention.md, runs M5-M8) and, with three
+consumers, at 64 too (M20). `gpu_mosaic_bwd.backward` calls these; with
 `dq_delta` the dq kernel runs first and also writes delta = rowsum(o * dO)
 for the dk/dv kernel. Each consumer skips the listed tiles that its own 64
 keys (dk/dv) or rows (dq) do not meet (`skip_empty`).

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -64,10 +65,20 @@ def kernel_workload(bsz: int, seq: int, heads: int, d: int) -> KernelWorkload:
   return KernelWorkload(ks, ke, q, k, v, do, 4.0 * heads * d * nnz)
 
 
-def time_jax(fn, args, reps: int, group: int) -> float:
-  """Median milliseconds per call: groups of back-to-back calls, one block."""
+def time_jax(fn, args, reps: int, group: int, window_ms: float = 20.0) -> float:
+  """Median milliseconds per call: groups of back-to-back calls, one block.
+
+  A group holds at least `group` calls and at least `window_ms` of them: the
+  host's dispatch of the first call and the final block (0.1-0.3 ms together)
+  are then a few microseconds per call, as CUDA events leave them out of the
+  torch rows. With a fixed 5-call group they had added 10-40 us to a
+  sub-millisecond forward+backward (benchmarks/NOTES_attention.md, M25).
+  """
   jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
+  single_ms = (time.perf_counter() - t0) * 1e3
+  group = max(group, math.ceil(window_ms / max(single_ms, 1e-3)))
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()

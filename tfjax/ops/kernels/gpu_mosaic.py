@@ -125,12 +125,13 @@ def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, 
   return consumer_regs, 40 if consumer_regs == 232 else 24
 
 
-def _pad_rows(ks, ke, cta):
-  """Key intervals padded with empty rows to whole CTAs of `cta` rows."""
-  pad = -ks.shape[1] % cta
-  if not pad:
-    return ks, ke
-  return (jnp.pad(ks, ((0, 0), (0, pad))), jnp.pad(ke, ((0, 0), (0, pad))))
+def _clamp_start(start, length: int, block: int, ragged: bool):
+  """A warpgroup's first row (or key) for loads: inside the sequence.
+
+  A surplus warpgroup of a ragged last CTA starts past the end; it reads the
+  last real block instead (and stores nothing), so no input needs padding.
+  """
+  return lax.min(start, jnp.int32(length - block)) if ragged else start
 
 
 def _when_inside(pl, start, length: int, ragged: bool):
@@ -276,7 +277,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
     raise ValueError(f"Mosaic GPU forward takes bf16/f16 and head dim 64/128, got {dtype}/{d}")
   nq, nk = -(-seq // cta_q), kv_len // bk
   order, blocks, counts, states = fwd_schedule(ks, ke, cfg, kv_len) if sched is None else sched
-  ks, ke = _pad_rows(ks, ke, cta_q)
   pingpong = n_cons == 2
   regs_consumer, regs_producer = cfg.registers
   qk_scale = float(scale) * LOG2E
@@ -305,9 +305,12 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       plgpu.set_max_registers(regs_consumer, action="increase")
       row0 = qi * cta_q + wg * bq
       # With three consumers the last CTA may reach past the sequence: its
-      # surplus warpgroups' tiles are all empty (padded intervals), so they
-      # only keep the barrier steps; they load and store nothing.
-      in_seq = _when_inside(pl, row0, seq, seq % cta_q != 0)
+      # surplus warpgroups' tiles are all empty (the schedule pads them), so
+      # they only keep the barrier steps; they load no Q and store nothing,
+      # and read the last real rows' intervals, which no tile of theirs uses.
+      ragged = seq % cta_q != 0
+      in_seq = _when_inside(pl, row0, seq, ragged)
+      row_ld = _clamp_start(row0, seq, bq, ragged)
 
       def load_q(hh, buf):
         @in_seq
@@ -316,8 +319,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
                                   q_smem.at[wg, buf], q_bar.at[wg * nbuf + buf])
 
       load_q(0, 0)
-      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
-      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
+      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row_ld, bq)], row_layout)
+      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row_ld, bq)], row_layout)
 
       @pl.when(total > 0)
       def _():

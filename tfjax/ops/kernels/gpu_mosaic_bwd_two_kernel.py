@@ -23,7 +23,7 @@ from jax import lax
 
 from tfjax.ops.kernels.block_map import EMPTY, FULL
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _masked_rows, _pad_rows, _smem_transforms,
+                                          _clamp_start, _masked_rows, _smem_transforms,
                                           _transposed, _when_inside, warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
@@ -70,7 +70,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       # A surplus warpgroup of the last CTA (three consumers) reads the last
       # real key block, meets no row (its tiles are empty) and stores nothing.
       ragged = seq % cta_k != 0
-      kb_load = lax.min(kb0, jnp.int32(seq - bk)) if ragged else kb0
+      kb_load = _clamp_start(kb0, seq, bk, ragged)
       plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[wg], k_bar.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb_load, bk), hk], v_smem.at[wg], v_bar.at[wg])
       plgpu.barrier_wait(k_bar.at[wg])
@@ -195,7 +195,6 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   cta_q = n_cons * bq
   nq, nk = -(-seq // cta_q), seq // bk
   blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
-  ks, ke = _pad_rows(ks, ke, cta_q)
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -219,15 +218,15 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
       plgpu.set_max_registers(regs_consumer, action="increase")
       row0 = qi * cta_q + wg * bq
       # A surplus warpgroup of the last CTA (three consumers) reads the last
-      # real rows, sees no key (padded intervals: its tiles are empty) and
+      # real rows, sees no key (its tiles are empty: the schedule pads them) and
       # stores nothing.
       ragged = seq % cta_q != 0
       in_seq = _when_inside(pl, row0, seq, ragged)
-      ld = lax.min(row0, jnp.int32(seq - bq)) if ragged else row0
+      ld = _clamp_start(row0, seq, bq, ragged)
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(ld, bq), h], q_smem.at[wg], q_bar.at[wg])
       plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(ld, bq), h], do_smem.at[wg], do_bar.at[wg])
-      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row0, bq)], row_layout)
-      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row0, bq)], row_layout)
+      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(ld, bq)], row_layout)
+      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(ld, bq)], row_layout)
       lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(ld, bq)], row_layout)
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
       if own_delta:

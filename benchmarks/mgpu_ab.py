@@ -5,7 +5,7 @@
 
 A variant is FWD/BWD: the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
-integers, or `dN`: the default tiles for the head dim with skip_empty=N. Per
+integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
 shape (attention_layout.py, B=2, H=16, bf16) every variant's forward and
 forward+backward is timed with its schedule built outside the call, in
 `--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
@@ -58,7 +58,7 @@ def main():
     for spec in args.variants.split(";"):
       f_spec, b_spec = spec.split("/")
       cfg = dataclasses.replace(
-          base, mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d), MosaicFwdConfig),
+          base, mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d, seq), MosaicFwdConfig),
           mosaic_bwd=_fields(b_spec, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
       sched = jax.jit(lambda ks, ke, cfg=cfg: gpu.schedule(ks, ke, cfg))(ks, ke)
 

@@ -86,8 +86,11 @@ def summarize(path: str, shapes: list[str], with_plan_in_call: bool) -> None:
   result = {}
   for name, window in zip(names, windows):
     acc = collections.OrderedDict()
-    for kernel, us in window:
+    names_in_window = [kernel[:60] for kernel, _ in window]
+    for i, (kernel, us) in enumerate(window):
       key = kernel[:60]
+      if names_in_window.count(key) > 1 and "mosaic" in key:  # every Mosaic kernel is "entry_..."
+        key = f"{key} #{i + 1} of {len(window)}"
       acc[key] = acc.get(key, 0.0) + us
     total = sum(acc.values())
     print(f"\n{name}: {len(window)} kernels, {total:.1f} us")

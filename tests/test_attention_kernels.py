@@ -386,10 +386,11 @@ MOSAIC_CASES = [
     # three consumers: 192-row CTAs, the last one reaching past 512
     (64, 4, 2, 512, (64, 128, 2, 1, True, False, False, True, 3)),
     (128, 2, 2, 384, (64, 64, 2, 2, True, False, False, True, 3)),  # 3 consumers, 2 heads
+    (128, 4, 2, 448, (64, 64, 2, 1, True, False, False, True, 3)),  # the L>=8192 default, GQA
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-3:])
+@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-4:])
 def test_mosaic_forward_lowers_for_cuda(d, hq, hkv, seq, mcfg):
   """The Mosaic GPU forward traces and lowers to a Mosaic GPU module anywhere."""
   from tfjax.ops.kernels import gpu_mosaic
@@ -539,6 +540,13 @@ def test_mosaic_backward_config_choice(monkeypatch):
   assert c64.skip_empty == c128.skip_empty == 1
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(64)).consumers == 3
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128)).consumers == 2
+  assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128, 4096)).consumers == 2
+  long_128 = gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128, 8192))
+  assert (long_128.consumers, long_128.block_k) == (3, 64)
+  # The plan and the call pick the same tiles from the sequence length.
+  if dispatch.use_mosaic_forward("gpu", 128, jnp.bfloat16):
+    assert (dispatch.kernel_config("gpu", 128, seq_len=8192).mosaic_fwd
+            == gpu.GpuConfig.mosaic_default(128, 8192))
   # The fused kernel has no dq tiles: (64 rows, 2 x 64 keys) alone set the multiple.
   assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 64, 128, 2, 1).multiple == 128
   assert gpu_mosaic_bwd.MosaicBwdConfig(64, 64, 2, 128, 64, 2, 0).multiple == 256

@@ -103,8 +103,12 @@ def choose(impl: str, head_dim: int) -> str:
 
 
 def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
-                  block_k: int | None = None, dtype=jnp.bfloat16):
-  """The kernel's tiling config; block_q/block_k override every kernel's tiles."""
+                  block_k: int | None = None, dtype=jnp.bfloat16,
+                  seq_len: int | None = None):
+  """The kernel's tiling config; block_q/block_k override every kernel's tiles.
+
+  seq_len: query rows per sequence (some defaults depend on it), or None.
+  """
   if kind == "tpu":
     from tfjax.ops.kernels import tpu
     cfg = tpu.TpuConfig()
@@ -117,7 +121,7 @@ def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
   else:
     cfg = gpu.GpuConfig.for_head_dim(head_dim, dtype)
   if use_mosaic_forward(kind, head_dim, dtype):
-    cfg = dataclasses.replace(cfg, mosaic_fwd=gpu.GpuConfig.mosaic_default(head_dim),
+    cfg = dataclasses.replace(cfg, mosaic_fwd=gpu.GpuConfig.mosaic_default(head_dim, seq_len),
                               mosaic_bwd=mosaic_backward_config(head_dim))
   return cfg
 
@@ -257,11 +261,11 @@ def _sharded_mesh():
   return mesh
 
 
-def _resolve(impl: str, head_dim: int, dtype, block_q, block_k, config):
+def _resolve(impl: str, head_dim: int, dtype, block_q, block_k, config, seq_len):
   kind = choose(impl, head_dim)
   if kind == "xla":
     return kind, None
-  return kind, config or kernel_config(kind, head_dim, block_q, block_k, dtype)
+  return kind, config or kernel_config(kind, head_dim, block_q, block_k, dtype, seq_len)
 
 
 def plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
@@ -279,7 +283,8 @@ def plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
     (which needs none). Under a mesh (`jax.set_mesh`) the plan is built
     per device on its batch slice, sharded like the batch.
   """
-  kind, config = _resolve(impl, head_dim, dtype, block_q, block_k, config)
+  kind, config = _resolve(impl, head_dim, dtype, block_q, block_k, config,
+                          segment_ids.shape[1])
   if kind == "xla":
     return None
   fn = functools.partial(_local_plan, kind=kind, config=config)
@@ -322,7 +327,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      " (config keys model.num_heads / model.num_kv_heads)")
   scale = head_dim ** -0.5 if scale is None else scale
   if plan is None:  # each call (each device) builds its own
-    kind, config = _resolve(impl, head_dim, q.dtype, block_q, block_k, config)
+    kind, config = _resolve(impl, head_dim, q.dtype, block_q, block_k, config, q.shape[1])
     if kind == "xla":
       from tfjax.ops.attention import xla_attention
       from tfjax.ops.mask import transfusion_mask

@@ -356,15 +356,23 @@ class GpuConfig:
     return math.lcm(*blocks)
 
   @staticmethod
-  def mosaic_default(head_dim: int) -> tuple:
-    """Mosaic GPU forward tiles: the best of the H100 runs (NOTES_attention.md)."""
+  def mosaic_default(head_dim: int, seq_len: int | None = None) -> tuple:
+    """Mosaic GPU forward tiles: the best of the H100 runs (NOTES_attention.md).
+
+    seq_len: the query rows per sequence, where known (it picks the CTA
+    shape at head dim 128).
+    """
     # H100, run 2 of the Mosaic forward: one head per CTA is best at every
     # shape but 8192/128 (where 2 heads tie); 64-key tiles and deeper rings lose.
     # Run M20: at head dim 64 three consumer warpgroups (192-row CTAs) beat two
-    # (0.167 vs 0.195 ms at 8192, 0.105 vs 0.119 at 4096); at 128 (64-key
-    # tiles, for the registers) they do not.
+    # (0.167 vs 0.195 ms at 8192, 0.105 vs 0.119 at 4096). At 128 three need
+    # 64-key tiles (registers): in four runs (M20, M26) faster at L=8192
+    # (0.211-0.227 vs 0.220-0.237 ms), level or slower at 4096 (0.130-0.153
+    # vs 0.129-0.142), where 192-row CTAs leave 5 waves and a ragged tail.
     if head_dim <= 64:
       return (64, 128, 2, 1, True, False, False, True, 3)
+    if seq_len is not None and seq_len >= 8192:
+      return (64, 64, 2, 1, True, False, False, True, 3)
     return (64, 128, 2, 1)
 
   @staticmethod

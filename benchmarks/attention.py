@@ -15,6 +15,10 @@ Peers (GPU): the XLA reference with a dense mask, cuDNN causal attention (a
 dense-causal yardstick, not Transfusion-correct), torch FlexAttention with a
 block mask from the same layout, and tokamax if importable.
 
+Timing: medians over --reps; JAX calls in groups of back-to-back calls at
+least --window_ms long, then one block (`time_jax`); torch calls between CUDA
+events around --group calls.
+
   python benchmarks/attention.py            # GPU: the full table
   python benchmarks/attention.py --quick    # anywhere: tiny, interpret mode on CPU
 
@@ -229,8 +233,8 @@ def run_shape(bsz, seq, heads, d, args):
       if name.startswith(("tfjax", "tokamax")) and ref_o is not None:
         got = fb(q, k, v, do)
         err = "err o/dq/dk/dv " + "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
-      tf = time_jax(f, (q, k, v), args.reps, args.group)
-      tfb = time_jax(fb, (q, k, v, do), args.reps, max(1, args.group // 2))
+      tf = time_jax(f, (q, k, v), args.reps, args.group, args.window_ms)
+      tfb = time_jax(fb, (q, k, v, do), args.reps, max(1, args.group // 2), args.window_ms)
     except Exception as e:  # a peer failing must not hide the others
       rows.append((name, float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
       continue
@@ -288,7 +292,11 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes; CPU interpret mode")
   p.add_argument("--reps", type=int, default=30, help="timed repetitions (median)")
-  p.add_argument("--group", type=int, default=10, help="back-to-back calls per repetition")
+  p.add_argument("--group", type=int, default=10,
+                 help="back-to-back JAX calls per repetition, at least (5 for fwd+bwd)")
+  p.add_argument("--window_ms", type=float, default=20.0,
+                 help="and at least this many milliseconds of them (0: --group alone, "
+                 "the timing of the tables before 2026-11-25 18:00 UTC)")
   p.add_argument("--seqs", default="4096,8192", help="sequence lengths")
   p.add_argument("--dims", default="64,128", help="head dims")
   p.add_argument("--block_q", type=int, default=0, help="override block_q (0: default)")

@@ -45,6 +45,7 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--group", type=int, default=10)
+  p.add_argument("--window_ms", type=float, default=20.0, help="see attention.time_jax")
   args = p.parse_args()
   print(f"jax {jax.__version__} {jax.devices()}", flush=True)
   bsz, heads = 2, 16
@@ -79,8 +80,8 @@ def main():
             got = g(q, k, v, do, sched)
             ref = got if ref is None else ref
             errs = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
-          tf = time_jax(f, (q, k, v, sched), args.reps, args.group)
-          tb = time_jax(g, (q, k, v, do, sched), args.reps, args.group // 2)
+          tf = time_jax(f, (q, k, v, sched), args.reps, args.group, args.window_ms)
+          tb = time_jax(g, (q, k, v, do, sched), args.reps, args.group // 2, args.window_ms)
         except Exception as e:  # report and go on with the next variant
           print(f"{shape} {spec}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
           continue

@@ -96,12 +96,6 @@ class MosaicBwdConfig:
   # (three warpgroups' dK and dV accumulators at 128 exceed the registers).
   consumers_dkv: int = 2
   consumers_dq: int = 2
-  # Two-kernel path: q heads one dk/dv CTA walks in turn over its key block
-  # (the work list is the same for every head). With 2 the next head's K/V
-  # tiles load at the start and the producer streams its query tiles right
-  # behind the first head's, so one CTA's fill, drain and epilogue serve two
-  # heads' work.
-  heads_dkv: int = 1
 
   @property
   def multiple(self) -> int:
@@ -409,25 +403,22 @@ def _query_tile_smem(plgpu, stages, bq, d, dtype, tr):
   ]
 
 
-def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst, wait=True):
+def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst):
   """A consumer's epilogue: its dK and dV accumulators to global memory,
-  through its K and V tiles in shared memory (no longer read by then).
-  wait=False leaves the copies in flight (the tiles are not reused)."""
+  through its K and V tiles in shared memory (no longer read by then)."""
   k_tile[...] = dk.astype(k_tile.dtype)
   v_tile[...] = dv.astype(v_tile.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_tile, dk_dst)
   plgpu.copy_smem_to_gmem(v_tile, dv_dst)
-  if wait:
-    plgpu.wait_smem_to_gmem(0)
+  plgpu.wait_smem_to_gmem(0)
 
 
-def _key_block_barriers(plgpu, stages, consumers=2, kv_tiles=None):
-  """Barriers of the key-block kernels: ((K, V) per consumer warpgroup, or
-  `kv_tiles` of each; q, dO and the four row vectors per ring slot), and each
-  slot's release by every consumer."""
-  kv = kv_tiles or consumers
-  return ((plgpu.Barrier(num_barriers=kv), plgpu.Barrier(num_barriers=kv),
+def _key_block_barriers(plgpu, stages, consumers=2):
+  """Barriers of the key-block kernels: ((K, V) per consumer warpgroup; q, dO
+  and the four row vectors per ring slot), and each slot's release by every
+  consumer."""
+  return ((plgpu.Barrier(num_barriers=consumers), plgpu.Barrier(num_barriers=consumers),
            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
            plgpu.Barrier(num_arrivals=4, num_barriers=stages)),
           plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
@@ -435,28 +426,22 @@ def _key_block_barriers(plgpu, stages, consumers=2, kv_tiles=None):
 
 def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, lse_ref,
                         delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem,
-                        ks_smem, ke_smem, q_bar, do_bar, vec_bar, free, heads=1):
+                        ks_smem, ke_smem, q_bar, do_bar, vec_bar, free):
   """Producer warpgroup of the key-block kernels: the n query blocks listed in
   `blocks` into a ring of `stages` slots, each refilled once every consumer
-  has released it; with heads > 1, for q heads h * heads + 0, 1, ... in turn
-  (h is then the CTA's head group), one ring over all of them."""
+  has released it."""
 
-  def issue(g, slot):
-    if heads == 1:
-      t, hq = g, h
-    else:
-      hh = lax.div(g, n)
-      t, hq = g - hh * n, h * heads + hh
+  def issue(t, slot):
     rows = pl.ds(blocks[t] * bq, bq)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, hq], q_smem.at[slot], q_bar.at[slot])
-    plgpu.copy_gmem_to_smem(lse_ref.at[b, hq, rows], lse_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
     plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
     plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, hq, rows], delta_smem.at[slot], vec_bar.at[slot])
-    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hq], do_smem.at[slot], do_bar.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
 
-  def refill(g, slot):
+  def refill(t, slot):
     plgpu.barrier_wait(free.at[slot])
-    issue(g, slot)
+    issue(t, slot)
 
-  _fill_ring(pl, n if heads == 1 else n * heads, stages, issue, refill)
+  _fill_ring(pl, n, stages, issue, refill)

@@ -17,8 +17,6 @@ keys (dk/dv) or rows (dq) do not meet (`skip_empty`).
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -47,7 +45,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_k = n_cons * bk
   nq, nkc = seq // bq, -(-seq // cta_k)
-  nh = math.gcd(cfg.heads_dkv, hq)  # q heads per CTA, in turn
   blocks, counts, states, _ = sched  # gpu_mosaic_bwd.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
@@ -57,7 +54,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
 
   def kernel(blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, scoped):
-    hg = lax.axis_index("heads")  # the head group: q heads hg * nh + 0, 1, ...
+    h = lax.axis_index("heads")
     j = lax.axis_index("kv")
     b = lax.axis_index("batch")
     wg = lax.axis_index("wg")
@@ -65,18 +62,25 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
     n = counts_ref[b, j]
 
-    def _key_block_grads(hh, kb0, ragged):
-      """One head's dK, dV over the CTA's work list (ring entries hh*n...)."""
-      h = hg * nh + hh if nh > 1 else hg
-      buf = wg if nh == 1 else wg * nh + hh
-      plgpu.barrier_wait(k_bar.at[buf])
-      plgpu.barrier_wait(v_bar.at[buf])
-      k_tile, v_tile = k_smem.at[buf], v_smem.at[buf]
+    @pl.when(wg < n_cons)
+    def _consumer():
+      plgpu.set_max_registers(regs_consumer, action="increase")
+      kb0 = j * cta_k + wg * bk
+      hk = lax.div(h, jnp.int32(group))
+      # A surplus warpgroup of the last CTA (three consumers) reads the last
+      # real key block, meets no row (its tiles are empty) and stores nothing.
+      ragged = seq % cta_k != 0
+      kb_load = _clamp_start(kb0, seq, bk, ragged)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb_load, bk), hk], v_smem.at[wg], v_bar.at[wg])
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+      k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
       def body(t, carry):
         dk, dv, state = carry
-        slot = lax.rem(t + hh * n, jnp.int32(stages)) if hh else lax.rem(t, jnp.int32(stages))
+        slot = lax.rem(t, jnp.int32(stages))
         state_next = states_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
         plgpu.barrier_wait(q_bar.at[slot])
 
@@ -137,47 +141,25 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
                                              states_ref[b, j, wg, 0]))
       rows = pl.ds(kb0, bk)
       _when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
-          plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h],
-          wait=hh == nh - 1))
-
-    @pl.when(wg < n_cons)
-    def _consumer():
-      plgpu.set_max_registers(regs_consumer, action="increase")
-      kb0 = j * cta_k + wg * bk
-      kv_heads = [lax.div(hg * nh + hh if nh > 1 else hg, jnp.int32(group)) for hh in range(nh)]
-      # A surplus warpgroup of the last CTA (three consumers) reads the last
-      # real key block, meets no row (its tiles are empty) and stores nothing.
-      ragged = seq % cta_k != 0
-      kb_load = _clamp_start(kb0, seq, bk, ragged)
-      # Every head's K and V tiles load now, each into its own buffer: the
-      # next head's arrive while this one's query tiles stream.
-      for hh, hk in enumerate(kv_heads):
-        buf = wg if nh == 1 else wg * nh + hh
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[buf],
-                                k_bar.at[buf])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb_load, bk), hk], v_smem.at[buf],
-                                v_bar.at[buf])
-      for hh in range(nh):
-        _key_block_grads(hh, kb0, ragged)
+          plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h]))
 
     @pl.when(wg == n_cons)
     def _producer():
       plgpu.set_max_registers(regs_producer, action="decrease")
-      _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, hg, q_ref, do_ref,
+      _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
                           lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem,
-                          delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free,
-                          heads=nh)
+                          delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free)
 
   def entry(*refs):
     smem = [
-        plgpu.SMEM((n_cons * nh, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((n_cons * nh, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
         *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
     ]
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
-        *_key_block_barriers(plgpu, stages, n_cons, n_cons * nh),
+        *_key_block_barriers(plgpu, stages, n_cons),
         collective_axes="wg",
     )
 
@@ -185,7 +167,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   return plgpu.kernel(
       entry,
       out_type=[shape, shape],
-      grid=(hq // nh, nkc, batch),
+      grid=(hq, nkc, batch),
       grid_names=("heads", "kv", "batch"),
       num_threads=n_cons + 1,
       thread_name="wg",

@@ -96,11 +96,6 @@ class MosaicBwdConfig:
   # (three warpgroups' dK and dV accumulators at 128 exceed the registers).
   consumers_dkv: int = 2
   consumers_dq: int = 2
-  # Two-kernel dk/dv: tile t-1's dK product runs under tile t's P^T, tile
-  # t+1's S^T is issued at the end of tile t (`gpu_mosaic_bwd_two_kernel.dkv`);
-  # skips the consumer's empty tiles whatever skip_empty says, and wants
-  # stages_dkv >= 3 (slot t-1 is released late).
-  pipeline_dkv: int = 0
 
   @property
   def multiple(self) -> int:

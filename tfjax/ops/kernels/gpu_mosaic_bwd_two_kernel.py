@@ -78,85 +78,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
       k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
-      def _pipelined_walk():
-        """The walk with tile t-1's dK product in flight while tile t's P^T
-        is computed, and tile t+1's S^T issued at the end of tile t: per tile
-        two waits for the tensor cores instead of three. No product is in
-        flight across a branch or an iteration (each region below waits for
-        its own), and every barrier wait and arrival happens once per tile
-        whatever the tile's state, as in `body`. Slot t-1 is released only
-        once its dK has run, so the ring wants three stages."""
-        nlist = states_ref.shape[-1]
-        bf16_zeros = plgpu.layout_cast(jnp.full((bk, bq), 0.0, dtype), wgmma_layout)
-
-        def s_product(slot):
-          def fn(acc_ref):
-            plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
-            return acc_ref[...]
-          return pl.run_scoped(fn, plgpu.ACC((bk, bq), jnp.float32))
-
-        def next_s(t, state):  # S^T of list entry t (t < n), or zeros if ours is empty
-          slot = lax.rem(t, jnp.int32(stages))
-          plgpu.barrier_wait(q_bar.at[slot])
-          return lax.cond(state == EMPTY, lambda: zeros((bk, bq)), lambda: s_product(slot))
-
-        def dk_product(dk, ds_t, slot):
-          def fn(acc_ref):
-            plgpu.wgmma(acc_ref, ds_t, q_smem.at[slot])
-          return pl.run_state(fn)(plgpu.ACC.init(dk))
-
-        def body_p(t, carry):
-          dk, dv, s_t, ds_prev, prev_live, state = carry
-          slot = lax.rem(t, jnp.int32(stages))
-          prev = lax.rem(t + stages - 1, jnp.int32(stages))
-          live = state != EMPTY
-          plgpu.barrier_wait(vec_bar.at[slot])
-          probs = lambda: _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
-                                   ke_smem.at[slot], lse_smem.at[slot])
-          no_p = lambda: zeros((bk, bq))
-
-          def dk_under_probs():
-            def fn(acc_ref):
-              acc_ref[...] = dk
-              plgpu.wgmma(acc_ref, ds_prev, q_smem.at[prev])
-              p_t = probs()
-              return plgpu.wgmma_accumulator_load(acc_ref), p_t
-            return pl.run_scoped(fn, plgpu.ACC((bk, d), jnp.float32))
-
-          dk, p_t = lax.switch(
-              prev_live.astype(jnp.int32) * 2 + live.astype(jnp.int32),
-              [lambda: (dk, no_p()), lambda: (dk, probs()),
-               lambda: (dk_product(dk, ds_prev, prev), no_p()), dk_under_probs])
-          pl.when(t > 0)(lambda: plgpu.barrier_arrive(free.at[prev]))
-          plgpu.barrier_wait(do_bar.at[slot])
-
-          def grads():
-            def dv_dp(refs):
-              plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-              plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
-
-            dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
-                                                plgpu.ACC.init(zeros((bk, bq)))))
-            delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))
-            return dv_new, plgpu.layout_cast(ds_t.astype(dtype), wgmma_layout)
-
-          dv, ds_t = lax.cond(live, grads, lambda: (dv, bf16_zeros))
-          t1 = lax.min(t + 1, jnp.int32(nlist - 1))
-          state_next = states_ref[b, j, wg, t1]
-          s_next = lax.cond(t + 1 < n, lambda: next_s(t + 1, state_next), no_p)
-          return dk, dv, s_next, ds_t, live, state_next
-
-        state0 = states_ref[b, j, wg, 0]
-        s0 = lax.cond(n > 0, lambda: next_s(jnp.int32(0), state0), lambda: zeros((bk, bq)))
-        dk, dv, _, ds_last, last_live, _ = lax.fori_loop(
-            0, n, body_p, (zeros((bk, d)), zeros((bk, d)), s0, bf16_zeros,
-                           jnp.bool_(False), state0))
-        last = lax.rem(n + stages - 1, jnp.int32(stages))
-        dk = lax.cond(last_live, lambda: dk_product(dk, ds_last, last), lambda: dk)
-        pl.when(n > 0)(lambda: plgpu.barrier_arrive(free.at[last]))
-        return dk, dv
-
       def body(t, carry):
         dk, dv, state = carry
         slot = lax.rem(t, jnp.int32(stages))
@@ -216,11 +137,8 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
         plgpu.barrier_arrive(free.at[slot])
         return dk, dv, state_next
 
-      if cfg.pipeline_dkv:
-        dk, dv = _pipelined_walk()
-      else:
-        dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
-                                               states_ref[b, j, wg, 0]))
+      dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
+                                             states_ref[b, j, wg, 0]))
       rows = pl.ds(kb0, bk)
       _when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
           plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h]))

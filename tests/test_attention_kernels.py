@@ -380,13 +380,13 @@ MOSAIC_CASES = [
     #  (block_q per warpgroup, block_k, stages, heads per CTA[, lpt]))
     (64, 4, 2, 512, (64, 128, 3, 2)),         # GQA, 2 heads per CTA (2 kv heads)
     (128, 2, 2, 384, (64, 128, 2, 1)),        # CTA rows (128) != key tile
-    (128, 4, 1, 512, (64, 64, 2, 4, False, True)),  # MQA, narrow key tiles, grid order, heads outer
+    (128, 4, 1, 512, (64, 64, 2, 4, False, False)),  # MQA, narrow key tiles, grid order, heads inner
     (64, 2, 2, 320, (64, 64, 4, 2)),          # padded to 384
-    (128, 2, 2, 384, (64, 128, 2, 1, True, False, False, False)),  # no empty-tile skipping
+    (128, 2, 2, 384, (64, 128, 2, 1, True, True, False, False)),  # no empty-tile skipping
     # three consumers: 192-row CTAs, the last one reaching past 512
-    (64, 4, 2, 512, (64, 128, 2, 1, True, False, False, True, 3)),
-    (128, 2, 2, 384, (64, 64, 2, 2, True, False, False, True, 3)),  # 3 consumers, 2 heads
-    (128, 4, 2, 448, (64, 64, 2, 1, True, False, False, True, 3)),  # the L>=8192 default, GQA
+    (64, 4, 2, 512, (64, 128, 2, 1, True, True, False, True, 3)),
+    (128, 2, 2, 384, (64, 64, 2, 2, True, True, False, True, 3)),  # 3 consumers, 2 heads
+    (128, 4, 2, 448, (64, 64, 2, 1, True, True, False, True, 3)),  # the L>=8192 default, GQA
 ]
 
 

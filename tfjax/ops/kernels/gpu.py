@@ -370,9 +370,9 @@ class GpuConfig:
     # (0.211-0.227 vs 0.220-0.237 ms), level or slower at 4096 (0.130-0.153
     # vs 0.129-0.142), where 192-row CTAs leave 5 waves and a ragged tail.
     if head_dim <= 64:
-      return (64, 128, 2, 1, True, False, False, True, 3)
+      return (64, 128, 2, 1, True, True, False, True, 3)
     if seq_len is not None and seq_len >= 8192:
-      return (64, 64, 2, 1, True, False, False, True, 3)
+      return (64, 64, 2, 1, True, True, False, True, 3)
     return (64, 128, 2, 1)
 
   @staticmethod

@@ -62,14 +62,20 @@ class MosaicFwdConfig:
   the K/V stream runs on across them and the next head's Q tile is
   prefetched); lpt: launch the query tiles with the most key blocks first;
   heads_outer: every query tile of one head group before the next group's
-  (heads the slowest grid axis, meant to keep the K/V of the heads in flight
-  in L2; measured mixed on the H100, run M7 of NOTES_attention.md, so off)."""
+  (heads the slowest grid axis), so the CTAs in flight belong to one or two
+  head groups and share their K/V tiles in L2; False interleaves the head
+  groups at each query tile. Pallas's Mosaic GPU lowering launches the
+  grid's last axis fastest (row-major, as on TPU; the Triton kernels'
+  program_id(0) is the fastest), so this order is grid (head groups, tiles).
+  On since the first Mosaic forward: every timing in NOTES_attention.md
+  from M1 on ran it (until 2026-12-02 the flag was named for the opposite
+  order and defaulted to False, which meant this same launch order)."""
   block_q: int = 64
   block_k: int = 128
   num_stages: int = 2
   heads: int = 1
   lpt: bool = True
-  heads_outer: bool = False
+  heads_outer: bool = True
   # Compile without Pallas's automatic warpgroup barriers and without scratch
   # for cross-warp reductions (tokamax's settings for its forward): the kernel
   # already orders its shared-memory stores (commit_smem before each TMA) and
@@ -479,8 +485,8 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       entry,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)],
-      grid=(batch * nq, hq // nh) if cfg.heads_outer else (hq // nh, batch * nq),
-      grid_names=("tile", "hg") if cfg.heads_outer else ("hg", "tile"),
+      grid=(hq // nh, batch * nq) if cfg.heads_outer else (batch * nq, hq // nh),
+      grid_names=("hg", "tile") if cfg.heads_outer else ("tile", "hg"),
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),

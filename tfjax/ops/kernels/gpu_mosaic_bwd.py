@@ -368,8 +368,11 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   # plgpu.kernel's batching wrapper does not take refs in JAX 0.10).
   dq_acc = jax.new_ref(jnp.zeros((batch, seq, hq, d), jnp.float32))
   shape = jax.ShapeDtypeStruct((batch, seq, hq, d), dtype)
-  # Heads are the fastest launch axis: the CTAs in flight add into different
-  # heads' dq (heads slowest measured 23% slower at 8192/128, NOTES_attention.md).
+  # Pallas's Mosaic GPU grid launches its last axis fastest, so this grid runs
+  # every tile of one head before the next head's (heads slowest): the CTAs
+  # in flight add into the same head's dq. NOTES_attention.md's M7 measured
+  # that order 23% slower for the Triton fused backward; for this kernel
+  # (an option, not a default) the other order was never timed.
   mesh = plgpu.Mesh(grid=(hq, batch * nkc), grid_names=("heads", "tile"), num_threads=3,
                     thread_name="wg")
   dk, dv = pl.kernel(

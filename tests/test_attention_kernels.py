@@ -82,6 +82,43 @@ def test_work_lists_are_the_nonempty_tiles():
         assert np.all(full[b, i, n:] == 0)
 
 
+@pytest.mark.parametrize("n_dkv,n_dq", [(2, 3), (3, 3), (2, 2)])
+def test_ds_positions_route_every_visited_dq_tile_to_a_stored_ds_tile(n_dkv, n_dq):
+  """dq_from_ds: for every tile a dq consumer computes, the entry that the
+  `DsRoute` names is the dk/dv list entry of that query tile in that key
+  block's chunk, and the dk/dv consumer owning the key block computed (and
+  stored) it there."""
+  from tfjax.ops.kernels import gpu_mosaic_bwd
+  rng = np.random.default_rng(5)
+  seg, img = random_layout(rng, 2, 512)
+  ks, ke = key_ranges(jnp.asarray(seg), jnp.asarray(img))
+  sched = gpu_mosaic_bwd.bwd_schedule(ks, ke, gpu_mosaic_bwd.MosaicBwdConfig(
+      fuse_dq=0, consumers_dkv=n_dkv, consumers_dq=n_dq, dq_delta=0, dq_from_ds=1))
+  kv_blocks, kv_counts, kv_states = map(np.asarray, sched.dkv[:3])
+  q_blocks, q_counts, q_states = map(np.asarray, sched.dq)
+  route = sched.ds_route
+  pos, offsets = np.asarray(route.pos), np.asarray(route.offsets)
+  # Packed rows: chunk (b, j) owns counts * consumers rows from its offset on.
+  rows = (kv_counts * n_dkv).reshape(-1)
+  assert (offsets.reshape(-1) == np.cumsum(rows) - rows).all() and int(route.total) == rows.sum()
+  nq, visited = 512 // 64, 0
+  for b in range(2):
+    for qi in range(q_counts.shape[1]):
+      for t in range(q_counts[b, qi]):
+        kb = q_blocks[b, qi, t]
+        for c in range(n_dq):
+          if q_states[b, qi, c, t] == bmap.EMPTY:
+            continue
+          qt = qi * n_dq + c
+          assert qt < nq
+          chunk, own = divmod(int(kb), n_dkv)
+          e = pos[b, chunk, qt]
+          assert e < kv_counts[b, chunk] and kv_blocks[b, chunk, e] == qt
+          assert kv_states[b, chunk, own, e] == q_states[b, qi, c, t]
+          visited += 1
+  assert visited > 20  # 45 of the 64 tiles of this layout
+
+
 @pytest.mark.parametrize("consumers", [2, 3])
 def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
   """The Mosaic kernels' schedules (CTAs of `consumers` warpgroups, 64 rows or
@@ -460,11 +497,19 @@ MOSAIC_BWD_CASES = [
     (128, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 3)),
     # 240 registers, S^T and dP^T apart in dk/dv only, GQA
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 1)),
+    # dq from the dk/dv kernel's dS^T tiles (experimental): the head-dim-128
+    # default's kernels (GQA), and three consumers each at 64 past the end
+    (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1)),
+    (64, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 3, 3, 1)),
+    # buffers of 30% and 60% of the padded lists' tiles, this layout listing
+    # 53%: the cond takes the recomputing fallback, then the packed tiles
+    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 1, 30)),
+    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 1, 60)),
 ]
 
 
 @pytest.mark.parametrize("d,hq,hkv,seq,bcfg",
-                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10, 11)])
+                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,15 @@ class MosaicBwdConfig:
   # (three warpgroups' dK and dV accumulators at 128 exceed the registers).
   consumers_dkv: int = 2
   consumers_dq: int = 2
+  # Two-kernel path, experimental: the dk/dv kernel runs first and writes its
+  # bf16 dS^T tiles, packed (`two_kernel.DsRoute`), and dq is one product per
+  # visited tile (`two_kernel.dq_from_ds`) instead of recomputing S and dP;
+  # delta comes from one XLA pass (dq_delta unused).
+  dq_from_ds: int = 0
+  # dq_from_ds: the dS^T buffer's rows per head, in percent of the padded
+  # lists' tiles (the tiles every list could hold); a batch whose lists
+  # need more recomputes dq instead (both paths are compiled).
+  ds_capacity: int = 100
 
   @property
   def multiple(self) -> int:
@@ -130,10 +139,17 @@ class DqSchedule(NamedTuple):
 class BwdSchedule(NamedTuple):
   dkv: DkvSchedule
   dq: DqSchedule | None  # None: the fused kernel computes dq
+  # dq_from_ds: where the dS^T tiles go (`gpu_mosaic_bwd_two_kernel.DsRoute`);
+  # None otherwise.
+  ds_route: Any = None
 
 
 def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   """The backward's work lists for int32[batch, seq] key intervals [ks, ke)."""
+  if cfg.dq_from_ds and (cfg.fuse_dq or (cfg.block_q_dq, cfg.block_k_dq)
+                         != (cfg.block_q_dkv, cfg.block_k_dkv)):
+    raise ValueError("MosaicBwdConfig.dq_from_ds takes the two-kernel path (fuse_dq=0) "
+                     "with the dq tiles equal to the dk/dv tiles")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
                      "path (fuse_dq=0); the fused kernel runs two consumers")
@@ -153,7 +169,11 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
     states = tile_states(ks, ke, bq, bk)
   n = cfg.consumers_dq
   wl, own = warpgroup_schedule(pad_states(states, cta_tiles(bq, n), seq // bk), n)
-  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts, own))
+  route = None
+  if cfg.dq_from_ds:
+    from tfjax.ops.kernels.gpu_mosaic_bwd_two_kernel import ds_route
+    route = ds_route(dkv, seq, cfg.block_q_dkv, cfg.consumers_dkv)
+  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts, own), route)
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
@@ -171,13 +191,36 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
     dq, dk, dv = _fused(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale, cfg=cfg)
   else:
     from tfjax.ops.kernels import gpu_mosaic_bwd_two_kernel as two_kernel
-    if cfg.dq_delta:
+    if cfg.dq_from_ds:
+      dlt = delta()
+      route = sched.ds_route
+
+      def from_ds():
+        dk, dv, dst = two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale,
+                                     cfg=cfg, ds_route=route)
+        return two_kernel.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
+                                     q_shape=q.shape), dk, dv
+
+      def recompute():  # more listed tiles than the buffer holds
+        plain = dataclasses.replace(cfg, dq_from_ds=0)
+        dq = two_kernel.dq(q, k, v, do, lse, dlt, ks, ke, sched.dq, scale=scale, cfg=plain)
+        return (dq, *two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale,
+                                    cfg=plain))
+
+      if cfg.ds_capacity >= 100:
+        dq, dk, dv = from_ds()
+      else:
+        nkc, nlist = sched.dkv.blocks.shape[1:]
+        cap = two_kernel.ds_capacity(cfg, batch, nkc, nlist)
+        dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds, recompute)
+    elif cfg.dq_delta:
       dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale, cfg=cfg,
                               o=o)
     else:
       dlt = delta()
       dq = two_kernel.dq(q, k, v, do, lse, dlt, ks, ke, sched.dq, scale=scale, cfg=cfg)
-    dk, dv = two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale, cfg=cfg)
+    if not cfg.dq_from_ds:
+      dk, dv = two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale, cfg=cfg)
   if group > 1:  # the kernels write dk, dv per q head
     dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)

@@ -17,6 +17,8 @@ keys (dk/dv) or rows (dq) do not meet (`skip_empty`).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -30,8 +32,10 @@ from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _store_key_grads, _stream_query_tiles)
 
 
-def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
-  """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller)."""
+def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
+  """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller);
+  with cfg.dq_from_ds also the dS^T tiles for `dq_from_ds`, at the rows that
+  `ds_route` (a `DsRoute`) gives them."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -52,15 +56,39 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
   tr = _smem_transforms(plgpu, dtype, d)
   sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
 
+  ds_out = bool(cfg.dq_from_ds)
+  nlist = states.shape[-1]
+  tr_ds = _smem_transforms(plgpu, dtype, bq)
+
+  cap = ds_capacity(cfg, batch, nkc, nlist) if ds_out else 0
+
   def kernel(blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-             delta_ref, ks_ref, ke_ref, dk_ref, dv_ref, scoped):
+             delta_ref, ks_ref, ke_ref, *rest):
+    # rest: (dk, dv, scoped), or (dS^T offsets, dk, dv, dS^T out, scoped) with ds_out.
+    if ds_out:
+      off_ref, dk_ref, dv_ref, ds_ref, scoped = rest
+    else:
+      dk_ref, dv_ref, scoped = rest
     h = lax.axis_index("heads")
     j = lax.axis_index("kv")
     b = lax.axis_index("batch")
     wg = lax.axis_index("wg")
-    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem), \
+    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, *ds_smem), \
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
     n = counts_ref[b, j]
+
+    def keep_ds(t, ds16):
+      """dS^T of list entry t to global memory for the dq kernel (ds_out), through
+      two shared-memory buffers per consumer: the store of entry t-2 must have
+      read its buffer first."""
+      if not ds_out:
+        return
+      buf = ds_smem[0].at[wg, lax.rem(t, jnp.int32(2))]
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      buf[...] = ds16
+      plgpu.commit_smem()
+      row = h * jnp.int32(cap) + off_ref[b, j] + t * jnp.int32(n_cons) + wg
+      plgpu.copy_smem_to_gmem(buf, ds_ref.at[row])
 
     @pl.when(wg < n_cons)
     def _consumer():
@@ -104,12 +132,15 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
           delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
           if sdp_group:
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
+            ds16 = ds_t.astype(dtype)
 
             def dv_dk(refs):
               plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-              plgpu.wgmma(refs[1], ds_t.astype(dtype), q_smem.at[slot])
+              plgpu.wgmma(refs[1], ds16, q_smem.at[slot])
 
-            return pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            out = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            keep_ds(t, ds16)
+            return out
           plgpu.barrier_wait(do_bar.at[slot])
 
           def dv_dp(refs):
@@ -119,11 +150,14 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
           dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
                                               plgpu.ACC.init(zeros((bk, bq)))))
           ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
+          ds16 = ds_t.astype(dtype)
 
           def dk_fn(acc_ref):
-            plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_smem.at[slot])
+            plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])
 
-          return dv_new, pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+          dk_new = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+          keep_ds(t, ds16)
+          return dv_new, dk_new
 
         def skip():  # our keys meet none of these rows; the same waits (phases)
           plgpu.barrier_wait(do_bar.at[slot])
@@ -156,6 +190,8 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
         plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
         *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
     ]
+    if ds_out:
+      smem.append(plgpu.SMEM((n_cons, 2, bk, bq), dtype, transforms=tr_ds))
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
@@ -164,15 +200,21 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg):
     )
 
   shape = jax.ShapeDtypeStruct((batch, seq, hq, d), dtype)
+  # dS^T [keys, rows] tiles, `cap` rows per head (`DsRoute`), written only where
+  # the consumer's tile is not empty.
+  ds_type = jax.ShapeDtypeStruct((hq * cap, bk, bq), dtype)
+  inputs = (blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
+  if ds_out:
+    inputs += (ds_route.offsets,)
   return plgpu.kernel(
       entry,
-      out_type=[shape, shape],
+      out_type=[shape, shape, ds_type] if ds_out else [shape, shape],
       grid=(hq, nkc, batch),
       grid_names=("heads", "kv", "batch"),
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
+  )(*inputs)
 
 
 def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
@@ -366,3 +408,154 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
   )(blocks, counts, states, ks, ke, q, k, v, do, lse, o if own_delta else delta)
+
+
+class DsRoute(NamedTuple):
+  """Where `dkv` (cfg.dq_from_ds) puts each dS^T tile and `dq_from_ds` finds it.
+
+  Each head owns `ds_capacity` rows of the [heads * capacity, block_k,
+  block_q] buffer; key chunk (b, j) writes its count * consumers tiles from
+  row offsets[b, j] on (list entry t, consumer c at offsets + t * consumers +
+  c), so the rows hold only the listed tiles. total: the rows one head needs;
+  the backward falls back to recomputing dq where it exceeds the capacity.
+  """
+  pos: jax.Array       # int32[batch, key chunks, query tiles]: the list entry
+                       # at which each key chunk met each query tile (0: never)
+  offsets: jax.Array   # int32[batch, key chunks]
+  total: jax.Array     # int32[]
+
+
+def ds_capacity(cfg, batch: int, chunks: int, nlist: int) -> int:
+  """Rows per head of the dS^T buffer: cfg.ds_capacity percent of the padded
+  lists' tiles (100: every list full, never a fallback)."""
+  return max(1, -(-batch * chunks * nlist * cfg.consumers_dkv * cfg.ds_capacity // 100))
+
+
+def ds_route(dkv_sched, seq: int, block_q: int, consumers: int) -> DsRoute:
+  """The `DsRoute` of a dk/dv schedule (one pass over its work lists)."""
+  blocks, counts = dkv_sched.blocks, dkv_sched.counts   # [batch, chunks, list], [batch, chunks]
+  batch, nkc, nlist = blocks.shape
+  nq = seq // block_q
+  t = jnp.arange(nlist, dtype=jnp.int32)
+  target = jnp.where(t[None, None, :] < counts[:, :, None], blocks, nq)  # nq: dropped
+  bi = jnp.arange(batch)[:, None, None]
+  ji = jnp.arange(nkc)[None, :, None]
+  pos = jnp.zeros((batch, nkc, nq), jnp.int32).at[bi, ji, target].set(
+      jnp.broadcast_to(t, blocks.shape), mode="drop")
+  rows = (counts * consumers).reshape(-1)
+  offsets = (jnp.cumsum(rows) - rows).reshape(batch, nkc).astype(jnp.int32)
+  return DsRoute(pos, offsets, rows.sum().astype(jnp.int32))
+
+
+def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
+  """dq [batch, seq, q_heads, d] = dS K from the dk/dv kernel's dS^T tiles
+  (`dkv` with cfg.dq_from_ds): one product per visited tile instead of
+  recomputing S, P and dP. dst: [q_heads * capacity, block_k, block_q] tiles
+  at the rows of `route`. The walk is the dq kernel's
+  (consumers_dq warpgroups of block_q rows over the query block's listed key
+  blocks); the producer streams each entry's K tile and the consumers' dS^T
+  tiles."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  batch, seq, hq, d = q_shape
+  group = hq // k.shape[2]
+  dtype = k.dtype
+  bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
+  if (bq, bk) != (cfg.block_q_dkv, cfg.block_k_dkv):
+    raise ValueError("MosaicBwdConfig.dq_from_ds needs the dq tiles equal to the dk/dv tiles")
+  n_cons, n_dkv = cfg.consumers_dq, cfg.consumers_dkv
+  regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
+  cta_q = n_cons * bq
+  nq_cta, nk, nq = -(-seq // cta_q), seq // bk, seq // bq
+  cap = dst.shape[0] // hq
+  blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
+  wgmma_layout = plgpu.Layout.WGMMA
+  tr = _smem_transforms(plgpu, dtype, d)
+  tr_ds = _smem_transforms(plgpu, dtype, bq)
+
+  def kernel(blocks_ref, counts_ref, states_ref, pos_ref, off_ref, k_ref, ds_ref, dq_ref,
+             scoped):
+    h = lax.axis_index("heads")
+    qi = lax.axis_index("q")
+    b = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    (out_smem, k_smem, ds_smem), (k_bar, ds_bar), free = scoped
+    n = counts_ref[b, qi]
+
+    @pl.when(wg < n_cons)
+    def _consumer():
+      plgpu.set_max_registers(regs_consumer, action="increase")
+      row0 = qi * cta_q + wg * bq
+      ragged = seq % cta_q != 0
+      zeros = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), wgmma_layout)
+
+      def body(t, dq):
+        slot = lax.rem(t, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(ds_bar.at[slot])
+
+        def tile():
+          def fn(acc_ref):  # dQ += (dS^T)^T K: the stored tile, transposed
+            plgpu.wgmma(acc_ref, _transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
+          return pl.run_state(fn)(plgpu.ACC.init(dq))
+
+        dq = lax.cond(states_ref[b, qi, wg, t] == EMPTY, lambda: dq, tile)
+        plgpu.barrier_arrive(free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, n, body, zeros)
+
+      @_when_inside(pl, row0, seq, ragged)
+      def _():
+        out_smem.at[wg][...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[b, pl.ds(row0, bq), h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == n_cons)
+    def _producer():
+      plgpu.set_max_registers(regs_producer, action="decrease")
+      hk = lax.div(h, jnp.int32(group))
+
+      def issue(t, slot):
+        kb = blocks_ref[b, qi, t]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb * bk, bk), hk], k_smem.at[slot],
+                                k_bar.at[slot])
+        chunk, own = lax.div(kb, jnp.int32(n_dkv)), lax.rem(kb, jnp.int32(n_dkv))
+        for c in range(n_cons):
+          qt = lax.min(qi * n_cons + c, jnp.int32(nq - 1))
+          entry = pos_ref[b, chunk, qt]
+          # Clamped: an empty tile's row (never read) may lie past this head's.
+          tile = h * jnp.int32(cap) + lax.min(off_ref[b, chunk] + entry * jnp.int32(n_dkv) + own,
+                                              jnp.int32(cap - 1))
+          plgpu.copy_gmem_to_smem(ds_ref.at[tile], ds_smem.at[slot, c],
+                                  ds_bar.at[slot])
+
+      def refill(t, slot):
+        plgpu.barrier_wait(free.at[slot])
+        issue(t, slot)
+
+      _fill_ring(pl, n, stages, issue, refill)
+
+  def entry(*refs):
+    pl.run_scoped(
+        lambda *scoped: kernel(*refs, scoped),
+        [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
+         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+         plgpu.SMEM((stages, n_cons, bk, bq), dtype, transforms=tr_ds)],
+        (plgpu.Barrier(num_barriers=stages),
+         plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages)),
+        plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),
+        collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct(q_shape, dtype),
+      grid=(hq, nq_cta, batch),
+      grid_names=("heads", "q", "batch"),
+      num_threads=n_cons + 1,
+      thread_name="wg",
+      compiler_params=_compiler_params(plgpu, cfg.lean),
+  )(blocks, counts, states, route.pos, route.offsets, k, dst)

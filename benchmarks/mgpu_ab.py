@@ -2,6 +2,9 @@
 
   python benchmarks/mgpu_ab.py [--variants "d0/d0;d1/d1;64,64,2,1,1,0,0,1/d1"]
       [--shapes 4096/64,...] [--rounds 2] [--reps 20]
+  ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
+      --csv --log-file ncu.csv python benchmarks/mgpu_ab.py --profile [same flags]
+  python benchmarks/mgpu_ab.py --summarize ncu.csv [same flags]
 
 A variant is FWD/BWD: the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
@@ -11,6 +14,9 @@ forward+backward is timed with its schedule built outside the call, in
 `--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
 and gradients are compared with the first variant's. The last line is JSON:
 {"<shape> <variant>": [fwd ms, f+b ms], ...} (medians over the rounds).
+With --profile each variant's forward+backward runs once inside a profiler
+window instead (kernel by kernel under Nsight Compute, as
+profile_attention.py), and --summarize prints those windows' breakdown.
 """
 from __future__ import annotations
 
@@ -46,7 +52,17 @@ def main():
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--group", type=int, default=10)
   p.add_argument("--window_ms", type=float, default=20.0, help="see attention.time_jax")
+  p.add_argument("--profile", action="store_true",
+                 help="one profiler window per variant's forward+backward, no timing")
+  p.add_argument("--summarize", default="", help="print the breakdown from ncu's CSV log")
   args = p.parse_args()
+  if args.summarize:
+    from profile_attention import summarize_windows
+    summarize_windows(args.summarize, [f"{shape} {spec}" for shape in args.shapes.split(",")
+                                       for spec in args.variants.split(";")])
+    return
+  if args.profile:
+    import torch  # noqa: F401  (before JAX opens the GPU, as profile_attention.py: else ncu crashed)
   print(f"jax {jax.__version__} {jax.devices()}", flush=True)
   bsz, heads = 2, 16
   result = {}
@@ -71,6 +87,14 @@ def main():
         return (o,) + vjp(do)
 
       fns[spec] = (jax.jit(fwd), jax.jit(fb), sched)
+    if args.profile:
+      from profile_attention import profile_window
+      for spec, (_, g, sched) in fns.items():
+        for _ in range(3):
+          jax.block_until_ready(g(q, k, v, do, sched))
+        print(f"PROFILE {shape} {spec}", flush=True)
+        profile_window(lambda: g(q, k, v, do, sched))
+      continue
     ref = None
     times = {s: ([], []) for s in fns}
     for r in range(args.rounds):

@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def run(shapes: list[str], with_plan_in_call: bool) -> None:
   import jax
   import jax.numpy as jnp
-  import torch
 
   import attention_layout as layout
   from attention import _fwd_bwd
@@ -53,19 +52,31 @@ def run(shapes: list[str], with_plan_in_call: bool) -> None:
       for _ in range(3):
         jax.block_until_ready(fb(q, k, v, do))
       print(f"PROFILE {shape} {name}", flush=True)
-      marker = torch.empty(1, device="cuda")
-      torch.cuda.synchronize()
-      torch.cuda.profiler.start()
-      marker.fill_(1.0)  # a torch FillFunctor kernel opens each window in the log
-      torch.cuda.synchronize()
-      jax.block_until_ready(fb(q, k, v, do))
-      torch.cuda.profiler.stop()
+      profile_window(lambda: fb(q, k, v, do))
+
+
+def profile_window(call) -> None:
+  """One call inside a CUDA profiler window that `summarize` can find: a torch
+  fill kernel opens it in ncu's log (the caller has warmed `call` up)."""
+  import jax
+  import torch
+  marker = torch.empty(1, device="cuda")
+  torch.cuda.synchronize()
+  torch.cuda.profiler.start()
+  marker.fill_(1.0)
+  torch.cuda.synchronize()
+  jax.block_until_ready(call())
+  torch.cuda.profiler.stop()
 
 
 def summarize(path: str, shapes: list[str], with_plan_in_call: bool) -> None:
-  """ncu's CSV (one row per kernel launch, in launch order) split per window."""
-  names = [f"{s} {n}" for s in shapes for n in
-           (("plan given", "plan in the call") if with_plan_in_call else ("plan given",))]
+  summarize_windows(path, [f"{s} {n}" for s in shapes for n in (
+      ("plan given", "plan in the call") if with_plan_in_call else ("plan given",))])
+
+
+def summarize_windows(path: str, names: list[str]) -> dict:
+  """ncu's CSV (one row per kernel launch, in launch order) split per window
+  (`profile_window`), one window per name."""
   rows = []
   with open(path) as f:
     lines = [ln for ln in f if ln.startswith('"')]
@@ -82,7 +93,7 @@ def summarize(path: str, shapes: list[str], with_plan_in_call: bool) -> None:
       windows[-1].append((kernel, us))
   if len(windows) != len(names):
     raise SystemExit(f"{len(windows)} profiler windows in {path}, expected {len(names)}"
-                     " (same --shapes / --with_plan_in_call as the profiled run?)")
+                     " (the same shapes and variants as the profiled run?)")
   result = {}
   for name, window in zip(names, windows):
     acc = collections.OrderedDict()
@@ -98,6 +109,7 @@ def summarize(path: str, shapes: list[str], with_plan_in_call: bool) -> None:
       print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  {kernel}")
     result[name] = {k: round(v, 1) for k, v in acc.items()}
   print(json.dumps(result))
+  return result
 
 
 def main():

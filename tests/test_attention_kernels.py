@@ -82,41 +82,45 @@ def test_work_lists_are_the_nonempty_tiles():
         assert np.all(full[b, i, n:] == 0)
 
 
-@pytest.mark.parametrize("n_dkv,n_dq", [(2, 3), (3, 3), (2, 2)])
-def test_ds_positions_route_every_visited_dq_tile_to_a_stored_ds_tile(n_dkv, n_dq):
-  """dq_from_ds: for every tile a dq consumer computes, the entry that the
-  `DsRoute` names is the dk/dv list entry of that query tile in that key
-  block's chunk, and the dk/dv consumer owning the key block computed (and
-  stored) it there."""
+@pytest.mark.parametrize("n_dkv,n_dq,order", [(2, 3, 1), (3, 3, 1), (2, 2, 1), (2, 3, 2),
+                                              (3, 3, 2), (2, 2, 2)])
+def test_ds_route_gives_every_visited_dq_tile_the_row_its_dkv_consumer_stored(
+    n_dkv, n_dq, order):
+  """dq_from_ds: every tile a dk/dv consumer computes gets its own row of the
+  head's packed buffer, below the total, and each tile a dq consumer computes
+  reads the row that the dk/dv consumer owning its key block stored for that
+  query tile; in dq order an entry's consumers read adjacent rows."""
   from tfjax.ops.kernels import gpu_mosaic_bwd
   rng = np.random.default_rng(5)
   seg, img = random_layout(rng, 2, 512)
   ks, ke = key_ranges(jnp.asarray(seg), jnp.asarray(img))
   sched = gpu_mosaic_bwd.bwd_schedule(ks, ke, gpu_mosaic_bwd.MosaicBwdConfig(
-      fuse_dq=0, consumers_dkv=n_dkv, consumers_dq=n_dq, dq_delta=0, dq_from_ds=1))
+      fuse_dq=0, consumers_dkv=n_dkv, consumers_dq=n_dq, dq_delta=0, dq_from_ds=order))
   kv_blocks, kv_counts, kv_states = map(np.asarray, sched.dkv[:3])
   q_blocks, q_counts, q_states = map(np.asarray, sched.dq)
-  route = sched.ds_route
-  pos, offsets = np.asarray(route.pos), np.asarray(route.offsets)
-  # Packed rows: chunk (b, j) owns counts * consumers rows from its offset on.
-  rows = (kv_counts * n_dkv).reshape(-1)
-  assert (offsets.reshape(-1) == np.cumsum(rows) - rows).all() and int(route.total) == rows.sum()
-  nq, visited = 512 // 64, 0
+  rows, dq_rows, total = (np.asarray(x) for x in sched.ds_route)
+  stored = {}  # row -> (batch, query tile, key block)
+  for b in range(2):
+    for j in range(kv_counts.shape[1]):
+      for t in range(kv_counts[b, j]):
+        for w in range(n_dkv):
+          if kv_states[b, j, w, t] != bmap.EMPTY:
+            r = int(rows[b, j, w, t])
+            assert 0 <= r < total and r not in stored
+            stored[r] = (b, int(kv_blocks[b, j, t]), j * n_dkv + w)
+  packed = (q_counts * n_dq).sum() if order == 2 else (kv_counts * n_dkv).sum()
+  assert int(total) == packed
+  visited = 0
   for b in range(2):
     for qi in range(q_counts.shape[1]):
       for t in range(q_counts[b, qi]):
-        kb = q_blocks[b, qi, t]
+        if order == 2:
+          np.testing.assert_array_equal(dq_rows[b, qi, t], dq_rows[b, qi, t, 0] + np.arange(n_dq))
         for c in range(n_dq):
-          if q_states[b, qi, c, t] == bmap.EMPTY:
-            continue
-          qt = qi * n_dq + c
-          assert qt < nq
-          chunk, own = divmod(int(kb), n_dkv)
-          e = pos[b, chunk, qt]
-          assert e < kv_counts[b, chunk] and kv_blocks[b, chunk, e] == qt
-          assert kv_states[b, chunk, own, e] == q_states[b, qi, c, t]
-          visited += 1
-  assert visited > 20  # 45 of the 64 tiles of this layout
+          if q_states[b, qi, c, t] != bmap.EMPTY:
+            assert stored[int(dq_rows[b, qi, t, c])] == (b, qi * n_dq + c, int(q_blocks[b, qi, t]))
+            visited += 1
+  assert visited == len(stored) > 20  # 45 of the 64 tiles of this layout
 
 
 @pytest.mark.parametrize("consumers", [2, 3])
@@ -497,19 +501,23 @@ MOSAIC_BWD_CASES = [
     (128, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 3)),
     # 240 registers, S^T and dP^T apart in dk/dv only, GQA
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 1)),
-    # dq from the dk/dv kernel's dS^T tiles (experimental): the head-dim-128
-    # default's kernels (GQA), and three consumers each at 64 past the end
+    # dq from the dk/dv kernel's dS^T tiles, packed in dk/dv order (1) and in
+    # dq order (2): the head-dim-128 default's kernels (GQA), and three
+    # consumers each at 64 past the end
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1)),
     (64, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 3, 3, 1)),
-    # buffers of 30% and 60% of the padded lists' tiles, this layout listing
-    # 53%: the cond takes the recomputing fallback, then the packed tiles
+    # buffers of 30% and 60% of the dq lists' padded tiles, this layout
+    # listing 53%: the cond takes the recomputing fallback, then the packed tiles
     (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 1, 30)),
-    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 1, 60)),
+    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 2, 60)),
+    (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 2)),
+    (64, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 3, 3, 2)),
 ]
 
 
 @pytest.mark.parametrize("d,hq,hkv,seq,bcfg",
-                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)])
+                         [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                                         16, 17)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
@@ -572,13 +580,15 @@ def test_mosaic_backward_matches_reference(d, hq, hkv, seq, bcfg):
 
 def test_mosaic_backward_config_choice(monkeypatch):
   """Two kernels at both head dims, three consumer warpgroups at 64 (the H100
-  measurements), TFJAX_MOSAIC_BWD overrides it, and the sequence multiple
+  measurements), dq from stored dS^T at 128 (H200), TFJAX_MOSAIC_BWD overrides it, and the sequence multiple
   follows the kernels that run."""
   from tfjax.ops.kernels import gpu, gpu_mosaic, gpu_mosaic_bwd
   monkeypatch.delenv("TFJAX_MOSAIC_BWD", raising=False)
   c64 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64))
   c128 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(128))
-  assert c64.fuse_dq == c128.fuse_dq == 0 and c64.dq_delta == c128.dq_delta == 1
+  assert c64.fuse_dq == c128.fuse_dq == 0 and c64.dq_delta == 1 and c64.dq_from_ds == 0
+  # At 128, dq from the stored dS^T tiles, with the recomputing fallback (M35).
+  assert c128.dq_from_ds == 1 and 0 < c128.ds_capacity < 100 and c128.stages_dq == 3
   assert (c64.consumers_dkv, c64.consumers_dq) == (3, 3)
   assert (c128.consumers_dkv, c128.consumers_dq) == (2, 3) and c128.sdp_group == 2
   assert c128.consumer_regs == 240

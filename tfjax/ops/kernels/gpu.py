@@ -392,11 +392,17 @@ class GpuConfig:
     0.381 at 4096, both with the three-consumer forward). Run M21: at head dim
     128, 240 registers, S^T and dP^T issued apart in the dk/dv kernel (no
     spills) and three consumers in dq: 0.848 vs 0.879 ms at 8192, 0.506 vs
-    0.516 at 4096.
+    0.516 at 4096. Run M35 (H200): at head dim 128, dq from the dk/dv
+    kernel's stored dS^T tiles (one product per tile instead of three, a
+    3-deep ring) beats recomputing them: f+b 0.455-0.461 vs 0.472 ms at
+    4096, 0.764-0.770 vs 0.803 at 8192; at 64 it loses (0.341-0.355 vs 0.330,
+    0.563-0.588 vs 0.545). The buffer holds 30% of the padded tiles (the
+    benchmark layout lists 16% at 4096 and 7.5% at 8192; 100%, never a
+    fallback, measured 0.5-1% faster but holds B * H * L^2 bf16 values).
     """
     if head_dim <= 64:
       return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3)
-    return (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 1, 2, 3)
+    return (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 30)
 
 
 def _mosaic_forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):

@@ -96,14 +96,15 @@ class MosaicBwdConfig:
   # (three warpgroups' dK and dV accumulators at 128 exceed the registers).
   consumers_dkv: int = 2
   consumers_dq: int = 2
-  # Two-kernel path, experimental: the dk/dv kernel runs first and writes its
-  # bf16 dS^T tiles, packed (`two_kernel.DsRoute`), and dq is one product per
-  # visited tile (`two_kernel.dq_from_ds`) instead of recomputing S and dP;
-  # delta comes from one XLA pass (dq_delta unused).
+  # Two-kernel path: the dk/dv kernel runs first and writes its bf16 dS^T
+  # tiles, packed (`two_kernel.DsRoute`; 1: in dk/dv order, 2: in dq order),
+  # and dq is one product per visited tile (`two_kernel.dq_from_ds`) instead
+  # of recomputing S and dP; delta comes from one XLA pass (dq_delta unused).
+  # Needs skip_empty (an empty tile has no row) and equal dq and dk/dv tiles.
   dq_from_ds: int = 0
-  # dq_from_ds: the dS^T buffer's rows per head, in percent of the padded
-  # lists' tiles (the tiles every list could hold); a batch whose lists
-  # need more recomputes dq instead (both paths are compiled).
+  # dq_from_ds: the dS^T buffer's rows per head, in percent of the dq
+  # kernel's padded lists' tiles (the tiles every list could hold); a batch
+  # whose lists need more recomputes dq instead (both paths are compiled).
   ds_capacity: int = 100
 
   @property
@@ -146,10 +147,11 @@ class BwdSchedule(NamedTuple):
 
 def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   """The backward's work lists for int32[batch, seq] key intervals [ks, ke)."""
-  if cfg.dq_from_ds and (cfg.fuse_dq or (cfg.block_q_dq, cfg.block_k_dq)
+  if cfg.dq_from_ds and (cfg.fuse_dq or not cfg.skip_empty or cfg.dq_from_ds not in (1, 2)
+                         or (cfg.block_q_dq, cfg.block_k_dq)
                          != (cfg.block_q_dkv, cfg.block_k_dkv)):
-    raise ValueError("MosaicBwdConfig.dq_from_ds takes the two-kernel path (fuse_dq=0) "
-                     "with the dq tiles equal to the dk/dv tiles")
+    raise ValueError("MosaicBwdConfig.dq_from_ds (1 or 2) takes the two-kernel path "
+                     "(fuse_dq=0) with skip_empty=1 and the dq tiles equal to the dk/dv tiles")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
                      "path (fuse_dq=0); the fused kernel runs two consumers")
@@ -169,11 +171,12 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
     states = tile_states(ks, ke, bq, bk)
   n = cfg.consumers_dq
   wl, own = warpgroup_schedule(pad_states(states, cta_tiles(bq, n), seq // bk), n)
+  dq = DqSchedule(wl.blocks, wl.counts, own)
   route = None
   if cfg.dq_from_ds:
     from tfjax.ops.kernels.gpu_mosaic_bwd_two_kernel import ds_route
-    route = ds_route(dkv, seq, cfg.block_q_dkv, cfg.consumers_dkv)
-  return BwdSchedule(dkv, DqSchedule(wl.blocks, wl.counts, own), route)
+    route = ds_route(dkv, dq, cfg.consumers_dkv, n, dq_order=cfg.dq_from_ds == 2)
+  return BwdSchedule(dkv, dq, route)
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
@@ -210,8 +213,7 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
       if cfg.ds_capacity >= 100:
         dq, dk, dv = from_ds()
       else:
-        nkc, nlist = sched.dkv.blocks.shape[1:]
-        cap = two_kernel.ds_capacity(cfg, batch, nkc, nlist)
+        cap = two_kernel.ds_capacity(cfg, batch, *sched.dq.blocks.shape[1:])
         dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds, recompute)
     elif cfg.dq_delta:
       dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale, cfg=cfg,

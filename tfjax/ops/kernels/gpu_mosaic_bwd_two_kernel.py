@@ -57,16 +57,15 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
 
   ds_out = bool(cfg.dq_from_ds)
-  nlist = states.shape[-1]
   tr_ds = _smem_transforms(plgpu, dtype, bq)
 
-  cap = ds_capacity(cfg, batch, nkc, nlist) if ds_out else 0
+  cap = ds_capacity(cfg, batch, *ds_route.dq_rows.shape[1:3]) if ds_out else 0
 
   def kernel(blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, ks_ref, ke_ref, *rest):
-    # rest: (dk, dv, scoped), or (dS^T offsets, dk, dv, dS^T out, scoped) with ds_out.
+    # rest: (dk, dv, scoped), or (dS^T rows, dk, dv, dS^T out, scoped) with ds_out.
     if ds_out:
-      off_ref, dk_ref, dv_ref, ds_ref, scoped = rest
+      rows_ref, dk_ref, dv_ref, ds_ref, scoped = rest
     else:
       dk_ref, dv_ref, scoped = rest
     h = lax.axis_index("heads")
@@ -87,7 +86,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)
       buf[...] = ds16
       plgpu.commit_smem()
-      row = h * jnp.int32(cap) + off_ref[b, j] + t * jnp.int32(n_cons) + wg
+      row = h * jnp.int32(cap) + rows_ref[b, j, wg, t]
       plgpu.copy_smem_to_gmem(buf, ds_ref.at[row])
 
     @pl.when(wg < n_cons)
@@ -205,7 +204,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   ds_type = jax.ShapeDtypeStruct((hq * cap, bk, bq), dtype)
   inputs = (blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
   if ds_out:
-    inputs += (ds_route.offsets,)
+    inputs += (ds_route.rows,)
   return plgpu.kernel(
       entry,
       out_type=[shape, shape, ds_type] if ds_out else [shape, shape],
@@ -414,37 +413,78 @@ class DsRoute(NamedTuple):
   """Where `dkv` (cfg.dq_from_ds) puts each dS^T tile and `dq_from_ds` finds it.
 
   Each head owns `ds_capacity` rows of the [heads * capacity, block_k,
-  block_q] buffer; key chunk (b, j) writes its count * consumers tiles from
-  row offsets[b, j] on (list entry t, consumer c at offsets + t * consumers +
-  c), so the rows hold only the listed tiles. total: the rows one head needs;
-  the backward falls back to recomputing dq where it exceeds the capacity.
+  block_q] buffer, and the rows hold only listed tiles, packed in one of two
+  orders (cfg.dq_from_ds): 1, dk/dv order (key chunk (b, j) owns count x
+  consumers rows, its entry t of consumer w at offset + t * consumers + w:
+  the dq producer gathers one row per consumer); 2, dq order (query CTA
+  (b, i) owns its count x consumers_dq rows: the dq producer reads an
+  entry's consumers_dq rows in one copy, and the dk/dv consumers scatter).
+  total: the rows one head needs; the backward falls back to recomputing dq
+  where it exceeds the capacity.
   """
-  pos: jax.Array       # int32[batch, key chunks, query tiles]: the list entry
-                       # at which each key chunk met each query tile (0: never)
-  offsets: jax.Array   # int32[batch, key chunks]
+  rows: jax.Array      # int32[batch, key chunks, consumers_dkv, dk/dv list]:
+                       # where each dk/dv consumer stores each entry's tile
+  dq_rows: jax.Array   # int32[batch, query CTAs, dq list, consumers_dq]:
+                       # where each dq consumer finds each entry's tile
   total: jax.Array     # int32[]
 
 
-def ds_capacity(cfg, batch: int, chunks: int, nlist: int) -> int:
-  """Rows per head of the dS^T buffer: cfg.ds_capacity percent of the padded
-  lists' tiles (100: every list full, never a fallback)."""
-  return max(1, -(-batch * chunks * nlist * cfg.consumers_dkv * cfg.ds_capacity // 100))
+def ds_capacity(cfg, batch: int, ctas: int, nlist: int) -> int:
+  """Rows per head of the dS^T buffer: cfg.ds_capacity percent of the dq
+  kernel's padded lists' tiles (batch x query CTAs x list x consumers_dq;
+  100: every list full, never a fallback)."""
+  return max(1, -(-batch * ctas * nlist * cfg.consumers_dq * cfg.ds_capacity // 100))
 
 
-def ds_route(dkv_sched, seq: int, block_q: int, consumers: int) -> DsRoute:
-  """The `DsRoute` of a dk/dv schedule (one pass over its work lists)."""
-  blocks, counts = dkv_sched.blocks, dkv_sched.counts   # [batch, chunks, list], [batch, chunks]
-  batch, nkc, nlist = blocks.shape
-  nq = seq // block_q
+def _packed(blocks, counts, per_cta: int, n_other: int):
+  """Rows of work lists packed CTA after CTA, per_cta rows per entry.
+
+  blocks, counts: `block_map.WorkList` fields [batch, ctas, list], [batch,
+  ctas]. Returns (offsets [batch, ctas]: each CTA's first row; entry
+  [batch, ctas, n_other]: at which list entry each CTA met each of the
+  n_other blocks of the other side, 0 where never; total rows)."""
+  batch, ctas, nlist = blocks.shape
   t = jnp.arange(nlist, dtype=jnp.int32)
-  target = jnp.where(t[None, None, :] < counts[:, :, None], blocks, nq)  # nq: dropped
+  target = jnp.where(t < counts[:, :, None], blocks, n_other)  # n_other: dropped
   bi = jnp.arange(batch)[:, None, None]
-  ji = jnp.arange(nkc)[None, :, None]
-  pos = jnp.zeros((batch, nkc, nq), jnp.int32).at[bi, ji, target].set(
+  ci = jnp.arange(ctas)[None, :, None]
+  entry = jnp.zeros((batch, ctas, n_other), jnp.int32).at[bi, ci, target].set(
       jnp.broadcast_to(t, blocks.shape), mode="drop")
-  rows = (counts * consumers).reshape(-1)
-  offsets = (jnp.cumsum(rows) - rows).reshape(batch, nkc).astype(jnp.int32)
-  return DsRoute(pos, offsets, rows.sum().astype(jnp.int32))
+  rows = (counts * per_cta).reshape(-1)
+  offsets = (jnp.cumsum(rows) - rows).reshape(batch, ctas).astype(jnp.int32)
+  return offsets, entry, rows.sum().astype(jnp.int32)
+
+
+def ds_route(dkv_sched, dq_sched, n_dkv: int, n_dq: int, dq_order: bool) -> DsRoute:
+  """The `DsRoute` of a backward's two schedules at equal tiles (one pass over
+  the work lists; dq_order: cfg.dq_from_ds == 2)."""
+  kv_blocks, kv_counts = dkv_sched.blocks, dkv_sched.counts  # query tiles per key chunk
+  q_blocks, q_counts = dq_sched.blocks, dq_sched.counts      # key blocks per query CTA
+  batch, nkc, nlk = kv_blocks.shape
+  nqc, nlq = q_blocks.shape[1:]
+  bi = jnp.arange(batch)[:, None, None, None]
+  t_k = jnp.arange(nlk, dtype=jnp.int32)[None, None, None, :]
+  t_q = jnp.arange(nlq, dtype=jnp.int32)[None, None, :, None]
+  w = jnp.arange(n_dkv, dtype=jnp.int32)[None, None, :, None]
+  c = jnp.arange(n_dq, dtype=jnp.int32)[None, None, None, :]
+  key_block = jnp.arange(nkc, dtype=jnp.int32)[None, :, None, None] * n_dkv + w
+  qt = kv_blocks[:, :, None, :]                          # dk/dv entry's query tile
+  kb = q_blocks[:, :, :, None]                           # dq entry's key block
+  if dq_order:
+    off, entry, total = _packed(q_blocks, q_counts, n_dq, nkc * n_dkv)
+    qi = jnp.minimum(qt // n_dq, nqc - 1)
+    rows = off[bi, qi] + entry[bi, qi, key_block] * n_dq + qt % n_dq
+    dq_rows = off[:, :, None, None] + t_q * n_dq + c
+  else:
+    off, entry, total = _packed(kv_blocks, kv_counts, n_dkv, nqc * n_dq)
+    rows = off[:, :, None, None] + t_k * n_dkv + w
+    qtile = jnp.arange(nqc, dtype=jnp.int32)[None, :, None, None] * n_dq + c
+    chunk = jnp.minimum(kb // n_dkv, nkc - 1)
+    dq_rows = off[bi, chunk] + entry[bi, chunk, qtile] * n_dkv + kb % n_dkv
+  # Rows of entries no consumer computes (empty tiles, past the counts) are
+  # never written or read; clipped so that no index leaves the head's rows.
+  clip = lambda r: jnp.clip(r, 0, jnp.maximum(total - 1, 0)).astype(jnp.int32)
+  return DsRoute(clip(rows), clip(dq_rows), total)
 
 
 def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
@@ -454,7 +494,8 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   at the rows of `route`. The walk is the dq kernel's
   (consumers_dq warpgroups of block_q rows over the query block's listed key
   blocks); the producer streams each entry's K tile and the consumers' dS^T
-  tiles."""
+  tiles: one copy of consumers_dq adjacent rows in dq order
+  (cfg.dq_from_ds == 2), one per consumer in dk/dv order."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -464,23 +505,23 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
   if (bq, bk) != (cfg.block_q_dkv, cfg.block_k_dkv):
     raise ValueError("MosaicBwdConfig.dq_from_ds needs the dq tiles equal to the dk/dv tiles")
-  n_cons, n_dkv = cfg.consumers_dq, cfg.consumers_dkv
+  n_cons = cfg.consumers_dq
+  dq_order = cfg.dq_from_ds == 2
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_q = n_cons * bq
-  nq_cta, nk, nq = -(-seq // cta_q), seq // bk, seq // bq
+  nq_cta = -(-seq // cta_q)
   cap = dst.shape[0] // hq
   blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
   wgmma_layout = plgpu.Layout.WGMMA
   tr = _smem_transforms(plgpu, dtype, d)
   tr_ds = _smem_transforms(plgpu, dtype, bq)
 
-  def kernel(blocks_ref, counts_ref, states_ref, pos_ref, off_ref, k_ref, ds_ref, dq_ref,
-             scoped):
+  def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped):
     h = lax.axis_index("heads")
     qi = lax.axis_index("q")
     b = lax.axis_index("batch")
     wg = lax.axis_index("wg")
-    (out_smem, k_smem, ds_smem), (k_bar, ds_bar), free = scoped
+    (out_smem, k_smem, ds_smem), tile_bar, free = scoped
     n = counts_ref[b, qi]
 
     @pl.when(wg < n_cons)
@@ -492,8 +533,7 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
 
       def body(t, dq):
         slot = lax.rem(t, jnp.int32(stages))
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(ds_bar.at[slot])
+        plgpu.barrier_wait(tile_bar.at[slot])
 
         def tile():
           def fn(acc_ref):  # dQ += (dS^T)^T K: the stored tile, transposed
@@ -518,19 +558,19 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
       plgpu.set_max_registers(regs_producer, action="decrease")
       hk = lax.div(h, jnp.int32(group))
 
-      def issue(t, slot):
+      head_row = h * jnp.int32(cap)
+
+      def issue(t, slot):  # every copy arrives at tile_bar[slot]
         kb = blocks_ref[b, qi, t]
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb * bk, bk), hk], k_smem.at[slot],
-                                k_bar.at[slot])
-        chunk, own = lax.div(kb, jnp.int32(n_dkv)), lax.rem(kb, jnp.int32(n_dkv))
-        for c in range(n_cons):
-          qt = lax.min(qi * n_cons + c, jnp.int32(nq - 1))
-          entry = pos_ref[b, chunk, qt]
-          # Clamped: an empty tile's row (never read) may lie past this head's.
-          tile = h * jnp.int32(cap) + lax.min(off_ref[b, chunk] + entry * jnp.int32(n_dkv) + own,
-                                              jnp.int32(cap - 1))
-          plgpu.copy_gmem_to_smem(ds_ref.at[tile], ds_smem.at[slot, c],
-                                  ds_bar.at[slot])
+                                tile_bar.at[slot])
+        if dq_order:
+          plgpu.copy_gmem_to_smem(ds_ref.at[pl.ds(head_row + rows_ref[b, qi, t, 0], n_cons)],
+                                  ds_smem.at[slot], tile_bar.at[slot])
+        else:
+          for c in range(n_cons):
+            plgpu.copy_gmem_to_smem(ds_ref.at[head_row + rows_ref[b, qi, t, c]],
+                                    ds_smem.at[slot, c], tile_bar.at[slot])
 
       def refill(t, slot):
         plgpu.barrier_wait(free.at[slot])
@@ -544,8 +584,7 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
         [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
          plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
          plgpu.SMEM((stages, n_cons, bk, bq), dtype, transforms=tr_ds)],
-        (plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages)),
+        plgpu.Barrier(num_arrivals=1 + (1 if dq_order else n_cons), num_barriers=stages),
         plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),
         collective_axes="wg",
     )
@@ -558,4 +597,4 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(blocks, counts, states, route.pos, route.offsets, k, dst)
+  )(blocks, counts, states, route.dq_rows, k, dst)

@@ -25,7 +25,10 @@ of `block_map.py` and the forward's base-2 log-sum-exp (gpu_mosaic.py):
                    (the forward's walk over key blocks, recomputing S and dP),
                    each with two or three consumer warpgroups: seven matrix
                    products per tile pair, deterministic. The default at both
-                   head dims (NOTES_attention.md, runs M5-M8, M20-M22).
+                   head dims (NOTES_attention.md, runs M5-M8, M20-M22). At
+                   head dim 128 by default (`dq_from_ds`, M35-M38) the dk/dv
+                   kernel runs first and stores its bf16 dS^T tiles, and dq is
+                   one product per tile from them: five products per pair.
 
 bf16/f16, head dims 64 and 128. On CPU the kernels lower to Mosaic GPU
 modules (tests check that) but cannot run. Measured on an H100 with JAX

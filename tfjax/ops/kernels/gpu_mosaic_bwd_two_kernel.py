@@ -13,7 +13,9 @@ H100 faster at head dim 128 (NOTES_attention.md, runs M5-M8) and, with three
 consumers, at 64 too (M20). `gpu_mosaic_bwd.backward` calls these; with
 `dq_delta` the dq kernel runs first and also writes delta = rowsum(o * dO)
 for the dk/dv kernel. Each consumer skips the listed tiles that its own 64
-keys (dk/dv) or rows (dq) do not meet (`skip_empty`).
+keys (dk/dv) or rows (dq) do not meet (`skip_empty`). With `dq_from_ds`
+(the default at head dim 128) dk/dv runs first and also stores its dS^T
+tiles, packed by a `DsRoute`, and `dq_from_ds` replaces the dq kernel.
 """
 from __future__ import annotations
 

@@ -34,6 +34,12 @@ from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _store_key_grads, _stream_query_tiles)
 
 
+def _grid_position(blocks: str):
+  """(q head, key chunk or query CTA, batch row, warpgroup) of the running
+  thread in the kernels' grid (heads, `blocks`, batch) x warpgroups."""
+  return tuple(lax.axis_index(n) for n in ("heads", blocks, "batch", "wg"))
+
+
 def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller);
   with cfg.dq_from_ds also the dS^T tiles for `dq_from_ds`, at the rows that
@@ -70,10 +76,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
       rows_ref, dk_ref, dv_ref, ds_ref, scoped = rest
     else:
       dk_ref, dv_ref, scoped = rest
-    h = lax.axis_index("heads")
-    j = lax.axis_index("kv")
-    b = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
+    h, j, b, wg = _grid_position("kv")
     (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, *ds_smem), \
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
     n = counts_ref[b, j]
@@ -248,10 +251,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   def kernel(blocks_ref, counts_ref, states_ref, ks_ref, ke_ref, q_ref, k_ref,
              v_ref, do_ref, lse_ref, delta_or_o_ref, dq_ref, *rest):
     # rest: (scoped,), or (delta out, scoped) when own_delta.
-    h = lax.axis_index("heads")
-    qi = lax.axis_index("q")
-    b = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
+    h, qi, b, wg = _grid_position("q")
     (q_smem, do_smem, k_smem, v_smem, *o_smem), (q_bar, do_bar, k_bar, v_bar, *o_bar), \
         (k_free, v_free) = rest[-1]
     n = counts_ref[b, qi]
@@ -519,10 +519,7 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   tr_ds = _smem_transforms(plgpu, dtype, bq)
 
   def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped):
-    h = lax.axis_index("heads")
-    qi = lax.axis_index("q")
-    b = lax.axis_index("batch")
-    wg = lax.axis_index("wg")
+    h, qi, b, wg = _grid_position("q")
     (out_smem, k_smem, ds_smem), tile_bar, free = scoped
     n = counts_ref[b, qi]
 

@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
   config.addinivalue_line("markers", "gpu: needs a GPU (skipped without one)")
   config.addinivalue_line("markers", "slow: slow; not needed for an issue's bar")
+  config.addinivalue_line("markers", "long: among the suite's longest tests; run first")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,3 +36,8 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
+  # pytest-xdist hands tests out in collection order: a long test collected
+  # late ran alone on one worker at the end (CI, 2026-12-02: the tiny VAE's
+  # 28 dB test kept one of the two workers busy ~16 minutes after the other
+  # had finished). Stable sort: order is otherwise unchanged.
+  items.sort(key=lambda item: "long" not in item.keywords)

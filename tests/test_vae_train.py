@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 
 import tfjax.vae
 from tfjax.vae.io import META_FILE
@@ -24,6 +25,7 @@ def _config():
   return module.get_config()
 
 
+@pytest.mark.long
 def test_tiny_vae_reaches_28db_on_shapes(tmp_path):
   config = _config()
   start = time.time()

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def run(shapes: list[str], with_plan_in_call: bool) -> None:
   import jax
   import jax.numpy as jnp
+  import torch  # noqa: F401  (before JAX opens the GPU: imported after it, ncu crashed)
 
   import attention_layout as layout
   from attention import _fwd_bwd

@@ -2,7 +2,7 @@
 # One device-tool call that produces the GPU figures of benchmarks/RESULTS.md
 # (training, VAE, generation) and runs the CPU test suite's core on the GPU.
 #
-#   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|train|vae|generate]
+#   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|kernels|train|vae|generate]
 #   (device tool, carry .whl_app and .whl)  bash benchmarks/gpu_run.sh attention
 #
 # .whl_app holds the wheels the GPU image lacks (grain, ml_collections,
@@ -36,6 +36,12 @@ if [[ $what == all || $what == tests ]]; then
   JAX_DEFAULT_MATMUL_PRECISION=highest run python3 -m pytest -q -p no:cacheprovider \
     tests/test_mask_attention.py tests/test_model.py tests/test_diffusion.py \
     tests/test_losses.py tests/test_config.py
+fi
+if [[ $what == kernels ]]; then
+  section "attention kernel tests against the real Hopper kernels (about 300 s on an H200)"
+  JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false run python3 -m pytest \
+    -n 4 -q -p no:cacheprovider tests/test_attention_mosaic.py tests/test_attention_kernels.py \
+    -k "mosaic or plan or gpu"
 fi
 if [[ $what == all || $what == train ]]; then
   section "training throughput, sequence 4096"

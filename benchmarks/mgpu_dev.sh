@@ -12,4 +12,4 @@ echo "=== tests on the GPU"
 [[ ${TEST_TIMEOUT:-200} == 0 ]] && exit 0
 # The float32 mixed-tile Triton test compiles for minutes on the GPU: left to CPU CI.
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs \
-  tests/test_attention_kernels.py -k "${TEST_K:-not mixed_tiles}" 2>&1 | tee "$OUT/tests.log" | tail -25
+  tests/test_attention_mosaic.py tests/test_attention_kernels.py -k "${TEST_K:-not mixed_tiles}" 2>&1 | tee "$OUT/tests.log" | tail -25

@@ -1,7 +1,27 @@
-"""Random packed Transfusion layouts for the attention-kernel tests."""
+"""Random packed Transfusion layouts, inputs and error measures shared by the
+attention-kernel tests (test_attention_schedules, _kernels, _mosaic)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+# METHOD.md: float32 far under 1e-3, bf16 operands 1e-3..1e-2 (vs a float32
+# reference on the same bf16 inputs).
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1.5e-2}
+
+
+def rel_error(a, b) -> float:
+  """||a - b|| / ||b|| in float64; fails on any NaN/inf in `a` (the kernel's)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.all(np.isfinite(a)), "NaN/inf in kernel result"
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def random_inputs(rng: np.random.Generator, batch: int, seq: int, hq: int, hkv: int, d: int,
+                  dtype):
+  """q, k, v, dO [batch, seq, heads, d] of standard normals in `dtype`."""
+  draw = lambda h: jnp.asarray(rng.standard_normal((batch, seq, h, d)), dtype)
+  return draw(hq), draw(hkv), draw(hkv), draw(hq)
 
 
 def random_layout(rng: np.random.Generator, batch: int, seq: int,

@@ -9,7 +9,8 @@
 A variant is FWD/BWD: the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
 integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
-shape (attention_layout.py, B=2, H=16, bf16) every variant's forward and
+shape (attention_layout.py, B=2, H=16, bf16; `--layout causal`: one causal
+document per row instead) every variant's forward and
 forward+backward is timed with its schedule built outside the call, in
 `--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
 and gradients are compared with the first variant's. The last line is JSON:
@@ -52,6 +53,10 @@ def main():
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--group", type=int, default=10)
   p.add_argument("--window_ms", type=float, default=20.0, help="see attention.time_jax")
+  p.add_argument("--layout", default="benchmark", choices=["benchmark", "causal"],
+                 help="benchmark: attention_layout.py's packed batch; causal: one causal "
+                      "document per row (half the tiles listed: past the dS^T buffer's "
+                      "default capacity, so dq_from_ds takes its recomputing fallback)")
   p.add_argument("--profile", action="store_true",
                  help="one profiler window per variant's forward+backward, no timing")
   p.add_argument("--summarize", default="", help="print the breakdown from ncu's CSV log")
@@ -69,6 +74,10 @@ def main():
   for shape in args.shapes.split(","):
     seq, d = map(int, shape.split("/"))
     ks, ke, q, k, v, do, flops = kernel_workload(bsz, seq, heads, d)
+    if args.layout == "causal":
+      ks = jax.numpy.zeros_like(ks)
+      ke = jax.numpy.broadcast_to(jax.numpy.arange(1, seq + 1, dtype=ks.dtype), ks.shape)
+      flops = 4.0 * heads * d * bsz * seq * (seq + 1) / 2
     scale = d ** -0.5
     base = gpu.GpuConfig.for_head_dim(d)
     fns = {}

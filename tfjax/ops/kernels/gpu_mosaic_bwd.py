@@ -182,6 +182,16 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   return BwdSchedule(dkv, dq, route)
 
 
+def recompute_config(cfg: MosaicBwdConfig) -> MosaicBwdConfig:
+  """The recomputing kernels that a dq_from_ds backward falls back to when its
+  batch lists more tiles than the dS^T buffer holds: dq first with delta inside
+  it (no XLA pass over o and dO) and a 2-deep ring, the head-dim-128 default
+  before dq_from_ds. Inheriting dq_from_ds's own settings instead (an XLA delta
+  pass, a 3-deep ring) ran 4% / 1.4% slower on one causal document per row at
+  4096/128 and 8192/128 (NOTES_attention.md, M40)."""
+  return dataclasses.replace(cfg, dq_from_ds=0, dq_delta=1, stages_dq=2)
+
+
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
              sched: BwdSchedule | None = None):
   """(dq, dk, dv) from the forward's out and base-2 lse [batch, q_heads, seq].
@@ -198,18 +208,18 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
   else:
     from tfjax.ops.kernels import gpu_mosaic_bwd_two_kernel as two_kernel
     if cfg.dq_from_ds:
-      dlt = delta()
       route = sched.ds_route
 
       def from_ds():
-        dk, dv, dst = two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale,
+        dk, dv, dst = two_kernel.dkv(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale,
                                      cfg=cfg, ds_route=route)
         return two_kernel.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
                                      q_shape=q.shape), dk, dv
 
       def recompute():  # more listed tiles than the buffer holds
-        plain = dataclasses.replace(cfg, dq_from_ds=0)
-        dq = two_kernel.dq(q, k, v, do, lse, dlt, ks, ke, sched.dq, scale=scale, cfg=plain)
+        plain = recompute_config(cfg)
+        dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale,
+                                cfg=plain, o=o)
         return (dq, *two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale,
                                     cfg=plain))
 

@@ -103,17 +103,19 @@ MOSAIC_BWD_CASES = [
     (128, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 3)),
     # 240 registers, S^T and dP^T apart in dk/dv only, GQA
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 1)),
-    # dq from the dk/dv kernel's dS^T tiles, packed in dk/dv order (1) and in
-    # dq order (2): the head-dim-128 default's kernels (GQA), and three
-    # consumers each at 64 past the end
+    # dq from the dk/dv kernel's dS^T tiles: the head-dim-128 kernels with a
+    # 2-deep dq ring (GQA), and three consumers each at 64 past the end
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 2, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1)),
     (64, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 3, 3, 1)),
     # buffers of 30% and 60% of the dq lists' padded tiles, this layout
-    # listing 53%: the cond takes the recomputing fallback, then the packed tiles
+    # listing 53%: the cond takes the recomputing fallback
+    # (`gpu_mosaic_bwd.recompute_config`), then the packed tiles
     (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 1, 30)),
-    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 2, 60)),
-    (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 2)),
-    (64, 2, 2, 320, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 3, 3, 2)),
+    (64, 2, 2, 384, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 0, 2, 2, 1, 60)),
+    # the head-dim-128 default (3-deep dq ring, GQA) with a full buffer (the
+    # packed tiles) and as it ships (30%: here the fallback)
+    (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 100)),
+    (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 30)),
 ]
 
 
@@ -192,6 +194,13 @@ def test_mosaic_backward_config_choice(monkeypatch):
   assert (c64.consumers_dkv, c64.consumers_dq) == (3, 3)
   assert (c128.consumers_dkv, c128.consumers_dq) == (2, 3) and c128.sdp_group == 2
   assert c128.consumer_regs == 240
+  # Its fallback is the recomputing kernels as they were the default (M40).
+  fallback = gpu_mosaic_bwd.recompute_config(c128)
+  assert (fallback.dq_from_ds, fallback.dq_delta, fallback.stages_dq) == (0, 1, 2)
+  assert (fallback.consumers_dkv, fallback.consumers_dq, fallback.sdp_group) == (2, 3, 2)
+  with pytest.raises(ValueError, match="dq_from_ds"):
+    gpu_mosaic_bwd.bwd_schedule(jnp.zeros((1, 128), jnp.int32), jnp.zeros((1, 128), jnp.int32),
+                                dataclasses.replace(c128, dq_from_ds=2))
   assert c64.skip_empty == c128.skip_empty == 1
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(64)).consumers == 3
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128)).consumers == 2

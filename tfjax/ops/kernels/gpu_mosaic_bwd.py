@@ -99,9 +99,9 @@ class MosaicBwdConfig:
   # (three warpgroups' dK and dV accumulators at 128 exceed the registers).
   consumers_dkv: int = 2
   consumers_dq: int = 2
-  # Two-kernel path: the dk/dv kernel runs first and writes its bf16 dS^T
-  # tiles, packed (`two_kernel.DsRoute`; 1: in dk/dv order, 2: in dq order),
-  # and dq is one product per visited tile (`two_kernel.dq_from_ds`) instead
+  # Two-kernel path (1): the dk/dv kernel runs first and writes its bf16 dS^T
+  # tiles, packed in its own order (`two_kernel.DsRoute`), and dq is one
+  # product per visited tile (`two_kernel.dq_from_ds`) instead
   # of recomputing S and dP; delta comes from one XLA pass (dq_delta unused).
   # Needs skip_empty (an empty tile has no row) and equal dq and dk/dv tiles.
   dq_from_ds: int = 0
@@ -150,10 +150,10 @@ class BwdSchedule(NamedTuple):
 
 def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   """The backward's work lists for int32[batch, seq] key intervals [ks, ke)."""
-  if cfg.dq_from_ds and (cfg.fuse_dq or not cfg.skip_empty or cfg.dq_from_ds not in (1, 2)
+  if cfg.dq_from_ds and (cfg.fuse_dq or not cfg.skip_empty or cfg.dq_from_ds != 1
                          or (cfg.block_q_dq, cfg.block_k_dq)
                          != (cfg.block_q_dkv, cfg.block_k_dkv)):
-    raise ValueError("MosaicBwdConfig.dq_from_ds (1 or 2) takes the two-kernel path "
+    raise ValueError("MosaicBwdConfig.dq_from_ds (0 or 1) takes the two-kernel path "
                      "(fuse_dq=0) with skip_empty=1 and the dq tiles equal to the dk/dv tiles")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
@@ -178,7 +178,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   route = None
   if cfg.dq_from_ds:
     from tfjax.ops.kernels.gpu_mosaic_bwd_two_kernel import ds_route
-    route = ds_route(dkv, dq, cfg.consumers_dkv, n, dq_order=cfg.dq_from_ds == 2)
+    route = ds_route(dkv, dq, cfg.consumers_dkv, n)
   return BwdSchedule(dkv, dq, route)
 
 

@@ -415,12 +415,12 @@ class DsRoute(NamedTuple):
   """Where `dkv` (cfg.dq_from_ds) puts each dS^T tile and `dq_from_ds` finds it.
 
   Each head owns `ds_capacity` rows of the [heads * capacity, block_k,
-  block_q] buffer, and the rows hold only listed tiles, packed in one of two
-  orders (cfg.dq_from_ds): 1, dk/dv order (key chunk (b, j) owns count x
-  consumers rows, its entry t of consumer w at offset + t * consumers + w:
-  the dq producer gathers one row per consumer); 2, dq order (query CTA
-  (b, i) owns its count x consumers_dq rows: the dq producer reads an
-  entry's consumers_dq rows in one copy, and the dk/dv consumers scatter).
+  block_q] buffer, and the rows hold only listed tiles, packed in dk/dv
+  order: key chunk (b, j) owns count x consumers rows, its entry t of
+  consumer w at offset + t * consumers + w, and the dq producer gathers one
+  row per consumer. (Packing in dq order instead, each query CTA's rows
+  adjacent so that the dq producer reads an entry's rows in one copy, ran
+  level or slower on an H200: NOTES_attention.md M35-M36.)
   total: the rows one head needs; the backward falls back to recomputing dq
   where it exceeds the capacity.
   """
@@ -457,32 +457,23 @@ def _packed(blocks, counts, per_cta: int, n_other: int):
   return offsets, entry, rows.sum().astype(jnp.int32)
 
 
-def ds_route(dkv_sched, dq_sched, n_dkv: int, n_dq: int, dq_order: bool) -> DsRoute:
+def ds_route(dkv_sched, dq_sched, n_dkv: int, n_dq: int) -> DsRoute:
   """The `DsRoute` of a backward's two schedules at equal tiles (one pass over
-  the work lists; dq_order: cfg.dq_from_ds == 2)."""
+  the work lists)."""
   kv_blocks, kv_counts = dkv_sched.blocks, dkv_sched.counts  # query tiles per key chunk
-  q_blocks, q_counts = dq_sched.blocks, dq_sched.counts      # key blocks per query CTA
+  q_blocks = dq_sched.blocks                                 # key blocks per query CTA
   batch, nkc, nlk = kv_blocks.shape
-  nqc, nlq = q_blocks.shape[1:]
+  nqc = q_blocks.shape[1]
   bi = jnp.arange(batch)[:, None, None, None]
   t_k = jnp.arange(nlk, dtype=jnp.int32)[None, None, None, :]
-  t_q = jnp.arange(nlq, dtype=jnp.int32)[None, None, :, None]
   w = jnp.arange(n_dkv, dtype=jnp.int32)[None, None, :, None]
   c = jnp.arange(n_dq, dtype=jnp.int32)[None, None, None, :]
-  key_block = jnp.arange(nkc, dtype=jnp.int32)[None, :, None, None] * n_dkv + w
-  qt = kv_blocks[:, :, None, :]                          # dk/dv entry's query tile
   kb = q_blocks[:, :, :, None]                           # dq entry's key block
-  if dq_order:
-    off, entry, total = _packed(q_blocks, q_counts, n_dq, nkc * n_dkv)
-    qi = jnp.minimum(qt // n_dq, nqc - 1)
-    rows = off[bi, qi] + entry[bi, qi, key_block] * n_dq + qt % n_dq
-    dq_rows = off[:, :, None, None] + t_q * n_dq + c
-  else:
-    off, entry, total = _packed(kv_blocks, kv_counts, n_dkv, nqc * n_dq)
-    rows = off[:, :, None, None] + t_k * n_dkv + w
-    qtile = jnp.arange(nqc, dtype=jnp.int32)[None, :, None, None] * n_dq + c
-    chunk = jnp.minimum(kb // n_dkv, nkc - 1)
-    dq_rows = off[bi, chunk] + entry[bi, chunk, qtile] * n_dkv + kb % n_dkv
+  off, entry, total = _packed(kv_blocks, kv_counts, n_dkv, nqc * n_dq)
+  rows = off[:, :, None, None] + t_k * n_dkv + w
+  qtile = jnp.arange(nqc, dtype=jnp.int32)[None, :, None, None] * n_dq + c
+  chunk = jnp.minimum(kb // n_dkv, nkc - 1)
+  dq_rows = off[bi, chunk] + entry[bi, chunk, qtile] * n_dkv + kb % n_dkv
   # Rows of entries no consumer computes (empty tiles, past the counts) are
   # never written or read; clipped so that no index leaves the head's rows.
   clip = lambda r: jnp.clip(r, 0, jnp.maximum(total - 1, 0)).astype(jnp.int32)
@@ -495,9 +486,8 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   recomputing S, P and dP. dst: [q_heads * capacity, block_k, block_q] tiles
   at the rows of `route`. The walk is the dq kernel's
   (consumers_dq warpgroups of block_q rows over the query block's listed key
-  blocks); the producer streams each entry's K tile and the consumers' dS^T
-  tiles: one copy of consumers_dq adjacent rows in dq order
-  (cfg.dq_from_ds == 2), one per consumer in dk/dv order."""
+  blocks); the producer streams each entry's K tile and its consumers' dS^T
+  tiles, one copy per consumer."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -508,7 +498,6 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   if (bq, bk) != (cfg.block_q_dkv, cfg.block_k_dkv):
     raise ValueError("MosaicBwdConfig.dq_from_ds needs the dq tiles equal to the dk/dv tiles")
   n_cons = cfg.consumers_dq
-  dq_order = cfg.dq_from_ds == 2
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_q = n_cons * bq
   nq_cta = -(-seq // cta_q)
@@ -563,13 +552,9 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
         kb = blocks_ref[b, qi, t]
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb * bk, bk), hk], k_smem.at[slot],
                                 tile_bar.at[slot])
-        if dq_order:
-          plgpu.copy_gmem_to_smem(ds_ref.at[pl.ds(head_row + rows_ref[b, qi, t, 0], n_cons)],
-                                  ds_smem.at[slot], tile_bar.at[slot])
-        else:
-          for c in range(n_cons):
-            plgpu.copy_gmem_to_smem(ds_ref.at[head_row + rows_ref[b, qi, t, c]],
-                                    ds_smem.at[slot, c], tile_bar.at[slot])
+        for c in range(n_cons):
+          plgpu.copy_gmem_to_smem(ds_ref.at[head_row + rows_ref[b, qi, t, c]],
+                                  ds_smem.at[slot, c], tile_bar.at[slot])
 
       def refill(t, slot):
         plgpu.barrier_wait(free.at[slot])
@@ -583,7 +568,7 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
         [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
          plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
          plgpu.SMEM((stages, n_cons, bk, bq), dtype, transforms=tr_ds)],
-        plgpu.Barrier(num_arrivals=1 + (1 if dq_order else n_cons), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1 + n_cons, num_barriers=stages),
         plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),
         collective_axes="wg",
     )

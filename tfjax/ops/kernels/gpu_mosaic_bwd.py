@@ -207,7 +207,19 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
     dq, dk, dv = _fused(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale, cfg=cfg)
   else:
     from tfjax.ops.kernels import gpu_mosaic_bwd_two_kernel as two_kernel
-    if cfg.dq_from_ds:
+
+    def recompute(c):  # dq recomputing S and dP (delta inside it or from XLA), then dk/dv
+      if c.dq_delta:
+        dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale, cfg=c,
+                                o=o)
+      else:
+        dlt = delta()
+        dq = two_kernel.dq(q, k, v, do, lse, dlt, ks, ke, sched.dq, scale=scale, cfg=c)
+      return (dq, *two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale, cfg=c))
+
+    if not cfg.dq_from_ds:
+      dq, dk, dv = recompute(cfg)
+    else:
       route = sched.ds_route
 
       def from_ds():
@@ -216,26 +228,12 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
         return two_kernel.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
                                      q_shape=q.shape), dk, dv
 
-      def recompute():  # more listed tiles than the buffer holds
-        plain = recompute_config(cfg)
-        dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale,
-                                cfg=plain, o=o)
-        return (dq, *two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale,
-                                    cfg=plain))
-
       if cfg.ds_capacity >= 100:
         dq, dk, dv = from_ds()
-      else:
+      else:  # more listed tiles than the buffer holds: the recomputing kernels
         cap = two_kernel.ds_capacity(cfg, batch, *sched.dq.blocks.shape[1:])
-        dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds, recompute)
-    elif cfg.dq_delta:
-      dq, dlt = two_kernel.dq(q, k, v, do, lse, None, ks, ke, sched.dq, scale=scale, cfg=cfg,
-                              o=o)
-    else:
-      dlt = delta()
-      dq = two_kernel.dq(q, k, v, do, lse, dlt, ks, ke, sched.dq, scale=scale, cfg=cfg)
-    if not cfg.dq_from_ds:
-      dk, dv = two_kernel.dkv(q, k, v, do, lse, dlt, ks, ke, sched.dkv, scale=scale, cfg=cfg)
+        dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds,
+                                  lambda: recompute(recompute_config(cfg)))
   if group > 1:  # the kernels write dk, dv per q head
     dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)

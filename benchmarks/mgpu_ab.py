@@ -6,7 +6,8 @@
       --csv --log-file ncu.csv python benchmarks/mgpu_ab.py --profile [same flags]
   python benchmarks/mgpu_ab.py --summarize ncu.csv [same flags]
 
-A variant is FWD/BWD: the forward's `gpu_mosaic.MosaicFwdConfig` fields and
+A variant is FWD/BWD[+nomask|+nosplit] (diagnostics: `_without_masks`,
+`_unsplit`): the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
 integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
 shape (attention_layout.py, B=2, H=16, bf16; `--layout causal`: one causal
@@ -43,6 +44,25 @@ def _fields(spec: str, default: tuple, cls) -> tuple:
   if spec.startswith("d"):
     return dataclasses.astuple(dataclasses.replace(cls(*default), skip_empty=int(spec[1:])))
   return tuple(int(x) for x in spec.split(","))
+
+
+def _without_masks(sched):
+  """A diagnostic, not a kernel (its outputs are wrong): every partial tile
+  of every schedule taken as full, so that the variant's time shows what the
+  mask arithmetic on partial tiles costs. Variant suffix `+nomask`."""
+  from tfjax.ops.kernels.block_map import EMPTY, FULL
+  full = lambda s: s._replace(states=jax.numpy.where(s.states == EMPTY, EMPTY, FULL))
+  bwd = sched.bwd._replace(dkv=full(sched.bwd.dkv), dq=full(sched.bwd.dq))
+  return sched._replace(fwd=full(sched.fwd), bwd=bwd)
+
+
+def _unsplit(sched):
+  """Every LOWER/UPPER tile back to PARTIAL (both bounds tested): what the
+  one-bound masks save. Variant suffix `+nosplit`; outputs unchanged."""
+  from tfjax.ops.kernels.block_map import LOWER, PARTIAL
+  both = lambda s: s._replace(states=jax.numpy.where(s.states >= LOWER, PARTIAL, s.states))
+  return sched._replace(fwd=both(sched.fwd),
+                        bwd=sched.bwd._replace(dkv=both(sched.bwd.dkv), dq=both(sched.bwd.dq)))
 
 
 def main():
@@ -82,11 +102,15 @@ def main():
     base = gpu.GpuConfig.for_head_dim(d)
     fns = {}
     for spec in args.variants.split(";"):
-      f_spec, b_spec = spec.split("/")
+      f_spec, b_spec = spec.split("+")[0].split("/")
       cfg = dataclasses.replace(
           base, mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d, seq), MosaicFwdConfig),
           mosaic_bwd=_fields(b_spec, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
       sched = jax.jit(lambda ks, ke, cfg=cfg: gpu.schedule(ks, ke, cfg))(ks, ke)
+      if "+nomask" in spec:
+        sched = _without_masks(sched)
+      if "+nosplit" in spec:
+        sched = _unsplit(sched)
 
       def fwd(q, k, v, sched, cfg=cfg):
         return gpu.attention(q, k, v, ks, ke, scale=scale, config=cfg, sched=sched)

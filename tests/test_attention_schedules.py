@@ -32,6 +32,36 @@ def test_key_ranges_and_tile_states_match_mask(seed):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_one_bound_tiles_need_only_that_bound():
+  """split_partial: a LOWER tile's mask is k >= k_start alone and an UPPER
+  tile's k < k_end alone (what the Mosaic kernels test on them), for every
+  row, padding rows included; collapsed, the states are tile_states' and
+  coarsen reads them alike."""
+  rng = np.random.default_rng(3)
+  seg, img = random_layout(rng, 2, 512)
+  seg[1, -90:] = 0  # padding rows: their tiles test both bounds
+  seg, img = jnp.asarray(seg), jnp.asarray(img)
+  ks, ke = (np.asarray(x) for x in key_ranges(seg, img))
+  mask = np.asarray(transfusion_mask(seg, img))
+  kpos = np.arange(512)
+  for bq, bk in ((64, 64), (64, 128)):
+    plain = bmap.tile_states(jnp.asarray(ks), jnp.asarray(ke), bq, bk)
+    split = np.asarray(bmap.tile_states(jnp.asarray(ks), jnp.asarray(ke), bq, bk,
+                                        split_partial=True))
+    np.testing.assert_array_equal(np.where(split >= bmap.LOWER, bmap.PARTIAL, split), plain)
+    np.testing.assert_array_equal(bmap.coarsen(jnp.asarray(split), 2, 1),
+                                  bmap.coarsen(plain, 2, 1))
+    for kind, bound in ((bmap.LOWER, kpos[None, :] >= ks[:, :, None]),
+                        (bmap.UPPER, kpos[None, :] < ke[:, :, None])):
+      tiles = np.argwhere(split == kind)
+      assert len(tiles) > 3
+      for b, i, j in tiles:
+        rows, keys = slice(i * bq, (i + 1) * bq), slice(j * bk, (j + 1) * bk)
+        np.testing.assert_array_equal(mask[b, rows, keys], bound[b, rows, keys])
+    dead = np.asarray(ke <= ks).reshape(2, -1, bq).any(axis=-1)   # blocks with padding rows
+    assert np.all(np.isin(split[dead], (bmap.EMPTY, bmap.PARTIAL)))
+
+
 def test_coarsened_tile_states_match_the_mask():
   """States of tile groups from the fine states (what the Mosaic schedules
   share) equal the dense mask's at the coarse tiling; padding adds empty."""
@@ -127,9 +157,11 @@ def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
   by_rows = np.asarray(bmap.dense_tile_states(jnp.asarray(mask[:, :, :512]), 64, 64))
   by_keys = np.asarray(bmap.dense_tile_states(jnp.asarray(mask[:, :512]), 64, 64))
   by_keys = by_keys.transpose(0, 2, 1)
+  one_bound = lambda states: np.where(states >= bmap.LOWER, bmap.PARTIAL, states)
   for (blocks, counts, states), dense in (
       (fwd[1:], by_rows), (bwd.dq, by_rows), (bwd.dkv[:3], by_keys)):
     blocks, counts, states = map(np.asarray, (blocks, counts, states))
+    states = one_bound(states)  # LOWER/UPPER: partial tiles testing one bound
     assert blocks.shape[1] == padded // cta and states.shape[2] == consumers
     for b in range(2):
       for c in range(blocks.shape[1]):

@@ -34,6 +34,12 @@ import jax
 import jax.numpy as jnp
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+# Partial tiles whose mask needs one bound (`tile_states(split_partial=True)`):
+# every row's k_end lies at or past the tile (LOWER: only k >= k_start can
+# fail), or every row's k_start at or before it (UPPER: only k < k_end can).
+# Packed layouts make almost all partial tiles one of these: a document's
+# start crosses a tile, or the causal diagonal / an image's end does.
+LOWER, UPPER = 3, 4
 
 
 class WorkList(NamedTuple):
@@ -63,8 +69,11 @@ class BlockMap(NamedTuple):
 
 
 def tile_states(k_start: jax.Array, k_end: jax.Array, block_q: int,
-                block_k: int, kv_len: int | None = None) -> jax.Array:
-  """int32[batch, seq // block_q, kv_len // block_k]: EMPTY, PARTIAL or FULL.
+                block_k: int, kv_len: int | None = None, *,
+                split_partial: bool = False) -> jax.Array:
+  """int32[batch, seq // block_q, kv_len // block_k]: EMPTY, PARTIAL or FULL
+  (with split_partial, LOWER or UPPER instead of PARTIAL where one bound
+  decides the tile's mask; `coarsen` and `compact` read them as partial).
 
   Args:
     k_start, k_end: int32[batch, seq]; row q allows keys [k_start, k_end).
@@ -91,8 +100,13 @@ def tile_states(k_start: jax.Array, k_end: jax.Array, block_q: int,
   t0 = (jnp.arange(nk, dtype=jnp.int32) * block_k)[None, None, :]
   t1 = t0 + block_k
   nonempty = (lo[..., None] < t1) & (hi[..., None] > t0)
-  full = (max_s[..., None] <= t0) & (min_e[..., None] >= t1)
-  return jnp.where(full, FULL, jnp.where(nonempty, PARTIAL, EMPTY)).astype(jnp.int32)
+  starts_before = max_s[..., None] <= t0   # no live row's k_start inside the tile
+  ends_after = min_e[..., None] >= t1      # no row's k_end inside it, no dead row
+  partial = PARTIAL
+  if split_partial:  # dead rows (max_s = big, min_e = 0) keep both bounds
+    partial = jnp.where(ends_after, LOWER, jnp.where(starts_before, UPPER, PARTIAL))
+  return jnp.where(starts_before & ends_after, FULL,
+                   jnp.where(nonempty, partial, EMPTY)).astype(jnp.int32)
 
 
 def pad_states(states: jax.Array, n_q: int, n_k: int) -> jax.Array:

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import EMPTY, FULL, pad_states, tile_states
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
+from tfjax.ops.kernels.block_map import EMPTY, pad_states, tile_states
+from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec, _mask_tile,
                                           _longest_first, _smem_transforms, _transposed,
                                           length_multiple, warpgroup_registers,
                                           warpgroup_schedule)
@@ -109,6 +109,12 @@ class MosaicBwdConfig:
   # kernel's padded lists' tiles (the tiles every list could hold); a batch
   # whose lists need more recomputes dq instead (both paths are compiled).
   ds_capacity: int = 100
+  # Two-kernel path: the dq kernel walks the heads last to first (1), so that
+  # it starts on the head whose tiles the kernel before it touched last and
+  # may still find in L2 (the forward's q/k/v/o when dq runs first, the dS^T
+  # tiles and k after dk/dv with dq_from_ds), and ends on head 0, where the
+  # dk/dv kernel after it starts. 0: heads in order, as every kernel.
+  dq_heads_descending: int = 0
 
   @property
   def multiple(self) -> int:
@@ -161,7 +167,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   seq = ks.shape[1]
   cta_tiles = lambda block, n: -(-seq // (n * block)) * n  # tiles in whole CTAs
   bq, bk, n = cfg.block_q_dkv, cfg.block_k_dkv, cfg.consumers_dkv
-  states = tile_states(ks, ke, bq, bk)                       # [batch, nq, nk]
+  states = tile_states(ks, ke, bq, bk, split_partial=True)    # [batch, nq, nk]
   wl, own = warpgroup_schedule(pad_states(states, seq // bq, cta_tiles(bk, n)), n, by_keys=True)
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
@@ -171,7 +177,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
     return BwdSchedule(dkv, None)
   if (cfg.block_q_dq, cfg.block_k_dq) != (bq, bk):
     bq, bk = cfg.block_q_dq, cfg.block_k_dq
-    states = tile_states(ks, ke, bq, bk)
+    states = tile_states(ks, ke, bq, bk, split_partial=True)
   n = cfg.consumers_dq
   wl, own = warpgroup_schedule(pad_states(states, cta_tiles(bq, n), seq // bk), n)
   dq = DqSchedule(wl.blocks, wl.counts, own)
@@ -240,25 +246,17 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
   return dq, dk, dv
 
 
-def _probs_t(plgpu, s_t, qk_scale, is_full, k0, lo_ref, hi_ref, lse_ref):
+def _probs_t(plgpu, s_t, qk_scale, state, k0, lo_ref, hi_ref, lse_ref):
   """P^T [keys, rows] = exp2(qk_scale * S^T - lse) for unscaled logits S^T of
   keys k0.. against streamed query rows whose visible keys are [lo, hi)
-  (shared-memory vectors, with lse): masked by two comparisons unless the
-  tile `is_full` (a bool scalar). The scale rides in exp2's argument (one
+  (shared-memory vectors, with lse), masked as the tile's `block_map` state
+  says (`gpu_mosaic._mask_tile`). The scale rides in exp2's argument (one
   fused multiply-add)."""
-  layout = plgpu.Layout.WGMMA
   col = plgpu.Layout.WGMMA.reduce(0)
-  shape = s_t.shape
-
-  def masked():
-    kpos = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
-    lo = lax.broadcast_in_dim(_load_vec(plgpu, lo_ref, col), shape, [1])
-    hi = lax.broadcast_in_dim(_load_vec(plgpu, hi_ref, col), shape, [1])
-    return jnp.where((kpos >= lo) & (kpos < hi), s_t, -jnp.inf)
-
-  s_t = lax.cond(is_full, lambda: s_t, masked)
+  s_t = _mask_tile(plgpu, s_t, state, 0, k0, lambda: _load_vec(plgpu, lo_ref, col),
+                   lambda: _load_vec(plgpu, hi_ref, col))
   return jnp.exp2(s_t * qk_scale
-                  - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), shape, [1]))
+                  - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), s_t.shape, [1]))
 
 
 def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
@@ -341,7 +339,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
                           (v_own, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
           plgpu.barrier_wait(vec_bar.at[slot])
 
-          p_t = _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
+          p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
                          ke_smem.at[slot], lse_smem.at[slot])
           delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
           ds_own[...] = (p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))

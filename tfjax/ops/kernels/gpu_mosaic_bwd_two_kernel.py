@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import EMPTY, FULL
+from tfjax.ops.kernels.block_map import EMPTY
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _clamp_start, _masked_rows, _smem_transforms,
+                                          _clamp_start, _mask_tile, _smem_transforms,
                                           _transposed, _when_inside, warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
@@ -131,7 +131,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
             s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
           plgpu.barrier_wait(vec_bar.at[slot])
 
-          p_t = _probs_t(plgpu, s_t, qk_scale, state == FULL, kb0, ks_smem.at[slot],
+          p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
                          ke_smem.at[slot], lse_smem.at[slot])
           delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
           if sdp_group:
@@ -318,8 +318,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
             plgpu.barrier_arrive(v_free.at[slot])
           else:
             s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
-          s = lax.cond(state == FULL, lambda: s,
-                       lambda: _masked_rows(plgpu, s, kb * bk, ks_row, ke_row))
+          s = _mask_tile(plgpu, s, state, 1, kb * bk, lambda: ks_row, lambda: ke_row)
           # Unscaled logits: the scale rides in exp2's argument (one FMA).
           p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
           if not cfg.sdp_group:

@@ -7,7 +7,9 @@ tile is
 
   empty   no row of the query block reaches into the key block: skipped;
   full    every row allows every key of the block: no mask arithmetic;
-  partial anything else: the mask costs two comparisons per element.
+  partial anything else: the mask costs two comparisons per element (the
+          Mosaic GPU kernels split these into LOWER / UPPER tiles, one
+          comparison each, where a single bound decides them).
 
 The kernels walk compacted work lists instead of the tile grid, so their time
 follows the number of non-empty tiles, not seq^2:

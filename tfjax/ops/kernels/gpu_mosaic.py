@@ -23,8 +23,9 @@ warpgroups (C = `MosaicFwdConfig.consumers`, 2 or 3):
 Empty tiles are never visited. Per listed tile each consumer reads its own
 rows' tile state (`warpgroup_schedule`): empty for its rows (the other
 warpgroup's meet the key block), it skips the tile's work and keeps only the
-barrier steps; full, no mask; partial, the mask from two comparisons against
-the rows' [k_start, k_end) intervals.
+barrier steps; full, no mask; partial, the mask from the rows' [k_start,
+k_end) intervals, one comparison per element where one bound decides the
+tile (`block_map.LOWER`/`UPPER`), else one unsigned one (`_mask_tile`).
 Rows with an empty interval (padding) get 0 out and lse = BIG, like the
 Triton kernel, whose backward (gpu._backward) consumes this kernel's
 base-2 log-sum-exp unchanged.

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from tfjax.ops.kernels.block_map import EMPTY, pad_states, tile_states
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec, _mask_tile,
-                                          _longest_first, _smem_transforms, _transposed,
+from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
+                                          _longest_first, _mask_tile, _smem_transforms, _transposed,
                                           length_multiple, warpgroup_registers,
                                           warpgroup_schedule)
 
@@ -109,12 +109,6 @@ class MosaicBwdConfig:
   # kernel's padded lists' tiles (the tiles every list could hold); a batch
   # whose lists need more recomputes dq instead (both paths are compiled).
   ds_capacity: int = 100
-  # Two-kernel path: the dq kernel walks the heads last to first (1), so that
-  # it starts on the head whose tiles the kernel before it touched last and
-  # may still find in L2 (the forward's q/k/v/o when dq runs first, the dS^T
-  # tiles and k after dk/dv with dq_from_ds), and ends on head 0, where the
-  # dk/dv kernel after it starts. 0: heads in order, as every kernel.
-  dq_heads_descending: int = 0
 
   @property
   def multiple(self) -> int:

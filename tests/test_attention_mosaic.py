@@ -116,12 +116,17 @@ MOSAIC_BWD_CASES = [
     # packed tiles) and as it ships (30%: here the fallback)
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 100)),
     (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 30)),
+    # the persistent dk/dv kernel on 5 CTAs (several work items each, the
+    # K/V buffers in turn): the head-dim-64 default (three consumers past the
+    # end, delta in dq, GQA) and the head-dim-128 one storing dS^T tiles
+    (64, 4, 2, 512, (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3, 0, 100, 5)),
+    (128, 4, 2, 384, (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 100, 5)),
 ]
 
 
 @pytest.mark.parametrize("d,hq,hkv,seq,bcfg",
                          [MOSAIC_BWD_CASES[i] for i in (0, 1, 2, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                                                         16, 17)])
+                                                         16, 17, 18, 19)])
 def test_mosaic_backward_lowers_for_cuda(d, hq, hkv, seq, bcfg):
   from tfjax.ops.kernels import gpu_mosaic_bwd
   q = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
@@ -182,7 +187,8 @@ def test_mosaic_backward_matches_reference(d, hq, hkv, seq, bcfg):
 
 def test_mosaic_backward_config_choice(monkeypatch):
   """Two kernels at both head dims, three consumer warpgroups at 64 (the H100
-  measurements), dq from stored dS^T at 128 (H200), TFJAX_MOSAIC_BWD overrides it, and the sequence multiple
+  measurements), dq from stored dS^T at 128 (H200), a persistent dk/dv grid at
+  64 (H200), TFJAX_MOSAIC_BWD overrides it, and the sequence multiple
   follows the kernels that run."""
   from tfjax.ops.kernels import gpu, gpu_mosaic, gpu_mosaic_bwd
   monkeypatch.delenv("TFJAX_MOSAIC_BWD", raising=False)
@@ -192,6 +198,11 @@ def test_mosaic_backward_config_choice(monkeypatch):
   # At 128, dq from the stored dS^T tiles, with the recomputing fallback (M35).
   assert c128.dq_from_ds == 1 and 0 < c128.ds_capacity < 100 and c128.stages_dq == 3
   assert (c64.consumers_dkv, c64.consumers_dq) == (3, 3)
+  # The persistent dk/dv grid at 64 only (M44), and never with the fused kernel.
+  assert (c64.persistent_dkv, c128.persistent_dkv) == (1, 0)
+  with pytest.raises(ValueError, match="persistent_dkv"):
+    gpu_mosaic_bwd.bwd_schedule(jnp.zeros((1, 128), jnp.int32), jnp.zeros((1, 128), jnp.int32),
+                                dataclasses.replace(c64, fuse_dq=1))
   assert (c128.consumers_dkv, c128.consumers_dq) == (2, 3) and c128.sdp_group == 2
   assert c128.consumer_regs == 240
   # Its fallback is the recomputing kernels as they were the default (M40).

@@ -399,9 +399,14 @@ class GpuConfig:
     0.563-0.588 vs 0.545). The buffer holds 30% of the padded tiles (the
     benchmark layout lists 16% at 4096 and 7.5% at 8192; 100%, never a
     fallback, measured 0.5-1% faster but holds B * H * L^2 bf16 values).
+    Run M44 (H200): at head dim 64 the persistent dk/dv kernel (one CTA per
+    SM, the next item's K/V loaded under the current item's tiles) beats the
+    launched one: f+b 0.510 vs 0.520 ms at 8192, 0.300 vs 0.322 at 4096; at
+    128 (one dS^T buffer fits beside the second K/V buffer) it is level or
+    slower (0.775-0.785 vs 0.763 at 8192), so 128 keeps the launched grid.
     """
     if head_dim <= 64:
-      return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3)
+      return (64, 64, 2, 64, 64, 2, 0, 232, 1, 0, 0, 1, 1, 3, 3, 0, 100, 1)
     return (64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 30)
 
 

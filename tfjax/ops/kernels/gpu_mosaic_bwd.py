@@ -109,6 +109,14 @@ class MosaicBwdConfig:
   # kernel's padded lists' tiles (the tiles every list could hold); a batch
   # whose lists need more recomputes dq instead (both paths are compiled).
   ds_capacity: int = 100
+  # Two-kernel path (1): the dk/dv kernel runs one CTA per SM, each walking
+  # its share of the (head, key chunk, batch row) work items, longest first
+  # in snake order; its producer streams on from one item's query tiles to
+  # the next's, and each consumer loads the next item's K and V into a second
+  # buffer under the current item's tiles, so no item waits for a launch, a
+  # K/V load or the last item's dK/dV stores. N > 1: N CTAs instead of one
+  # per SM (tests: several items per CTA on a small problem).
+  persistent_dkv: int = 0
 
   @property
   def multiple(self) -> int:
@@ -123,8 +131,9 @@ class DkvSchedule(NamedTuple):
   consumers_dkv * block_k_dkv) tiles: `block_map.WorkList` blocks and counts
   [batch, key chunks(, list)], each consumer's own tile state per entry
   (`gpu_mosaic.warpgroup_schedule`, [batch, key chunks, consumers, list]),
-  and the fused kernel's launch order (flat b * key chunks + chunk; None for
-  dk/dv)."""
+  and the order of the flat b * key chunks + chunk work lists, longest first
+  (the fused kernel's launch order, the persistent dk/dv kernel's item order;
+  None for the launched dk/dv kernel)."""
   blocks: jax.Array
   counts: jax.Array
   states: jax.Array
@@ -155,6 +164,8 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
                          != (cfg.block_q_dkv, cfg.block_k_dkv)):
     raise ValueError("MosaicBwdConfig.dq_from_ds (0 or 1) takes the two-kernel path "
                      "(fuse_dq=0) with skip_empty=1 and the dq tiles equal to the dk/dv tiles")
+  if cfg.persistent_dkv and cfg.fuse_dq:
+    raise ValueError("MosaicBwdConfig.persistent_dkv takes the two-kernel path (fuse_dq=0)")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
                      "path (fuse_dq=0); the fused kernel runs two consumers")
@@ -166,7 +177,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts, own,
-                    _longest_first(wl.counts) if cfg.fuse_dq else None)
+                    _longest_first(wl.counts) if cfg.fuse_dq or cfg.persistent_dkv else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
   if (cfg.block_q_dq, cfg.block_k_dq) != (bq, bk):
@@ -454,22 +465,26 @@ def _query_tile_smem(plgpu, stages, bq, d, dtype, tr):
   ]
 
 
-def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst):
+def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst, wait=True):
   """A consumer's epilogue: its dK and dV accumulators to global memory,
-  through its K and V tiles in shared memory (no longer read by then)."""
+  through its K and V tiles in shared memory (no longer read by then); with
+  wait=False the stores stay in flight (a persistent kernel waits before it
+  reuses the buffers)."""
   k_tile[...] = dk.astype(k_tile.dtype)
   v_tile[...] = dv.astype(v_tile.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(k_tile, dk_dst)
   plgpu.copy_smem_to_gmem(v_tile, dv_dst)
-  plgpu.wait_smem_to_gmem(0)
+  if wait:
+    plgpu.wait_smem_to_gmem(0)
 
 
-def _key_block_barriers(plgpu, stages, consumers=2):
-  """Barriers of the key-block kernels: ((K, V) per consumer warpgroup; q, dO
-  and the four row vectors per ring slot), and each slot's release by every
-  consumer."""
-  return ((plgpu.Barrier(num_barriers=consumers), plgpu.Barrier(num_barriers=consumers),
+def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):
+  """Barriers of the key-block kernels: ((K, V) per consumer warpgroup and K/V
+  buffer; q, dO and the four row vectors per ring slot), and each slot's
+  release by every consumer."""
+  kv = consumers * kv_buffers
+  return ((plgpu.Barrier(num_barriers=kv), plgpu.Barrier(num_barriers=kv),
            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
            plgpu.Barrier(num_arrivals=4, num_barriers=stages)),
           plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
@@ -477,10 +492,12 @@ def _key_block_barriers(plgpu, stages, consumers=2):
 
 def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, lse_ref,
                         delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem,
-                        ks_smem, ke_smem, q_bar, do_bar, vec_bar, free):
+                        ks_smem, ke_smem, q_bar, do_bar, vec_bar, free, g0=None):
   """Producer warpgroup of the key-block kernels: the n query blocks listed in
   `blocks` into a ring of `stages` slots, each refilled once every consumer
-  has released it."""
+  has released it. With g0 (a persistent kernel's count of tiles streamed
+  before this work item) the ring runs on from slot g0 mod stages and the
+  count after this item is returned."""
 
   def issue(t, slot):
     rows = pl.ds(blocks[t] * bq, bq)
@@ -495,4 +512,14 @@ def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, l
     plgpu.barrier_wait(free.at[slot])
     issue(t, slot)
 
-  _fill_ring(pl, n, stages, issue, refill)
+  if g0 is None:
+    _fill_ring(pl, n, stages, issue, refill)
+    return None
+
+  def one(t, g):
+    slot = lax.rem(g, jnp.int32(stages))
+    pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+    issue(t, slot)
+    return g + 1
+
+  return lax.fori_loop(0, n, one, g0)

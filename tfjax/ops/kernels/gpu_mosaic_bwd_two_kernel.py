@@ -57,7 +57,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_k = n_cons * bk
   nq, nkc = seq // bq, -(-seq // cta_k)
-  blocks, counts, states, _ = sched  # gpu_mosaic_bwd.DkvSchedule
+  blocks, counts, states, order = sched  # gpu_mosaic_bwd.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -69,137 +69,219 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
 
   cap = ds_capacity(cfg, batch, *ds_route.dq_rows.shape[1:3]) if ds_out else 0
 
-  def kernel(blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-             delta_ref, ks_ref, ke_ref, *rest):
-    # rest: (dk, dv, scoped), or (dS^T rows, dk, dv, dS^T out, scoped) with ds_out.
+  persistent = bool(cfg.persistent_dkv)
+  nbuf = 2 if persistent else 1  # K/V buffers per consumer
+  n_items = hq * nkc * batch
+  # At head dim 128 the second K/V buffers leave room for one dS^T staging
+  # buffer per consumer, not two (232,448 bytes of shared memory).
+  ds_bufs = 1 if persistent and d > 64 else 2
+  # persistent_dkv=1: one CTA per SM; N > 1: N CTAs (tests use a few, so that
+  # every CTA walks several items).
+  n_ctas = min(_sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
+               n_items) if persistent else 0
+
+  def kernel(*refs):
+    # refs: ([order,] blocks, counts, states, q, k, v, do, lse, delta, ks, ke,
+    # [dS^T rows,] dk, dv, [dS^T out,] scoped)
+    refs = list(refs)
+    order_ref = refs.pop(0) if persistent else None
+    (blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+     delta_ref, ks_ref, ke_ref) = refs[:11]
     if ds_out:
-      rows_ref, dk_ref, dv_ref, ds_ref, scoped = rest
+      rows_ref, dk_ref, dv_ref, ds_ref, scoped = refs[11:]
     else:
-      dk_ref, dv_ref, scoped = rest
-    h, j, b, wg = _grid_position("kv")
+      dk_ref, dv_ref, scoped = refs[11:]
+    wg = lax.axis_index("wg")
     (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, *ds_smem), \
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
-    n = counts_ref[b, j]
 
-    def keep_ds(t, ds16):
+    if persistent:
+      # CTA c takes rank i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of
+      # the items sorted longest first (snake order: the CTAs' sums of work
+      # stay close); the heads of one key chunk have adjacent ranks.
+      c = lax.axis_index("cta")
+      rounds, rem = divmod(n_items, n_ctas)
+      snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
+      n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
+
+      def item(i):
+        r = i * n_ctas + snake(i)
+        pair = order_ref[lax.div(r, jnp.int32(hq))]
+        return lax.rem(r, jnp.int32(hq)), lax.rem(pair, jnp.int32(nkc)), lax.div(pair, jnp.int32(nkc))
+    else:
+      h0, j0, b0, _ = _grid_position("kv")
+      n_mine = 1
+      item = lambda i: (h0, j0, b0)
+
+    def keep_ds(h, j, b, t, stored, ds16):
       """dS^T of list entry t to global memory for the dq kernel (ds_out), through
-      two shared-memory buffers per consumer: the store of entry t-2 must have
-      read its buffer first."""
+      `ds_bufs` shared-memory buffers per consumer, taken in turn by its stores
+      (`stored` so far; a skipped tile stores nothing): the store that last
+      used the buffer must have read it first. Returns the new count."""
       if not ds_out:
-        return
-      buf = ds_smem[0].at[wg, lax.rem(t, jnp.int32(2))]
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        return stored
+      buf = ds_smem[0].at[wg, lax.rem(stored, jnp.int32(ds_bufs))]
+      plgpu.wait_smem_to_gmem(ds_bufs - 1, wait_read_only=True)
       buf[...] = ds16
       plgpu.commit_smem()
       row = h * jnp.int32(cap) + rows_ref[b, j, wg, t]
       plgpu.copy_smem_to_gmem(buf, ds_ref.at[row])
+      return stored + 1
 
     @pl.when(wg < n_cons)
     def _consumer():
       plgpu.set_max_registers(regs_consumer, action="increase")
-      kb0 = j * cta_k + wg * bk
-      hk = lax.div(h, jnp.int32(group))
       # A surplus warpgroup of the last CTA (three consumers) reads the last
       # real key block, meets no row (its tiles are empty) and stores nothing.
       ragged = seq % cta_k != 0
-      kb_load = _clamp_start(kb0, seq, bk, ragged)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[wg], k_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb_load, bk), hk], v_smem.at[wg], v_bar.at[wg])
-      plgpu.barrier_wait(k_bar.at[wg])
-      plgpu.barrier_wait(v_bar.at[wg])
-      k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+
+      def load_kv(i, buf):
+        h, j, b = item(i)
+        kb_load = _clamp_start(j * cta_k + wg * bk, seq, bk, ragged)
+        hk = lax.div(h, jnp.int32(group))
+        kv = wg * nbuf + buf
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[kv],
+                                k_bar.at[kv])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kb_load, bk), hk], v_smem.at[kv],
+                                v_bar.at[kv])
+
+      if persistent:
+        pl.when(n_mine > 0)(lambda: load_kv(jnp.int32(0), 0))
+      else:
+        load_kv(0, 0)
       zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
 
-      def body(t, carry):
-        dk, dv, state = carry
-        slot = lax.rem(t, jnp.int32(stages))
-        state_next = states_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
-        plgpu.barrier_wait(q_bar.at[slot])
+      def item_body(i, carry):
+        g, stored = carry  # ring tiles consumed and dS^T tiles stored before this item
+        buf = lax.rem(i, jnp.int32(nbuf)) if persistent else 0
+        h, j, b = item(i)
+        n = counts_ref[b, j]
+        kb0 = j * cta_k + wg * bk
+        # One flat index per (consumer, buffer): a literal buffer index in a
+        # ref's indexer would reach the tile loop's lax.cond as a constant
+        # operand, which Mosaic GPU on JAX 0.11 fails to lower.
+        kv = wg * nbuf + buf
+        plgpu.barrier_wait(k_bar.at[kv])
+        plgpu.barrier_wait(v_bar.at[kv])
+        k_tile, v_tile = k_smem.at[kv], v_smem.at[kv]
 
-        def tile():
-          if sdp_group:  # S^T and dP^T in one wgmma group
+        def prefetch():
+          # The next item's K and V into the other buffer, once the stores
+          # of the item before this one (dK and dV, staged there) have read it.
+          @pl.when(i + 1 < n_mine)
+          def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            load_kv(i + 1, 1 - buf)
+
+        def body(t, carry):
+          dk, dv, state, stored = carry
+          slot = lax.rem(g + t, jnp.int32(stages))
+          state_next = states_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
+          plgpu.barrier_wait(q_bar.at[slot])
+
+          def tile():
+            if sdp_group:  # S^T and dP^T in one wgmma group
+              plgpu.barrier_wait(do_bar.at[slot])
+
+              s_t, dp_t = _products_in_one_group(
+                  plgpu, pl, [(k_tile, _transposed(plgpu, q_smem.at[slot])),
+                              (v_tile, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
+            else:
+              def st_fn(acc_ref):
+                plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
+                return acc_ref[...]
+
+              s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
+            plgpu.barrier_wait(vec_bar.at[slot])
+
+            p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
+                           ke_smem.at[slot], lse_smem.at[slot])
+            delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
+            if sdp_group:
+              ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
+              ds16 = ds_t.astype(dtype)
+
+              def dv_dk(refs):
+                plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
+                plgpu.wgmma(refs[1], ds16, q_smem.at[slot])
+
+              dv_new, dk_new = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+              return dv_new, dk_new, keep_ds(h, j, b, t, stored, ds16)
             plgpu.barrier_wait(do_bar.at[slot])
 
-            s_t, dp_t = _products_in_one_group(
-                plgpu, pl, [(k_tile, _transposed(plgpu, q_smem.at[slot])),
-                            (v_tile, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
-          else:
-            def st_fn(acc_ref):
-              plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
-              return acc_ref[...]
+            def dv_dp(refs):
+              plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
+              plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
 
-            s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
-          plgpu.barrier_wait(vec_bar.at[slot])
-
-          p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
-                         ke_smem.at[slot], lse_smem.at[slot])
-          delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
-          if sdp_group:
+            dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
+                                                plgpu.ACC.init(zeros((bk, bq)))))
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
             ds16 = ds_t.astype(dtype)
 
-            def dv_dk(refs):
-              plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-              plgpu.wgmma(refs[1], ds16, q_smem.at[slot])
+            def dk_fn(acc_ref):
+              plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])
 
-            out = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            keep_ds(t, ds16)
-            return out
-          plgpu.barrier_wait(do_bar.at[slot])
+            dk_new = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+            return dv_new, dk_new, keep_ds(h, j, b, t, stored, ds16)
 
-          def dv_dp(refs):
-            plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-            plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
+          def skip():  # our keys meet none of these rows; the same waits (phases)
+            plgpu.barrier_wait(do_bar.at[slot])
+            plgpu.barrier_wait(vec_bar.at[slot])
+            return dv, dk, stored
 
-          dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
-                                              plgpu.ACC.init(zeros((bk, bq)))))
-          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
-          ds16 = ds_t.astype(dtype)
+          if cfg.skip_empty:
+            dv, dk, stored = lax.cond(state == EMPTY, skip, tile)
+          else:
+            dv, dk, stored = tile()
+          plgpu.barrier_arrive(free.at[slot])
+          if persistent:
+            pl.when(t == 0)(prefetch)
+          return dk, dv, state_next, stored
 
-          def dk_fn(acc_ref):
-            plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])
+        dk, dv, _, stored = lax.fori_loop(
+            0, n, body, (zeros((bk, d)), zeros((bk, d)), states_ref[b, j, wg, 0], stored))
+        if persistent:
+          pl.when(n == 0)(prefetch)
+        rows = pl.ds(kb0, bk)
+        _when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
+            plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h],
+            wait=not persistent))
+        return g + n, stored
 
-          dk_new = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
-          keep_ds(t, ds16)
-          return dv_new, dk_new
-
-        def skip():  # our keys meet none of these rows; the same waits (phases)
-          plgpu.barrier_wait(do_bar.at[slot])
-          plgpu.barrier_wait(vec_bar.at[slot])
-          return dv, dk
-
-        if cfg.skip_empty:
-          dv, dk = lax.cond(state == EMPTY, skip, tile)
-        else:
-          dv, dk = tile()
-        plgpu.barrier_arrive(free.at[slot])
-        return dk, dv, state_next
-
-      dk, dv, _ = lax.fori_loop(0, n, body, (zeros((bk, d)), zeros((bk, d)),
-                                             states_ref[b, j, wg, 0]))
-      rows = pl.ds(kb0, bk)
-      _when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
-          plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h]))
+      if persistent:
+        lax.fori_loop(0, n_mine, item_body, (jnp.int32(0), jnp.int32(0)))
+        plgpu.wait_smem_to_gmem(0)
+      else:
+        item_body(jnp.int32(0), (jnp.int32(0), jnp.int32(0)))
 
     @pl.when(wg == n_cons)
     def _producer():
       plgpu.set_max_registers(regs_producer, action="decrease")
-      _stream_query_tiles(plgpu, pl, n, stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
-                          lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem,
-                          delta_smem, ks_smem, ke_smem, q_bar, do_bar, vec_bar, free)
+
+      def stream(i, g):
+        h, j, b = item(i)
+        return _stream_query_tiles(
+            plgpu, pl, counts_ref[b, j], stages, bq, blocks_ref.at[b, j], b, h, q_ref, do_ref,
+            lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem, ks_smem,
+            ke_smem, q_bar, do_bar, vec_bar, free, g0=g if persistent else None)
+
+      if persistent:
+        lax.fori_loop(0, n_mine, stream, jnp.int32(0))
+      else:
+        stream(0, None)
 
   def entry(*refs):
     smem = [
-        plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((n_cons, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons * nbuf, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons * nbuf, bk, d), dtype, transforms=tr),
         *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
     ]
     if ds_out:
-      smem.append(plgpu.SMEM((n_cons, 2, bk, bq), dtype, transforms=tr_ds))
+      smem.append(plgpu.SMEM((n_cons, ds_bufs, bk, bq), dtype, transforms=tr_ds))
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
-        *_key_block_barriers(plgpu, stages, n_cons),
+        *_key_block_barriers(plgpu, stages, n_cons, nbuf),
         collective_axes="wg",
     )
 
@@ -208,17 +290,29 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   # the consumer's tile is not empty.
   ds_type = jax.ShapeDtypeStruct((hq * cap, bk, bq), dtype)
   inputs = (blocks, counts, states, q, k, v, do, lse, delta, ks, ke)
+  if persistent:
+    inputs = (order,) + inputs
   if ds_out:
     inputs += (ds_route.rows,)
+  grid, names = ((n_ctas,), ("cta",)) if persistent else ((hq, nkc, batch), ("heads", "kv", "batch"))
   return plgpu.kernel(
       entry,
       out_type=[shape, shape, ds_type] if ds_out else [shape, shape],
-      grid=(hq, nkc, batch),
-      grid_names=("heads", "kv", "batch"),
+      grid=grid,
+      grid_names=names,
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
   )(*inputs)
+
+
+def _sm_count() -> int:
+  """Streaming multiprocessors of the first GPU (the persistent grid's size);
+  132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
+  try:
+    return int(jax.devices("gpu")[0].core_count)
+  except (RuntimeError, AttributeError, IndexError):
+    return 132
 
 
 def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):

@@ -87,7 +87,8 @@ def main():
                                        for spec in args.variants.split(";")])
     return
   if args.profile:
-    import torch  # noqa: F401  (before JAX opens the GPU, as profile_attention.py: else ncu crashed)
+    # Before JAX opens the GPU, as in profile_attention.py: else ncu crashed.
+    import torch  # noqa: F401
   print(f"jax {jax.__version__} {jax.devices()}", flush=True)
   bsz, heads = 2, 16
   result = {}

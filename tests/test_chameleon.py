@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfjax.batch import Batch
 from tfjax.chameleon import batches, main, tokens
 from tfjax.config import BOI_ID, BOS_ID, EOI_ID, EOS_ID, ConfigError, default_config, validate
 

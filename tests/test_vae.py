@@ -15,7 +15,7 @@ from tfjax.config import default_config
 from tfjax.vae import io, losses, metrics
 from tfjax.vae.autoencoder import AutoencoderConfig, AutoencoderKL, Posterior
 from tfjax.vae.train import train_vae
-from tfjax.vae.vq import VQVAE, codebook_usage
+from tfjax.vae.vq import codebook_usage
 
 
 @pytest.mark.parametrize("channels,latent,size", [

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from tfjax.batch import Batch
 from tfjax.train import mesh as mesh_lib

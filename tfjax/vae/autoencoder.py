@@ -14,7 +14,7 @@ Images are NHWC, `[batch, height, width, 3]` in [-1, 1]; latents are
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct

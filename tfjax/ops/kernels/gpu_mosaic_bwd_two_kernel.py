@@ -16,6 +16,10 @@ for the dk/dv kernel. Each consumer skips the listed tiles that its own 64
 keys (dk/dv) or rows (dq) do not meet (`skip_empty`). With `dq_from_ds`
 (the default at head dim 128) dk/dv runs first and also stores its dS^T
 tiles, packed by a `DsRoute`, and `dq_from_ds` replaces the dq kernel.
+With `persistent_dkv` (the default at head dim 64) the dk/dv grid is one
+CTA per SM instead of one per (head, key chunk, batch row): each CTA walks
+its share of those items, longest work list first, with the next item's K/V
+loaded under the current item's tiles (H200: 2-7% faster f+b, M44).
 """
 from __future__ import annotations
 

@@ -251,6 +251,13 @@ def _fill_ring(pl, n, stages, issue, refill):
     refill(t + stages, slot)
 
 
+def _unless_empty(skip_empty, state, tile, skip):
+  """A consumer's step over one listed tile: tile() (the products), or, with
+  skip_empty, skip() where its own part of the tile is EMPTY (the same
+  barrier waits and releases, no products; the outputs unchanged)."""
+  return lax.cond(state == EMPTY, skip, tile) if skip_empty else tile()
+
+
 def supported(dtype, head_dim: int) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
       head_dim in (64, 128)
@@ -430,10 +437,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             wait_next_k()
             return acc, m, l
 
-          if cfg.skip_empty:
-            acc, m, l = lax.cond(state == EMPTY, skip, tile)
-          else:
-            acc, m, l = tile()
+          acc, m, l = _unless_empty(cfg.skip_empty, state, tile, skip)
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, m, l, kb_next, state_next
 

@@ -47,7 +47,7 @@ from jax import lax
 from tfjax.ops.kernels.block_map import EMPTY, pad_states, tile_states
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _longest_first, _mask_tile, _smem_transforms, _transposed,
-                                          length_multiple, warpgroup_registers,
+                                          _unless_empty, length_multiple, warpgroup_registers,
                                           warpgroup_schedule)
 
 
@@ -372,10 +372,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
           both_consumers()
           return dv, dk, pl.run_state(dq_product)((plgpu.ACC.init(zeros((bq, dq_cols))),))[0]
 
-        if cfg.skip_empty:
-          dv, dk, dq_part = lax.cond(state == EMPTY, skip, tile)
-        else:
-          dv, dk, dq_part = tile()
+        dv, dk, dq_part = _unless_empty(cfg.skip_empty, state, tile, skip)
         plgpu.barrier_arrive(free.at[slot])
 
         def add_dq():

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import EMPTY
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
                                           _clamp_start, _mask_tile, _smem_transforms,
-                                          _transposed, _when_inside, warpgroup_registers)
+                                          _transposed, _unless_empty, _when_inside,
+                                          warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
                                               _store_key_grads, _stream_query_tiles)
@@ -111,7 +111,8 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
       def item(i):
         r = i * n_ctas + snake(i)
         pair = order_ref[lax.div(r, jnp.int32(hq))]
-        return lax.rem(r, jnp.int32(hq)), lax.rem(pair, jnp.int32(nkc)), lax.div(pair, jnp.int32(nkc))
+        n_kc = jnp.int32(nkc)
+        return lax.rem(r, jnp.int32(hq)), lax.rem(pair, n_kc), lax.div(pair, n_kc)
     else:
       h0, j0, b0, _ = _grid_position("kv")
       n_mine = 1
@@ -233,10 +234,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
             plgpu.barrier_wait(vec_bar.at[slot])
             return dv, dk, stored
 
-          if cfg.skip_empty:
-            dv, dk, stored = lax.cond(state == EMPTY, skip, tile)
-          else:
-            dv, dk, stored = tile()
+          dv, dk, stored = _unless_empty(cfg.skip_empty, state, tile, skip)
           plgpu.barrier_arrive(free.at[slot])
           if persistent:
             pl.when(t == 0)(prefetch)
@@ -298,7 +296,10 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
     inputs = (order,) + inputs
   if ds_out:
     inputs += (ds_route.rows,)
-  grid, names = ((n_ctas,), ("cta",)) if persistent else ((hq, nkc, batch), ("heads", "kv", "batch"))
+  if persistent:
+    grid, names = (n_ctas,), ("cta",)
+  else:
+    grid, names = (hq, nkc, batch), ("heads", "kv", "batch")
   return plgpu.kernel(
       entry,
       out_type=[shape, shape, ds_type] if ds_out else [shape, shape],
@@ -435,7 +436,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
           plgpu.barrier_arrive(v_free.at[slot])
           return dq
 
-        dq = lax.cond(state == EMPTY, skip, tile) if cfg.skip_empty else tile()
+        dq = _unless_empty(cfg.skip_empty, state, tile, skip)
         plgpu.barrier_arrive(k_free.at[slot])
         return dq, kb_next, state_next
 
@@ -625,7 +626,7 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
             plgpu.wgmma(acc_ref, _transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
           return pl.run_state(fn)(plgpu.ACC.init(dq))
 
-        dq = lax.cond(states_ref[b, qi, wg, t] == EMPTY, lambda: dq, tile)
+        dq = _unless_empty(True, states_ref[b, qi, wg, t], tile, lambda: dq)
         plgpu.barrier_arrive(free.at[slot])
         return dq
 

@@ -21,14 +21,17 @@ of `block_map.py` and the forward's base-2 log-sum-exp (gpu_mosaic.py):
                    adds arrive in no fixed order, so dq can differ in its last
                    bits from run to run. The default at head dim 64 until
                    the three-consumer two-kernel path overtook it (M20).
-  two kernels      (gpu_mosaic_bwd_two_kernel.py) a dk/dv kernel (the same walk without dQ) and a dq kernel
-                   (the forward's walk over key blocks, recomputing S and dP),
+  two kernels      (gpu_mosaic_bwd_two_kernel.py) a dk/dv kernel (the same
+                   walk without dQ) and a dq kernel (the forward's walk over
+                   key blocks, recomputing S and dP),
                    each with two or three consumer warpgroups: seven matrix
                    products per tile pair, deterministic. The default at both
                    head dims (NOTES_attention.md, runs M5-M8, M20-M22). At
                    head dim 128 by default (`dq_from_ds`, M35-M38) the dk/dv
                    kernel runs first and stores its bf16 dS^T tiles, and dq is
-                   one product per tile from them: five products per pair.
+                   one product per tile from them (gpu_mosaic_bwd_ds.py): five
+                   products per pair. At head dim 64 by default the dk/dv
+                   kernel is a persistent grid (`persistent_dkv`, M44).
 
 bf16/f16, head dims 64 and 128. On CPU the kernels lower to Mosaic GPU
 modules (tests check that) but cannot run. Measured on an H100 with JAX
@@ -100,8 +103,8 @@ class MosaicBwdConfig:
   consumers_dkv: int = 2
   consumers_dq: int = 2
   # Two-kernel path (1): the dk/dv kernel runs first and writes its bf16 dS^T
-  # tiles, packed in its own order (`two_kernel.DsRoute`), and dq is one
-  # product per visited tile (`two_kernel.dq_from_ds`) instead
+  # tiles, packed in its own order (`gpu_mosaic_bwd_ds.DsRoute`), and dq is one
+  # product per visited tile (`gpu_mosaic_bwd_ds.dq_from_ds`) instead
   # of recomputing S and dP; delta comes from one XLA pass (dq_delta unused).
   # Needs skip_empty (an empty tile has no row) and equal dq and dk/dv tiles.
   dq_from_ds: int = 0
@@ -152,7 +155,7 @@ class DqSchedule(NamedTuple):
 class BwdSchedule(NamedTuple):
   dkv: DkvSchedule
   dq: DqSchedule | None  # None: the fused kernel computes dq
-  # dq_from_ds: where the dS^T tiles go (`gpu_mosaic_bwd_two_kernel.DsRoute`);
+  # dq_from_ds: where the dS^T tiles go (`gpu_mosaic_bwd_ds.DsRoute`);
   # None otherwise.
   ds_route: Any = None
 
@@ -188,7 +191,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   dq = DqSchedule(wl.blocks, wl.counts, own)
   route = None
   if cfg.dq_from_ds:
-    from tfjax.ops.kernels.gpu_mosaic_bwd_two_kernel import ds_route
+    from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_route
     route = ds_route(dkv, dq, cfg.consumers_dkv, n)
   return BwdSchedule(dkv, dq, route)
 
@@ -217,6 +220,7 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
   if cfg.fuse_dq:
     dq, dk, dv = _fused(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale, cfg=cfg)
   else:
+    from tfjax.ops.kernels import gpu_mosaic_bwd_ds as from_stored_ds
     from tfjax.ops.kernels import gpu_mosaic_bwd_two_kernel as two_kernel
 
     def recompute(c):  # dq recomputing S and dP (delta inside it or from XLA), then dk/dv
@@ -236,13 +240,13 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
       def from_ds():
         dk, dv, dst = two_kernel.dkv(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale,
                                      cfg=cfg, ds_route=route)
-        return two_kernel.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
-                                     q_shape=q.shape), dk, dv
+        return from_stored_ds.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
+                                         q_shape=q.shape), dk, dv
 
       if cfg.ds_capacity >= 100:
         dq, dk, dv = from_ds()
       else:  # more listed tiles than the buffer holds: the recomputing kernels
-        cap = two_kernel.ds_capacity(cfg, batch, *sched.dq.blocks.shape[1:])
+        cap = from_stored_ds.ds_capacity(cfg, batch, *sched.dq.blocks.shape[1:])
         dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds,
                                   lambda: recompute(recompute_config(cfg)))
   if group > 1:  # the kernels write dk, dv per q head
@@ -474,6 +478,12 @@ def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst, wait=True):
   plgpu.copy_smem_to_gmem(v_tile, dv_dst)
   if wait:
     plgpu.wait_smem_to_gmem(0)
+
+
+def _grid_position(blocks: str):
+  """(q head, key chunk or query CTA, batch row, warpgroup) of the running
+  thread in the kernels' grid (heads, `blocks`, batch) x warpgroups."""
+  return tuple(lax.axis_index(n) for n in ("heads", blocks, "batch", "wg"))
 
 
 def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):

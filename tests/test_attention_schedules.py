@@ -112,7 +112,7 @@ def test_ds_route_gives_every_visited_dq_tile_the_row_its_dkv_consumer_stored(n_
   sched = gpu_mosaic_bwd.bwd_schedule(ks, ke, gpu_mosaic_bwd.MosaicBwdConfig(
       fuse_dq=0, consumers_dkv=n_dkv, consumers_dq=n_dq, dq_delta=0, dq_from_ds=1))
   kv_blocks, kv_counts, kv_states = map(np.asarray, sched.dkv[:3])
-  q_blocks, q_counts, q_states = map(np.asarray, sched.dq[:3])
+  q_blocks, q_counts, q_states = map(np.asarray, sched.dq)
   rows, dq_rows, total = (np.asarray(x) for x in sched.ds_route)
   stored = {}  # row -> (batch, query tile, key block)
   for b in range(2):
@@ -159,7 +159,7 @@ def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
   by_keys = by_keys.transpose(0, 2, 1)
   one_bound = lambda states: np.where(states >= bmap.LOWER, bmap.PARTIAL, states)
   for (blocks, counts, states), dense in (
-      (fwd[1:], by_rows), (bwd.dq[:3], by_rows), (bwd.dkv[:3], by_keys)):
+      (fwd[1:], by_rows), (bwd.dq, by_rows), (bwd.dkv[:3], by_keys)):
     blocks, counts, states = map(np.asarray, (blocks, counts, states))
     states = one_bound(states)  # LOWER/UPPER: partial tiles testing one bound
     assert blocks.shape[1] == padded // cta and states.shape[2] == consumers

@@ -120,21 +120,6 @@ class MosaicBwdConfig:
   # K/V load or the last item's dK/dV stores. N > 1: N CTAs instead of one
   # per SM (tests: several items per CTA on a small problem).
   persistent_dkv: int = 0
-  # dq_from_ds (1): each dq consumer leaves its tile's product in flight while
-  # it waits for the next tile, and releases a ring slot one tile late, once
-  # the product reading it is done (wgmma_wait(1)), instead of waiting for
-  # every product before the next barrier.
-  inflight_dq: int = 0
-  # dq_from_ds (1): the dk/dv kernel takes dK's dS^T operand from the shared-
-  # memory tile it stages for the store and leaves that product in flight
-  # into the next tile (it completes under the next S^T), releasing the ring
-  # slot one tile late.
-  inflight_dk: int = 0
-  # dq_from_ds (1): the dq kernel as a persistent grid, as persistent_dkv for
-  # dk/dv: one CTA per SM walks (head, query CTA, batch row) items longest
-  # first in snake order, the producer's ring running on across items and
-  # each item's dq store left in flight. N > 1: N CTAs.
-  persistent_dq: int = 0
 
   @property
   def multiple(self) -> int:
@@ -160,13 +145,11 @@ class DkvSchedule(NamedTuple):
 
 class DqSchedule(NamedTuple):
   """The dq kernel's walk over query blocks (two-kernel path): work lists at
-  (consumers_dq * block_q_dq, block_k_dq), each consumer's own tile state
-  per entry, and (persistent_dq) the flat b * query CTAs + CTA work lists'
-  order, longest first."""
+  (consumers_dq * block_q_dq, block_k_dq) and each consumer's own tile state
+  per entry."""
   blocks: jax.Array
   counts: jax.Array
   states: jax.Array
-  order: jax.Array | None = None
 
 
 class BwdSchedule(NamedTuple):
@@ -205,8 +188,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
     states = tile_states(ks, ke, bq, bk, split_partial=True)
   n = cfg.consumers_dq
   wl, own = warpgroup_schedule(pad_states(states, cta_tiles(bq, n), seq // bk), n)
-  dq = DqSchedule(wl.blocks, wl.counts, own,
-                  _longest_first(wl.counts) if cfg.persistent_dq else None)
+  dq = DqSchedule(wl.blocks, wl.counts, own)
   route = None
   if cfg.dq_from_ds:
     from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_route
@@ -221,8 +203,7 @@ def recompute_config(cfg: MosaicBwdConfig) -> MosaicBwdConfig:
   before dq_from_ds. Inheriting dq_from_ds's own settings instead (an XLA delta
   pass, a 3-deep ring) ran 4% / 1.4% slower on one causal document per row at
   4096/128 and 8192/128 (NOTES_attention.md, M40)."""
-  return dataclasses.replace(cfg, dq_from_ds=0, dq_delta=1, stages_dq=2, inflight_dq=0,
-                             inflight_dk=0, persistent_dq=0)
+  return dataclasses.replace(cfg, dq_from_ds=0, dq_delta=1, stages_dq=2)
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
@@ -503,44 +484,6 @@ def _grid_position(blocks: str):
   """(q head, key chunk or query CTA, batch row, warpgroup) of the running
   thread in the kernels' grid (heads, `blocks`, batch) x warpgroups."""
   return tuple(lax.axis_index(n) for n in ("heads", blocks, "batch", "wg"))
-
-
-def _sm_count() -> int:
-  """Streaming multiprocessors of the first GPU (a persistent grid's size);
-  132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
-  try:
-    return int(jax.devices("gpu")[0].core_count)
-  except (RuntimeError, AttributeError, IndexError):
-    return 132
-
-
-def _persistent_ctas(setting: int, n_items: int) -> int:
-  """CTAs of a persistent grid: one per SM (setting 1) or `setting` of them
-  (tests: a few, so that every CTA walks several items), at most one per item."""
-  return min(_sm_count() if setting == 1 else setting, n_items)
-
-
-def _persistent_items(order_ref, n_items: int, n_ctas: int, heads: int, n_inner: int):
-  """A persistent CTA's share of the (head, inner block, batch row) work items.
-
-  order_ref: the flat b * n_inner + block work lists, longest first. CTA c
-  takes rank i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of the items
-  in that order (snake order: the CTAs' sums of work stay close); the heads
-  of one work list have adjacent ranks. Returns (items of this CTA, item(i)
-  -> (head, inner block, batch row)).
-  """
-  c = lax.axis_index("cta")
-  rounds, rem = divmod(n_items, n_ctas)
-  snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
-  n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
-
-  def item(i):
-    r = i * n_ctas + snake(i)
-    pair = order_ref[lax.div(r, jnp.int32(heads))]
-    n = jnp.int32(n_inner)
-    return lax.rem(r, jnp.int32(heads)), lax.rem(pair, n), lax.div(pair, n)
-
-  return n_mine, item
 
 
 def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):

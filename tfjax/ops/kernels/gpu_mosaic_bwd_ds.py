@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import EMPTY
 from tfjax.ops.kernels.gpu_mosaic import (_compiler_params, _fill_ring, _smem_transforms,
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
-from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _persistent_ctas,
-                                              _persistent_items)
+from tfjax.ops.kernels.gpu_mosaic_bwd import _grid_position
 
 
 class DsRoute(NamedTuple):
@@ -115,137 +113,65 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   cta_q = n_cons * bq
   nq_cta = -(-seq // cta_q)
   cap = dst.shape[0] // hq
-  blocks, counts, states, order = sched  # gpu_mosaic_bwd.DqSchedule
+  blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
   wgmma_layout = plgpu.Layout.WGMMA
   tr = _smem_transforms(plgpu, dtype, d)
   tr_ds = _smem_transforms(plgpu, dtype, bq)
-  persistent = bool(cfg.persistent_dq)
-  n_items = hq * nq_cta * batch
-  n_ctas = _persistent_ctas(cfg.persistent_dq, n_items) if persistent else 0
 
-  def kernel(*refs):
-    # refs: ([order,] blocks, counts, states, dS^T rows, k, dS^T, dq, scoped)
-    refs = list(refs)
-    order_ref = refs.pop(0) if persistent else None
-    blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped = refs
-    wg = lax.axis_index("wg")
+  def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped):
+    h, qi, b, wg = _grid_position("q")
     (out_smem, k_smem, ds_smem), tile_bar, free = scoped
-    if persistent:
-      n_mine, item = _persistent_items(order_ref, n_items, n_ctas, hq, nq_cta)
-    else:
-      h0, q0, b0, _ = _grid_position("q")
-      n_mine, item = 1, lambda i: (h0, q0, b0)
-
-    # Ring position of an item's tile t: a persistent kernel's ring runs on
-    # from the g tiles of the CTA's earlier items (g None: a launched CTA).
-    ring = lambda g, t: t if g is None else g + t
+    n = counts_ref[b, qi]
 
     @pl.when(wg < n_cons)
     def _consumer():
       plgpu.set_max_registers(regs_consumer, action="increase")
+      row0 = qi * cta_q + wg * bq
       ragged = seq % cta_q != 0
       zeros = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), wgmma_layout)
 
-      def item_body(i, g):
-        h, qi, b = item(i)
-        n = counts_ref[b, qi]
-        row0 = qi * cta_q + wg * bq
-        slot_of = lambda t: lax.rem(ring(g, t), jnp.int32(stages))
+      def body(t, dq):
+        slot = lax.rem(t, jnp.int32(stages))
+        plgpu.barrier_wait(tile_bar.at[slot])
 
-        def body(t, dq):
-          slot = slot_of(t)
-          plgpu.barrier_wait(tile_bar.at[slot])
+        def tile():
+          def fn(acc_ref):  # dQ += (dS^T)^T K: the stored tile, transposed
+            plgpu.wgmma(acc_ref, _transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
+          return pl.run_state(fn)(plgpu.ACC.init(dq))
 
-          def tile():
-            def fn(acc_ref):  # dQ += (dS^T)^T K: the stored tile, transposed
-              plgpu.wgmma(acc_ref, _transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
-            return pl.run_state(fn)(plgpu.ACC.init(dq))
+        dq = _unless_empty(True, states_ref[b, qi, wg, t], tile, lambda: dq)
+        plgpu.barrier_arrive(free.at[slot])
+        return dq
 
-          dq = _unless_empty(True, states_ref[b, qi, wg, t], tile, lambda: dq)
-          plgpu.barrier_arrive(free.at[slot])
-          return dq
+      dq = lax.fori_loop(0, n, body, zeros)
 
-        def pipelined(acc_ref):
-          # One product in flight: tile t's is issued before tile t-1's slot
-          # is released, and that release waits only for tile t-1's product.
-          release = lambda t: plgpu.barrier_arrive(
-              free.at[lax.rem(ring(g, t) + stages - 1, jnp.int32(stages))])
-
-          def body(t, _):
-            slot = slot_of(t)
-            plgpu.barrier_wait(tile_bar.at[slot])
-
-            @pl.when(states_ref[b, qi, wg, t] != EMPTY)
-            def _():
-              plgpu.wgmma(acc_ref, _transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
-
-            plgpu.wgmma_wait(1)
-            pl.when(t > 0)(lambda: release(t))
-            return 0
-
-          lax.fori_loop(0, n, body, 0)
-          dq = acc_ref[...]
-          pl.when(n > 0)(lambda: release(n))
-          return dq
-
-        if cfg.inflight_dq:
-          dq = pl.run_scoped(pipelined, plgpu.ACC((bq, d), jnp.float32))
-        else:
-          dq = lax.fori_loop(0, n, body, zeros)
-
-        @_when_inside(pl, row0, seq, ragged)
-        def _():
-          if persistent:  # the last item's store has read the buffer
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem.at[wg][...] = (dq * scale).astype(dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[b, pl.ds(row0, bq), h])
-        return None if g is None else g + n
-
-      if persistent:
-        lax.fori_loop(0, n_mine, item_body, jnp.int32(0))
-      else:
-        item_body(0, None)
+      @_when_inside(pl, row0, seq, ragged)
+      def _():
+        out_smem.at[wg][...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[b, pl.ds(row0, bq), h])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == n_cons)
     def _producer():
       plgpu.set_max_registers(regs_producer, action="decrease")
+      hk = lax.div(h, jnp.int32(group))
 
-      def stream(i, g):
-        h, qi, b = item(i)
-        n = counts_ref[b, qi]
-        hk = lax.div(h, jnp.int32(group))
-        head_row = h * jnp.int32(cap)
+      head_row = h * jnp.int32(cap)
 
-        def issue(t, slot):  # every copy arrives at tile_bar[slot]
-          kb = blocks_ref[b, qi, t]
-          plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb * bk, bk), hk], k_smem.at[slot],
-                                  tile_bar.at[slot])
-          for c in range(n_cons):
-            plgpu.copy_gmem_to_smem(ds_ref.at[head_row + rows_ref[b, qi, t, c]],
-                                    ds_smem.at[slot, c], tile_bar.at[slot])
+      def issue(t, slot):  # every copy arrives at tile_bar[slot]
+        kb = blocks_ref[b, qi, t]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb * bk, bk), hk], k_smem.at[slot],
+                                tile_bar.at[slot])
+        for c in range(n_cons):
+          plgpu.copy_gmem_to_smem(ds_ref.at[head_row + rows_ref[b, qi, t, c]],
+                                  ds_smem.at[slot, c], tile_bar.at[slot])
 
-        def refill(t, slot):
-          plgpu.barrier_wait(free.at[slot])
-          issue(t, slot)
+      def refill(t, slot):
+        plgpu.barrier_wait(free.at[slot])
+        issue(t, slot)
 
-        if g is None:
-          _fill_ring(pl, n, stages, issue, refill)
-          return None
-
-        def one(t, g):
-          slot = lax.rem(g, jnp.int32(stages))
-          pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
-          issue(t, slot)
-          return g + 1
-
-        return lax.fori_loop(0, n, one, g)
-
-      if persistent:
-        lax.fori_loop(0, n_mine, stream, jnp.int32(0))
-      else:
-        stream(0, None)
+      _fill_ring(pl, n, stages, issue, refill)
 
   def entry(*refs):
     pl.run_scoped(
@@ -258,17 +184,12 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
         collective_axes="wg",
     )
 
-  inputs = (blocks, counts, states, route.dq_rows, k, dst)
-  if persistent:
-    grid, names, inputs = (n_ctas,), ("cta",), (order,) + inputs
-  else:
-    grid, names = (hq, nq_cta, batch), ("heads", "q", "batch")
   return plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q_shape, dtype),
-      grid=grid,
-      grid_names=names,
+      grid=(hq, nq_cta, batch),
+      grid_names=("heads", "q", "batch"),
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(*inputs)
+  )(blocks, counts, states, route.dq_rows, k, dst)

@@ -32,8 +32,7 @@ from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _
                                           _clamp_start, _mask_tile, _smem_transforms,
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
-from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers,
-                                              _persistent_ctas, _persistent_items, _probs_t,
+from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
                                               _store_key_grads, _stream_query_tiles)
 from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
@@ -64,11 +63,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
 
   ds_out = bool(cfg.dq_from_ds)
-  # dK's product reads dS^T from its staging tile and stays in flight into
-  # the next tile (MosaicBwdConfig.inflight_dk).
-  inflight = bool(cfg.inflight_dk)
-  if inflight and not (ds_out and cfg.sdp_group != 1):
-    raise ValueError("MosaicBwdConfig.inflight_dk needs dq_from_ds=1 and sdp_group != 1")
   tr_ds = _smem_transforms(plgpu, dtype, bq)
 
   cap = ds_capacity(cfg, batch, *ds_route.dq_rows.shape[1:3]) if ds_out else 0
@@ -79,7 +73,10 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   # At head dim 128 the second K/V buffers leave room for one dS^T staging
   # buffer per consumer, not two (232,448 bytes of shared memory).
   ds_bufs = 1 if persistent and d > 64 else 2
-  n_ctas = _persistent_ctas(cfg.persistent_dkv, n_items) if persistent else 0
+  # persistent_dkv=1: one CTA per SM; N > 1: N CTAs (tests use a few, so that
+  # every CTA walks several items).
+  n_ctas = min(_sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
+               n_items) if persistent else 0
 
   def kernel(*refs):
     # refs: ([order,] blocks, counts, states, q, k, v, do, lse, delta, ks, ke,
@@ -97,28 +94,35 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
 
     if persistent:
-      n_mine, item = _persistent_items(order_ref, n_items, n_ctas, hq, nkc)
+      # CTA c takes rank i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of
+      # the items sorted longest first (snake order: the CTAs' sums of work
+      # stay close); the heads of one key chunk have adjacent ranks.
+      c = lax.axis_index("cta")
+      rounds, rem = divmod(n_items, n_ctas)
+      snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
+      n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
+
+      def item(i):
+        r = i * n_ctas + snake(i)
+        pair = order_ref[lax.div(r, jnp.int32(hq))]
+        n_kc = jnp.int32(nkc)
+        return lax.rem(r, jnp.int32(hq)), lax.rem(pair, n_kc), lax.div(pair, n_kc)
     else:
       h0, j0, b0, _ = _grid_position("kv")
       n_mine = 1
       item = lambda i: (h0, j0, b0)
 
-    def keep_ds(h, j, b, t, stored, ds16, use=None):
+    def keep_ds(h, j, b, t, stored, ds16):
       """dS^T of list entry t to global memory for the dq kernel (ds_out), through
       `ds_bufs` shared-memory buffers per consumer, taken in turn by its stores
       (`stored` so far; a skipped tile stores nothing): the store that last
-      used the buffer must have read it first. use(buf): issued on the staged
-      tile beside its store (inflight_dk: the dK product; it has completed
-      before the buffer's next write, which follows the next tile's S^T wait).
-      Returns the new count."""
+      used the buffer must have read it first. Returns the new count."""
       if not ds_out:
         return stored
       buf = ds_smem[0].at[wg, lax.rem(stored, jnp.int32(ds_bufs))]
       plgpu.wait_smem_to_gmem(ds_bufs - 1, wait_read_only=True)
       buf[...] = ds16
       plgpu.commit_smem()
-      if use is not None:
-        use(buf)
       row = h * jnp.int32(cap) + rows_ref[b, j, wg, t]
       plgpu.copy_smem_to_gmem(buf, ds_ref.at[row])
       return stored + 1
@@ -168,7 +172,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             load_kv(i + 1, 1 - buf)
 
-        def body(t, carry, dk_acc=None):
+        def body(t, carry):
           dk, dv, state, stored = carry
           slot = lax.rem(g + t, jnp.int32(stages))
           state_next = states_ref[b, j, wg, lax.min(t + 1, jnp.int32(nq - 1))]
@@ -212,9 +216,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
                                                 plgpu.ACC.init(zeros((bk, bq)))))
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
             ds16 = ds_t.astype(dtype)
-            if inflight:
-              return dv_new, dk, keep_ds(h, j, b, t, stored, ds16, use=lambda buf: plgpu.wgmma(
-                  dk_acc, buf, q_smem.at[slot]))
 
             def dk_fn(acc_ref):
               plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])
@@ -225,33 +226,16 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
           def skip():  # our keys meet none of these rows; the same waits (phases)
             plgpu.barrier_wait(do_bar.at[slot])
             plgpu.barrier_wait(vec_bar.at[slot])
-            if inflight:
-              plgpu.wgmma_wait(0)  # the last tile's dK product, before its slot goes
             return dv, dk, stored
 
           dv, dk, stored = _unless_empty(cfg.skip_empty, state, tile, skip)
-          if inflight:  # this slot stays until the product reading it is done
-            pl.when(t > 0)(lambda: plgpu.barrier_arrive(
-                free.at[lax.rem(g + t + stages - 1, jnp.int32(stages))]))
-          else:
-            plgpu.barrier_arrive(free.at[slot])
+          plgpu.barrier_arrive(free.at[slot])
           if persistent:
             pl.when(t == 0)(prefetch)
           return dk, dv, state_next, stored
 
-        carry0 = (zeros((bk, d)), zeros((bk, d)), states_ref[b, j, wg, 0], stored)
-        if inflight:
-          def in_flight(dk_acc):
-            _, dv, _, stored = lax.fori_loop(
-                0, n, lambda t, c: body(t, c, dk_acc), (None,) + carry0[1:])
-            dk = dk_acc[...]
-            pl.when(n > 0)(lambda: plgpu.barrier_arrive(
-                free.at[lax.rem(g + n + stages - 1, jnp.int32(stages))]))
-            return dk, dv, stored
-
-          dk, dv, stored = pl.run_scoped(in_flight, plgpu.ACC((bk, d), jnp.float32))
-        else:
-          dk, dv, _, stored = lax.fori_loop(0, n, body, carry0)
+        dk, dv, _, stored = lax.fori_loop(
+            0, n, body, (zeros((bk, d)), zeros((bk, d)), states_ref[b, j, wg, 0], stored))
         if persistent:
           pl.when(n == 0)(prefetch)
         rows = pl.ds(kb0, bk)
@@ -321,6 +305,15 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   )(*inputs)
 
 
+def _sm_count() -> int:
+  """Streaming multiprocessors of the first GPU (the persistent grid's size);
+  132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
+  try:
+    return int(jax.devices("gpu")[0].core_count)
+  except (RuntimeError, AttributeError, IndexError):
+    return 132
+
+
 def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS.
 
@@ -340,7 +333,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_q = n_cons * bq
   nq, nk = -(-seq // cta_q), seq // bk
-  blocks, counts, states, _ = sched  # gpu_mosaic_bwd.DqSchedule
+  blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)

@@ -3,7 +3,6 @@ intervals, tile states, work lists, and the Mosaic GPU kernels' per-warpgroup
 schedules and dS^T routes (pure XLA, any backend)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -172,36 +171,3 @@ def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
         np.testing.assert_array_equal(states[b, c, :, :n], own[:, blocks[b, c, :n]])
   assert np.all(by_rows[:, 512 // 64:] == bmap.EMPTY)
 
-
-
-@pytest.mark.parametrize("n_a,n_b", [(10, 3), (256, 172), (5, 0), (1, 7)])
-def test_overlapped_grid_runs_every_cta_of_both_kernels_once_spread_out(n_a, n_b):
-  """`gpu_mosaic_bwd_overlap.interleave`: each CTA of kernel a and of kernel b
-  exactly once, each kernel's in its own launch order, b's spread evenly
-  (every prefix of the launch order holds b's share of it, within one)."""
-  from tfjax.ops.kernels.gpu_mosaic_bwd_overlap import interleave
-  role, index = interleave(n_a, n_b)
-  assert role.shape == index.shape == (n_a + n_b,)
-  np.testing.assert_array_equal(index[role == 0], np.arange(n_a))
-  np.testing.assert_array_equal(index[role == 1], np.arange(n_b))
-  prefix = np.cumsum(role)
-  share = np.arange(1, n_a + n_b + 1) * n_b / (n_a + n_b)
-  assert np.all(np.abs(prefix - share) < 1)
-
-
-def test_overlap_head_groups_and_config_checks():
-  """overlap_dq splits the q heads into groups that divide them (fewer where
-  it does not), none below two, and takes only the kernels it can pair."""
-  from tfjax.ops.kernels import gpu_mosaic_bwd
-  from tfjax.ops.kernels.gpu_mosaic_bwd_overlap import head_groups
-  cfg = lambda n, **kw: gpu_mosaic_bwd.MosaicBwdConfig(
-      fuse_dq=0, dq_from_ds=1, consumers_dkv=2, consumers_dq=2, overlap_dq=n, **kw)
-  assert head_groups(cfg(4), 16) == 4 and head_groups(cfg(4), 6) == 3
-  assert head_groups(cfg(4), 2) == 2 and head_groups(cfg(2), 1) == 0
-  assert head_groups(cfg(4), 7) == 0  # a prime head count: no overlap
-  ks = jnp.zeros((1, 256), jnp.int32)
-  ke = ks + 256
-  gpu_mosaic_bwd.bwd_schedule(ks, ke, cfg(2))
-  for bad in (dict(consumers_dq=3), dict(persistent_dkv=1), dict(dq_from_ds=0)):
-    with pytest.raises(ValueError, match="overlap_dq"):
-      gpu_mosaic_bwd.bwd_schedule(ks, ke, dataclasses.replace(cfg(2), **bad))

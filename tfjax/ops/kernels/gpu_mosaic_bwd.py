@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,12 +120,6 @@ class MosaicBwdConfig:
   # K/V load or the last item's dK/dV stores. N > 1: N CTAs instead of one
   # per SM (tests: several items per CTA on a small problem).
   persistent_dkv: int = 0
-  # dq_from_ds (N >= 2): the q heads in N groups, each group's dq kernel run in
-  # one grid beside the next group's dk/dv kernel, their CTAs interleaved
-  # (`gpu_mosaic_bwd_overlap`): dq is bound by memory bandwidth, dk/dv by
-  # latency on every SM. Needs two consumers in both kernels and the launched
-  # dk/dv grid; N is lowered to a divisor of the head count.
-  overlap_dq: int = 0
 
   @property
   def multiple(self) -> int:
@@ -173,10 +167,6 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
                          != (cfg.block_q_dkv, cfg.block_k_dkv)):
     raise ValueError("MosaicBwdConfig.dq_from_ds (0 or 1) takes the two-kernel path "
                      "(fuse_dq=0) with skip_empty=1 and the dq tiles equal to the dk/dv tiles")
-  if cfg.overlap_dq and (not cfg.dq_from_ds or cfg.persistent_dkv
-                         or (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2)):
-    raise ValueError("MosaicBwdConfig.overlap_dq takes dq_from_ds=1, persistent_dkv=0 and "
-                     "consumers_dkv = consumers_dq = 2 (one grid runs both kernels' CTAs)")
   if cfg.persistent_dkv and cfg.fuse_dq:
     raise ValueError("MosaicBwdConfig.persistent_dkv takes the two-kernel path (fuse_dq=0)")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
@@ -213,7 +203,7 @@ def recompute_config(cfg: MosaicBwdConfig) -> MosaicBwdConfig:
   before dq_from_ds. Inheriting dq_from_ds's own settings instead (an XLA delta
   pass, a 3-deep ring) ran 4% / 1.4% slower on one causal document per row at
   4096/128 and 8192/128 (NOTES_attention.md, M40)."""
-  return dataclasses.replace(cfg, dq_from_ds=0, dq_delta=1, stages_dq=2, overlap_dq=0)
+  return dataclasses.replace(cfg, dq_from_ds=0, dq_delta=1, stages_dq=2)
 
 
 def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
@@ -248,11 +238,6 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
       route = sched.ds_route
 
       def from_ds():
-        from tfjax.ops.kernels import gpu_mosaic_bwd_overlap as overlap
-        groups = overlap.head_groups(cfg, hq) if cfg.overlap_dq else 0
-        if groups:
-          return overlap.backward_from_ds(q, k, v, do, lse, delta(), ks, ke, sched, scale=scale,
-                                          cfg=cfg, groups=groups)
         dk, dv, dst = two_kernel.dkv(q, k, v, do, lse, delta(), ks, ke, sched.dkv, scale=scale,
                                      cfg=cfg, ds_route=route)
         return from_stored_ds.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
@@ -499,42 +484,6 @@ def _grid_position(blocks: str):
   """(q head, key chunk or query CTA, batch row, warpgroup) of the running
   thread in the kernels' grid (heads, `blocks`, batch) x warpgroups."""
   return tuple(lax.axis_index(n) for n in ("heads", blocks, "batch", "wg"))
-
-
-class KernelParts(NamedTuple):
-  """A backward kernel's pieces, for a grid that runs it beside another one
-  (`gpu_mosaic_bwd_overlap`): body(*refs, scoped, position=...) with refs its
-  inputs then its outputs, its shared memory and barriers, inputs, out_type,
-  warpgroups, the CTAs its own grid would have, position(i): what CTA i of
-  that grid works on (as `_grid_position` would read it), and `lean`."""
-  body: Callable
-  smem: list
-  barriers: tuple
-  inputs: tuple
-  out_type: list
-  threads: int
-  ctas: int
-  position: Callable
-  lean: Any
-
-
-def _grid_item(i, first_head: int, inner: int, batch: int):
-  """(head, inner block, batch row) of CTA i of a (heads, inner, batch) grid
-  (batch fastest, as Mosaic GPU launches it) starting at q head first_head."""
-  n = jnp.int32(inner * batch)
-  return (first_head + lax.div(i, n), lax.rem(lax.div(i, jnp.int32(batch)), jnp.int32(inner)),
-          lax.rem(i, jnp.int32(batch)))
-
-
-def _launch_with_refs(entry, out_type, inputs, *, grid, grid_names, threads, lean):
-  """Launch a Mosaic GPU kernel some of whose inputs are mutable refs, written
-  in place: through pl.kernel on a plgpu.Mesh (plgpu.kernel's batching wrapper
-  does not take refs in JAX 0.10, and drops such a kernel with no outputs)."""
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
-  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=threads, thread_name="wg")
-  return pl.kernel(entry, out_type=out_type, mesh=mesh,
-                   compiler_params=_compiler_params(plgpu, lean))(*inputs)
 
 
 def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):

@@ -19,8 +19,7 @@ from jax import lax
 from tfjax.ops.kernels.gpu_mosaic import (_compiler_params, _fill_ring, _smem_transforms,
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
-from tfjax.ops.kernels.gpu_mosaic_bwd import (KernelParts, _grid_item, _grid_position,
-                                              _launch_with_refs)
+from tfjax.ops.kernels.gpu_mosaic_bwd import _grid_position
 
 
 class DsRoute(NamedTuple):
@@ -92,16 +91,14 @@ def ds_route(dkv_sched, dq_sched, n_dkv: int, n_dq: int) -> DsRoute:
   return DsRoute(clip(rows), clip(dq_rows), total)
 
 
-def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape, heads=None, into=None,
-               parts=False):
+def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   """dq [batch, seq, q_heads, d] = dS K from the dk/dv kernel's dS^T tiles
   (`dkv` with cfg.dq_from_ds): one product per visited tile instead of
   recomputing S, P and dP. dst: [q_heads * capacity, block_k, block_q] tiles
   at the rows of `route`. The walk is the dq kernel's
   (consumers_dq warpgroups of block_q rows over the query block's listed key
   blocks); the producer streams each entry's K tile and its consumers' dS^T
-  tiles, one copy per consumer. heads, into (a mutable dq ref), parts: as for
-  `gpu_mosaic_bwd_two_kernel.dkv` (the overlapped backward)."""
+  tiles, one copy per consumer."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -121,15 +118,8 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape, heads=None
   tr = _smem_transforms(plgpu, dtype, d)
   tr_ds = _smem_transforms(plgpu, dtype, bq)
 
-  h_first, h_count = heads or (0, hq)
-
-  def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped,
-             position=None):
-    if position is None:
-      h, qi, b, wg = _grid_position("q")
-      h = h + h_first if h_first else h
-    else:  # (head, query CTA, batch row) of a CTA of the overlapped grid
-      (h, qi, b), wg = position(), lax.axis_index("wg")
+  def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped):
+    h, qi, b, wg = _grid_position("q")
     (out_smem, k_smem, ds_smem), tile_bar, free = scoped
     n = counts_ref[b, qi]
 
@@ -183,39 +173,23 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape, heads=None
 
       _fill_ring(pl, n, stages, issue, refill)
 
-  smem = [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
-          plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
-          plgpu.SMEM((stages, n_cons, bk, bq), dtype, transforms=tr_ds)]
-  barriers = (plgpu.Barrier(num_arrivals=1 + n_cons, num_barriers=stages),
-              plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages))
-
   def entry(*refs):
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
-        smem,
-        *barriers,
+        [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
+         plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+         plgpu.SMEM((stages, n_cons, bk, bq), dtype, transforms=tr_ds)],
+        plgpu.Barrier(num_arrivals=1 + n_cons, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),
         collective_axes="wg",
     )
 
-  inputs = (blocks, counts, states, route.dq_rows, k, dst)
-  out_type = jax.ShapeDtypeStruct(q_shape, dtype)
-  if into is not None:
-    inputs, out_type = inputs + (into,), []
-  if parts:
-    return KernelParts(lambda *r, position=None: kernel(*r, position=position), smem, barriers,
-                       inputs, [out_type] if out_type else [], n_cons + 1,
-                       h_count * nq_cta * batch,
-                       lambda i: _grid_item(i, h_first, nq_cta, batch), cfg.lean)
-  if into is not None:
-    return _launch_with_refs(entry, out_type, inputs, grid=(h_count, nq_cta, batch),
-                             grid_names=("heads", "q", "batch"), threads=n_cons + 1,
-                             lean=cfg.lean)
   return plgpu.kernel(
       entry,
-      out_type=out_type,
-      grid=(h_count, nq_cta, batch),
+      out_type=jax.ShapeDtypeStruct(q_shape, dtype),
+      grid=(hq, nq_cta, batch),
       grid_names=("heads", "q", "batch"),
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
-  )(*inputs)
+  )(blocks, counts, states, route.dq_rows, k, dst)

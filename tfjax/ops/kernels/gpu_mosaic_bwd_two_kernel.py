@@ -32,25 +32,16 @@ from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _
                                           _clamp_start, _mask_tile, _smem_transforms,
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
-from tfjax.ops.kernels.gpu_mosaic_bwd import (KernelParts, _grid_position, _grid_item,
-                                              _key_block_barriers, _launch_with_refs, _probs_t,
+from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
                                               _products_in_one_group, _query_tile_smem,
                                               _store_key_grads, _stream_query_tiles)
 from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
 
 
-def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None, heads=None,
-        into=None, parts=False):
+def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller);
   with cfg.dq_from_ds also the dS^T tiles for `dq_from_ds`, at the rows that
-  `ds_route` (a `DsRoute`) gives them.
-
-  For the overlapped backward (`gpu_mosaic_bwd_overlap`), launched grid only:
-  heads=(first, count) runs those q heads alone (the outputs keep every head;
-  the others are not written); into=(dk, dv[, dS^T]) mutable refs written in
-  place instead of new outputs; parts=True returns the kernel's `KernelParts`
-  instead of launching it.
-  """
+  `ds_route` (a `DsRoute`) gives them."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -86,11 +77,8 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None, he
   # every CTA walks several items).
   n_ctas = min(_sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
                n_items) if persistent else 0
-  h_first, h_count = heads or (0, hq)
-  if persistent and (heads or into is not None or parts):
-    raise ValueError("dkv: heads/into/parts take the launched grid (persistent_dkv=0)")
 
-  def kernel(*refs, position=None):
+  def kernel(*refs):
     # refs: ([order,] blocks, counts, states, q, k, v, do, lse, delta, ks, ke,
     # [dS^T rows,] dk, dv, [dS^T out,] scoped)
     refs = list(refs)
@@ -120,11 +108,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None, he
         n_kc = jnp.int32(nkc)
         return lax.rem(r, jnp.int32(hq)), lax.rem(pair, n_kc), lax.div(pair, n_kc)
     else:
-      if position is None:
-        h0, j0, b0, _ = _grid_position("kv")
-        h0 = h0 + h_first if h_first else h0
-      else:  # (head, key chunk, batch row) of a CTA of the overlapped grid
-        h0, j0, b0 = position()
+      h0, j0, b0, _ = _grid_position("kv")
       n_mine = 1
       item = lambda i: (h0, j0, b0)
 
@@ -282,20 +266,18 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None, he
       else:
         stream(0, None)
 
-  smem = [
-      plgpu.SMEM((n_cons * nbuf, bk, d), dtype, transforms=tr),
-      plgpu.SMEM((n_cons * nbuf, bk, d), dtype, transforms=tr),
-      *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
-  ]
-  if ds_out:
-    smem.append(plgpu.SMEM((n_cons, ds_bufs, bk, bq), dtype, transforms=tr_ds))
-  barriers = _key_block_barriers(plgpu, stages, n_cons, nbuf)
-
   def entry(*refs):
+    smem = [
+        plgpu.SMEM((n_cons * nbuf, bk, d), dtype, transforms=tr),
+        plgpu.SMEM((n_cons * nbuf, bk, d), dtype, transforms=tr),
+        *_query_tile_smem(plgpu, stages, bq, d, dtype, tr),
+    ]
+    if ds_out:
+      smem.append(plgpu.SMEM((n_cons, ds_bufs, bk, bq), dtype, transforms=tr_ds))
     pl.run_scoped(
         lambda *scoped: kernel(*refs, scoped),
         smem,
-        *barriers,
+        *_key_block_barriers(plgpu, stages, n_cons, nbuf),
         collective_axes="wg",
     )
 
@@ -308,23 +290,13 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None, he
     inputs = (order,) + inputs
   if ds_out:
     inputs += (ds_route.rows,)
-  out_type = [shape, shape, ds_type] if ds_out else [shape, shape]
-  if into is not None:
-    inputs, out_type = inputs + tuple(into), []
-  if parts:
-    return KernelParts(kernel, smem, barriers, inputs, out_type, n_cons + 1,
-                       h_count * nkc * batch, lambda i: _grid_item(i, h_first, nkc, batch),
-                       cfg.lean)
   if persistent:
     grid, names = (n_ctas,), ("cta",)
   else:
-    grid, names = (h_count, nkc, batch), ("heads", "kv", "batch")
-  if into is not None:
-    return _launch_with_refs(entry, out_type, inputs, grid=grid, grid_names=names,
-                             threads=n_cons + 1, lean=cfg.lean)
+    grid, names = (hq, nkc, batch), ("heads", "kv", "batch")
   return plgpu.kernel(
       entry,
-      out_type=out_type,
+      out_type=[shape, shape, ds_type] if ds_out else [shape, shape],
       grid=grid,
       grid_names=names,
       num_threads=n_cons + 1,

@@ -83,8 +83,10 @@ def summarize_windows(path: str, names: list[str]) -> dict:
     lines = [ln for ln in f if ln.startswith('"')]
   for r in csv.DictReader(lines):
     if r.get("Metric Name") == "gpu__time_duration.sum":
-      scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
-      rows.append((int(r["ID"]), r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
+      scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3,
+               "msecond": 1e3}[r["Metric Unit"]]
+      value = float(r["Metric Value"].replace(",", ""))
+      rows.append((int(r["ID"]), r["Kernel Name"], value * scale))
   rows.sort()
   windows = []
   for _, kernel, us in rows:

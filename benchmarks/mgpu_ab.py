@@ -10,8 +10,8 @@ A variant is FWD/BWD[+nomask|+nosplit] (diagnostics: `_without_masks`,
 `_unsplit`): the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
 integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
-shape (attention_layout.py, B=2, H=16, bf16; `--layout causal`: one causal
-document per row instead) every variant's forward and
+shape (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one causal
+document per row, causal documents or bidirectional blocks of N tokens) every variant's forward and
 forward+backward is timed with its schedule built outside the call, in
 `--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
 and gradients are compared with the first variant's. The last line is JSON:
@@ -73,10 +73,14 @@ def main():
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--group", type=int, default=10)
   p.add_argument("--window_ms", type=float, default=20.0, help="see attention.time_jax")
-  p.add_argument("--layout", default="benchmark", choices=["benchmark", "causal"],
-                 help="benchmark: attention_layout.py's packed batch; causal: one causal "
-                      "document per row (half the tiles listed: past the dS^T buffer's "
-                      "default capacity, so dq_from_ds takes its recomputing fallback)")
+  p.add_argument("--layout", default="benchmark",
+                 help="comma-separated layouts, each timed with the same compiled "
+                      "variants. benchmark: attention_layout.py's packed batch; causal: one "
+                      "causal document per row (half the tiles listed: past the dS^T "
+                      "buffer's default capacity, so dq_from_ds takes its recomputing "
+                      "fallback); docsN: causal documents of N tokens; bidiN: "
+                      "bidirectional blocks of N tokens (with N a multiple of 64 every "
+                      "listed 64x64 tile is full: list length without partial tiles)")
   p.add_argument("--profile", action="store_true",
                  help="one profiler window per variant's forward+backward, no timing")
   p.add_argument("--summarize", default="", help="print the breakdown from ncu's CSV log")
@@ -91,14 +95,12 @@ def main():
     import torch  # noqa: F401
   print(f"jax {jax.__version__} {jax.devices()}", flush=True)
   bsz, heads = 2, 16
-  result = {}
+  result, flops_of = {}, {}
   for shape in args.shapes.split(","):
     seq, d = map(int, shape.split("/"))
-    ks, ke, q, k, v, do, flops = kernel_workload(bsz, seq, heads, d)
-    if args.layout == "causal":
-      ks = jax.numpy.zeros_like(ks)
-      ke = jax.numpy.broadcast_to(jax.numpy.arange(1, seq + 1, dtype=ks.dtype), ks.shape)
-      flops = 4.0 * heads * d * bsz * seq * (seq + 1) / 2
+    ks0, ke0, q, k, v, do, flops0 = kernel_workload(bsz, seq, heads, d)
+    layouts = {name: synthetic_layout(name, ks0, ke0, flops0, heads, d)
+               for name in args.layout.split(",")}
     scale = d ** -0.5
     base = gpu.GpuConfig.for_head_dim(d)
     fns = {}
@@ -107,55 +109,92 @@ def main():
       cfg = dataclasses.replace(
           base, mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d, seq), MosaicFwdConfig),
           mosaic_bwd=_fields(b_spec, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
-      sched = jax.jit(lambda ks, ke, cfg=cfg: gpu.schedule(ks, ke, cfg))(ks, ke)
-      if "+nomask" in spec:
-        sched = _without_masks(sched)
-      if "+nosplit" in spec:
-        sched = _unsplit(sched)
 
-      def fwd(q, k, v, sched, cfg=cfg):
+      def plan(ks, ke, spec=spec, cfg=cfg):
+        sched = jax.jit(lambda ks, ke: gpu.schedule(ks, ke, cfg))(ks, ke)
+        if "+nomask" in spec:
+          sched = _without_masks(sched)
+        if "+nosplit" in spec:
+          sched = _unsplit(sched)
+        return sched
+
+      def fwd(q, k, v, ks, ke, sched, cfg=cfg):
         return gpu.attention(q, k, v, ks, ke, scale=scale, config=cfg, sched=sched)
 
-      def fb(q, k, v, do, sched, fwd=fwd):
-        o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, sched), q, k, v)
+      def fb(q, k, v, do, ks, ke, sched, fwd=fwd):
+        o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, ks, ke, sched), q, k, v)
         return (o,) + vjp(do)
 
-      fns[spec] = (jax.jit(fwd), jax.jit(fb), sched)
-    if args.profile:
-      from profile_attention import profile_window
-      for spec, (_, g, sched) in fns.items():
-        for _ in range(3):
-          jax.block_until_ready(g(q, k, v, do, sched))
-        print(f"PROFILE {shape} {spec}", flush=True)
-        profile_window(lambda: g(q, k, v, do, sched))
-      continue
-    ref = None
-    times = {s: ([], []) for s in fns}
-    for r in range(args.rounds):
-      for spec, (f, g, sched) in fns.items():
-        try:
-          if r == 0:
-            got = g(q, k, v, do, sched)
-            ref = got if ref is None else ref
-            errs = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
-          tf = time_jax(f, (q, k, v, sched), args.reps, args.group, args.window_ms)
-          tb = time_jax(g, (q, k, v, do, sched), args.reps, args.group // 2, args.window_ms)
-        except Exception as e:  # report and go on with the next variant
-          print(f"{shape} {spec}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
-          continue
-        times[spec][0].append(tf)
-        times[spec][1].append(tb)
-        print(f"{shape} round {r} {spec}: fwd {tf:.3f} ms ({flops / tf / 1e9:.0f} TF/s) "
-              f"f+b {tb:.3f} ms ({3.5 * flops / tb / 1e9:.0f})"
-              + (f" | o/dq/dk/dv vs first {errs}" if r == 0 else ""), flush=True)
-    for spec, (tf, tb) in times.items():
-      if tf:
-        result[f"{shape} {spec}"] = [round(statistics.median(tf), 4),
-                                     round(statistics.median(tb), 4)]
-  print("\nvariant | fwd ms | f+b ms")
+      fns[spec] = (jax.jit(fwd), jax.jit(fb), plan)
+    for lay, (ks, ke, flops) in layouts.items():
+      tag = shape if len(layouts) == 1 else f"{shape} {lay}"
+      timed = _time_layout(args, tag, fns, q, k, v, do, ks, ke, flops)
+      result.update(timed)
+      flops_of.update(dict.fromkeys(timed, flops))
+  print("\nvariant | fwd ms (TF/s) | f+b ms (TF/s), effective: on the unmasked pairs")
   for key, (tf, tb) in result.items():
-    print(f"{key} | {tf:.3f} | {tb:.3f}")
+    fl = flops_of[key]
+    print(f"{key} | {tf:.3f} ({fl / tf / 1e9:.0f}) | {tb:.3f} ({3.5 * fl / tb / 1e9:.0f})")
   print(json.dumps(result))
+
+
+def synthetic_layout(name, ks, ke, flops, heads, d):
+  """(k_start, k_end, forward FLOPs) of a named layout (see --layout)."""
+  jnp = jax.numpy
+  if name == "benchmark":
+    return ks, ke, flops
+  bsz, seq = ks.shape
+  pos = jnp.broadcast_to(jnp.arange(seq, dtype=ks.dtype), ks.shape)
+  if name == "causal":
+    name = f"docs{seq}"
+  n = int(name[4:])
+  if name[:4] not in ("docs", "bidi") or seq % n:
+    raise ValueError(f"--layout {name}: benchmark, causal, docsN or bidiN with N dividing {seq}")
+  start = pos // n * n
+  pairs = n * (n + 1) / 2 if name.startswith("docs") else n * n
+  end = pos + 1 if name.startswith("docs") else start + n
+  return start, end, 4.0 * heads * d * bsz * (seq // n) * pairs
+
+
+def _time_layout(args, shape, fns, q, k, v, do, ks, ke, flops):
+  """{"<shape> <variant>": [fwd ms, f+b ms]} of every variant on one layout."""
+  result = {}
+  scheds = {spec: plan(ks, ke) for spec, (_, _, plan) in fns.items()}
+  if args.profile:
+    from profile_attention import profile_window
+    for spec, (_, g, _) in fns.items():
+      sched = scheds[spec]
+      for _ in range(3):
+        jax.block_until_ready(g(q, k, v, do, ks, ke, sched))
+      print(f"PROFILE {shape} {spec}", flush=True)
+      profile_window(lambda: g(q, k, v, do, ks, ke, sched))
+    return result
+  ref = None
+  times = {s: ([], []) for s in fns}
+  for r in range(args.rounds):
+    for spec, (f, g, _) in fns.items():
+      sched = scheds[spec]
+      try:
+        if r == 0:
+          got = g(q, k, v, do, ks, ke, sched)
+          ref = got if ref is None else ref
+          errs = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, ref))
+        tf = time_jax(f, (q, k, v, ks, ke, sched), args.reps, args.group, args.window_ms)
+        tb = time_jax(g, (q, k, v, do, ks, ke, sched), args.reps, args.group // 2,
+                      args.window_ms)
+      except Exception as e:  # report and go on with the next variant
+        print(f"{shape} {spec}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+        continue
+      times[spec][0].append(tf)
+      times[spec][1].append(tb)
+      print(f"{shape} round {r} {spec}: fwd {tf:.3f} ms ({flops / tf / 1e9:.0f} TF/s) "
+            f"f+b {tb:.3f} ms ({3.5 * flops / tb / 1e9:.0f})"
+            + (f" | o/dq/dk/dv vs first {errs}" if r == 0 else ""), flush=True)
+  for spec, (tf, tb) in times.items():
+    if tf:
+      result[f"{shape} {spec}"] = [round(statistics.median(tf), 4),
+                                   round(statistics.median(tb), 4)]
+  return result
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ A variant is FWD/BWD[+nomask|+nosplit] (diagnostics: `_without_masks`,
 `_unsplit`): the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
 integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
-shape (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one causal
-document per row, causal documents or bidirectional blocks of N tokens) every variant's forward and
-forward+backward is timed with its schedule built outside the call, in
+shape (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one
+causal document per row, causal documents or bidirectional blocks of N
+tokens) every variant's forward and forward+backward is timed with its schedule built outside the call, in
 `--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
 and gradients are compared with the first variant's. The last line is JSON:
 {"<shape> <variant>": [fwd ms, f+b ms], ...} (medians over the rounds).

@@ -12,13 +12,13 @@ the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
 integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
 shape (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one
 causal document per row, causal documents or bidirectional blocks of N
-tokens) every variant's forward and forward+backward is timed with its schedule built outside the call, in
-`--rounds` interleaved rounds (so run-to-run drift shows), and its outputs
-and gradients are compared with the first variant's. The last line is JSON:
-{"<shape> <variant>": [fwd ms, f+b ms], ...} (medians over the rounds).
-With --profile each variant's forward+backward runs once inside a profiler
-window instead (kernel by kernel under Nsight Compute, as
-profile_attention.py), and --summarize prints those windows' breakdown.
+tokens) every variant's forward and forward+backward is timed with its
+schedule built outside the call, in `--rounds` interleaved rounds (so
+run-to-run drift shows), and its outputs and gradients are compared with the first
+variant's. The last line is JSON: {"<shape> <variant>": [fwd ms, f+b ms], ...}
+(medians over the rounds). With --profile each variant's forward+backward runs
+once inside a profiler window instead (kernel by kernel under Nsight Compute,
+as profile_attention.py), and --summarize prints those windows' breakdown.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@
 A variant is FWD/BWD[+nomask|+nosplit] (diagnostics: `_without_masks`,
 `_unsplit`): the forward's `gpu_mosaic.MosaicFwdConfig` fields and
 the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
-integers, or `dN`: the default tiles for the shape with skip_empty=N. Per
+integers, or `dN[:field=V...]`: the default tiles for the shape with
+skip_empty=N (and those fields replaced, e.g. `d1:persistent=1`). Per
 shape (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one
 causal document per row, causal documents or bidirectional blocks of N
 tokens) every variant's forward and forward+backward is timed with its
@@ -41,8 +42,13 @@ from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig  # noqa: E402
 
 
 def _fields(spec: str, default: tuple, cls) -> tuple:
+  """A config's fields from `spec`: comma-separated integers, or dN[:field=V...]
+  (the shape's default with skip_empty=N and the named fields replaced)."""
   if spec.startswith("d"):
-    return dataclasses.astuple(dataclasses.replace(cls(*default), skip_empty=int(spec[1:])))
+    skip, *changes = spec[1:].split(":")
+    changes = dict(c.split("=") for c in changes)
+    return dataclasses.astuple(dataclasses.replace(
+        cls(*default), skip_empty=int(skip), **{k: int(v) for k, v in changes.items()}))
   return tuple(int(x) for x in spec.split(","))
 
 

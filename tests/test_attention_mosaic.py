@@ -31,10 +31,16 @@ MOSAIC_CASES = [
     (64, 4, 2, 512, (64, 128, 2, 1, True, True, False, True, 3)),
     (128, 2, 2, 384, (64, 64, 2, 2, True, True, False, True, 3)),  # 3 consumers, 2 heads
     (128, 4, 2, 448, (64, 64, 2, 1, True, True, False, True, 3)),  # the L>=8192 default, GQA
+    # persistent grids of 5 and 3 CTAs (several items each, Q tiles in turn):
+    # the L>=8192 default's tiles at 128 (GQA, the last CTA's rows past 448),
+    # two consumers in ping-pong, and the head-dim-64 default (GQA, past 512)
+    (128, 4, 2, 448, (64, 64, 2, 1, True, True, False, True, 3, 5)),
+    (64, 4, 2, 512, (64, 128, 2, 1, True, True, False, True, 2, 3)),
+    (64, 4, 2, 512, (64, 128, 2, 1, True, True, False, True, 3, 5)),
 ]
 
 
-@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-4:])
+@pytest.mark.parametrize("d,hq,hkv,seq,mcfg", MOSAIC_CASES[:2] + MOSAIC_CASES[-7:])
 def test_mosaic_forward_lowers_for_cuda(d, hq, hkv, seq, mcfg):
   """The Mosaic GPU forward traces and lowers to a Mosaic GPU module anywhere."""
   from tfjax.ops.kernels import gpu_mosaic
@@ -218,6 +224,13 @@ def test_mosaic_backward_config_choice(monkeypatch):
   assert gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128, 4096)).consumers == 2
   long_128 = gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(128, 8192))
   assert (long_128.consumers, long_128.block_k) == (3, 64)
+  # A persistent forward grid at head dim 64 only (M47); heads per CTA excluded.
+  assert [gpu_mosaic.MosaicFwdConfig(*gpu.GpuConfig.mosaic_default(*a)).persistent
+          for a in ((64,), (128, 4096), (128, 8192))] == [1, 0, 0]
+  with pytest.raises(ValueError, match="persistent takes heads=1"):
+    gpu_mosaic.forward(*(jnp.zeros((1, 128, 2, 64), jnp.bfloat16),) * 3,
+                       *(jnp.zeros((1, 128), jnp.int32),) * 2, scale=1.0,
+                       cfg=gpu_mosaic.MosaicFwdConfig(64, 64, 2, 2, persistent=1))
   # The plan and the call pick the same tiles from the sequence length.
   if dispatch.use_mosaic_forward("gpu", 128, jnp.bfloat16):
     assert (dispatch.kernel_config("gpu", 128, seq_len=8192).mosaic_fwd

@@ -369,8 +369,14 @@ class GpuConfig:
     # 64-key tiles (registers): in four runs (M20, M26) faster at L=8192
     # (0.211-0.227 vs 0.220-0.237 ms), level or slower at 4096 (0.130-0.153
     # vs 0.129-0.142), where 192-row CTAs leave 5 waves and a ragged tail.
+    # Run M47 (H200): at head dim 64 a persistent grid (one CTA per SM, the
+    # next item's Q tile, scalars and key bounds read under the current
+    # item's tiles) beats the launched one: forward 0.072-0.077 vs 0.087-0.092
+    # ms at 4096, 0.128-0.130 vs 0.148-0.152 at 8192, f+b 2.6-7% faster. At
+    # 128 its forward is 0-9% faster but f+b level or 1-2% slower in four
+    # calls (0.458-0.480 vs 0.450-0.459 at 4096): launched there.
     if head_dim <= 64:
-      return (64, 128, 2, 1, True, True, False, True, 3)
+      return (64, 128, 2, 1, True, True, False, True, 3, 1)
     if seq_len is not None and seq_len >= 8192:
       return (64, 64, 2, 1, True, True, False, True, 3)
     return (64, 128, 2, 1)

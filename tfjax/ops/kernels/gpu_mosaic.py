@@ -20,6 +20,12 @@ warpgroups (C = `MosaicFwdConfig.consumers`, 2 or 3):
                      the bulk tensor copy engine (TMA), waiting for the
                      consumers to release each slot.
 
+With `MosaicFwdConfig.persistent` (the default at head dim 64) the grid is
+one CTA per SM instead, each walking its share of those (head, query tile)
+items: the ring runs on from item to item, and the next item's Q tile, list
+length, first key block and key bounds are read under the current item's
+tiles (H200: forward 14-22% faster at head dim 64, NOTES_attention.md M47).
+
 Empty tiles are never visited. Per listed tile each consumer reads its own
 rows' tile state (`warpgroup_schedule`): empty for its rows (the other
 warpgroup's meet the key block), it skips the tile's work and keeps only the
@@ -91,6 +97,11 @@ class MosaicFwdConfig:
   # other's matrix products); three run free, and the kernel pads the query
   # side to whole CTAs itself (the last CTA's surplus warpgroups idle).
   consumers: int = 2
+  # 0: one CTA per (head group, query tile). 1: one CTA per SM (N > 1: N
+  # CTAs, for tests), each walking its share of those items longest first in
+  # snake order, the K/V ring running on from item to item and the next
+  # item's Q tile loaded under the current item's tiles (heads=1 only).
+  persistent: int = 0
 
   @property
   def multiple(self) -> int:
@@ -258,6 +269,15 @@ def _unless_empty(skip_empty, state, tile, skip):
   return lax.cond(state == EMPTY, skip, tile) if skip_empty else tile()
 
 
+def _sm_count() -> int:
+  """Streaming multiprocessors of the first GPU (a persistent grid's size);
+  132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
+  try:
+    return int(jax.devices("gpu")[0].core_count)
+  except (RuntimeError, AttributeError, IndexError):
+    return 132
+
+
 def supported(dtype, head_dim: int) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
       head_dim in (64, 128)
@@ -306,7 +326,10 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   dtype = q.dtype
   bq, bk, stages = cfg.block_q, cfg.block_k, cfg.num_stages
   nh = math.gcd(cfg.heads, hq)
-  nbuf = 2 if nh > 1 else 1
+  persistent = bool(cfg.persistent)
+  if persistent and nh > 1:
+    raise ValueError("MosaicFwdConfig.persistent takes heads=1")
+  nbuf = 2 if nh > 1 or persistent else 1  # Q tiles per consumer
   n_cons, cta_q = cfg.consumers, cfg.cta_q
   if seq % cfg.multiple or kv_len % bk:
     raise ValueError(f"lengths ({seq}, {kv_len}) must be multiples of ({cfg.multiple}, {bk})")
@@ -320,17 +343,38 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
 
+  n_hg = hq // nh
+  n_items = n_hg * batch * nq
+  n_ctas = min(_sm_count() if cfg.persistent == 1 else cfg.persistent,
+               n_items) if persistent else 0
+
   def kernel(order_ref, blocks_ref, counts_ref, states_ref, ks_ref, ke_ref,
              q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
-    hg = lax.axis_index("hg")
-    flat = order_ref[lax.axis_index("tile")]
-    b = lax.div(flat, jnp.int32(nq))
-    qi = lax.rem(flat, jnp.int32(nq))
     wg = lax.axis_index("wg")
     (q_smem, k_smem, v_smem, lse_smem), (k_bar, v_bar, q_bar), \
         (k_free, v_free), sched_bar = scoped
-    n = counts_ref[b, qi]
-    total = n * nh  # K/V tiles the CTA streams, over its heads
+
+    # A CTA's work items (q head, batch row, query tile), in turn: its nh
+    # heads of one query tile, or with `persistent` the ranks i * n_ctas +
+    # (c, or n_ctas - 1 - c on odd rounds) of the (query tile, head) pairs
+    # sorted longest list first, the heads of one query tile adjacent.
+    if persistent:
+      c = lax.axis_index("cta")
+      rounds, rem = divmod(n_items, n_ctas)
+      snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
+      n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
+
+      def item(i):
+        r = i * n_ctas + snake(i)
+        flat = order_ref[lax.div(r, jnp.int32(n_hg))]
+        return lax.rem(r, jnp.int32(n_hg)), lax.div(flat, jnp.int32(nq)), \
+            lax.rem(flat, jnp.int32(nq))
+    else:
+      hg = lax.axis_index("hg")
+      flat = order_ref[lax.axis_index("tile")]
+      b0, qi0 = lax.div(flat, jnp.int32(nq)), lax.rem(flat, jnp.int32(nq))
+      n_mine = nh
+      item = lambda i: (hg * nh + i, b0, qi0)
 
     def sched():
       if pingpong:
@@ -340,47 +384,77 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
     @pl.when(wg < n_cons)
     def _consumer():
       plgpu.set_max_registers(regs_consumer, action="increase")
-      row0 = qi * cta_q + wg * bq
       # With three consumers the last CTA may reach past the sequence: its
       # surplus warpgroups' tiles are all empty (the schedule pads them), so
       # they only keep the barrier steps; they load no Q and store nothing,
       # and read the last real rows' intervals, which no tile of theirs uses.
       ragged = seq % cta_q != 0
-      in_seq = _when_inside(pl, row0, seq, ragged)
-      row_ld = _clamp_start(row0, seq, bq, ragged)
+      first_row = lambda qi: qi * cta_q + wg * bq
 
-      def load_q(hh, buf):
-        @in_seq
+      def load_q(h, b, qi, buf):
+        row0 = first_row(qi)
+
+        @_when_inside(pl, row0, seq, ragged)
         def _():
-          plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), hg * nh + hh],
+          plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h],
                                   q_smem.at[wg, buf], q_bar.at[wg * nbuf + buf])
 
-      load_q(0, 0)
-      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(row_ld, bq)], row_layout)
-      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(row_ld, bq)], row_layout)
+      def key_bounds(b, qi):
+        row_ld = _clamp_start(first_row(qi), seq, bq, ragged)
+        return (_load_vec(plgpu, ks_ref.at[b, pl.ds(row_ld, bq)], row_layout),
+                _load_vec(plgpu, ke_ref.at[b, pl.ds(row_ld, bq)], row_layout))
 
-      @pl.when(total > 0)
-      def _():
-        plgpu.barrier_wait(k_bar.at[0])
+      def describe(i):
+        """Item i's (head, batch row, query tile), list length, first key
+        block and own tile state, and its rows' key bounds."""
+        h, b, qi = item(i)
+        return (h, b, qi, counts_ref[b, qi], blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0],
+                *key_bounds(b, qi))
 
-      if pingpong:
-        pl.when(wg == 1)(sched)
+      if persistent:
+        first = describe(jnp.int32(0))
+        pl.when(n_mine > 0)(lambda: load_q(*first[:3], 0))
+      else:
+        load_q(*item(jnp.int32(0)), 0)
+        bounds = key_bounds(b0, qi0)  # the same rows for every head
 
-      def head_body(hh, _):
-        buf = lax.rem(hh, jnp.int32(nbuf))
+      def item_body(i, carry):
+        # g0: K/V tiles consumed before this item (the ring's position)
+        if persistent:
+          # This item's scalars and bounds were read during the item before;
+          # the next item's are read now, their latency hidden under its tiles.
+          g0, this = carry
+          nxt = describe(lax.min(i + 1, n_mine - 1))
+          h, b, qi, n, kb_first, state_first, ks_row, ke_row = this
+        else:
+          g0 = carry
+          h, b, qi = item(i)
+          n = counts_ref[b, qi]
+          kb_first, state_first = blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0]
+          ks_row, ke_row = bounds
+        row0 = first_row(qi)
+        in_seq = _when_inside(pl, row0, seq, ragged)
+        buf = lax.rem(i, jnp.int32(nbuf))
         qo_smem = q_smem.at[wg, buf]
         if nbuf > 1:
-          @pl.when(hh + 1 < nh)
+          @pl.when(i + 1 < n_mine)
           def _prefetch():
-            # The other buffer holds the previous head's output: its store
+            # The other buffer holds the previous item's output: its store
             # must have been read out before the next Q tile lands there.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            load_q(hh + 1, 1 - buf)
+            load_q(*(nxt[:3] if persistent else item(i + 1)), 1 - buf)
+
+        @pl.when(n > 0)
+        def _():
+          plgpu.barrier_wait(k_bar.at[lax.rem(g0, jnp.int32(stages))])
+
+        if pingpong:  # the second consumer starts half a step behind
+          pl.when((wg == 1) & (i == 0))(sched)
         in_seq(lambda: plgpu.barrier_wait(q_bar.at[wg * nbuf + buf]))
 
         def body(t, carry):
           acc, m, l, kb, state = carry
-          g = hh * n + t
+          g = g0 + t
           slot = lax.rem(g, jnp.int32(stages))
           # The next tile's key block and state, read now: their latency hides
           # under this tile's matrix products instead of stalling the mask test.
@@ -389,7 +463,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
           state_next = states_ref[b, qi, wg, t_next]
 
           def wait_next_k():
-            @pl.when(g + 1 < total)
+            @pl.when(t + 1 < n)
             def _():
               plgpu.barrier_wait(k_bar.at[lax.rem(g + 1, jnp.int32(stages))])
 
@@ -444,12 +518,10 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         m0 = plgpu.layout_cast(jnp.full((bq,), -BIG, jnp.float32), row_layout)
         l0 = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
         acc0 = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), wgmma_layout)
-        acc, m, l, _, _ = lax.fori_loop(
-            0, n, body, (acc0, m0, l0, blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0]))
+        acc, m, l, _, _ = lax.fori_loop(0, n, body, (acc0, m0, l0, kb_first, state_first))
         live = l > 0.0
         l_safe = jnp.where(live, l, 1.0)
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-        h = hg * nh + hh
 
         @in_seq
         def _store():
@@ -459,9 +531,9 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, bq), h])
           plgpu.copy_smem_to_gmem(lse_smem.at[wg, buf], lse_ref.at[b, h, pl.ds(row0, bq)])
-        return 0
+        return (g0 + n, nxt) if persistent else g0 + n
 
-      lax.fori_loop(0, nh, head_body, 0)
+      lax.fori_loop(0, n_mine, item_body, (jnp.int32(0), first) if persistent else jnp.int32(0))
       if pingpong:
         pl.when(wg == 0)(sched)
       plgpu.wait_smem_to_gmem(0)
@@ -470,25 +542,37 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
     def _producer():
       plgpu.set_max_registers(regs_producer, action="decrease")
 
-      def rows_and_head(g):
-        hh = lax.div(g, n)
-        t = g - hh * n
-        hk = lax.div(hg * nh + hh, jnp.int32(group))
-        return pl.ds(blocks_ref[b, qi, t] * bk, bk), hk
-
-      def issue(g, slot):
-        rows, hk = rows_and_head(g)
+      def copy(h, b, qi, t, slot, wait):
+        """K/V tile t of the item's list into `slot`, each half once its
+        previous tile has been released (`wait`)."""
+        rows, hk = pl.ds(blocks_ref[b, qi, t] * bk, bk), lax.div(h, jnp.int32(group))
+        wait(k_free.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
+        wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
 
-      def refill(g, slot):
-        rows, hk = rows_and_head(g)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
+      if persistent:
+        def stream(i, g):
+          h, b, qi = item(i)
 
-      _fill_ring(pl, total, stages, issue, refill)
+          def one(t, g):
+            slot = lax.rem(g, jnp.int32(stages))
+            copy(h, b, qi, t, slot, lambda bar: pl.when(g >= stages)(
+                lambda: plgpu.barrier_wait(bar)))
+            return g + 1
+
+          return lax.fori_loop(0, counts_ref[b, qi], one, g)
+
+        lax.fori_loop(0, n_mine, stream, jnp.int32(0))
+      else:
+        n = counts_ref[b0, qi0]
+
+        def at(g, slot, wait):  # g counts over the CTA's heads
+          hh = lax.div(g, n)
+          copy(hg * nh + hh, b0, qi0, g - hh * n, slot, wait)
+
+        _fill_ring(pl, n * nh, stages, lambda g, slot: at(g, slot, lambda bar: None),
+                   lambda g, slot: at(g, slot, plgpu.barrier_wait))
 
   def entry(*refs):
     transforms = _smem_transforms(plgpu, dtype, d)
@@ -508,12 +592,18 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         collective_axes="wg",
     )
 
+  if persistent:
+    grid, names = (n_ctas,), ("cta",)
+  elif cfg.heads_outer:
+    grid, names = (n_hg, batch * nq), ("hg", "tile")
+  else:
+    grid, names = (batch * nq, n_hg), ("tile", "hg")
   out, lse = plgpu.kernel(
       entry,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)],
-      grid=(hq // nh, batch * nq) if cfg.heads_outer else (batch * nq, hq // nh),
-      grid_names=("hg", "tile") if cfg.heads_outer else ("tile", "hg"),
+      grid=grid,
+      grid_names=names,
       num_threads=n_cons + 1,
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _clamp_start, _mask_tile, _smem_transforms,
+                                          _clamp_start, _mask_tile, _sm_count, _smem_transforms,
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
@@ -303,15 +303,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
       thread_name="wg",
       compiler_params=_compiler_params(plgpu, cfg.lean),
   )(*inputs)
-
-
-def _sm_count() -> int:
-  """Streaming multiprocessors of the first GPU (the persistent grid's size);
-  132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
-  try:
-    return int(jax.devices("gpu")[0].core_count)
-  except (RuntimeError, AttributeError, IndexError):
-    return 132
 
 
 def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):

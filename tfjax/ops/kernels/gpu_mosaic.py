@@ -269,6 +269,27 @@ def _unless_empty(skip_empty, state, tile, skip):
   return lax.cond(state == EMPTY, skip, tile) if skip_empty else tile()
 
 
+def _persistent_share(n_items: int, n_ctas: int, heads: int, order_ref):
+  """A persistent CTA's work items: (how many, i -> (head, order entry)).
+
+  CTA c takes ranks i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of
+  the n_items (head, order entry) pairs, the entries sorted longest list
+  first (snake order keeps the CTAs' sums of work close) and the `heads`
+  heads of one entry at adjacent ranks.
+  """
+  c = lax.axis_index("cta")
+  rounds, rem = divmod(n_items, n_ctas)
+  snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
+  n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
+
+  def share(i):
+    r = i * n_ctas + snake(i)
+    entry = order_ref[lax.div(r, jnp.int32(heads))]
+    return lax.rem(r, jnp.int32(heads)), entry
+
+  return n_mine, share
+
+
 def _sm_count() -> int:
   """Streaming multiprocessors of the first GPU (a persistent grid's size);
   132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
@@ -355,20 +376,14 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         (k_free, v_free), sched_bar = scoped
 
     # A CTA's work items (q head, batch row, query tile), in turn: its nh
-    # heads of one query tile, or with `persistent` the ranks i * n_ctas +
-    # (c, or n_ctas - 1 - c on odd rounds) of the (query tile, head) pairs
-    # sorted longest list first, the heads of one query tile adjacent.
+    # heads of one query tile, or with `persistent` its share of all of them
+    # (`_persistent_share`).
     if persistent:
-      c = lax.axis_index("cta")
-      rounds, rem = divmod(n_items, n_ctas)
-      snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
-      n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
+      n_mine, share = _persistent_share(n_items, n_ctas, n_hg, order_ref)
 
       def item(i):
-        r = i * n_ctas + snake(i)
-        flat = order_ref[lax.div(r, jnp.int32(n_hg))]
-        return lax.rem(r, jnp.int32(n_hg)), lax.div(flat, jnp.int32(nq)), \
-            lax.rem(flat, jnp.int32(nq))
+        h, flat = share(i)
+        return h, lax.div(flat, jnp.int32(nq)), lax.rem(flat, jnp.int32(nq))
     else:
       hg = lax.axis_index("hg")
       flat = order_ref[lax.axis_index("tile")]

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _clamp_start, _mask_tile, _sm_count, _smem_transforms,
+                                          _clamp_start, _mask_tile, _persistent_share, _sm_count,
+                                          _smem_transforms,
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
@@ -94,19 +95,12 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
 
     if persistent:
-      # CTA c takes rank i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of
-      # the items sorted longest first (snake order: the CTAs' sums of work
-      # stay close); the heads of one key chunk have adjacent ranks.
-      c = lax.axis_index("cta")
-      rounds, rem = divmod(n_items, n_ctas)
-      snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
-      n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
+      n_mine, share = _persistent_share(n_items, n_ctas, hq, order_ref)
 
       def item(i):
-        r = i * n_ctas + snake(i)
-        pair = order_ref[lax.div(r, jnp.int32(hq))]
+        h, pair = share(i)
         n_kc = jnp.int32(nkc)
-        return lax.rem(r, jnp.int32(hq)), lax.rem(pair, n_kc), lax.div(pair, n_kc)
+        return h, lax.rem(pair, n_kc), lax.div(pair, n_kc)
     else:
       h0, j0, b0, _ = _grid_position("kv")
       n_mine = 1

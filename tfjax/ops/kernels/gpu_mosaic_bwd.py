@@ -302,8 +302,9 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
     b = lax.div(flat, jnp.int32(nkc))
     j = lax.rem(flat, jnp.int32(nkc))
     wg = lax.axis_index("wg")
-    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, ds_smem,
+    (k_smem, v_smem, q_smem, do_smem, f32_rows, i32_rows, ds_smem,
      dq_smem), (k_bar, v_bar, q_bar, do_bar, vec_bar), free, ds_bar = scoped
+    lse_smem, delta_smem, ks_smem, ke_smem = _row_vectors(f32_rows, i32_rows)
     n = counts_ref[b, j]
 
     def both_consumers():  # rendezvous of the two consumer warpgroups
@@ -455,15 +456,23 @@ def _products_in_one_group(plgpu, pl, pairs, shape):
 
 
 def _query_tile_smem(plgpu, stages, bq, d, dtype, tr):
-  """Shared memory of the streamed query side: q, dO, lse, delta, k_start, k_end."""
+  """Shared memory of the streamed query side: q, dO, and the four row vectors
+  per slot in two arrays ([stages, 2, bq] float32 lse and delta, int32 k_start
+  and k_end; `_row_vectors` names them). Every scoped allocation is padded to
+  1 KiB, so four 256-byte vectors apart would cost 2 KiB more, which the
+  persistent dk/dv kernel at head dim 128 needs for its second dS^T buffer."""
   return [
       plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
       plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
-      plgpu.SMEM((stages, bq), jnp.float32),
-      plgpu.SMEM((stages, bq), jnp.float32),
-      plgpu.SMEM((stages, bq), jnp.int32),
-      plgpu.SMEM((stages, bq), jnp.int32),
+      plgpu.SMEM((stages, 2, bq), jnp.float32),
+      plgpu.SMEM((stages, 2, bq), jnp.int32),
   ]
+
+
+def _row_vectors(f32_rows, i32_rows):
+  """(lse, delta, k_start, k_end) [stages, bq] views of `_query_tile_smem`'s
+  two vector arrays."""
+  return f32_rows.at[:, 0], f32_rows.at[:, 1], i32_rows.at[:, 0], i32_rows.at[:, 1]
 
 
 def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst, wait=True):

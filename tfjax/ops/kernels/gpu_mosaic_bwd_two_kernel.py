@@ -34,7 +34,7 @@ from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _
                                           _transposed, _unless_empty, _when_inside,
                                           warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
-                                              _products_in_one_group, _query_tile_smem,
+                                              _products_in_one_group, _query_tile_smem, _row_vectors,
                                               _store_key_grads, _stream_query_tiles)
 from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
 
@@ -71,9 +71,10 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   persistent = bool(cfg.persistent_dkv)
   nbuf = 2 if persistent else 1  # K/V buffers per consumer
   n_items = hq * nkc * batch
-  # At head dim 128 the second K/V buffers leave room for one dS^T staging
-  # buffer per consumer, not two (232,448 bytes of shared memory).
-  ds_bufs = 1 if persistent and d > 64 else 2
+  # Two dS^T staging buffers per consumer: a store may then stay in flight
+  # while the next tile's is written. At head dim 128 with two K/V buffers
+  # this fills shared memory to within 1 KiB (`_query_tile_smem`).
+  ds_bufs = 2
   # persistent_dkv=1: one CTA per SM; N > 1: N CTAs (tests use a few, so that
   # every CTA walks several items).
   n_ctas = min(_sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
@@ -91,8 +92,9 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
     else:
       dk_ref, dv_ref, scoped = refs[11:]
     wg = lax.axis_index("wg")
-    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, *ds_smem), \
+    (k_smem, v_smem, q_smem, do_smem, f32_rows, i32_rows, *ds_smem), \
         (k_bar, v_bar, q_bar, do_bar, vec_bar), free = scoped
+    lse_smem, delta_smem, ks_smem, ke_smem = _row_vectors(f32_rows, i32_rows)
 
     if persistent:
       n_mine, share = _persistent_share(n_items, n_ctas, hq, order_ref)

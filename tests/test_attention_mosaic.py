@@ -196,7 +196,7 @@ def test_mosaic_backward_config_choice(monkeypatch):
   measurements), dq from stored dS^T at 128 (H200), a persistent dk/dv grid at
   64 (H200), TFJAX_MOSAIC_BWD overrides it, and the sequence multiple
   follows the kernels that run."""
-  from tfjax.ops.kernels import gpu, gpu_mosaic, gpu_mosaic_bwd
+  from tfjax.ops.kernels import gpu, gpu_mosaic, gpu_mosaic_bwd, gpu_mosaic_parts
   monkeypatch.delenv("TFJAX_MOSAIC_BWD", raising=False)
   c64 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64))
   c128 = gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(128))
@@ -246,8 +246,8 @@ def test_mosaic_backward_config_choice(monkeypatch):
   with pytest.raises(ValueError, match="2 or 3"):
     gpu_mosaic.MosaicFwdConfig(consumers=4).registers
   with pytest.raises(ValueError, match="consumer_regs"):  # setmaxnreg would wait forever
-    gpu_mosaic.warpgroup_registers(2, 248)
-  assert gpu_mosaic.warpgroup_registers(2, 240) == (240, 24)
+    gpu_mosaic_parts.warpgroup_registers(2, 248)
+  assert gpu_mosaic_parts.warpgroup_registers(2, 240) == (240, 24)
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "64,64,2,64,64,2,0")
   assert gpu_mosaic_bwd.MosaicBwdConfig(*dispatch.mosaic_backward_config(64)).fuse_dq == 0
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "0")

@@ -1,7 +1,8 @@
 """Block-sparse Transfusion attention for Hopper: Pallas Mosaic GPU kernels.
 
-This file: the forward (`forward`) and the helpers both directions share;
-the backward is in gpu_mosaic_bwd.py (fused) and gpu_mosaic_bwd_two_kernel.py.
+This file: the forward (`forward`); the pieces every direction shares are in
+gpu_mosaic_parts.py, the backward in gpu_mosaic_bwd.py (fused) and
+gpu_mosaic_bwd_two_kernel.py.
 
 Forward: one CTA per (q head, C * block_q query rows, batch row), C + 1
 warpgroups (C = `MosaicFwdConfig.consumers`, 2 or 3):
@@ -31,7 +32,7 @@ rows' tile state (`warpgroup_schedule`): empty for its rows (the other
 warpgroup's meet the key block), it skips the tile's work and keeps only the
 barrier steps; full, no mask; partial, the mask from the rows' [k_start,
 k_end) intervals, one comparison per element where one bound decides the
-tile (`block_map.LOWER`/`UPPER`), else one unsigned one (`_mask_tile`).
+tile (`block_map.LOWER`/`UPPER`), else one unsigned one (`mask_tile`).
 Rows with an empty interval (padding) get 0 out and lse = BIG, like the
 Triton kernel, whose backward (gpu._backward) consumes this kernel's
 base-2 log-sum-exp unchanged.
@@ -46,7 +47,6 @@ benchmarks/NOTES_attention.md (runs M1-M4) and benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -54,10 +54,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.block_map import (EMPTY, FULL, LOWER, UPPER, WorkList, coarsen, compact,
-                                         pad_states, tile_states)
+from tfjax.ops.kernels.block_map import pad_states, tile_states
+from tfjax.ops.kernels.gpu_mosaic_parts import (LOG2E, clamp_start, continue_ring, fill_ring,
+                                                load_vec, longest_first, mask_tile, mosaic_params,
+                                                persistent_share, sm_count, smem_transforms,
+                                                transposed, unless_empty, warpgroup_registers,
+                                                warpgroup_schedule, when_inside)
 
-LOG2E = math.log2(math.e)
 BIG = 1e30  # same convention as gpu.py: lse of a row with no key
 
 
@@ -124,181 +127,6 @@ def length_multiple(consumers: int, block: int) -> int:
   return 2 * block if consumers == 2 else block
 
 
-def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, int]:
-  """(consumer, producer) registers per thread: the SM's 64K over one CTA of
-  `consumers` + 1 warpgroups of 128 threads; two consumers take 232 (producer
-  40) or 240 (producer 24).
-
-  Only these splits: `setmaxnreg` can hand out no more than the CTA was
-  launched with (64K over its threads), and a request beyond that waits
-  forever instead of failing (a four-consumer trial hung; NOTES M24).
-  """
-  if consumers not in (2, 3):
-    raise ValueError(f"consumer warpgroups per CTA must be 2 or 3, got {consumers}")
-  if consumers == 3:
-    return 160, 24
-  if consumer_regs not in (232, 240):
-    raise ValueError(f"MosaicBwdConfig.consumer_regs must be 232 or 240, got {consumer_regs}: "
-                     "two consumers and the producer share the SM's 64K registers")
-  return consumer_regs, 40 if consumer_regs == 232 else 24
-
-
-def _clamp_start(start, length: int, block: int, ragged: bool):
-  """A warpgroup's first row (or key) for loads: inside the sequence.
-
-  A surplus warpgroup of a ragged last CTA starts past the end; it reads the
-  last real block instead (and stores nothing), so no input needs padding.
-  """
-  return lax.min(start, jnp.int32(length - block)) if ragged else start
-
-
-def _when_inside(pl, start, length: int, ragged: bool):
-  """Decorator: run the body when a warpgroup's first row (or key) `start`
-  lies inside the sequence; unconditionally when no CTA reaches past it."""
-  if not ragged:
-    return lambda body: body()
-  return pl.when(start < length)
-
-
-def _compiler_params(plgpu, lean: bool):
-  if lean:
-    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
-                                reduction_scratch_bytes=0)
-  return plgpu.CompilerParams(approx_math=True)
-
-
-# Helpers shared with the backward (gpu_mosaic_bwd.py); JAX 0.10 (CI) and 0.11
-# (the device) spell some of these differently.
-def _smem_transforms(plgpu, dtype, width, swizzle=128):
-  """Tiling + swizzle of a shared-memory tile whose rows hold `width` elements
-  (wgmma operands that meet in one instruction need the same swizzle)."""
-  elem = jnp.dtype(dtype).itemsize
-  swizzle = min(swizzle, width * elem)
-  return (plgpu.TilingTransform((8, swizzle // elem)), plgpu.SwizzleTransform(swizzle))
-
-
-def _transposed(plgpu, ref):
-  if hasattr(ref, "transpose"):
-    return ref.transpose((1, 0))
-  return plgpu.transpose_ref(ref, (1, 0))  # jax 0.10
-
-
-def _load_vec(plgpu, ref, layout, optimized=False):
-  try:
-    return plgpu.load(ref, layout=layout, optimized=optimized)
-  except TypeError:  # jax 0.10: the index is a positional argument
-    return plgpu.load(ref, (), layout=layout, optimized=optimized)
-
-
-def _longest_first(counts):
-  """Launch order of the flattened work lists, longest first: a shorter tail of
-  lone CTAs at the end of the grid."""
-  return jnp.argsort(-counts.reshape(-1), stable=True).astype(jnp.int32)
-
-
-def warpgroup_schedule(states, per_cta: int, *, by_keys: bool = False
-                       ) -> tuple[WorkList, jax.Array]:
-  """A CTA's work lists and each consumer warpgroup's tile per entry.
-
-  states: int32[batch, nq, nk] `block_map` states at one warpgroup's tile
-    (`tile_states`), padded with empty tiles to whole CTAs on the side the
-    CTAs split: rows, or keys when `by_keys`.
-  Returns (lists, own): the compacted non-empty tiles of each CTA of
-  per_cta warpgroups (`block_map.WorkList` over CTAs: key blocks, or query
-  blocks when `by_keys`), and int32[batch, n_cta, per_cta, list], warpgroup
-  w's own tile state at every entry. One tile-state pass serves both, and is
-  shared by every schedule at the same tiling.
-  """
-  if by_keys:
-    states = jnp.swapaxes(states, 1, 2)
-  batch, n, m = states.shape
-  lists = compact(coarsen(states, per_cta, 1))
-  own = states.reshape(batch, n // per_cta, per_cta, m)
-  return lists, jnp.take_along_axis(own, lists.blocks[:, :, None, :], axis=3)
-
-
-def _mask_tile(plgpu, s, state, key_axis: int, k0, lo, hi):
-  """Logits s of keys k0.. (along key_axis) with -inf where a key lies outside
-  its row's [k_start, k_end), by the tile's `block_map` state (a scalar):
-  FULL keeps s, LOWER and UPPER test their one bound (one comparison per
-  element), PARTIAL (and EMPTY) test both in one unsigned comparison,
-  (k - k_start) < (k_end - k_start). lo(), hi(): the rows' int32 bounds as
-  vectors along the other axis, in its reduced layout (called only by the
-  branches that use them).
-
-  Against two signed comparisons of k0 + iota on every partial tile: f+b 3%
-  faster at 8192/64, 1-2% at the other shapes (NOTES_attention.md M42-M43).
-  """
-  other = 1 - key_axis
-  b = lambda x: lax.broadcast_in_dim(x, s.shape, [other])
-  iota = lambda: plgpu.broadcasted_iota(jnp.int32, s.shape, key_axis, layout=plgpu.Layout.WGMMA)
-  cut = lambda keep: jnp.where(keep, s, -jnp.inf)
-
-  def both():
-    u = lambda x: lax.bitcast_convert_type(x, jnp.uint32)
-    start = lo()
-    width = jnp.maximum(hi() - start, 0)  # a dead row (empty interval): 0
-    return cut(u(iota() - b(start - k0)) < u(b(width)))
-
-  branches = [lambda: s, both, lambda: cut(iota() >= b(lo() - k0)),
-              lambda: cut(iota() < b(hi() - k0))]
-  # Anything else tests both bounds: PARTIAL, and EMPTY where a kernel runs
-  # without skip_empty (its rows then meet no key: all -inf).
-  index = jnp.where(state == FULL, 0, jnp.where(state == LOWER, 2,
-                                                jnp.where(state == UPPER, 3, 1)))
-  return lax.switch(index, branches)
-
-
-def _fill_ring(pl, n, stages, issue, refill):
-  """A producer warpgroup's ring of `stages` shared-memory slots: items 0 ..
-  stages-1 (of n) by issue(t, slot) at once, then item t + stages into slot
-  t mod stages by refill(t + stages, slot), which waits for the slot first."""
-  for i in range(stages):
-    pl.when(i < n)(functools.partial(issue, jnp.int32(i), i))
-
-  @pl.loop(0, jnp.maximum(n - stages, 0))
-  def _(t):
-    slot = lax.rem(t, jnp.int32(stages))
-    refill(t + stages, slot)
-
-
-def _unless_empty(skip_empty, state, tile, skip):
-  """A consumer's step over one listed tile: tile() (the products), or, with
-  skip_empty, skip() where its own part of the tile is EMPTY (the same
-  barrier waits and releases, no products; the outputs unchanged)."""
-  return lax.cond(state == EMPTY, skip, tile) if skip_empty else tile()
-
-
-def _persistent_share(n_items: int, n_ctas: int, heads: int, order_ref):
-  """A persistent CTA's work items: (how many, i -> (head, order entry)).
-
-  CTA c takes ranks i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of
-  the n_items (head, order entry) pairs, the entries sorted longest list
-  first (snake order keeps the CTAs' sums of work close) and the `heads`
-  heads of one entry at adjacent ranks.
-  """
-  c = lax.axis_index("cta")
-  rounds, rem = divmod(n_items, n_ctas)
-  snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
-  n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)
-
-  def share(i):
-    r = i * n_ctas + snake(i)
-    entry = order_ref[lax.div(r, jnp.int32(heads))]
-    return lax.rem(r, jnp.int32(heads)), entry
-
-  return n_mine, share
-
-
-def _sm_count() -> int:
-  """Streaming multiprocessors of the first GPU (a persistent grid's size);
-  132 (an H100/H200 SXM) where no GPU is attached, as when lowering on a CPU."""
-  try:
-    return int(jax.devices("gpu")[0].core_count)
-  except (RuntimeError, AttributeError, IndexError):
-    return 132
-
-
 def supported(dtype, head_dim: int) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
       head_dim in (64, 128)
@@ -327,7 +155,7 @@ def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> Fwd
   states = pad_states(tile_states(ks, ke, cfg.block_q, cfg.block_k, kv_len, split_partial=True),
                       n_cta * cfg.consumers, kv_len // cfg.block_k)
   wl, own = warpgroup_schedule(states, cfg.consumers)
-  order = (_longest_first(wl.counts) if cfg.lpt
+  order = (longest_first(wl.counts) if cfg.lpt
            else jnp.arange(batch * n_cta, dtype=jnp.int32))
   return FwdSchedule(order, wl.blocks, wl.counts, own)
 
@@ -366,7 +194,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
 
   n_hg = hq // nh
   n_items = n_hg * batch * nq
-  n_ctas = min(_sm_count() if cfg.persistent == 1 else cfg.persistent,
+  n_ctas = min(sm_count() if cfg.persistent == 1 else cfg.persistent,
                n_items) if persistent else 0
 
   def kernel(order_ref, blocks_ref, counts_ref, states_ref, ks_ref, ke_ref,
@@ -377,9 +205,9 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
 
     # A CTA's work items (q head, batch row, query tile), in turn: its nh
     # heads of one query tile, or with `persistent` its share of all of them
-    # (`_persistent_share`).
+    # (`persistent_share`).
     if persistent:
-      n_mine, share = _persistent_share(n_items, n_ctas, n_hg, order_ref)
+      n_mine, share = persistent_share(n_items, n_ctas, n_hg, order_ref)
 
       def item(i):
         h, flat = share(i)
@@ -409,15 +237,15 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       def load_q(h, b, qi, buf):
         row0 = first_row(qi)
 
-        @_when_inside(pl, row0, seq, ragged)
+        @when_inside(pl, row0, seq, ragged)
         def _():
           plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h],
                                   q_smem.at[wg, buf], q_bar.at[wg * nbuf + buf])
 
       def key_bounds(b, qi):
-        row_ld = _clamp_start(first_row(qi), seq, bq, ragged)
-        return (_load_vec(plgpu, ks_ref.at[b, pl.ds(row_ld, bq)], row_layout),
-                _load_vec(plgpu, ke_ref.at[b, pl.ds(row_ld, bq)], row_layout))
+        row_ld = clamp_start(first_row(qi), seq, bq, ragged)
+        return (load_vec(plgpu, ks_ref.at[b, pl.ds(row_ld, bq)], row_layout),
+                load_vec(plgpu, ke_ref.at[b, pl.ds(row_ld, bq)], row_layout))
 
       def describe(i):
         """Item i's (head, batch row, query tile), list length, first key
@@ -448,7 +276,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
           kb_first, state_first = blocks_ref[b, qi, 0], states_ref[b, qi, wg, 0]
           ks_row, ke_row = bounds
         row0 = first_row(qi)
-        in_seq = _when_inside(pl, row0, seq, ragged)
+        in_seq = when_inside(pl, row0, seq, ragged)
         buf = lax.rem(i, jnp.int32(nbuf))
         qo_smem = q_smem.at[wg, buf]
         if nbuf > 1:
@@ -492,14 +320,14 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
 
           def tile():
             def qk(acc_ref):
-              plgpu.wgmma(acc_ref, qo_smem, _transposed(plgpu, k_smem.at[slot]))
+              plgpu.wgmma(acc_ref, qo_smem, transposed(plgpu, k_smem.at[slot]))
               sched()
               return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
 
-            s = _mask_tile(plgpu, s, state, 1, kb * bk, lambda: ks_row, lambda: ke_row)
+            s = mask_tile(plgpu, s, state, 1, kb * bk, lambda: ks_row, lambda: ke_row)
             # m is the running max of the unscaled logits: the scale goes into
             # exp2's argument, one fused multiply-add per element.
             m_new = jnp.maximum(m, s.max(axis=1))
@@ -526,7 +354,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
             wait_next_k()
             return acc, m, l
 
-          acc, m, l = _unless_empty(cfg.skip_empty, state, tile, skip)
+          acc, m, l = unless_empty(cfg.skip_empty, state, tile, skip)
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, m, l, kb_next, state_next
 
@@ -570,13 +398,11 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
         def stream(i, g):
           h, b, qi = item(i)
 
-          def one(t, g):
-            slot = lax.rem(g, jnp.int32(stages))
+          def one(t, slot, g):
             copy(h, b, qi, t, slot, lambda bar: pl.when(g >= stages)(
                 lambda: plgpu.barrier_wait(bar)))
-            return g + 1
 
-          return lax.fori_loop(0, counts_ref[b, qi], one, g)
+          return continue_ring(counts_ref[b, qi], stages, g, one)
 
         lax.fori_loop(0, n_mine, stream, jnp.int32(0))
       else:
@@ -586,11 +412,11 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
           hh = lax.div(g, n)
           copy(hg * nh + hh, b0, qi0, g - hh * n, slot, wait)
 
-        _fill_ring(pl, n * nh, stages, lambda g, slot: at(g, slot, lambda bar: None),
+        fill_ring(pl, n * nh, stages, lambda g, slot: at(g, slot, lambda bar: None),
                    lambda g, slot: at(g, slot, plgpu.barrier_wait))
 
   def entry(*refs):
-    transforms = _smem_transforms(plgpu, dtype, d)
+    transforms = smem_transforms(plgpu, dtype, d)
     smem = [
         plgpu.SMEM((n_cons, nbuf, bq, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, bk, d), dtype, transforms=transforms),
@@ -621,6 +447,6 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
       grid_names=names,
       num_threads=n_cons + 1,
       thread_name="wg",
-      compiler_params=_compiler_params(plgpu, cfg.lean),
+      compiler_params=mosaic_params(plgpu, cfg.lean),
   )(order, blocks, counts, states, ks, ke, q, k, v)
   return out, lse

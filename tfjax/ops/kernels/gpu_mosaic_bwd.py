@@ -48,10 +48,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from tfjax.ops.kernels.block_map import EMPTY, pad_states, tile_states
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _longest_first, _mask_tile, _smem_transforms, _transposed,
-                                          _unless_empty, length_multiple, warpgroup_registers,
-                                          warpgroup_schedule)
+from tfjax.ops.kernels.gpu_mosaic import length_multiple
+from tfjax.ops.kernels.gpu_mosaic_parts import (LOG2E, continue_ring, fill_ring, load_vec,
+                                                longest_first, mask_tile, mosaic_params,
+                                                smem_transforms, transposed, unless_empty,
+                                                warpgroup_registers, warpgroup_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,7 @@ class DkvSchedule(NamedTuple):
   """The walk over key blocks (fused and dk/dv kernels), at (block_q_dkv,
   consumers_dkv * block_k_dkv) tiles: `block_map.WorkList` blocks and counts
   [batch, key chunks(, list)], each consumer's own tile state per entry
-  (`gpu_mosaic.warpgroup_schedule`, [batch, key chunks, consumers, list]),
+  (`gpu_mosaic_parts.warpgroup_schedule`, [batch, key chunks, consumers, list]),
   and the order of the flat b * key chunks + chunk work lists, longest first
   (the fused kernel's launch order, the persistent dk/dv kernel's item order;
   None for the launched dk/dv kernel)."""
@@ -180,7 +181,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts, own,
-                    _longest_first(wl.counts) if cfg.fuse_dq or cfg.persistent_dkv else None)
+                    longest_first(wl.counts) if cfg.fuse_dq or cfg.persistent_dkv else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
   if (cfg.block_q_dq, cfg.block_k_dq) != (bq, bk):
@@ -259,13 +260,13 @@ def _probs_t(plgpu, s_t, qk_scale, state, k0, lo_ref, hi_ref, lse_ref):
   """P^T [keys, rows] = exp2(qk_scale * S^T - lse) for unscaled logits S^T of
   keys k0.. against streamed query rows whose visible keys are [lo, hi)
   (shared-memory vectors, with lse), masked as the tile's `block_map` state
-  says (`gpu_mosaic._mask_tile`). The scale rides in exp2's argument (one
+  says (`gpu_mosaic_parts.mask_tile`). The scale rides in exp2's argument (one
   fused multiply-add)."""
   col = plgpu.Layout.WGMMA.reduce(0)
-  s_t = _mask_tile(plgpu, s_t, state, 0, k0, lambda: _load_vec(plgpu, lo_ref, col),
-                   lambda: _load_vec(plgpu, hi_ref, col))
+  s_t = mask_tile(plgpu, s_t, state, 0, k0, lambda: load_vec(plgpu, lo_ref, col),
+                   lambda: load_vec(plgpu, hi_ref, col))
   return jnp.exp2(s_t * qk_scale
-                  - lax.broadcast_in_dim(_load_vec(plgpu, lse_ref, col), s_t.shape, [1]))
+                  - lax.broadcast_in_dim(load_vec(plgpu, lse_ref, col), s_t.shape, [1]))
 
 
 def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
@@ -291,9 +292,9 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   # The dQ product reads K's column halves: the swizzle must not span them.
   swizzle = min(128, half * jnp.dtype(dtype).itemsize)
-  tr = _smem_transforms(plgpu, dtype, d, swizzle)
-  tr_ds = _smem_transforms(plgpu, dtype, bq, swizzle)
-  tr_dq = _smem_transforms(plgpu, jnp.float32, dq_cols)
+  tr = smem_transforms(plgpu, dtype, d, swizzle)
+  tr_ds = smem_transforms(plgpu, dtype, bq, swizzle)
+  tr_dq = smem_transforms(plgpu, jnp.float32, dq_cols)
 
   def kernel(order_ref, blocks_ref, counts_ref, states_ref, q_ref, k_ref, v_ref, do_ref,
              lse_ref, delta_ref, ks_ref, ke_ref, dq_ref, dk_ref, dv_ref, scoped):
@@ -341,17 +342,17 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
         ds_for_dq = ds_own if own else ds_smem.at[buf]
 
         def dq_product(refs):
-          plgpu.wgmma(refs[-1], _transposed(plgpu, ds_for_dq), k_cols)
+          plgpu.wgmma(refs[-1], transposed(plgpu, ds_for_dq), k_cols)
 
         def tile():
           s_t, dp_t = _products_in_one_group(
-              plgpu, pl, [(k_own, _transposed(plgpu, q_smem.at[slot])),
-                          (v_own, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
+              plgpu, pl, [(k_own, transposed(plgpu, q_smem.at[slot])),
+                          (v_own, transposed(plgpu, do_smem.at[slot]))], (bk, bq))
           plgpu.barrier_wait(vec_bar.at[slot])
 
           p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
                          ke_smem.at[slot], lse_smem.at[slot])
-          delta_c = _load_vec(plgpu, delta_smem.at[slot], col_layout)
+          delta_c = load_vec(plgpu, delta_smem.at[slot], col_layout)
           ds_own[...] = (p_t * (dp_t - lax.broadcast_in_dim(delta_c, (bk, bq), [1]))
                          ).astype(dtype)
           p16 = p_t.astype(dtype)
@@ -377,7 +378,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
           both_consumers()
           return dv, dk, pl.run_state(dq_product)((plgpu.ACC.init(zeros((bq, dq_cols))),))[0]
 
-        dv, dk, dq_part = _unless_empty(cfg.skip_empty, state, tile, skip)
+        dv, dk, dq_part = unless_empty(cfg.skip_empty, state, tile, skip)
         plgpu.barrier_arrive(free.at[slot])
 
         def add_dq():
@@ -438,7 +439,7 @@ def _fused(q, k, v, do, lse, delta, ks, ke, sched: DkvSchedule, *, scale, cfg):
                     thread_name="wg")
   dk, dv = pl.kernel(
       entry, out_type=[shape, shape], mesh=mesh,
-      compiler_params=_compiler_params(plgpu, cfg.lean),
+      compiler_params=mosaic_params(plgpu, cfg.lean),
   )(order, blocks, counts, states, q, k, v, do, lse, delta, ks, ke, dq_acc)
   dq = (dq_acc[...] * scale).astype(dtype)
   return dq, dk, dv
@@ -529,13 +530,11 @@ def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, l
     issue(t, slot)
 
   if g0 is None:
-    _fill_ring(pl, n, stages, issue, refill)
+    fill_ring(pl, n, stages, issue, refill)
     return None
 
-  def one(t, g):
-    slot = lax.rem(g, jnp.int32(stages))
+  def one(t, slot, g):
     pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
     issue(t, slot)
-    return g + 1
 
-  return lax.fori_loop(0, n, one, g0)
+  return continue_ring(n, stages, g0, one)

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.gpu_mosaic import (_compiler_params, _fill_ring, _smem_transforms,
-                                          _transposed, _unless_empty, _when_inside,
-                                          warpgroup_registers)
+from tfjax.ops.kernels.gpu_mosaic_parts import (fill_ring, mosaic_params, smem_transforms,
+                                                transposed, unless_empty, warpgroup_registers,
+                                                when_inside)
 from tfjax.ops.kernels.gpu_mosaic_bwd import _grid_position
 
 
@@ -115,8 +115,8 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   cap = dst.shape[0] // hq
   blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
   wgmma_layout = plgpu.Layout.WGMMA
-  tr = _smem_transforms(plgpu, dtype, d)
-  tr_ds = _smem_transforms(plgpu, dtype, bq)
+  tr = smem_transforms(plgpu, dtype, d)
+  tr_ds = smem_transforms(plgpu, dtype, bq)
 
   def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped):
     h, qi, b, wg = _grid_position("q")
@@ -136,16 +136,16 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
 
         def tile():
           def fn(acc_ref):  # dQ += (dS^T)^T K: the stored tile, transposed
-            plgpu.wgmma(acc_ref, _transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
+            plgpu.wgmma(acc_ref, transposed(plgpu, ds_smem.at[slot, wg]), k_smem.at[slot])
           return pl.run_state(fn)(plgpu.ACC.init(dq))
 
-        dq = _unless_empty(True, states_ref[b, qi, wg, t], tile, lambda: dq)
+        dq = unless_empty(True, states_ref[b, qi, wg, t], tile, lambda: dq)
         plgpu.barrier_arrive(free.at[slot])
         return dq
 
       dq = lax.fori_loop(0, n, body, zeros)
 
-      @_when_inside(pl, row0, seq, ragged)
+      @when_inside(pl, row0, seq, ragged)
       def _():
         out_smem.at[wg][...] = (dq * scale).astype(dtype)
         plgpu.commit_smem()
@@ -171,7 +171,7 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
         plgpu.barrier_wait(free.at[slot])
         issue(t, slot)
 
-      _fill_ring(pl, n, stages, issue, refill)
+      fill_ring(pl, n, stages, issue, refill)
 
   def entry(*refs):
     pl.run_scoped(
@@ -191,5 +191,5 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
       grid_names=("heads", "q", "batch"),
       num_threads=n_cons + 1,
       thread_name="wg",
-      compiler_params=_compiler_params(plgpu, cfg.lean),
+      compiler_params=mosaic_params(plgpu, cfg.lean),
   )(blocks, counts, states, route.dq_rows, k, dst)

@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.gpu_mosaic import (LOG2E, _compiler_params, _fill_ring, _load_vec,
-                                          _clamp_start, _mask_tile, _persistent_share, _sm_count,
-                                          _smem_transforms,
-                                          _transposed, _unless_empty, _when_inside,
-                                          warpgroup_registers)
 from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
-                                              _products_in_one_group, _query_tile_smem, _row_vectors,
-                                              _store_key_grads, _stream_query_tiles)
+                                              _products_in_one_group, _query_tile_smem,
+                                              _row_vectors, _store_key_grads, _stream_query_tiles)
+from tfjax.ops.kernels.gpu_mosaic_parts import (LOG2E, clamp_start, fill_ring, load_vec, mask_tile,
+                                                mosaic_params, persistent_share, sm_count,
+                                                smem_transforms, transposed, unless_empty,
+                                                warpgroup_registers, when_inside)
 from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
 
 
@@ -60,11 +59,11 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   col_layout = plgpu.Layout.WGMMA.reduce(0)
-  tr = _smem_transforms(plgpu, dtype, d)
+  tr = smem_transforms(plgpu, dtype, d)
   sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
 
   ds_out = bool(cfg.dq_from_ds)
-  tr_ds = _smem_transforms(plgpu, dtype, bq)
+  tr_ds = smem_transforms(plgpu, dtype, bq)
 
   cap = ds_capacity(cfg, batch, *ds_route.dq_rows.shape[1:3]) if ds_out else 0
 
@@ -77,7 +76,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   ds_bufs = 2
   # persistent_dkv=1: one CTA per SM; N > 1: N CTAs (tests use a few, so that
   # every CTA walks several items).
-  n_ctas = min(_sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
+  n_ctas = min(sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
                n_items) if persistent else 0
 
   def kernel(*refs):
@@ -97,7 +96,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
     lse_smem, delta_smem, ks_smem, ke_smem = _row_vectors(f32_rows, i32_rows)
 
     if persistent:
-      n_mine, share = _persistent_share(n_items, n_ctas, hq, order_ref)
+      n_mine, share = persistent_share(n_items, n_ctas, hq, order_ref)
 
       def item(i):
         h, pair = share(i)
@@ -132,7 +131,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
 
       def load_kv(i, buf):
         h, j, b = item(i)
-        kb_load = _clamp_start(j * cta_k + wg * bk, seq, bk, ragged)
+        kb_load = clamp_start(j * cta_k + wg * bk, seq, bk, ragged)
         hk = lax.div(h, jnp.int32(group))
         kv = wg * nbuf + buf
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kb_load, bk), hk], k_smem.at[kv],
@@ -179,11 +178,11 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
               plgpu.barrier_wait(do_bar.at[slot])
 
               s_t, dp_t = _products_in_one_group(
-                  plgpu, pl, [(k_tile, _transposed(plgpu, q_smem.at[slot])),
-                              (v_tile, _transposed(plgpu, do_smem.at[slot]))], (bk, bq))
+                  plgpu, pl, [(k_tile, transposed(plgpu, q_smem.at[slot])),
+                              (v_tile, transposed(plgpu, do_smem.at[slot]))], (bk, bq))
             else:
               def st_fn(acc_ref):
-                plgpu.wgmma(acc_ref, k_tile, _transposed(plgpu, q_smem.at[slot]))
+                plgpu.wgmma(acc_ref, k_tile, transposed(plgpu, q_smem.at[slot]))
                 return acc_ref[...]
 
               s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
@@ -191,7 +190,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
 
             p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
                            ke_smem.at[slot], lse_smem.at[slot])
-            delta_c = lambda: _load_vec(plgpu, delta_smem.at[slot], col_layout)
+            delta_c = lambda: load_vec(plgpu, delta_smem.at[slot], col_layout)
             if sdp_group:
               ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
               ds16 = ds_t.astype(dtype)
@@ -206,7 +205,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
 
             def dv_dp(refs):
               plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-              plgpu.wgmma(refs[1], v_tile, _transposed(plgpu, do_smem.at[slot]))
+              plgpu.wgmma(refs[1], v_tile, transposed(plgpu, do_smem.at[slot]))
 
             dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
                                                 plgpu.ACC.init(zeros((bk, bq)))))
@@ -224,7 +223,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
             plgpu.barrier_wait(vec_bar.at[slot])
             return dv, dk, stored
 
-          dv, dk, stored = _unless_empty(cfg.skip_empty, state, tile, skip)
+          dv, dk, stored = unless_empty(cfg.skip_empty, state, tile, skip)
           plgpu.barrier_arrive(free.at[slot])
           if persistent:
             pl.when(t == 0)(prefetch)
@@ -235,7 +234,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
         if persistent:
           pl.when(n == 0)(prefetch)
         rows = pl.ds(kb0, bk)
-        _when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
+        when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
             plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h],
             wait=not persistent))
         return g + n, stored
@@ -297,7 +296,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
       grid_names=names,
       num_threads=n_cons + 1,
       thread_name="wg",
-      compiler_params=_compiler_params(plgpu, cfg.lean),
+      compiler_params=mosaic_params(plgpu, cfg.lean),
   )(*inputs)
 
 
@@ -324,7 +323,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  tr = _smem_transforms(plgpu, dtype, d)
+  tr = smem_transforms(plgpu, dtype, d)
 
   own_delta = o is not None
 
@@ -344,25 +343,25 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
       # real rows, sees no key (its tiles are empty: the schedule pads them) and
       # stores nothing.
       ragged = seq % cta_q != 0
-      in_seq = _when_inside(pl, row0, seq, ragged)
-      ld = _clamp_start(row0, seq, bq, ragged)
+      in_seq = when_inside(pl, row0, seq, ragged)
+      ld = clamp_start(row0, seq, bq, ragged)
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(ld, bq), h], q_smem.at[wg], q_bar.at[wg])
       plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(ld, bq), h], do_smem.at[wg], do_bar.at[wg])
-      ks_row = _load_vec(plgpu, ks_ref.at[b, pl.ds(ld, bq)], row_layout)
-      ke_row = _load_vec(plgpu, ke_ref.at[b, pl.ds(ld, bq)], row_layout)
-      lse_row = _load_vec(plgpu, lse_ref.at[b, h, pl.ds(ld, bq)], row_layout)
+      ks_row = load_vec(plgpu, ks_ref.at[b, pl.ds(ld, bq)], row_layout)
+      ke_row = load_vec(plgpu, ke_ref.at[b, pl.ds(ld, bq)], row_layout)
+      lse_row = load_vec(plgpu, lse_ref.at[b, h, pl.ds(ld, bq)], row_layout)
       q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
       if own_delta:
         o_tile, delta_smem = o_smem[0].at[wg], o_smem[1].at[wg]
         plgpu.copy_gmem_to_smem(delta_or_o_ref.at[b, pl.ds(ld, bq), h], o_tile,
                                 o_bar[0].at[wg])
       else:
-        delta_row = _load_vec(plgpu, delta_or_o_ref.at[b, h, pl.ds(ld, bq)], row_layout)
+        delta_row = load_vec(plgpu, delta_or_o_ref.at[b, h, pl.ds(ld, bq)], row_layout)
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(do_bar.at[wg])
       if own_delta:
         plgpu.barrier_wait(o_bar[0].at[wg])
-        f32 = lambda ref: _load_vec(plgpu, ref, wgmma_layout, True).astype(jnp.float32)
+        f32 = lambda ref: load_vec(plgpu, ref, wgmma_layout, True).astype(jnp.float32)
         delta_row = jnp.sum(f32(o_tile) * f32(do_tile), axis=1)
 
         @in_seq
@@ -381,11 +380,11 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
         plgpu.barrier_wait(k_bar.at[slot])
 
         def s_fn(acc_ref):
-          plgpu.wgmma(acc_ref, q_tile, _transposed(plgpu, k_smem.at[slot]))
+          plgpu.wgmma(acc_ref, q_tile, transposed(plgpu, k_smem.at[slot]))
           return acc_ref[...]
 
         def dp_fn(acc_ref):
-          plgpu.wgmma(acc_ref, do_tile, _transposed(plgpu, v_smem.at[slot]))
+          plgpu.wgmma(acc_ref, do_tile, transposed(plgpu, v_smem.at[slot]))
           return acc_ref[...]
 
         def tile():
@@ -393,12 +392,12 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
             plgpu.barrier_wait(v_bar.at[slot])
 
             s, dp = _products_in_one_group(
-                plgpu, pl, [(q_tile, _transposed(plgpu, k_smem.at[slot])),
-                            (do_tile, _transposed(plgpu, v_smem.at[slot]))], (bq, bk))
+                plgpu, pl, [(q_tile, transposed(plgpu, k_smem.at[slot])),
+                            (do_tile, transposed(plgpu, v_smem.at[slot]))], (bq, bk))
             plgpu.barrier_arrive(v_free.at[slot])
           else:
             s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
-          s = _mask_tile(plgpu, s, state, 1, kb * bk, lambda: ks_row, lambda: ke_row)
+          s = mask_tile(plgpu, s, state, 1, kb * bk, lambda: ks_row, lambda: ke_row)
           # Unscaled logits: the scale rides in exp2's argument (one FMA).
           p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
           if not cfg.sdp_group:
@@ -417,7 +416,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
           plgpu.barrier_arrive(v_free.at[slot])
           return dq
 
-        dq = _unless_empty(cfg.skip_empty, state, tile, skip)
+        dq = unless_empty(cfg.skip_empty, state, tile, skip)
         plgpu.barrier_arrive(k_free.at[slot])
         return dq, kb_next, state_next
 
@@ -454,7 +453,7 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
         plgpu.barrier_wait(k_free.at[slot])
         issue_k(t, slot)
 
-      _fill_ring(pl, n, stages, issue, refill)
+      fill_ring(pl, n, stages, issue, refill)
 
   def entry(*refs):
     smem = [
@@ -486,5 +485,5 @@ def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
       grid_names=("heads", "q", "batch"),
       num_threads=n_cons + 1,
       thread_name="wg",
-      compiler_params=_compiler_params(plgpu, cfg.lean),
+      compiler_params=mosaic_params(plgpu, cfg.lean),
   )(blocks, counts, states, ks, ke, q, k, v, do, lse, o if own_delta else delta)

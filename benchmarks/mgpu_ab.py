@@ -6,16 +6,18 @@
       --csv --log-file ncu.csv python benchmarks/mgpu_ab.py --profile [same flags]
   python benchmarks/mgpu_ab.py --summarize ncu.csv [same flags]
 
-A variant is FWD/BWD[+nomask|+nosplit] (diagnostics: `_without_masks`,
-`_unsplit`): the forward's `gpu_mosaic.MosaicFwdConfig` fields and
-the backward's `gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated
-integers, or `dN[:field=V...]`: the default tiles for the shape with
-skip_empty=N (and those fields replaced, e.g. `d1:persistent=1`). Per
-shape (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one
-causal document per row, causal documents or bidirectional blocks of N
-tokens) every variant's forward and forward+backward is timed with its
-schedule built outside the call, in `--rounds` interleaved rounds (so
-run-to-run drift shows), and its outputs and gradients are compared with the first
+A variant is FWD/BWD[+nomask|+nosplit|+cond] (diagnostics: `_without_masks`,
+`_unsplit`; `+cond`: the schedule not `gpu.settle`d, so that a dq_from_ds
+backward checks its dS^T buffer in a lax.cond in every call): the
+forward's `gpu_mosaic.MosaicFwdConfig` fields and the backward's
+`gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated integers, or
+`dN[:field=V...]`: the default tiles for the shape with skip_empty=N (and
+those fields replaced, e.g. `d1:persistent=1`). Per shape
+(attention_layout.py, B=2, H=16, bf16; `--layout` names others: one causal
+document per row, causal documents or bidirectional blocks of N tokens)
+every variant's forward and forward+backward is timed with its schedule
+built outside the call, in `--rounds` interleaved rounds (so run-to-run
+drift shows), and its outputs and gradients are compared with the first
 variant's. The last line is JSON: {"<shape> <variant>": [fwd ms, f+b ms], ...}
 (medians over the rounds). With --profile each variant's forward+backward runs
 once inside a profiler window instead (kernel by kernel under Nsight Compute,
@@ -118,6 +120,8 @@ def main():
 
       def plan(ks, ke, spec=spec, cfg=cfg):
         sched = jax.jit(lambda ks, ke: gpu.schedule(ks, ke, cfg))(ks, ke)
+        if "+cond" not in spec:  # as dispatch.plan outside jit
+          sched = gpu.settle(sched, cfg)
         if "+nomask" in spec:
           sched = _without_masks(sched)
         if "+nosplit" in spec:

@@ -253,3 +253,43 @@ def test_mosaic_backward_config_choice(monkeypatch):
   monkeypatch.setenv("TFJAX_MOSAIC_BWD", "0")
   assert dispatch.mosaic_backward_config(64) is None
 
+
+
+def test_a_settled_schedule_decides_the_ds_buffer_once_on_the_host():
+  """dq_from_ds at head dim 128 with a 60% dS^T buffer: a schedule built
+  outside jit is `gpu.settle`d (as `dispatch.plan` does), its backward then
+  lowers without the lax.cond and only with the kernels of the branch its
+  layout needs (the dS^T buffer where the tiles fit, the recomputing dq
+  where they do not); a schedule settled inside jit keeps the cond."""
+  from tfjax.ops.kernels import gpu, gpu_mosaic_bwd
+  from tfjax.ops.mask import key_ranges
+  seq, hq, d = 384, 4, 128
+  cfg = dataclasses.replace(
+      gpu.GpuConfig.for_head_dim(d), mosaic_fwd=(64, 128, 2, 1),
+      mosaic_bwd=(64, 64, 2, 64, 64, 3, 0, 240, 2, 0, 0, 1, 0, 2, 3, 1, 60))
+  x = jax.ShapeDtypeStruct((2, seq, hq, d), jnp.bfloat16)
+
+  def lowered(ks, ke, sched):
+    def loss(q):
+      return gpu.attention(q, q, q, ks, ke, scale=0.1, config=cfg,
+                           sched=sched).astype(jnp.float32).sum()
+    return jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+  docs = jnp.broadcast_to(jnp.arange(seq) // 64 + 1, (2, seq)).astype(jnp.int32)
+  # dS^T rows: 24 of the buffer's 44 per head for the 64-token documents, 48
+  # for one causal document per row
+  one_doc = jnp.ones((2, seq), jnp.int32)
+  no_images = jnp.zeros((2, seq), jnp.int32)
+  ds_tiles = "x64x64xbf16>"  # the dS^T buffer, [heads * capacity, 64, 64]
+  for seg, fits in ((docs, True), (one_doc, False)):
+    ks, ke = key_ranges(seg, no_images)
+    sched = gpu.settle(gpu.schedule(ks, ke, cfg), cfg)
+    assert sched.bwd.ds_fits == gpu_mosaic_bwd.DsFits(fits)
+    text = lowered(ks, ke, sched)
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    assert text.count("custom_call @mosaic_gpu") == 3  # forward, dk/dv, dq
+    assert (ds_tiles in text) == fits
+  traced = jax.jit(lambda ks, ke: gpu.settle(gpu.schedule(ks, ke, cfg), cfg))(ks, ke)
+  assert traced.bwd.ds_fits is None
+  text = lowered(ks, ke, traced)
+  assert "stablehlo.case" in text and ds_tiles in text

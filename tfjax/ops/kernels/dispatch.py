@@ -192,7 +192,9 @@ def _local_plan(segment_ids, image_ids, *, kind, config) -> AttentionPlan:
     sched = tpu.schedule(ks, ke, config)
   else:
     from tfjax.ops.kernels import gpu
-    sched = gpu.schedule(ks, ke, config, interpret=kind == "gpu_interpret")
+    # Built outside jit, the schedule's data-dependent choices are made here,
+    # once, instead of in every backward (`gpu.settle`).
+    sched = gpu.settle(gpu.schedule(ks, ke, config, interpret=kind == "gpu_interpret"), config)
   return AttentionPlan(ks, ke, sched, kind, config, seq)
 
 

@@ -226,6 +226,16 @@ def schedule(k_start: jax.Array, k_end: jax.Array, config: "GpuConfig",
   return Schedule(fwd, bwd)
 
 
+def settle(sched: Schedule, config: "GpuConfig") -> Schedule:
+  """A concrete schedule with its data-dependent kernel choices made on the
+  host now (`gpu_mosaic_bwd.settle`); traced ones unchanged."""
+  from tfjax.ops.kernels import gpu_mosaic_bwd
+  if not isinstance(sched.bwd, gpu_mosaic_bwd.BwdSchedule):
+    return sched
+  cfg = gpu_mosaic_bwd.MosaicBwdConfig(*config.mosaic_bwd)
+  return sched._replace(bwd=gpu_mosaic_bwd.settle(sched.bwd, cfg))
+
+
 def _forward(q, k, v, ks, ke, sched, *, scale, cfg, interpret):
   batch, seq, hq, d = q.shape
   kv_len = k.shape[1]  # == seq, except for queries against a KV cache

@@ -153,12 +153,42 @@ class DqSchedule(NamedTuple):
   states: jax.Array
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class DsFits:
+  """Whether a schedule's dS^T tiles fit the buffer (dq_from_ds), decided on
+  the host once (`settle`): static, part of the schedule's tree structure."""
+  fits: bool
+
+
 class BwdSchedule(NamedTuple):
   dkv: DkvSchedule
   dq: DqSchedule | None  # None: the fused kernel computes dq
   # dq_from_ds: where the dS^T tiles go (`gpu_mosaic_bwd_ds.DsRoute`);
   # None otherwise.
   ds_route: Any = None
+  # dq_from_ds: a `DsFits` once `settle`d; None: the backward decides on the
+  # device (a lax.cond).
+  ds_fits: DsFits | None = None
+
+
+def settle(sched: BwdSchedule, cfg: MosaicBwdConfig) -> BwdSchedule:
+  """`sched` with the dS^T buffer's fit decided now, where its arrays are
+  concrete (a plan built outside jit): one device-to-host read here instead
+  of the backward's `lax.cond`, whose predicate XLA reads on the host in
+  every call (an H200 timeline at 8192/128: a 1.5 us copy and a ~15 us
+  stall, ~2.5% of forward+backward; NOTES_attention.md M48). Traced
+  schedules and those without a dS^T route are returned as they are."""
+  route = sched.ds_route
+  if route is None or cfg.ds_capacity >= 100:
+    return sched
+  from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
+  cap = ds_capacity(cfg, sched.dq.blocks.shape[0], *sched.dq.blocks.shape[1:])
+  try:
+    fits = bool(route.total <= cap)
+  except jax.errors.ConcretizationTypeError:  # traced: the backward's cond decides
+    return sched
+  return sched._replace(ds_fits=DsFits(fits))
 
 
 def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
@@ -244,12 +274,14 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
         return from_stored_ds.dq_from_ds(k, dst, route, sched.dq, scale=scale, cfg=cfg,
                                          q_shape=q.shape), dk, dv
 
+      fallback = lambda: recompute(recompute_config(cfg))
       if cfg.ds_capacity >= 100:
         dq, dk, dv = from_ds()
+      elif sched.ds_fits is not None:  # `settle`d on the host
+        dq, dk, dv = from_ds() if sched.ds_fits.fits else fallback()
       else:  # more listed tiles than the buffer holds: the recomputing kernels
         cap = from_stored_ds.ds_capacity(cfg, batch, *sched.dq.blocks.shape[1:])
-        dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds,
-                                  lambda: recompute(recompute_config(cfg)))
+        dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds, fallback)
   if group > 1:  # the kernels write dk, dv per q head
     dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)

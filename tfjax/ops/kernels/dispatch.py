@@ -166,7 +166,9 @@ class AttentionPlan:
   in XLA ops around the kernels).
 
   k_start, k_end: int32[batch, padded seq] key intervals.
-  sched: the kernel family's schedule (gpu.Schedule / tpu.Schedule).
+  sched: the kernel family's schedule (gpu.Schedule / tpu.Schedule). Built
+    outside jit it is also `gpu.settle`d: its data-dependent kernel choices
+    (the dS^T buffer's fit) are made on the host once, not in every call.
   kind, config: the implementation and tiling the schedule was built for;
     seq: the unpadded sequence length; batch_axes: the mesh axes the batch
     was split over while building it, None without a mesh (all static). The

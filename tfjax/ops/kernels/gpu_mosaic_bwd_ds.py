@@ -6,7 +6,9 @@ at the rows a `DsRoute` gives it, and `dq_from_ds` here replaces the dq
 kernel: one product per visited tile, dQ += (dS^T)^T K, instead of
 recomputing S, P and dP (H200, NOTES_attention.md M35: the default at head
 dim 128). `ds_capacity` sizes the buffer; a batch whose lists need more rows
-falls back to the recomputing dq kernel (`gpu_mosaic_bwd.backward`).
+falls back to the recomputing dq kernel (`gpu_mosaic_bwd.backward`): decided
+once on the host for a plan built outside jit (`gpu_mosaic_bwd.settle`), in
+a `lax.cond` in every backward otherwise.
 """
 from __future__ import annotations
 

@@ -413,7 +413,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
           copy(hg * nh + hh, b0, qi0, g - hh * n, slot, wait)
 
         fill_ring(pl, n * nh, stages, lambda g, slot: at(g, slot, lambda bar: None),
-                   lambda g, slot: at(g, slot, plgpu.barrier_wait))
+                  lambda g, slot: at(g, slot, plgpu.barrier_wait))
 
   def entry(*refs):
     transforms = smem_transforms(plgpu, dtype, d)

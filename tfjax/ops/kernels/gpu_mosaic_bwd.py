@@ -296,7 +296,7 @@ def _probs_t(plgpu, s_t, qk_scale, state, k0, lo_ref, hi_ref, lse_ref):
   fused multiply-add)."""
   col = plgpu.Layout.WGMMA.reduce(0)
   s_t = mask_tile(plgpu, s_t, state, 0, k0, lambda: load_vec(plgpu, lo_ref, col),
-                   lambda: load_vec(plgpu, hi_ref, col))
+                  lambda: load_vec(plgpu, hi_ref, col))
   return jnp.exp2(s_t * qk_scale
                   - lax.broadcast_in_dim(load_vec(plgpu, lse_ref, col), s_t.shape, [1]))
 

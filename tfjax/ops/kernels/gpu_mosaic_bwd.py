@@ -182,10 +182,9 @@ def settle(sched: BwdSchedule, cfg: MosaicBwdConfig) -> BwdSchedule:
   route = sched.ds_route
   if route is None or cfg.ds_capacity >= 100:
     return sched
-  from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
-  cap = ds_capacity(cfg, sched.dq.blocks.shape[0], *sched.dq.blocks.shape[1:])
+  from tfjax.ops.kernels.gpu_mosaic_bwd_ds import route_fits
   try:
-    fits = bool(route.total <= cap)
+    fits = bool(route_fits(route, cfg))
   except jax.errors.ConcretizationTypeError:  # traced: the backward's cond decides
     return sched
   return sched._replace(ds_fits=DsFits(fits))
@@ -280,8 +279,7 @@ def backward(q, k, v, o, lse, do, ks, ke, *, scale: float, cfg: MosaicBwdConfig,
       elif sched.ds_fits is not None:  # `settle`d on the host
         dq, dk, dv = from_ds() if sched.ds_fits.fits else fallback()
       else:  # more listed tiles than the buffer holds: the recomputing kernels
-        cap = from_stored_ds.ds_capacity(cfg, batch, *sched.dq.blocks.shape[1:])
-        dq, dk, dv = jax.lax.cond(route.total <= cap, from_ds, fallback)
+        dq, dk, dv = jax.lax.cond(from_stored_ds.route_fits(route, cfg), from_ds, fallback)
   if group > 1:  # the kernels write dk, dv per q head
     dk = dk.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(k.dtype)
     dv = dv.astype(jnp.float32).reshape(batch, seq, hkv, group, d).sum(axis=3).astype(v.dtype)

@@ -51,6 +51,18 @@ def ds_capacity(cfg, batch: int, ctas: int, nlist: int) -> int:
   return max(1, -(-batch * ctas * nlist * cfg.consumers_dq * cfg.ds_capacity // 100))
 
 
+def route_capacity(route: DsRoute, cfg) -> int:
+  """`ds_capacity` for the dq lists `route` was built for."""
+  return ds_capacity(cfg, *route.dq_rows.shape[:3])
+
+
+def route_fits(route: DsRoute, cfg) -> jax.Array:
+  """bool[]: the route's tiles fit the buffer (else dq is recomputed). One
+  predicate for the host's answer (`gpu_mosaic_bwd.settle`) and the
+  device's (the backward's lax.cond)."""
+  return route.total <= route_capacity(route, cfg)
+
+
 def _packed(blocks, counts, per_cta: int, n_other: int):
   """Rows of work lists packed CTA after CTA, per_cta rows per entry.
 

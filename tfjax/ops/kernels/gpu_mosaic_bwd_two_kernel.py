@@ -35,7 +35,7 @@ from tfjax.ops.kernels.gpu_mosaic_parts import (LOG2E, clamp_start, fill_ring, l
                                                 mosaic_params, persistent_share, sm_count,
                                                 smem_transforms, transposed, unless_empty,
                                                 warpgroup_registers, when_inside)
-from tfjax.ops.kernels.gpu_mosaic_bwd_ds import ds_capacity
+from tfjax.ops.kernels.gpu_mosaic_bwd_ds import route_capacity
 
 
 def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
@@ -65,7 +65,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   ds_out = bool(cfg.dq_from_ds)
   tr_ds = smem_transforms(plgpu, dtype, bq)
 
-  cap = ds_capacity(cfg, batch, *ds_route.dq_rows.shape[1:3]) if ds_out else 0
+  cap = route_capacity(ds_route, cfg) if ds_out else 0
 
   persistent = bool(cfg.persistent_dkv)
   nbuf = 2 if persistent else 1  # K/V buffers per consumer

@@ -20,6 +20,21 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/accel0"):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent XLA compilation cache for the session's workers and the
+# subprocesses they start (CLI and notebook tests), so that the many tests
+# building the same tiny configs compile each program once. Measured on the
+# 2-core CI machine: a 12-step tiny training run took 98 s with a cold cache
+# and 29 s with a warm one (compiling its init and train step, 30 s + 42 s,
+# dominates). CPU-only runs only (a GPU machine keeps JAX's defaults); a
+# JAX_COMPILATION_CACHE_DIR set by the user is kept and left in place,
+# otherwise the directory lives for this session only.
+if os.environ.get("JAX_PLATFORMS") == "cpu" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfjax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 

@@ -5,7 +5,7 @@ With `dq_from_ds` the two-kernel backward's dk/dv kernel
 at the rows a `DsRoute` gives it, and `dq_from_ds` here replaces the dq
 kernel: one product per visited tile, dQ += (dS^T)^T K, instead of
 recomputing S, P and dP (H200, NOTES_attention.md M35: the default at head
-dim 128). `ds_capacity` sizes the buffer; a batch whose lists need more rows
+dim 128). `route_capacity` sizes the buffer; a batch whose lists need more rows
 falls back to the recomputing dq kernel (`gpu_mosaic_bwd.backward`): decided
 once on the host for a plan built outside jit (`gpu_mosaic_bwd.settle`), in
 a `lax.cond` in every backward otherwise.
@@ -27,7 +27,7 @@ from tfjax.ops.kernels.gpu_mosaic_bwd import _grid_position
 class DsRoute(NamedTuple):
   """Where `dkv` (cfg.dq_from_ds) puts each dS^T tile and `dq_from_ds` finds it.
 
-  Each head owns `ds_capacity` rows of the [heads * capacity, block_k,
+  Each head owns `route_capacity` rows of the [heads * capacity, block_k,
   block_q] buffer, and the rows hold only listed tiles, packed in dk/dv
   order: key chunk (b, j) owns count x consumers rows, its entry t of
   consumer w at offset + t * consumers + w, and the dq producer gathers one
@@ -44,16 +44,13 @@ class DsRoute(NamedTuple):
   total: jax.Array     # int32[]
 
 
-def ds_capacity(cfg, batch: int, ctas: int, nlist: int) -> int:
-  """Rows per head of the dS^T buffer: cfg.ds_capacity percent of the dq
-  kernel's padded lists' tiles (batch x query CTAs x list x consumers_dq;
-  100: every list full, never a fallback)."""
-  return max(1, -(-batch * ctas * nlist * cfg.consumers_dq * cfg.ds_capacity // 100))
-
-
 def route_capacity(route: DsRoute, cfg) -> int:
-  """`ds_capacity` for the dq lists `route` was built for."""
-  return ds_capacity(cfg, *route.dq_rows.shape[:3])
+  """Rows per head of the dS^T buffer for the dq lists `route` was built
+  for: cfg.ds_capacity percent of the dq kernel's padded lists' tiles
+  (batch x query CTAs x list x consumers_dq; 100: every list full, never a
+  fallback)."""
+  batch, ctas, nlist = route.dq_rows.shape[:3]
+  return max(1, -(-batch * ctas * nlist * cfg.consumers_dq * cfg.ds_capacity // 100))
 
 
 def route_fits(route: DsRoute, cfg) -> jax.Array:

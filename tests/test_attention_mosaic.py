@@ -293,3 +293,38 @@ def test_a_settled_schedule_decides_the_ds_buffer_once_on_the_host():
   assert traced.bwd.ds_fits is None
   text = lowered(ks, ke, traced)
   assert "stablehlo.case" in text and ds_tiles in text
+
+
+def test_mosaic_profiler_only_when_asked(monkeypatch):
+  """TFJAX_MOSAIC_PROFILE_DIR turns on Mosaic GPU's in-kernel profiler in every
+  kernel's compiler settings (benchmarks/mgpu_trace.py); unset, nothing is
+  recorded and no shared memory is taken."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from tfjax.ops.kernels.gpu_mosaic_parts import mosaic_params
+  monkeypatch.delenv("TFJAX_MOSAIC_PROFILE_DIR", raising=False)
+  assert mosaic_params(plgpu, False).profile_space == 0
+  monkeypatch.setenv("TFJAX_MOSAIC_PROFILE_DIR", "/tmp/traces")
+  monkeypatch.setenv("TFJAX_MOSAIC_PROFILE_SPACE", "32")
+  for lean in (False, True):
+    params = mosaic_params(plgpu, lean)
+    assert (params.profile_dir, params.profile_space) == ("/tmp/traces", 32)
+    assert params.unsafe_no_auto_barriers == lean
+
+
+def test_trace_regions_and_gaps_from_a_profile():
+  """mgpu_trace.region_stats pairs nested B/E events per warpgroup, tells the
+  producer (last warpgroup) from the consumers, and measures the idle time
+  between a consumer's top-level regions inside its outermost one."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+  from mgpu_trace import region_stats
+  ev = lambda tid, name, ph, ts: {"tid": tid, "name": name, "ph": ph, "ts": ts}
+  consumer = [ev(1, "consumer", "B", 0), ev(1, "kv_wait", "B", 0), ev(1, "kv_wait", "E", 2),
+              ev(1, "tiles", "B", 3), ev(1, "tile", "B", 3), ev(1, "tile", "E", 5),
+              ev(1, "tiles", "E", 6), ev(1, "store", "B", 6.5), ev(1, "store", "E", 7),
+              ev(1, "consumer", "E", 7)]
+  producer = [ev(3, "producer", "B", 0), ev(3, "producer", "E", 4)]
+  stats = region_stats(consumer + producer, warpgroups=3)
+  r = stats["regions"]
+  assert r[("c", "kv_wait")] == [2] and r[("c", "tiles")] == [3] and r[("c", "tile")] == [2]
+  assert r[("c", "consumer")] == [7] and r[("p", "producer")] == [4]
+  assert stats["gaps"] == {"kv_wait->tiles": [1], "tiles->store": [0.5]}

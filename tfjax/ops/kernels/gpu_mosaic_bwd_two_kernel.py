@@ -155,8 +155,9 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
         # ref's indexer would reach the tile loop's lax.cond as a constant
         # operand, which Mosaic GPU on JAX 0.11 fails to lower.
         kv = wg * nbuf + buf
-        plgpu.barrier_wait(k_bar.at[kv])
-        plgpu.barrier_wait(v_bar.at[kv])
+        with jax.named_scope("kv_wait"):  # profiler regions: gpu_mosaic_parts.mosaic_params
+          plgpu.barrier_wait(k_bar.at[kv])
+          plgpu.barrier_wait(v_bar.at[kv])
         k_tile, v_tile = k_smem.at[kv], v_smem.at[kv]
 
         def prefetch():
@@ -223,27 +224,31 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
             plgpu.barrier_wait(vec_bar.at[slot])
             return dv, dk, stored
 
-          dv, dk, stored = unless_empty(cfg.skip_empty, state, tile, skip)
+          with jax.named_scope("tile"):
+            dv, dk, stored = unless_empty(cfg.skip_empty, state, tile, skip)
           plgpu.barrier_arrive(free.at[slot])
           if persistent:
             pl.when(t == 0)(prefetch)
           return dk, dv, state_next, stored
 
-        dk, dv, _, stored = lax.fori_loop(
-            0, n, body, (zeros((bk, d)), zeros((bk, d)), states_ref[b, j, wg, 0], stored))
+        with jax.named_scope("tiles"):
+          dk, dv, _, stored = lax.fori_loop(
+              0, n, body, (zeros((bk, d)), zeros((bk, d)), states_ref[b, j, wg, 0], stored))
         if persistent:
           pl.when(n == 0)(prefetch)
         rows = pl.ds(kb0, bk)
-        when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
-            plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h], dv_ref.at[b, rows, h],
-            wait=not persistent))
+        with jax.named_scope("store"):
+          when_inside(pl, kb0, seq, ragged)(lambda: _store_key_grads(
+              plgpu, dk * scale, dv, k_tile, v_tile, dk_ref.at[b, rows, h],
+              dv_ref.at[b, rows, h], wait=not persistent))
         return g + n, stored
 
-      if persistent:
-        lax.fori_loop(0, n_mine, item_body, (jnp.int32(0), jnp.int32(0)))
-        plgpu.wait_smem_to_gmem(0)
-      else:
-        item_body(jnp.int32(0), (jnp.int32(0), jnp.int32(0)))
+      with jax.named_scope("consumer"):
+        if persistent:
+          lax.fori_loop(0, n_mine, item_body, (jnp.int32(0), jnp.int32(0)))
+          plgpu.wait_smem_to_gmem(0)
+        else:
+          item_body(jnp.int32(0), (jnp.int32(0), jnp.int32(0)))
 
     @pl.when(wg == n_cons)
     def _producer():
@@ -256,10 +261,11 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
             lse_ref, delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem, ks_smem,
             ke_smem, q_bar, do_bar, vec_bar, free, g0=g if persistent else None)
 
-      if persistent:
-        lax.fori_loop(0, n_mine, stream, jnp.int32(0))
-      else:
-        stream(0, None)
+      with jax.named_scope("producer"):
+        if persistent:
+          lax.fori_loop(0, n_mine, stream, jnp.int32(0))
+        else:
+          stream(0, None)
 
   def entry(*refs):
     smem = [

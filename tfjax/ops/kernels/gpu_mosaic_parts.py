@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,20 @@ def when_inside(pl, start, length: int, ragged: bool):
 
 
 def mosaic_params(plgpu, lean: bool):
+  """Compiler settings of every Mosaic GPU kernel here. A diagnostic:
+  TFJAX_MOSAIC_PROFILE_DIR=DIR turns on Mosaic GPU's in-kernel profiler, which
+  writes one Perfetto trace per kernel call to DIR with the start and end of
+  every `jax.named_scope` region of each warpgroup
+  (TFJAX_MOSAIC_PROFILE_SPACE regions per warpgroup, default 64; the buffer
+  takes shared memory)."""
+  extra = {}
+  if os.environ.get("TFJAX_MOSAIC_PROFILE_DIR"):
+    extra = dict(profile_dir=os.environ["TFJAX_MOSAIC_PROFILE_DIR"],
+                 profile_space=int(os.environ.get("TFJAX_MOSAIC_PROFILE_SPACE", "64")))
   if lean:
     return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
-                                reduction_scratch_bytes=0)
-  return plgpu.CompilerParams(approx_math=True)
+                                reduction_scratch_bytes=0, **extra)
+  return plgpu.CompilerParams(approx_math=True, **extra)
 
 
 def smem_transforms(plgpu, dtype, width, swizzle=128):

@@ -3,7 +3,7 @@ profiler over the dk/dv kernel's `jax.named_scope` regions (consumer, kv_wait,
 tiles, tile, store; producer), one forward+backward call per layout.
 
   (device tool, carry .whl_app)  python3 benchmarks/mgpu_trace.py \
-      [--layouts bidi256,benchmark] [--bwd ds_capacity=100:persistent_dkv=1] [--space 128]
+      [--layouts bidi256,benchmark] [--bwd d1:ds_capacity=100:persistent_dkv=1] [--space 128]
 
 Per layout it prints, for each region and warpgroup role (c: consumer, p:
 producer), the count and the mean / median / p90 duration, and the mean idle
@@ -12,8 +12,8 @@ between one work item's store and the next one's K/V wait). Durations are in
 kilocycles of the SM clock (the profiler reads %clock; the CTA start times in
 its trace are %globaltimer nanoseconds, so gaps between CTAs are not
 reported: they mix the two clocks and include the profiler's own trace
-copy-out). The profiler's buffer takes shared memory (3 warpgroups x --space
-x 16 bytes): configs within 1 KiB of the limit (the persistent dk/dv grid
+copy-out). The profiler's buffer takes shared memory in every Mosaic kernel of
+the call, not only the dk/dv kernel (its warpgroups x --space x 16 bytes): configs within 1 KiB of the limit (the persistent dk/dv grid
 with dS^T buffers at head dim 128) do not fit. Profiling slows the kernel
 (~3x here); compare regions with each other, not with timings. Last line:
 JSON {layout: {region: mean kilocycles}}. NOTES_attention.md M50.
@@ -83,8 +83,9 @@ def main():
   p.add_argument("--layouts", default="bidi256,bidi1024,benchmark",
                  help="comma-separated mgpu_ab.py layouts (benchmark, causal, docsN, bidiN)")
   p.add_argument("--shape", default="8192/128", help="seq/head_dim (B=2, H=16, bf16)")
-  p.add_argument("--bwd", default="ds_capacity=100",
-                 help="MosaicBwdConfig fields to change, field=value joined by ':'")
+  p.add_argument("--bwd", default="d1:ds_capacity=100",
+                 help="the backward's MosaicBwdConfig in mgpu_ab.py's variant spelling "
+                      "(dN[:field=V...] or comma-separated fields)")
   p.add_argument("--space", type=int, default=128, help="profiler regions per warpgroup")
   args = p.parse_args()
   out = tempfile.mkdtemp(prefix="mosaic_trace_")
@@ -92,16 +93,14 @@ def main():
   os.environ["TFJAX_MOSAIC_PROFILE_SPACE"] = str(args.space)
   import jax
   from attention import kernel_workload
-  from mgpu_ab import synthetic_layout
+  from mgpu_ab import _fields, synthetic_layout
   from tfjax.ops.kernels import gpu
   from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig
 
   seq, d = map(int, args.shape.split("/"))
   bsz, heads = 2, 16
   ks0, ke0, q, k, v, do, flops0 = kernel_workload(bsz, seq, heads, d)
-  changes = dict(c.split("=") for c in args.bwd.split(":") if c)
-  bwd = dataclasses.replace(MosaicBwdConfig(*gpu.GpuConfig.mosaic_bwd_default(d)),
-                            **{name: int(x) for name, x in changes.items()})
+  bwd = MosaicBwdConfig(*_fields(args.bwd, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
   cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d),
                             mosaic_fwd=gpu.GpuConfig.mosaic_default(d, seq),
                             mosaic_bwd=dataclasses.astuple(bwd))

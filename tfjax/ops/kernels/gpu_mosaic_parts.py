@@ -65,14 +65,13 @@ def mosaic_params(plgpu, lean: bool):
   every `jax.named_scope` region of each warpgroup
   (TFJAX_MOSAIC_PROFILE_SPACE regions per warpgroup, default 64; the buffer
   takes shared memory)."""
-  extra = {}
-  if os.environ.get("TFJAX_MOSAIC_PROFILE_DIR"):
-    extra = dict(profile_dir=os.environ["TFJAX_MOSAIC_PROFILE_DIR"],
-                 profile_space=int(os.environ.get("TFJAX_MOSAIC_PROFILE_SPACE", "64")))
+  params = dict(approx_math=True)
   if lean:
-    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
-                                reduction_scratch_bytes=0, **extra)
-  return plgpu.CompilerParams(approx_math=True, **extra)
+    params.update(unsafe_no_auto_barriers=True, reduction_scratch_bytes=0)
+  if os.environ.get("TFJAX_MOSAIC_PROFILE_DIR"):
+    params.update(profile_dir=os.environ["TFJAX_MOSAIC_PROFILE_DIR"],
+                  profile_space=int(os.environ.get("TFJAX_MOSAIC_PROFILE_SPACE", "64")))
+  return plgpu.CompilerParams(**params)
 
 
 def smem_transforms(plgpu, dtype, width, swizzle=128):

@@ -13,8 +13,9 @@ kilocycles of the SM clock (the profiler reads %clock; the CTA start times in
 its trace are %globaltimer nanoseconds, so gaps between CTAs are not
 reported: they mix the two clocks and include the profiler's own trace
 copy-out). The profiler's buffer takes shared memory in every Mosaic kernel of
-the call, not only the dk/dv kernel (its warpgroups x --space x 16 bytes): configs within 1 KiB of the limit (the persistent dk/dv grid
-with dS^T buffers at head dim 128) do not fit. Profiling slows the kernel
+the call, not only the dk/dv kernel (its warpgroups x --space x 16 bytes):
+configs within 1 KiB of the limit (the persistent dk/dv grid with dS^T
+buffers at head dim 128) do not fit. Profiling slows the kernel
 (~3x here); compare regions with each other, not with timings. Last line:
 JSON {layout: {region: mean kilocycles}}. NOTES_attention.md M50.
 """

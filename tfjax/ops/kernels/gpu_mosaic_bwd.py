@@ -121,6 +121,12 @@ class MosaicBwdConfig:
   # K/V load or the last item's dK/dV stores. N > 1: N CTAs instead of one
   # per SM (tests: several items per CTA on a small problem).
   persistent_dkv: int = 0
+  # Two-kernel path (1): the dk/dv kernel as `gpu_mosaic_bwd_halves.dkv`, one
+  # CTA per SM holding two independent halves (a consumer and its own
+  # producer each) that walk the two consumers' 64-key items apart, so that
+  # one half's item start and end fall under the other's tiles. N > 1: N CTAs
+  # (tests). Needs consumers_dkv=2 and persistent_dkv=0.
+  halves_dkv: int = 0
 
   @property
   def multiple(self) -> int:
@@ -197,8 +203,11 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
                          != (cfg.block_q_dkv, cfg.block_k_dkv)):
     raise ValueError("MosaicBwdConfig.dq_from_ds (0 or 1) takes the two-kernel path "
                      "(fuse_dq=0) with skip_empty=1 and the dq tiles equal to the dk/dv tiles")
-  if cfg.persistent_dkv and cfg.fuse_dq:
-    raise ValueError("MosaicBwdConfig.persistent_dkv takes the two-kernel path (fuse_dq=0)")
+  if (cfg.persistent_dkv or cfg.halves_dkv) and cfg.fuse_dq:
+    raise ValueError("MosaicBwdConfig.persistent_dkv and halves_dkv take the two-kernel path "
+                     "(fuse_dq=0)")
+  if cfg.halves_dkv and (cfg.persistent_dkv or cfg.consumers_dkv != 2):
+    raise ValueError("MosaicBwdConfig.halves_dkv takes consumers_dkv=2 and persistent_dkv=0")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
                      "path (fuse_dq=0); the fused kernel runs two consumers")
@@ -210,7 +219,8 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts, own,
-                    longest_first(wl.counts) if cfg.fuse_dq or cfg.persistent_dkv else None)
+                    longest_first(wl.counts)
+                    if cfg.fuse_dq or cfg.persistent_dkv or cfg.halves_dkv else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
   if (cfg.block_q_dq, cfg.block_k_dq) != (bq, bk):
@@ -537,6 +547,20 @@ def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):
           plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
 
 
+def copy_query_tile(plgpu, pl, rows, slot, b, h, q_ref, do_ref, lse_ref, delta_ref, ks_ref,
+                    ke_ref, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, q_bar,
+                    do_bar, vec_bar):
+  """The query side of one tile, `rows` of batch row b and q head h, into ring
+  slot `slot`: q and dO (each with its barrier), then lse, delta and the key
+  bounds (four arrivals at `vec_bar`), issued q first, dO last."""
+  plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
+  plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
+  plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
+  plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
+  plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
+  plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
+
+
 def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, lse_ref,
                         delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem,
                         ks_smem, ke_smem, q_bar, do_bar, vec_bar, free, g0=None):
@@ -547,13 +571,9 @@ def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, l
   count after this item is returned."""
 
   def issue(t, slot):
-    rows = pl.ds(blocks[t] * bq, bq)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
-    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
-    plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
-    plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
-    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
+    copy_query_tile(plgpu, pl, pl.ds(blocks[t] * bq, bq), slot, b, h, q_ref, do_ref, lse_ref,
+                    delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem, ks_smem,
+                    ke_smem, q_bar, do_bar, vec_bar)
 
   def refill(t, slot):
     plgpu.barrier_wait(free.at[slot])

@@ -45,6 +45,10 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
+  if cfg.halves_dkv:
+    from tfjax.ops.kernels import gpu_mosaic_bwd_halves
+    return gpu_mosaic_bwd_halves.dkv(q, k, v, do, lse, delta, ks, ke, sched, scale=scale,
+                                     cfg=cfg, ds_route=ds_route)
   batch, seq, hq, d = q.shape
   group = hq // k.shape[2]
   dtype = q.dtype
@@ -58,7 +62,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   blocks, counts, states, order = sched  # gpu_mosaic_bwd.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
   tr = smem_transforms(plgpu, dtype, d)
   sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
 
@@ -175,48 +178,11 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
           plgpu.barrier_wait(q_bar.at[slot])
 
           def tile():
-            if sdp_group:  # S^T and dP^T in one wgmma group
-              plgpu.barrier_wait(do_bar.at[slot])
-
-              s_t, dp_t = _products_in_one_group(
-                  plgpu, pl, [(k_tile, transposed(plgpu, q_smem.at[slot])),
-                              (v_tile, transposed(plgpu, do_smem.at[slot]))], (bk, bq))
-            else:
-              def st_fn(acc_ref):
-                plgpu.wgmma(acc_ref, k_tile, transposed(plgpu, q_smem.at[slot]))
-                return acc_ref[...]
-
-              s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
-            plgpu.barrier_wait(vec_bar.at[slot])
-
-            p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_smem.at[slot],
-                           ke_smem.at[slot], lse_smem.at[slot])
-            delta_c = lambda: load_vec(plgpu, delta_smem.at[slot], col_layout)
-            if sdp_group:
-              ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
-              ds16 = ds_t.astype(dtype)
-
-              def dv_dk(refs):
-                plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-                plgpu.wgmma(refs[1], ds16, q_smem.at[slot])
-
-              dv_new, dk_new = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-              return dv_new, dk_new, keep_ds(h, j, b, t, stored, ds16)
-            plgpu.barrier_wait(do_bar.at[slot])
-
-            def dv_dp(refs):
-              plgpu.wgmma(refs[0], p_t.astype(dtype), do_smem.at[slot])
-              plgpu.wgmma(refs[1], v_tile, transposed(plgpu, do_smem.at[slot]))
-
-            dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
-                                                plgpu.ACC.init(zeros((bk, bq)))))
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))
-            ds16 = ds_t.astype(dtype)
-
-            def dk_fn(acc_ref):
-              plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])
-
-            dk_new = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+            dv_new, dk_new, ds16 = _key_tile_grads(
+                plgpu, pl, dk, dv, state, k_tile, v_tile, q_smem.at[slot], do_smem.at[slot],
+                do_bar.at[slot], vec_bar.at[slot], lse_smem.at[slot], delta_smem.at[slot],
+                ks_smem.at[slot], ke_smem.at[slot], kb0=kb0, qk_scale=qk_scale,
+                sdp_group=sdp_group)
             return dv_new, dk_new, keep_ds(h, j, b, t, stored, ds16)
 
           def skip():  # our keys meet none of these rows; the same waits (phases)
@@ -304,6 +270,56 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
       thread_name="wg",
       compiler_params=mosaic_params(plgpu, cfg.lean),
   )(*inputs)
+
+
+def _key_tile_grads(plgpu, pl, dk, dv, state, k_tile, v_tile, q_tile, do_tile, do_bar, vec_bar,
+                    lse_row, delta_row, ks_row, ke_row, *, kb0, qk_scale, sdp_group):
+  """One consumer's step of the dk/dv walk over a streamed query tile whose q
+  has landed: (dV + P^T dO, dK + dS^T Q, dS^T in the input dtype), float32
+  accumulators [block_k, d], waiting for dO (`do_bar`) and the tile's row
+  vectors (`vec_bar`) where they are first read. S^T = K Q^T and dP^T =
+  V dO^T are issued as one wgmma group with sdp_group, else S^T alone first
+  and dP^T beside dV."""
+  bk, bq = k_tile.shape[0], q_tile.shape[0]
+  dtype = q_tile.dtype
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  if sdp_group:
+    plgpu.barrier_wait(do_bar)
+    s_t, dp_t = _products_in_one_group(
+        plgpu, pl, [(k_tile, transposed(plgpu, q_tile)),
+                    (v_tile, transposed(plgpu, do_tile))], (bk, bq))
+  else:
+    def st_fn(acc_ref):
+      plgpu.wgmma(acc_ref, k_tile, transposed(plgpu, q_tile))
+      return acc_ref[...]
+
+    s_t = pl.run_scoped(st_fn, plgpu.ACC((bk, bq), jnp.float32))
+  plgpu.barrier_wait(vec_bar)
+  p_t = _probs_t(plgpu, s_t, qk_scale, state, kb0, ks_row, ke_row, lse_row)
+  delta_c = lambda: load_vec(plgpu, delta_row, col_layout)
+  if sdp_group:
+    ds16 = (p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))).astype(dtype)
+
+    def dv_dk(refs):
+      plgpu.wgmma(refs[0], p_t.astype(dtype), do_tile)
+      plgpu.wgmma(refs[1], ds16, q_tile)
+
+    dv_new, dk_new = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+    return dv_new, dk_new, ds16
+  plgpu.barrier_wait(do_bar)
+
+  def dv_dp(refs):
+    plgpu.wgmma(refs[0], p_t.astype(dtype), do_tile)
+    plgpu.wgmma(refs[1], v_tile, transposed(plgpu, do_tile))
+
+  zeros = plgpu.layout_cast(jnp.full((bk, bq), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+  dv_new, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+  ds16 = (p_t * (dp_t - lax.broadcast_in_dim(delta_c(), (bk, bq), [1]))).astype(dtype)
+
+  def dk_fn(acc_ref):
+    plgpu.wgmma(acc_ref, ds16, q_tile)
+
+  return dv_new, pl.run_state(dk_fn)(plgpu.ACC.init(dk)), ds16
 
 
 def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):

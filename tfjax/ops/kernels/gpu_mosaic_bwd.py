@@ -121,12 +121,6 @@ class MosaicBwdConfig:
   # K/V load or the last item's dK/dV stores. N > 1: N CTAs instead of one
   # per SM (tests: several items per CTA on a small problem).
   persistent_dkv: int = 0
-  # Two-kernel path (1): the dk/dv kernel as `gpu_mosaic_bwd_halves.dkv`, one
-  # CTA per SM holding two independent halves (a consumer and its own
-  # producer each) that walk the two consumers' 64-key items apart, so that
-  # one half's item start and end fall under the other's tiles. N > 1: N CTAs
-  # (tests). Needs consumers_dkv=2 and persistent_dkv=0.
-  halves_dkv: int = 0
 
   @property
   def multiple(self) -> int:
@@ -203,11 +197,8 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
                          != (cfg.block_q_dkv, cfg.block_k_dkv)):
     raise ValueError("MosaicBwdConfig.dq_from_ds (0 or 1) takes the two-kernel path "
                      "(fuse_dq=0) with skip_empty=1 and the dq tiles equal to the dk/dv tiles")
-  if (cfg.persistent_dkv or cfg.halves_dkv) and cfg.fuse_dq:
-    raise ValueError("MosaicBwdConfig.persistent_dkv and halves_dkv take the two-kernel path "
-                     "(fuse_dq=0)")
-  if cfg.halves_dkv and (cfg.persistent_dkv or cfg.consumers_dkv != 2):
-    raise ValueError("MosaicBwdConfig.halves_dkv takes consumers_dkv=2 and persistent_dkv=0")
+  if cfg.persistent_dkv and cfg.fuse_dq:
+    raise ValueError("MosaicBwdConfig.persistent_dkv takes the two-kernel path (fuse_dq=0)")
   if cfg.fuse_dq and (cfg.consumers_dkv, cfg.consumers_dq) != (2, 2):
     raise ValueError("MosaicBwdConfig.consumers_dkv/consumers_dq apply to the two-kernel "
                      "path (fuse_dq=0); the fused kernel runs two consumers")
@@ -219,8 +210,7 @@ def bwd_schedule(ks, ke, cfg: MosaicBwdConfig) -> BwdSchedule:
   # (Longest-first launch order for the two-kernel path measured neutral on
   # an H200, NOTES_attention.md run M12: grid order there.)
   dkv = DkvSchedule(wl.blocks, wl.counts, own,
-                    longest_first(wl.counts)
-                    if cfg.fuse_dq or cfg.persistent_dkv or cfg.halves_dkv else None)
+                    longest_first(wl.counts) if cfg.fuse_dq or cfg.persistent_dkv else None)
   if cfg.fuse_dq:
     return BwdSchedule(dkv, None)
   if (cfg.block_q_dq, cfg.block_k_dq) != (bq, bk):

@@ -45,10 +45,6 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  if cfg.halves_dkv:
-    from tfjax.ops.kernels import gpu_mosaic_bwd_halves
-    return gpu_mosaic_bwd_halves.dkv(q, k, v, do, lse, delta, ks, ke, sched, scale=scale,
-                                     cfg=cfg, ds_route=ds_route)
   batch, seq, hq, d = q.shape
   group = hq // k.shape[2]
   dtype = q.dtype

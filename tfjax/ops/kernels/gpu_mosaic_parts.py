@@ -188,16 +188,15 @@ def unless_empty(skip_empty, state, tile, skip):
   return lax.cond(state == EMPTY, skip, tile) if skip_empty else tile()
 
 
-def persistent_share(n_items: int, n_ctas: int, heads: int, order_ref, worker=None):
+def persistent_share(n_items: int, n_ctas: int, heads: int, order_ref):
   """A persistent CTA's work items: (how many, i -> (head, order entry)).
 
   CTA c takes ranks i * n_ctas + (c, or n_ctas - 1 - c on odd rounds) of
   the n_items (head, order entry) pairs, the entries sorted longest list
   first (snake order keeps the CTAs' sums of work close) and the `heads`
-  heads of one entry at adjacent ranks. `worker` (default: the CTA's index)
-  and n_ctas may instead count workers within CTAs.
+  heads of one entry at adjacent ranks.
   """
-  c = lax.axis_index("cta") if worker is None else worker
+  c = lax.axis_index("cta")
   rounds, rem = divmod(n_items, n_ctas)
   snake = lambda i: jnp.where(lax.rem(i, 2) == 0, c, n_ctas - 1 - c)
   n_mine = rounds + (snake(jnp.int32(rounds)) < rem).astype(jnp.int32)

@@ -537,20 +537,6 @@ def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):
           plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
 
 
-def copy_query_tile(plgpu, pl, rows, slot, b, h, q_ref, do_ref, lse_ref, delta_ref, ks_ref,
-                    ke_ref, q_smem, do_smem, lse_smem, delta_smem, ks_smem, ke_smem, q_bar,
-                    do_bar, vec_bar):
-  """The query side of one tile, `rows` of batch row b and q head h, into ring
-  slot `slot`: q and dO (each with its barrier), then lse, delta and the key
-  bounds (four arrivals at `vec_bar`), issued q first, dO last."""
-  plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
-  plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
-  plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
-  plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
-  plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
-  plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
-
-
 def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, lse_ref,
                         delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem,
                         ks_smem, ke_smem, q_bar, do_bar, vec_bar, free, g0=None):
@@ -561,9 +547,13 @@ def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, l
   count after this item is returned."""
 
   def issue(t, slot):
-    copy_query_tile(plgpu, pl, pl.ds(blocks[t] * bq, bq), slot, b, h, q_ref, do_ref, lse_ref,
-                    delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem, ks_smem,
-                    ke_smem, q_bar, do_bar, vec_bar)
+    rows = pl.ds(blocks[t] * bq, bq)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
 
   def refill(t, slot):
     plgpu.barrier_wait(free.at[slot])

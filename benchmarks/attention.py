@@ -13,7 +13,10 @@ Triton kernels of gpu.py for comparison.
 
 Peers (GPU): the XLA reference with a dense mask, cuDNN causal attention (a
 dense-causal yardstick, not Transfusion-correct), torch FlexAttention with a
-block mask from the same layout, and tokamax if importable.
+block mask from the same layout, and tokamax if importable. Last, two
+yardstick rows on the documents' causal mask alone (image spans causal too):
+this kernel and cuDNN's packed (THD) causal attention, the vendor kernel for
+causal + segment_ids, with TF/s on that mask's own pairs in their notes.
 
 Timing: medians over --reps; JAX calls in groups of back-to-back calls at
 least --window_ms long, then one block (`time_jax`); torch calls between CUDA
@@ -206,6 +209,55 @@ def tokamax_fns(doc, img):
   return lambda q, k, v: impl(q, k, v, mask=mask)
 
 
+def cudnn_packed_causal(doc):
+  """cuDNN's fused attention on the layout's documents, each one causal
+  sequence of a packed (THD) batch: what NVIDIA's kernel computes for
+  causal + segment_ids. Not Transfusion-exact (image spans stay causal), but
+  the same documents, so its time per pair compares with ours on that mask."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+  runs = [layout._runs(row) for row in doc]
+  most = max(len(r) for r in runs)
+  offsets = np.full((len(runs), most + 1), -1, np.int32)
+  lengths = np.full((len(runs), most), -1, np.int32)
+  for b, r in enumerate(runs):
+    n = np.asarray([length for _, length in r], np.int32)
+    lengths[b, :len(r)] = n
+    offsets[b, :len(r)] = np.cumsum(n) - n
+  offsets, lengths = jnp.asarray(offsets), jnp.asarray(lengths)
+  return lambda q, k, v: dot_product_attention(
+      q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+      scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL, qkv_layout="BTNH")
+
+
+def doc_causal_rows(doc, q, k, v, do, args, heads):
+  """Yardstick rows on the documents' causal mask (no image spans): this
+  kernel and cuDNN's packed causal attention on the same mask. Their notes
+  give TFLOP/s on that mask's own pairs; the table's TF/s columns divide the
+  Transfusion FLOPs as for every row."""
+  seg, none = jnp.asarray(doc), jnp.zeros_like(jnp.asarray(doc))
+  plan = dispatch.plan(seg, none, head_dim=q.shape[-1], dtype=q.dtype, impl="pallas")
+  fns = {"tfjax pallas, doc-causal (not TF-exact)":
+         lambda q, k, v: dispatch.attention(q, k, v, seg, none, plan=plan)}
+  if jax.default_backend() == "gpu":
+    fns["cuDNN packed doc-causal (not TF-exact)"] = cudnn_packed_causal(doc)
+  flops_f = 4.0 * heads * q.shape[-1] * int(layout.counts(doc, np.zeros_like(doc))["doc_causal"].sum())
+  rows, first = [], None
+  for name, f in fns.items():
+    try:
+      fb = _fwd_bwd(f)
+      got = fb(q, k, v, do)
+      first = got if first is None else first
+      err = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, first))
+      tf = time_jax(jax.jit(f), (q, k, v), args.reps, args.group, args.window_ms)
+      tfb = time_jax(fb, (q, k, v, do), args.reps, max(1, args.group // 2), args.window_ms)
+    except Exception as e:  # a yardstick failing must not hide the table
+      rows.append((name, float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
+      continue
+    rows.append((name, tf, tfb, f"own pairs: fwd {flops_f / tf / 1e9:.0f} / f+b "
+                 f"{3.5 * flops_f / tfb / 1e9:.0f} TF/s; o/dq/dk/dv vs the first row {err}"))
+  return rows
+
+
 def run_shape(bsz, seq, heads, d, args):
   doc, img = layout.make_layout(bsz, seq)
   nnz = int(layout.counts(doc, img)["transfusion"].sum())
@@ -248,6 +300,8 @@ def run_shape(bsz, seq, heads, d, args):
     except Exception as e:
       rows.append(("torch FlexAttention (block mask)", float("nan"), float("nan"),
                    f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
+  if not args.only or "doc-causal" in args.only:
+    rows += doc_causal_rows(doc, q, k, v, do, args, heads)
   return dict(seq=seq, d=d, nnz=nnz, flops_f=flops_f, flops_fb=flops_fb, rows=rows)
 
 

@@ -3,7 +3,7 @@
 # (training, VAE, generation) and runs the CPU test suite's core on the GPU.
 #
 #   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|kernels|train|vae|generate]
-#   (device tool, carry .whl_app and .whl)  bash benchmarks/gpu_run.sh attention
+#   (device tool, carry .whl_app and .whl)  [SEQS=8192] [REPS=15] bash benchmarks/gpu_run.sh attention
 #
 # .whl_app holds the wheels the GPU image lacks (grain, ml_collections,
 # tensorflow-datasets, array_record and their small dependencies); .whl holds
@@ -54,7 +54,7 @@ if [[ $what == all || $what == train ]]; then
 fi
 if [[ $what == attention ]]; then
   section "attention table, every peer in one run (PARTIAL JSON after each shape)"
-  run python3 benchmarks/attention.py --seqs 8192,4096 --dims 128,64 --reps ${REPS:-15}
+  run python3 benchmarks/attention.py --seqs ${SEQS:-8192,4096} --dims 128,64 --reps ${REPS:-15}
 fi
 if [[ $what == all || $what == vae ]]; then
   section "VAE encode/decode at 256x256"

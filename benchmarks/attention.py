@@ -209,12 +209,10 @@ def tokamax_fns(doc, img):
   return lambda q, k, v: impl(q, k, v, mask=mask)
 
 
-def cudnn_packed_causal(doc):
-  """cuDNN's fused attention on the layout's documents, each one causal
-  sequence of a packed (THD) batch: what NVIDIA's kernel computes for
-  causal + segment_ids. Not Transfusion-exact (image spans stay causal), but
-  the same documents, so its time per pair compares with ours on that mask."""
-  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+def packed_documents(doc):
+  """(offsets int32[batch, most + 1], lengths int32[batch, most]) of each row's
+  documents (maximal runs of one id), padded with -1: the packed-layout
+  arguments of cuDNN's fused attention, `most` the most documents in a row."""
   runs = [layout._runs(row) for row in doc]
   most = max(len(r) for r in runs)
   offsets = np.full((len(runs), most + 1), -1, np.int32)
@@ -223,7 +221,16 @@ def cudnn_packed_causal(doc):
     n = np.asarray([length for _, length in r], np.int32)
     lengths[b, :len(r)] = n
     offsets[b, :len(r)] = np.cumsum(n) - n
-  offsets, lengths = jnp.asarray(offsets), jnp.asarray(lengths)
+  return offsets, lengths
+
+
+def cudnn_packed_causal(doc):
+  """cuDNN's fused attention on the layout's documents, each one causal
+  sequence of a packed (THD) batch: what NVIDIA's kernel computes for
+  causal + segment_ids. Not Transfusion-exact (image spans stay causal), but
+  the same documents, so its time per pair compares with ours on that mask."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+  offsets, lengths = (jnp.asarray(x) for x in packed_documents(doc))
   return lambda q, k, v: dot_product_attention(
       q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
       scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL, qkv_layout="BTNH")

@@ -1,4 +1,5 @@
-"""The benchmarks' own layout helpers, and attention_power.py's CPU run."""
+"""The benchmarks' own layout helpers, attention_power.py's CPU run, and
+ds_precision.py's storage formats and finding."""
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ sys.path.insert(0, BENCH)
 import attention  # noqa: E402
 import attention_layout  # noqa: E402
 import attention_power  # noqa: E402
+import ds_precision  # noqa: E402
 from tfjax.ops.mask import transfusion_mask  # noqa: E402
 
 
@@ -57,3 +59,26 @@ def test_attention_power_quick_prints_json_without_power_figures():
   if shutil.which("nvidia-smi") is None:
     assert head["fwd_bwd_w"] is None and head["power_limit_w"] is None
   assert "256/64 benchmark default" in head["runs"]
+
+
+def test_eight_bit_storage_scales_each_tile_on_its_own():
+  """Tiles 1e9 apart in size keep the same relative error: one absmax scale per
+  64x64 tile, not one per matrix (whose small tiles would flush to zero)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((128, 128))
+  x[:64, :64] *= 1e-6
+  x[64:, 64:] *= 1e3
+  for fmt, bound in (("e4m3", 2.0 ** -4), ("e5m2", 2.0 ** -3), ("bf16", 2.0 ** -8)):
+    y = ds_precision.round_to(x, fmt)
+    for tile in (np.s_[:64, :64], np.s_[64:, 64:], np.s_[:64, 64:]):
+      err = np.abs(y[tile] - x[tile]).max() / np.abs(x[tile]).max()
+      assert 0 < err <= bound, (fmt, tile, err)
+
+
+def test_ds_precision_quick_finds_only_bf16_within_tolerance():
+  out = subprocess.run([sys.executable, os.path.join(BENCH, "ds_precision.py"), "--quick"],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  head = json.loads(out.stdout.strip().splitlines()[-1])
+  assert head["rel_err_dq_bf16"] < head["tolerance"] < head["rel_err_dq_e4m3"]
+  assert head["rel_err_dq_e4m3"] < head["rel_err_dq_e5m2"]

@@ -62,8 +62,9 @@ def test_attention_power_quick_prints_json_without_power_figures():
 
 
 def test_eight_bit_storage_scales_each_tile_on_its_own():
-  """Tiles 1e9 apart in size keep the same relative error: one absmax scale per
-  64x64 tile, not one per matrix (whose small tiles would flush to zero)."""
+  """Tiles 1e9 apart in size each stay within the format's relative bound: one
+  absmax scale per 64x64 tile, not one per matrix (whose small tiles would
+  flush to zero)."""
   rng = np.random.default_rng(0)
   x = rng.standard_normal((128, 128))
   x[:64, :64] *= 1e-6

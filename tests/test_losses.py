@@ -116,3 +116,45 @@ def test_tiny_model_drives_both_losses_down_on_a_fixed_batch(setup):
   last = np.mean(history[-10:], axis=0)
   assert last[0] < 0.5 * first[0], (first, last)     # the text is memorised
   assert last[1] < 0.8 * first[1], (first, last)     # noise prediction improves
+
+
+@pytest.mark.parametrize("chunk", [8, 24, 64])
+def test_chunked_lm_head_matches_whole_logits_in_value_and_gradient(setup, chunk):
+  """The chunked head + cross-entropy is the same function as the whole-logits one,
+  including a chunk size that does not divide the sequence and one chunk for all."""
+  c, params, _, batch = setup
+  chunked = c.copy_and_resolve_references()
+  chunked.model.lm_head_chunk = chunk
+  rng = jax.random.key(3)
+
+  def loss(config):
+    fn = lambda p: transfusion_loss(p, batch, rng, model=Transfusion(config.model),
+                                    config=config)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+  (value, metrics), grads = loss(c)
+  (value_c, metrics_c), grads_c = loss(chunked)
+  np.testing.assert_allclose(metrics_c["loss_lm"], metrics["loss_lm"], rtol=1e-5)
+  np.testing.assert_allclose(value_c, value, rtol=1e-5)
+  assert metrics_c["num_text_tokens"] == metrics["num_text_tokens"]
+  for g, g_c in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_c)):
+    np.testing.assert_allclose(g_c, g, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_lm_head_skips_chunks_past_the_scored_positions():
+  """Chunks past every row's last scored position are not computed: a head full of
+  NaN beyond them cannot reach the loss, while the scored positions are counted."""
+  from tfjax.losses import chunked_lm_loss, lm_loss
+  h = jax.random.normal(jax.random.key(0), (2, 16, 8))
+  head = jax.random.normal(jax.random.key(1), (8, 11))
+  targets = jax.random.randint(jax.random.key(2), (2, 16), 0, 11)
+  mask = jnp.zeros((2, 16), bool).at[0, 3].set(True).at[1, 9].set(True).at[1, 15].set(True)
+  value, count = chunked_lm_loss(h, head, targets, mask, chunk=4)
+  ref, _ = lm_loss(jnp.einsum("bsd,dv->bsv", h, head), targets, mask)
+  assert count == 3
+  np.testing.assert_allclose(value, ref, rtol=1e-5)
+  # Scored positions move to the front: with chunk 2 only chunk 0 runs; NaN
+  # hidden states at unscored positions cannot leak in.
+  h_nan = jnp.where(mask[..., None], h, jnp.nan)
+  value_nan, _ = chunked_lm_loss(h_nan, head, targets, mask, chunk=2)
+  np.testing.assert_allclose(value_nan, ref, rtol=1e-5)

@@ -142,11 +142,52 @@ def test_scan_and_unrolled_layers_agree(small):
   np.testing.assert_allclose(a.image_out, u.image_out, atol=1e-5)
 
 
-def test_remat_policy_keeps_values(small):
+@pytest.mark.parametrize("policy", ["nothing_saveable", "save_all_names", "save_attention",
+                                    "save_qkv_attention"])
+def test_remat_policy_keeps_values_and_gradients(small, policy):
   mc, params, b = small
-  remat = small_model_config(remat_policy="nothing_saveable")
+  remat = small_model_config(remat_policy=policy)
+
+  def grads(config):
+    def loss(p):
+      out = Transfusion(config).apply(
+          {"params": p}, b.tokens, b.positions, b.segment_ids, b.image_ids, b.image_latents,
+          jnp.zeros(b.image_starts.shape), b.image_starts, b.image_valid)
+      return jnp.mean(out.logits ** 2) + jnp.mean(out.image_out ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
   np.testing.assert_allclose(apply(remat, params, b).logits, apply(mc, params, b).logits,
                              atol=1e-5)
+  for g, ref in zip(jax.tree_util.tree_leaves(grads(remat)), jax.tree_util.tree_leaves(grads(mc))):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_named_remat_policy_saves_what_it_names(small):
+  """save_attention keeps q/k/v and the attention output across the layer scan
+  and recomputes the MLP products; save_all_names keeps those too (residuals
+  of the scan are [layers, batch, seq, ...]; the MLP's have mlp_dim last)."""
+  mc, params, b = small
+  import jax._src.ad_checkpoint as adc  # saved_residuals: the public print's data
+  mlp = config_lib.mlp_dim(mc)
+
+  def scan_residuals(policy):
+    config = small_model_config(remat_policy=policy)
+    def loss(p):
+      out = Transfusion(config).apply(
+          {"params": p}, b.tokens, b.positions, b.segment_ids, b.image_ids, b.image_latents,
+          jnp.zeros(b.image_starts.shape), b.image_starts, b.image_valid)
+      return jnp.mean(out.logits)
+    return [aval.shape for aval, why in adc.saved_residuals(loss, params)
+            if "scan" in why and aval.shape[:3] == (mc.num_layers,) + b.tokens.shape]
+
+  attention = scan_residuals("save_attention")
+  everything = scan_residuals("save_all_names")
+  nothing = scan_residuals("nothing_saveable")
+  heads = (mc.num_heads, mc.dim // mc.num_heads)
+  assert sum(s[3:] == heads for s in attention) == 2            # q, attention output
+  assert not any(s[-1] == mlp for s in attention)
+  assert sum(s[-1] == mlp for s in everything) == 2             # gate, up
+  assert nothing == [(mc.num_layers,) + b.tokens.shape + (mc.dim,)]  # the block inputs
 
 
 def test_kv_cache_prefill_then_decode_matches_full_forward(small):

@@ -6,7 +6,8 @@ import numpy as np
 
 from configs.tiny import get_config
 from tfjax.ops.mask import transfusion_mask
-from tfjax.train.flops import attention_flops, matmul_params, peak_tflops, step_flops, unmasked_pairs
+from tfjax.train.flops import (attention_flops, block_params, patch_flops, peak_tflops,
+                               step_flops, unmasked_pairs)
 from tfjax.train.metrics import MetricsWriter, Throughput, read_jsonl
 from tfjax.train.report import write_report
 from tfjax.train.synthetic import synthetic_batch
@@ -20,13 +21,19 @@ def test_unmasked_pairs_match_the_mask():
   assert b["image_valid"].any()  # the batch really has bidirectional image blocks
 
 
-def test_step_flops_is_6nd_plus_attention():
+def test_step_flops_is_6nd_plus_head_at_text_plus_attention():
   c = get_config()
   seg = np.ones((2, 16), np.int32)
   ids = np.zeros((2, 16), np.int32)
   pairs = 2 * 16 * 17 // 2
-  assert step_flops(c.model, seg, ids) == 6 * matmul_params(c.model) * 32 + attention_flops(
-      c.model, pairs)
+  head = 6 * c.model.dim * c.model.vocab_size
+  assert step_flops(c.model, seg, ids) == (6 * block_params(c.model) * 32 + head * 32
+                                           + attention_flops(c.model, pairs))
+  # The head is charged only where logits are scored; images add their patch layers.
+  scored = np.zeros((2, 16), bool)
+  scored[:, :5] = True
+  assert step_flops(c.model, seg, ids, text_loss_mask=scored) == (
+      step_flops(c.model, seg, ids) - head * 22)
   assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert peak_tflops("TPU v5 lite") == 197.0 and peak_tflops("TPU v5") == 459.0
   assert peak_tflops("cpu") == 0.0 and peak_tflops("cpu", 2.0) == 2.0
@@ -34,6 +41,39 @@ def test_step_flops_is_6nd_plus_attention():
   out = t(0.5, seg, ids, np.ones((2, 1), bool))
   assert out["tokens_per_s"] == 64 and out["images_per_s"] == 4
   np.testing.assert_allclose(out["mfu"], step_flops(c.model, seg, ids) / 0.5 / 1e12)
+
+
+def test_flop_count_matches_xla_cost_analysis_of_the_loss_gradient():
+  """The count's parts, applied to what the compiled program computes (head at
+  every position, dense attention, every image slot), are XLA's own count of
+  the loss gradient within 10% (the rest is norms, softmax and losses)."""
+  import jax
+  import jax.numpy as jnp
+  from tfjax.batch import Batch
+  from tfjax.config import default_config
+  from tfjax.losses import transfusion_loss
+  from tfjax.model import Transfusion, init_params
+  c = default_config()
+  c.model.update(dim=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=1024,
+                 attention_impl="xla", remat_policy="none", scan_layers=False,
+                 latent_size=8, latent_channels=4, patch_size=2, dtype="float32")
+  c.data.update(seq_len=128, batch_size=2, max_images_per_seq=2)
+  arrays = synthetic_batch(c, 0, batch_size=2)
+  batch = Batch.from_dict({k: jnp.asarray(v) for k, v in arrays.items()})
+  params = init_params(c.model, jax.random.key(0))
+  model = Transfusion(c.model)
+  grad = jax.grad(lambda p: transfusion_loss(p, batch, jax.random.key(1), model=model,
+                                             config=c)[0])
+  cost = jax.jit(grad).lower(params).compile().cost_analysis()
+  xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  m, (b, s) = c.model, arrays["segment_ids"].shape
+  computed = (6 * block_params(m) * b * s + 6 * m.dim * m.vocab_size * b * s
+              + patch_flops(m, b * c.data.max_images_per_seq)
+              + attention_flops(m, b * s * s))
+  assert abs(xla / computed - 1) < 0.10, (xla, computed)
+  honest = step_flops(m, arrays["segment_ids"], arrays["image_ids"],
+                      text_loss_mask=arrays["text_loss_mask"])
+  assert honest < computed
 
 
 def test_writer_jsonl_tensorboard_and_resume(tmp_path):

@@ -42,7 +42,14 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"        # compute dtype
   m.param_dtype = "float32"   # master weights
   m.scan_layers = True        # nn.scan over the layer stack: constant compile time
-  m.remat_policy = "nothing_saveable"  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable | full
+  # What the backward pass keeps (tfjax/model/transformer.py REMAT_POLICIES):
+  # none | nothing_saveable | save_all_names | save_attention | save_qkv_attention
+  # | offload_all_names | dots_saveable | dots_with_no_batch_dims_saveable | full
+  m.remat_policy = "nothing_saveable"
+  # Training: the LM head + cross-entropy run over this many positions of each
+  # row at a time, scored text positions only (tfjax.losses.chunked_lm_loss);
+  # 0 = whole float32 [batch, seq, vocab] logits.
+  m.lm_head_chunk = 0
   # image side
   m.patch_type = "linear"     # linear | unet
   m.patch_size = 2            # k: k x k latent pixels per transformer vector (1, 2, 4, 8)

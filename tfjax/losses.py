@@ -53,6 +53,46 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax
   return jnp.sum(nll * mask) / jnp.maximum(count, 1), count
 
 
+def chunked_lm_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array,
+                    chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`lm_loss` of `hidden @ head` without the float32 [batch, seq, vocab] logits.
+
+  hidden: [batch, seq, dim]; head: [dim, vocab]; targets, mask: [batch, seq].
+  Each row's scored positions are moved to its front (a stable sort, so the
+  batch axis keeps its sharding), then the head and the cross-entropy run over
+  `chunk` positions of every row at a time, rematerialised in the backward
+  pass. A chunk past every row's last scored position is skipped, so image and
+  padding positions cost no head FLOPs beyond the last chunk's remainder.
+  """
+  batch, seq, dim = hidden.shape
+  num_chunks = -(-seq // chunk)
+  pad = num_chunks * chunk - seq
+  order = jnp.argsort(~mask.astype(bool), axis=1, stable=True)           # [b, s]
+  h = jnp.take_along_axis(hidden, order[..., None], axis=1)
+  t = jnp.take_along_axis(targets, order, axis=1)
+  m = jnp.take_along_axis(mask.astype(jnp.float32), order, axis=1)
+  h, t, m = (jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) for x in (h, t, m))
+  per_chunk = lambda x: jnp.swapaxes(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 0, 1)
+  longest = jnp.max(jnp.sum(mask.astype(jnp.int32), axis=1))
+
+  @jax.checkpoint
+  def chunk_nll(h_c, t_c, m_c):                                           # [b, chunk, ...]
+    logits = jnp.einsum("bcd,dv->bcv", h_c, head, preferred_element_type=jnp.float32)
+    target = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(m_c > 0, jax.nn.logsumexp(logits, axis=-1) - target, 0.0))
+
+  def body(total, xs):
+    i, h_c, t_c, m_c = xs
+    part = jax.lax.cond(i * chunk < longest, chunk_nll, lambda *_: jnp.float32(0.0),
+                        h_c, t_c, m_c)
+    return total + part, None
+
+  total, _ = jax.lax.scan(body, jnp.float32(0.0),
+                          (jnp.arange(num_chunks), per_chunk(h), per_chunk(t), per_chunk(m)))
+  count = jnp.sum(mask)
+  return total / jnp.maximum(count, 1), count
+
+
 def diffusion_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(mean over weighted images of the per-image MSE, number of images).
 
@@ -86,9 +126,15 @@ def transfusion_loss(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Mod
   noise_rng, drop_rng = jax.random.split(rng)
   noisy, timesteps, target = noise_images(noise_rng, batch, config)
   segment_ids = drop_captions(drop_rng, batch, config.diffusion.caption_dropout)
+  chunk = config.model.get("lm_head_chunk", 0)
   out = model.apply({"params": params}, batch.tokens, batch.positions, segment_ids,
-                    batch.image_ids, noisy, timesteps, batch.image_starts, batch.image_valid)
-  loss_lm, num_text = lm_loss(out.logits, batch.text_targets, batch.text_loss_mask)
+                    batch.image_ids, noisy, timesteps, batch.image_starts, batch.image_valid,
+                    return_logits=not chunk)
+  if chunk:
+    loss_lm, num_text = chunked_lm_loss(out.hidden, out.head, batch.text_targets,
+                                        batch.text_loss_mask, chunk)
+  else:
+    loss_lm, num_text = lm_loss(out.logits, batch.text_targets, batch.text_loss_mask)
   scored_images = batch.image_valid & ~batch.image_clean
   loss_diff, num_images = diffusion_loss(out.image_out, target, scored_images)
   loss = loss_lm + config.diffusion.loss_weight * loss_diff

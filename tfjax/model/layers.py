@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -50,10 +51,11 @@ class SwiGLU(nn.Module):
     w_gate = self.param("w_gate", dense_init(("embed", "mlp")), (dim, self.hidden),
                         self.param_dtype)
     w_up = self.param("w_up", dense_init(("embed", "mlp")), (dim, self.hidden), self.param_dtype)
-    h = nn.silu(x @ w_gate.astype(self.dtype)) * (x @ w_up.astype(self.dtype))
-    h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
+    gate = checkpoint_name(x @ w_gate.astype(self.dtype), "mlp_gate")
+    up = checkpoint_name(x @ w_up.astype(self.dtype), "mlp_up")
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
     wo = self.param("wo", dense_init(("mlp", "embed")), (self.hidden, dim), self.param_dtype)
-    return jnp.einsum("bsf,fd->bsd", h, wo.astype(self.dtype))
+    return checkpoint_name(jnp.einsum("bsf,fd->bsd", h, wo.astype(self.dtype)), "mlp_out")
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from tfjax import config as config_lib
 from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init
@@ -20,8 +21,34 @@ from tfjax.ops import attention_plan
 from tfjax.ops import transfusion_mask, xla_attention
 from tfjax.ops.kernels.dispatch import cached_attention
 
+# Activations a block names with `checkpoint_name`, each [batch, seq, ...]:
+# the projections (q/k/v after RoPE, the attention output before and after
+# its output projection) and the MLP's gate, up and down products.
+ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj")
+MLP_NAMES = ("mlp_gate", "mlp_up", "mlp_out")
+
+
+def _offload(names: tuple[str, ...]):
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+      offload_src="device", offload_dst="pinned_host")
+
+
+# What the backward pass keeps from the forward; everything else is recomputed.
 REMAT_POLICIES = {
+    # Keep nothing: the backward reruns the whole block (least memory, +1 forward).
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    # Every named activation: only norms, RoPE and elementwise work are redone.
+    "save_all_names": jax.checkpoint_policies.save_only_these_names(
+        *ATTENTION_NAMES, *MLP_NAMES),
+    # The attention side (its kernel is the costliest thing to redo); the MLP
+    # products, the largest activations, are recomputed.
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES),
+    # Only q, k, v and the attention output.
+    "save_qkv_attention": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_out"),
+    # As save_all_names, but held in pinned host memory between the passes.
+    "offload_all_names": _offload(ATTENTION_NAMES + MLP_NAMES),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": None,  # remat everything (jax.checkpoint's default)
@@ -68,11 +95,13 @@ class Attention(nn.Module):
     if c.qk_norm:
       q = RMSNorm(c.norm_eps, dtype, pdtype, axis_name="head_dim", name="q_norm")(q)
       k = RMSNorm(c.norm_eps, dtype, pdtype, axis_name="head_dim", name="k_norm")(k)
-    q = apply_rope(q, positions, c.rope_theta)
-    k = apply_rope(k, positions, c.rope_theta)
+    q = checkpoint_name(apply_rope(q, positions, c.rope_theta), "query_proj")
+    k = checkpoint_name(apply_rope(k, positions, c.rope_theta), "key_proj")
+    v = checkpoint_name(v, "value_proj")
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
     if layer_kv is None:
       out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl, plan=plan)
+      out = checkpoint_name(out, "attention_out")
       new_kv = None
     else:
       cache_segments, cache_images, length, ranges = cache_ctx
@@ -96,7 +125,7 @@ class Attention(nn.Module):
             kv_positions=jnp.concatenate([jnp.arange(max_len)[None, :], q_positions], axis=1))
         out = xla_attention(q, k_all, v_all, mask)
       new_kv = (k, v)
-    return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)), new_kv
+    return checkpoint_name(jnp.einsum("bshk,hkd->bsd", out, wo.astype(dtype)), "out_proj"), new_kv
 
 
 class Block(nn.Module):

@@ -29,9 +29,11 @@ KERNEL_MIN_QUERIES = 32
 
 @flax.struct.dataclass
 class ModelOutput:
-  logits: jax.Array        # float32 [batch, seq, vocab]
-  image_out: jax.Array     # float32 [batch, max_images, h, w, c]
-  cache: Any = None        # KVCache advanced past this call's positions, or None
+  logits: jax.Array | None  # float32 [batch, seq, vocab]; None when not asked for
+  image_out: jax.Array      # float32 [batch, max_images, h, w, c]
+  cache: Any = None         # KVCache advanced past this call's positions, or None
+  hidden: jax.Array | None = None  # [batch, seq, dim] final-normed, when logits are not made
+  head: jax.Array | None = None    # [dim, vocab] output projection, when logits are not made
 
 
 def patch_indices(image_starts: jax.Array, image_valid: jax.Array, num_patches: int,
@@ -51,7 +53,7 @@ class Transfusion(nn.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                image_ids: jax.Array, noisy_latents: jax.Array, timesteps: jax.Array,
                image_starts: jax.Array, image_valid: jax.Array,
-               cache: KVCache | None = None) -> ModelOutput:
+               cache: KVCache | None = None, return_logits: bool = True) -> ModelOutput:
     """See the module docstring; shapes as in `tfjax.batch.Batch`.
 
     Args:
@@ -60,6 +62,9 @@ class Transfusion(nn.Module):
       timesteps: float32 [batch, max_images] model timesteps in [0, T).
       image_starts, image_valid: [batch, max_images] where each image's patches sit.
       cache: decode against (and append to) a KV cache; None for training.
+      return_logits: False returns the final hidden states and the output
+        projection instead of logits, for a loss that applies the head in
+        chunks (`tfjax.losses.chunked_lm_loss`).
     """
     c = self.config
     dtype = jnp.dtype(c.dtype)
@@ -105,8 +110,12 @@ class Transfusion(nn.Module):
       head = self.param("output", nn.with_logical_partitioning(
           nn.initializers.normal(c.dim ** -0.5), ("embed", "vocab")),
                         (c.dim, c.vocab_size), jnp.dtype(c.param_dtype))
-    logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dtype),
-                        preferred_element_type=jnp.float32)
     patch_h = h[rows, jnp.minimum(idx, seq - 1)]  # [batch, max_images, P, dim]
     image_out = decoder_cls(c, name="patch_decoder")(patch_h.astype(jnp.float32), t_emb, skips)
-    return ModelOutput(logits=logits, image_out=image_out.astype(jnp.float32), cache=new_cache)
+    image_out = image_out.astype(jnp.float32)
+    if not return_logits:
+      return ModelOutput(logits=None, image_out=image_out, cache=new_cache, hidden=h,
+                         head=head.astype(dtype))
+    logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return ModelOutput(logits=logits, image_out=image_out, cache=new_cache)

@@ -1,17 +1,30 @@
-"""Model FLOPs for MFU: 6 * N * tokens plus attention over the unmasked pairs.
+"""Model FLOPs for MFU: the work the model must do for one batch, and no more.
 
-N counts the weights every position multiplies by (the transformer's matrices,
-the output projection and the patch layers), not the embedding table, which is
-a lookup. Attention is counted only over query/key pairs the Transfusion mask
-allows, so packing and image bidirectionality are reflected honestly: a
-document-causal mask costs about half of dense, not all of it.
+The convention, per step (training counts forward + backward as 3x forward):
+- transformer: 6 * N * tokens, N the weights of the decoder blocks (attention
+  projections, SwiGLU) and tokens the non-padding positions;
+- LM head: 6 * dim * vocab at the scored text positions only (where logits
+  feed the loss), not at image or padding positions;
+- patch layers: the encoder + decoder + timestep embedding of each valid image
+  (XLA's own count of their forward, so U-Net convolutions are counted as they
+  are), times 3;
+- attention: QK^T and PV over the (query, key) pairs the Transfusion mask
+  allows, so packing and bidirectional images are charged what they cost.
+The embedding lookup, norms, softmax, losses and the optimizer are not model
+FLOPs. `tests/test_train_metrics.py` holds the count against XLA's cost
+analysis of a compiled step.
 """
 from __future__ import annotations
 
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tfjax.config import mlp_dim
+from tfjax.config import mlp_dim, patches_per_image
 
 # Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind`
 # (first matching substring wins, so specific names come first).
@@ -41,17 +54,51 @@ def peak_tflops(device_kind: str, configured: float = 0.0) -> float:
   return 0.0
 
 
-def matmul_params(model: ml_collections.ConfigDict) -> int:
-  """Weights multiplied per position (embedding lookup excluded)."""
+def block_params(model: ml_collections.ConfigDict) -> int:
+  """Weights of the decoder blocks, multiplied at every position."""
   head_dim = model.dim // model.num_heads
   attn = model.dim * head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
   mlp = 3 * model.dim * mlp_dim(model)
-  patch_in = model.patch_size ** 2 * model.latent_channels * model.dim
-  # The output head is vocab-sized for text and patch-sized for images; an
-  # average over positions is not known here, so both are counted (the patch
-  # head is tiny).
-  heads = model.dim * model.vocab_size + patch_in
-  return model.num_layers * (attn + mlp) + heads + patch_in
+  return model.num_layers * (attn + mlp)
+
+
+def matmul_params(model: ml_collections.ConfigDict) -> int:
+  """Weights multiplied per position for planning (blocks + LM head + linear
+  patch in/out); `step_flops` charges the head and patch layers exactly."""
+  patch = model.patch_size ** 2 * model.latent_channels * model.dim
+  return block_params(model) + model.dim * model.vocab_size + 2 * patch
+
+
+@functools.lru_cache(maxsize=16)
+def _patch_forward_flops(model_json: str) -> float:
+  """XLA's FLOP count of one image through the patch encoder, decoder and
+  timestep embedding (forward), from the lowered program; nothing runs."""
+  from tfjax.model.patch import TimestepEmbedding, patch_layers
+  import flax.linen as nn
+  model = ml_collections.ConfigDict(json.loads(model_json))
+  encoder_cls, decoder_cls = patch_layers(model)
+
+  class PatchPath(nn.Module):
+    @nn.compact
+    def __call__(self, latents, t):
+      t_emb = TimestepEmbedding(model.dim, model.time_embed_dim, jnp.float32)(t)
+      patches, skips = encoder_cls(model)(latents, t_emb)
+      return decoder_cls(model)(patches, t_emb, skips)
+
+  side = model.latent_size
+  latents = jax.ShapeDtypeStruct((1, 1, side, side, model.latent_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+  module = PatchPath()
+  params = jax.eval_shape(module.init, jax.random.key(0), latents, t)
+  cost = jax.jit(module.apply).lower(params, latents, t).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def patch_flops(model: ml_collections.ConfigDict, num_images: int, training: bool = True) -> float:
+  """FLOPs of the patch layers for `num_images` images."""
+  forward = _patch_forward_flops(model.to_json()) * num_images
+  return 3.0 * forward if training else forward
 
 
 def unmasked_pairs(segment_ids: np.ndarray, image_ids: np.ndarray) -> int:
@@ -82,11 +129,24 @@ def attention_flops(model: ml_collections.ConfigDict, pairs: int, training: bool
 
 
 def step_flops(model: ml_collections.ConfigDict, segment_ids: np.ndarray,
-               image_ids: np.ndarray, training: bool = True) -> float:
-  """Model FLOPs of one step over a batch (forward + backward when training)."""
-  tokens = int((np.asarray(segment_ids) != 0).sum())
-  dense = (6.0 if training else 2.0) * matmul_params(model) * tokens
-  return dense + attention_flops(model, unmasked_pairs(segment_ids, image_ids), training)
+               image_ids: np.ndarray, training: bool = True,
+               text_loss_mask: np.ndarray | None = None) -> float:
+  """Model FLOPs of one step over a batch (forward + backward when training).
+
+  text_loss_mask: where logits are scored; default every non-padding position
+  outside an image (BOI/EOI included, a few positions more than the loss uses).
+  """
+  segment_ids, image_ids = np.asarray(segment_ids), np.asarray(image_ids)
+  tokens = int((segment_ids != 0).sum())
+  if text_loss_mask is None:
+    text_loss_mask = (segment_ids != 0) & (image_ids == 0)
+  scored = int(np.asarray(text_loss_mask).sum())
+  per_image = patches_per_image(model)
+  images = int((image_ids != 0).sum()) // per_image
+  mult = 6.0 if training else 2.0
+  return (mult * block_params(model) * tokens + mult * model.dim * model.vocab_size * scored
+          + patch_flops(model, images, training)
+          + attention_flops(model, unmasked_pairs(segment_ids, image_ids), training))
 
 
 def dense_step_flops(model: ml_collections.ConfigDict, batch_size: int, seq_len: int,

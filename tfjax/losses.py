@@ -124,19 +124,22 @@ def transfusion_loss(params: Any, batch: Batch, rng: jax.Array, *, model: nn.Mod
                      config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Scalar loss and metrics (loss, loss_lm, loss_diffusion, num_text_tokens, num_images)."""
   noise_rng, drop_rng = jax.random.split(rng)
-  noisy, timesteps, target = noise_images(noise_rng, batch, config)
+  with jax.named_scope("diffusion"):
+    noisy, timesteps, target = noise_images(noise_rng, batch, config)
   segment_ids = drop_captions(drop_rng, batch, config.diffusion.caption_dropout)
   chunk = config.model.get("lm_head_chunk", 0)
   out = model.apply({"params": params}, batch.tokens, batch.positions, segment_ids,
                     batch.image_ids, noisy, timesteps, batch.image_starts, batch.image_valid,
                     return_logits=not chunk)
-  if chunk:
-    loss_lm, num_text = chunked_lm_loss(out.hidden, out.head, batch.text_targets,
-                                        batch.text_loss_mask, chunk)
-  else:
-    loss_lm, num_text = lm_loss(out.logits, batch.text_targets, batch.text_loss_mask)
+  with jax.named_scope("lm_head"):
+    if chunk:
+      loss_lm, num_text = chunked_lm_loss(out.hidden, out.head, batch.text_targets,
+                                          batch.text_loss_mask, chunk)
+    else:
+      loss_lm, num_text = lm_loss(out.logits, batch.text_targets, batch.text_loss_mask)
   scored_images = batch.image_valid & ~batch.image_clean
-  loss_diff, num_images = diffusion_loss(out.image_out, target, scored_images)
+  with jax.named_scope("diffusion"):
+    loss_diff, num_images = diffusion_loss(out.image_out, target, scored_images)
   loss = loss_lm + config.diffusion.loss_weight * loss_diff
   metrics = dict(loss=loss, loss_lm=loss_lm, loss_diffusion=loss_diff,
                  num_text_tokens=num_text.astype(jnp.float32),

@@ -100,7 +100,8 @@ class Attention(nn.Module):
     v = checkpoint_name(v, "value_proj")
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
     if layer_kv is None:
-      out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl, plan=plan)
+      with jax.named_scope("attention_core"):
+        out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl, plan=plan)
       out = checkpoint_name(out, "attention_out")
       new_kv = None
     else:
@@ -188,8 +189,9 @@ class Transformer(nn.Module):
       block = nn.remat(Block, prevent_cse=not c.scan_layers)
     plan = None
     if cache_kv is None:  # the kernel's key intervals and work lists, once for all layers
-      plan = attention_plan(segment_ids, image_ids, head_dim=c.dim // c.num_heads,
-                            dtype=_dtype(c.dtype), impl=c.attention_impl)
+      with jax.named_scope("attention_plan"):
+        plan = attention_plan(segment_ids, image_ids, head_dim=c.dim // c.num_heads,
+                              dtype=_dtype(c.dtype), impl=c.attention_impl)
     context = (positions, segment_ids, image_ids, cache_ctx, plan)
     if c.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -116,6 +116,7 @@ class Transfusion(nn.Module):
     if not return_logits:
       return ModelOutput(logits=None, image_out=image_out, cache=new_cache, hidden=h,
                          head=head.astype(dtype))
-    logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head"):
+      logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dtype),
+                          preferred_element_type=jnp.float32)
     return ModelOutput(logits=logits, image_out=image_out, cache=new_cache)

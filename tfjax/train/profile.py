@@ -14,35 +14,55 @@ import glob
 import os
 import re
 
-# (part, test on "op_name | source_file | hlo_op"), first match wins.
+# (part, test on "op_name | hlo_op", lower case), first match wins. The op
+# names carry the Flax module path and the named scopes of tfjax/losses.py,
+# tfjax/model/transfusion.py and tfjax/train/step.py.
 PARTS = (
-    ("attention kernel, backward", lambda s: "pallas" in s and "transpose(" in s),
+    ("attention kernel, backward", lambda s: ("pallas" in s or "mosaic" in s) and "transpose(" in s),
     ("attention kernel, forward", lambda s: "pallas" in s or "mosaic" in s),
-    ("attention (XLA reference / plan)", lambda s: "/ops/" in s),
+    ("attention (XLA reference) + plan", lambda s: "attention_core" in s
+     or "attention_plan" in s),
     ("attention projections + RoPE", lambda s: "/attention/" in s),
     ("MLP (SwiGLU)", lambda s: "/mlp/" in s),
     ("norms", lambda s: "norm" in s and "/transformer/" in s),
-    ("patch encoder / decoder", lambda s: any(n in s for n in ("patch_", "timestep_embedding"))),
-    ("LM head + cross-entropy", lambda s: "lm_loss" in s or "final_norm" in s
-     or "bsd,dv" in s or "losses.py" in s and "text" in s),
-    ("diffusion noise + loss", lambda s: "diffusion" in s or "losses.py" in s),
-    ("optimizer + metrics", lambda s: "jvp(" not in s and "transpose(" not in s),
-    ("other model work", lambda s: True),
+    ("patch encoder / decoder", lambda s: "patch_" in s or "timestep_embedding" in s),
+    ("LM head + cross-entropy", lambda s: "lm_head" in s or "final_norm" in s),
+    ("diffusion noise + loss", lambda s: "diffusion" in s),
+    ("optimizer + metrics", lambda s: "optimizer" in s),
+    ("embedding, residuals, layer scan", lambda s: "jvp(" in s),
+    ("unattributed", lambda s: True),
 )
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
-_FIELD = re.compile(r'(\w+)="([^"]*)"')
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\) -> .* \{$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
 def op_metadata(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> "op_name | source_file" from compiled HLO text."""
-  out = {}
+  """HLO instruction name -> the JAX op name it came from (compiled HLO text).
+
+  A fusion without metadata of its own takes the first op name inside the
+  computation it calls.
+  """
+  names, calls, first_in = {}, {}, {}
+  computation = None
   for line in hlo_text.splitlines():
-    m = _INSTR.match(line)
-    if m:
-      fields = dict(_FIELD.findall(m.group(2)))
-      out[m.group(1)] = f"{fields.get('op_name', '')} | {fields.get('source_file', '')}"
-  return out
+    if (m := _COMPUTATION.match(line.strip())):
+      computation = m.group(1)
+      continue
+    if not (m := _INSTR.match(line)):
+      continue
+    op = _OP_NAME.search(line)
+    if op and "/" in op.group(1):
+      names[m.group(1)] = op.group(1)
+      first_in.setdefault(computation, op.group(1))
+    if (c := _CALLS.search(line)):
+      calls[m.group(1)] = c.group(1)
+  for instr, comp in calls.items():
+    if instr not in names and comp in first_in:
+      names[instr] = first_in[comp]
+  return names
 
 
 def part_of(description: str) -> str:

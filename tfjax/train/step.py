@@ -65,17 +65,18 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   """One optimizer step. Returns the new state and scalar float32 metrics."""
   loss, metrics, grads = loss_and_grad(state.params, batch, state.step_rng(), loss_fn=loss_fn,
                                        accum_steps=int(train.grad_accum_steps))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema
-  if train.ema_decay > 0:
-    d = train.ema_decay
-    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
-  metrics = dict(metrics)
-  metrics["loss"] = loss
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["param_norm"] = optax.tree.norm(params)
-  metrics["lr"] = learning_rate_schedule(train)(state.step)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if train.ema_decay > 0:
+      d = train.ema_decay
+      ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
+    metrics = dict(metrics)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
+    metrics["lr"] = learning_rate_schedule(train)(state.step)
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
   return new_state, metrics

@@ -90,7 +90,9 @@ def _patch_forward_flops(model_json: str) -> float:
   t = jax.ShapeDtypeStruct((1, 1), jnp.float32)
   module = PatchPath()
   params = jax.eval_shape(module.init, jax.random.key(0), latents, t)
-  cost = jax.jit(module.apply).lower(params, latents, t).cost_analysis()
+  lowered = jax.jit(module.apply).lower(params, latents, t)
+  # Some backends (GPU) count only compiled programs.
+  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
 

@@ -48,6 +48,7 @@ flags.DEFINE_string("profile_dir", "", "Where the trace goes (default: a tempora
 flags.DEFINE_bool("text_only", False, "Batches without images (text documents only).")
 flags.DEFINE_bool("xla_gpu_flags", True, "Set the trainer's XLA GPU flags "
                   "(tfjax/train/xla_flags.py), as tfjax-train does.")
+flags.DEFINE_string("extra_xla_flags", "", "More XLA flags for this run (A/B of one flag).")
 FLAGS = flags.FLAGS
 
 
@@ -92,6 +93,7 @@ def run(config, steps: int, warmup: int, doc_len: int, text_only: bool = False,
         wall = time.perf_counter() - t0
       hlo = step_fn.lower(state, batches[0]).compile().as_text()
       breakdown = profile_lib.step_breakdown(profile_dir, hlo, "train_step", traced, wall)
+      profile_lib.print_unattributed(profile_dir, hlo, "train_step")
   flops = np.mean([step_flops(m, b["segment_ids"], b["image_ids"],
                               text_loss_mask=b["text_loss_mask"]) for b in locals_])
   tokens = np.mean([(b["segment_ids"] != 0).sum() for b in locals_])
@@ -118,6 +120,13 @@ def run(config, steps: int, warmup: int, doc_len: int, text_only: bool = False,
 
 def main(argv):
   del argv
+  if FLAGS.extra_xla_flags:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAGS.extra_xla_flags}".strip()
+  if FLAGS.profile:
+    # Command buffers (CUDA graphs) report their kernels under the graph's
+    # launch, not the HLO op each came from: off while tracing.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
   set_gpu_flags(FLAGS.xla_gpu_flags)
   config = FLAGS.config
   if FLAGS.quick:

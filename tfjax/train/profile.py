@@ -112,3 +112,14 @@ def format_table(rows: list[tuple[str, float, float]]) -> str:
   lines = ["| part | ms / step | share |", "|---|---|---|"]
   lines += [f"| {name} | {ms:.2f} | {100 * share:.1f}% |" for name, ms, share in rows]
   return "\n".join(lines)
+
+
+def print_unattributed(trace_dir: str, hlo_text: str, module: str, top: int = 8) -> None:
+  """The longest device ops no part claims, with what the HLO says of them."""
+  meta = op_metadata(hlo_text)
+  totals: dict[str, float] = collections.defaultdict(float)
+  for op, seconds in _events(trace_dir, module):
+    if part_of(f"{meta.get(op, '')} | {op}".lower()) == "unattributed":
+      totals[op] += seconds
+  for op, seconds in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"  unattributed {1e3 * seconds:9.3f} ms  {op}  {meta.get(op, '(no op name)')[:120]}")

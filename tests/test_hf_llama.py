@@ -19,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tfjax.config import BOS_ID, EOS_ID, ConfigError, apply_overrides, default_config  # noqa: E402
+from tfjax.config import (BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, ConfigError,  # noqa: E402
+                          apply_overrides, default_config)
 from tfjax.data.tokenizer import NUM_SPECIAL, train_tokenizer  # noqa: E402
 from tfjax.model import Transfusion, abstract_params, dummy_inputs, hf_llama  # noqa: E402
 from tfjax.train import pretrained  # noqa: E402
@@ -113,6 +114,37 @@ def test_text_logits_match_transformers(hf, name, scan, tmp_path):
   for key in ("patch_encoder", "patch_decoder", "timestep_embedding"):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params[key], fresh[key])
   assert not np.allclose(params["embedding"], fresh["embedding"])
+
+
+def test_loads_onto_the_state_shardings(hf):
+  """On a 2x2x2 (data, fsdp, tensor) mesh each text leaf lands on its leaf's
+  sharding with the values of an unsharded load; model.vocab_size above HF's
+  + 5 gets mean rows."""
+  from tfjax.model import init_params
+  from tfjax.train import mesh as mesh_lib
+  from tfjax.train.optimizer import make_optimizer
+  from tfjax.train.state import state_shardings
+  path, model = hf["untied"]
+  vocab = model.config.vocab_size
+  c = _config(path, vocab, tie=False)
+  c.model.vocab_size = 2 * ((vocab + NUM_SPECIAL) // 2 + 1)  # even (tensor axis), > needed
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:8])
+  abstract, _ = state_shardings(c, mesh, make_optimizer(c.train), init_params)
+  sharded = pretrained._flat(pretrained.load_hf_llama_params(c, abstract.params))
+  plain = pretrained._flat(pretrained.load_hf_llama_params(c, _fresh(c)))
+  want = pretrained._flat(abstract.params)
+  text = [k for k in want if not k.startswith(("patch_", "timestep_"))]
+  assert len(text) == 12
+  for key in text:
+    assert sharded[key].sharding == want[key].sharding, key
+    np.testing.assert_array_equal(np.asarray(sharded[key]), plain[key], err_msg=key)
+  assert any(len(want[k].sharding.device_set) > 1 and not want[k].sharding.is_fully_replicated
+             for k in text)
+  rows = plain["embedding"]
+  mean = rows[NUM_SPECIAL:NUM_SPECIAL + vocab].mean(0)
+  for new_row in (PAD_ID, BOI_ID, EOI_ID, -1):  # no HF counterpart: the mean row
+    np.testing.assert_allclose(rows[new_row], mean, atol=1e-6)
 
 
 @pytest.mark.parametrize("key,value,hf_key", [

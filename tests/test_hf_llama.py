@@ -5,6 +5,7 @@ saved here with `transformers`, beside a sentencepiece model trained here;
 tfjax's text logits must match HF's in float32, config mismatches must name
 both keys, and `tfjax-train` must train from the directory.
 """
+import copy
 import json
 import os
 import shutil
@@ -145,6 +146,20 @@ def test_loads_onto_the_state_shardings(hf):
   mean = rows[NUM_SPECIAL:NUM_SPECIAL + vocab].mean(0)
   for new_row in (PAD_ID, BOI_ID, EOI_ID, -1):  # no HF counterpart: the mean row
     np.testing.assert_allclose(rows[new_row], mean, atol=1e-6)
+
+
+def test_bfloat16_checkpoint(hf, tmp_path):
+  """Real checkpoints are stored in bfloat16: read exactly, as float32 master weights."""
+  path, model = hf["untied"]
+  half = tmp_path / "bf16"
+  copy.deepcopy(model).to(torch.bfloat16).save_pretrained(half)  # the fixture's stays float32
+  shutil.copy(os.path.join(path, "tokenizer.model"), half / "tokenizer.model")
+  c = _config(str(half), model.config.vocab_size, tie=False)
+  params = pretrained.load_hf_llama_params(c, _fresh(c))
+  want = model.model.layers[1].self_attn.k_proj.weight.detach().to(torch.bfloat16).float().numpy()
+  got = params["transformer"]["layers"]["attention"]["wk"][1]
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want.T.reshape(64, 2, 16))
 
 
 @pytest.mark.parametrize("key,value,hf_key", [

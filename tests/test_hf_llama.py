@@ -63,6 +63,8 @@ def hf(tmp_path_factory):
     path = root / name
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     shutil.copy(root / "tok" / "tokenizer.model", path / "tokenizer.model")
+    with open(path / "tokenizer.json", "w") as f:  # HF's fast tokenizer file shares the name
+      json.dump({"version": "1.0", "added_tokens": [], "model": {"type": "Unigram"}}, f)
     out[name] = (str(path), model)
   assert os.path.exists(os.path.join(out["tied_sharded"][0], hf_llama.INDEX_FILE))
   assert not os.path.exists(os.path.join(out["untied"][0], hf_llama.INDEX_FILE))

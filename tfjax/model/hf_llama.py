@@ -245,7 +245,13 @@ def converted(model: ml_collections.ConfigDict, hf: dict[str, Any], offset: int,
 
   def layer(i: int, local: str) -> np.ndarray:
     hf_key, conv = _LAYER[local]
-    return conv(read(_hf_name(read, f"model.layers.{i}.{hf_key}")), model)
+    name = _hf_name(read, f"model.layers.{i}.{hf_key}")
+    w = read(name)
+    try:
+      return conv(w, model)
+    except ValueError as e:  # a reshape that does not fit: config.json and weights disagree
+      raise ValueError(f"config key train.init_from: {read.path} tensor {name} has shape "
+                       f"{w.shape}, which does not fit the configured model's {local}") from e
 
   for name in param_names:
     if name == "embedding":

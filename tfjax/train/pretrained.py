@@ -83,20 +83,19 @@ def resolve_hf_llama(config: ml_collections.ConfigDict) -> tuple[str, dict[str, 
   mismatch; FileNotFoundError naming data.tokenizer when there is no
   sentencepiece model.
   """
-  from tfjax.data import sources  # pylint: disable=g-import-not-at-top
   from tfjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   path = hf_llama.checkpoint_dir(config.train.init_from)
   if path is None:
     return None
   hf = hf_llama.read_config(path)
   if not config.data.tokenizer:  # recorded, so the run's saved config names it
-    config.data.tokenizer = sources.tokenizer_path(config, config.data.dir)
+    config.data.tokenizer = hf_llama.tokenizer_file(config.train.init_from)
   tokenizer = Tokenizer.load(config.data.tokenizer)
+  hf_llama.check_config(config.model, hf, path, tokenizer.offset)
   if tokenizer.sp_vocab_size > int(hf["vocab_size"]):
     raise ValueError(f"config key data.tokenizer: {config.data.tokenizer} has "
                      f"{tokenizer.sp_vocab_size} pieces but {path}/{hf_llama.CONFIG_FILE} "
                      f"vocab_size is {hf['vocab_size']}: not this checkpoint's tokenizer")
-  hf_llama.check_config(config.model, hf, path, tokenizer.offset)
   return path, hf, tokenizer.offset
 
 

@@ -40,7 +40,7 @@ setup(
         # Preparing large public TFDS datasets (coco_captions, c4) needs TensorFlow.
         "data": ["tensorflow-cpu"],
         "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "flatbuffers",
-                "torch==2.13.0", "diffusers"],
+                "torch==2.13.0", "diffusers", "transformers"],
     },
     entry_points={"console_scripts": [f"tfjax-{c}=tfjax.cli.{c}:main" for c in COMMANDS]
                   + ["tfjax-edit-data=tfjax.cli.edit_data:main"]},

@@ -172,7 +172,12 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3
   t.best_metric = "val_loss"  # also kept: the best checkpoint by this metric ("" = off)
-  t.init_from = ""            # checkpoint dir or export to start from (fine-tuning)
+  t.init_from = ""            # checkpoint dir or export to start from (fine-tuning), or
+                              # hf_llama:DIR, a Hugging Face Llama directory (config.json,
+                              # *.safetensors, tokenizer.model): text-side weights from it
+                              # (model.* must match its config.json, vocab_size >= its + 5
+                              # special ids), image side fresh; DIR/tokenizer.model is the
+                              # tokenizer unless data.tokenizer is set
   t.peak_tflops = 0.0         # per-device peak for MFU; 0 = look up the device
   t.eval_batches = 4          # validation batches per evaluation
   t.synthetic_data = False    # random packed batches instead of tfjax.data (benchmarks, planning)

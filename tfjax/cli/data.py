@@ -80,6 +80,10 @@ def _main(argv) -> None:
   elif cmd == "tokenizer":
     from tfjax.data import build, sources
     from tfjax.data.tokenizer import train_tokenizer
+    if not (_OUT.value or config.data.tokenizer) and sources.given_tokenizer(config):
+      raise SystemExit(f"tokenizer: train.init_from={config.train.init_from} brings its own "
+                       f"tokenizer ({sources.given_tokenizer(config)}); pass --out=DIR to "
+                       f"train another")
     out = _OUT.value or sources.tokenizer_path(config, data_dir)
     if _CORPUS.value:
       lines = []

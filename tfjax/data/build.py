@@ -71,9 +71,10 @@ def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, root: str) -> Tokenizer:
-  """Loads data.tokenizer, or trains one into DIR/tokenizer if not there yet."""
+  """Loads the given tokenizer (sources.given_tokenizer), or trains one into
+  DIR/tokenizer if not there yet."""
   path = sources.tokenizer_path(config, root)
-  if config.data.tokenizer or os.path.exists(os.path.join(path, MODEL_FILE)):
+  if sources.given_tokenizer(config) or os.path.exists(os.path.join(path, MODEL_FILE)):
     return Tokenizer.load(path)
   return train_tokenizer(_tokenizer_corpus(config, root), config.data.vocab_size, path)
 

@@ -32,8 +32,17 @@ def latent_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
   return config.data.latents or os.path.join(data_root(config, data_dir), "latents")
 
 
+def given_tokenizer(config: ml_collections.ConfigDict) -> str | None:
+  """A tokenizer from outside (never trained here): data.tokenizer, else the
+  tokenizer.model of an `hf_llama:DIR` train.init_from; else None."""
+  from tfjax.model.hf_llama import tokenizer_file  # pylint: disable=g-import-not-at-top
+  init_from = config.train.get("init_from", "") if "train" in config else ""
+  return config.data.tokenizer or tokenizer_file(init_from)
+
+
 def tokenizer_path(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
-  return config.data.tokenizer or os.path.join(data_root(config, data_dir), "tokenizer")
+  """The given tokenizer, else DIR/tokenizer (trained by the data build)."""
+  return given_tokenizer(config) or os.path.join(data_root(config, data_dir), "tokenizer")
 
 
 def text_shard_path(root: str, split: str) -> str:

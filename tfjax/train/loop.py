@@ -93,9 +93,12 @@ def _default_eval_data(config: ml_collections.ConfigDict, process_index: int,
                             process_count=process_count)
 
 
-def _restore_params_from(path: str, abstract_state: TrainState, config) -> Any:
-  """Parameters (EMA when present) of another run's checkpoint or an export, for fine-tuning."""
+def _restore_params_from(path: str, abstract_state: TrainState, config, fresh: Any) -> Any:
+  """Parameters (EMA when present) of another run's checkpoint or an export, for
+  fine-tuning; or `fresh` (the new init) with an hf_llama checkpoint's text side."""
   from tfjax.train import pretrained
+  if pretrained.hf_llama.checkpoint_dir(path) is not None:
+    return pretrained.load_hf_llama_params(config, fresh)
   if pretrained.is_export(path):
     return pretrained.load_export_params(path, abstract_state.params)
   found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
@@ -107,10 +110,13 @@ def _restore_params_from(path: str, abstract_state: TrainState, config) -> Any:
 
 
 def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of config with a relative data.dir taken as relative to workdir."""
+  """A copy of config with a relative data.dir taken as relative to workdir, and
+  an hf_llama init_from checked against config.model and naming data.tokenizer."""
+  from tfjax.train import pretrained
   config = config.copy_and_resolve_references()
   if not os.path.isabs(config.data.dir):
     config.data.dir = os.path.join(os.path.abspath(workdir), config.data.dir)
+  pretrained.resolve_hf_llama(config)
   return config
 
 
@@ -157,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state = create_train_state(config, mesh, tx, init_params)
     if tc.init_from:
-      params = _restore_params_from(tc.init_from, abstract_state, config)
+      params = _restore_params_from(tc.init_from, abstract_state, config, state.params)
       # The EMA starts where training starts: from the loaded weights, not the
       # random init (whose trace would take ~1/(1-decay) steps to fade). A
       # jitted copy keeps the shardings and gives the EMA buffers of its own,

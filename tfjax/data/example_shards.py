@@ -211,8 +211,9 @@ def main() -> None:
   def run(argv):
     del argv
     exp = write_all(out.value, num.value, per.value, size.value, bad.value)
-    print(json.dumps({k: {"good": len(v.get("good", [])), "bad": len(v["bad"])}
-                      for k, v in exp.items()}))
+    print(json.dumps({"out": out.value, "good_image_records": {
+        k: len(exp[k]["good"]) for k in ("webdataset", "parquet")},
+        "bad_records": {k: len(v["bad"]) for k, v in exp.items()}}))
   app.run(run)
 
 

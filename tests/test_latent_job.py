@@ -176,3 +176,27 @@ def test_settings_mismatch_and_float32(shards, vae, tmp_path):
   with pytest.raises(FileNotFoundError, match="data.image_text_source"):
     latent_job.run_latent_job(job_config(str(tmp_path / "none/*.tar")), vae, out,
                               process_index=0, process_count=1, progress=False)
+
+
+def test_main_job_stages_data_and_latents(tmp_path):
+  """tfjax-train's data and latents stages on a stream source, and the held-out
+  records the samples stage draws from it."""
+  from tfjax.train import main_job
+  from tfjax.vae import io
+  shards = example_shards.write_all(str(tmp_path / "shards"), shards=2, per_shard=12, size=40)
+  vae = tiny_vae()
+  vae_dir = io.save(str(tmp_path / "vae"), {"kind": "kl", "architecture": vae.config.to_json(),
+                                            "scale": 0.5, "shift": 0.1}, vae.params)
+  c = job_config(str(tmp_path / "shards" / "wds" / "*.tar"), vocab_size=320)
+  c.data.text_source = f"jsonl:{tmp_path}/shards/jsonl/*.jsonl"
+  c.model.update(latent_size=4, latent_channels=4, patch_size=2, vocab_size=320)
+  c.vae.update(path=vae_dir, channels=(4, 4, 4, 4), latent_channels=4, norm_groups=2)
+  main_job.run(c, str(tmp_path / "run"), stages=("data", "vae", "latents"))
+  data = tmp_path / "run" / "data"
+  meta = latents.read_metadata(str(data / "latents"))
+  n = sum(e["num_records"] for e in meta["splits"].values())
+  assert n == len(shards["webdataset"]["good"]) and meta["scale"] == 0.5
+  assert (data / "text" / "metadata.json").exists() and (data / "tokenizer").exists()
+  c.data.dir = str(data)
+  held = main_job._held_out(c, 3)
+  assert len(held) == 3 and held[0]["image"].shape == (32, 32, 3) and held[0]["caption"]

@@ -33,6 +33,7 @@ import glob as glob_lib
 import json
 import logging
 import os
+import socket
 import time
 from typing import Any, Callable, Iterable
 
@@ -49,11 +50,17 @@ SKIPS_FILE = "skips.jsonl"
 
 
 # ------------------------------------------------------------- shard files --
+def _private_tmp(path: str) -> str:
+  """A temp name no other process (on any host) writes at the same time."""
+  return f"{path}.{socket.gethostname()}-{os.getpid()}.part"
+
+
 def _write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename): readers see all of it or none."""
-  with open(path + ".tmp", "w") as f:
+  tmp = _private_tmp(path)
+  with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
 
 
 def output_name(split: str, index: int, num_inputs: int) -> str:
@@ -138,7 +145,8 @@ def finalize(out_dir: str, num_inputs: int, base: dict[str, Any]) -> dict[str, A
     except FileNotFoundError:
       return None
   splits: dict[str, dict[str, Any]] = {}
-  with open(os.path.join(out_dir, SKIPS_FILE) + ".tmp", "w") as f:
+  skips_path = os.path.join(out_dir, SKIPS_FILE)
+  with open(_private_tmp(skips_path), "w") as f:
     for m in markers:
       for split, entry in sorted(m["splits"].items()):
         s = splits.setdefault(split, {"num_records": 0, "shards": [], "skipped": []})
@@ -149,7 +157,7 @@ def finalize(out_dir: str, num_inputs: int, base: dict[str, Any]) -> dict[str, A
         splits[split]["skipped"].append([reason, key])
         f.write(json.dumps({"split": split, "reason": reason, "key": key,
                             "input": m["input"]}) + "\n")
-  os.replace(os.path.join(out_dir, SKIPS_FILE) + ".tmp", os.path.join(out_dir, SKIPS_FILE))
+  os.replace(_private_tmp(skips_path), skips_path)
   for s in splits.values():
     s["skip_counts"] = dict(collections.Counter(r for r, _ in s["skipped"]))
   if not any(s["num_records"] for s in splits.values()):
@@ -163,7 +171,7 @@ def finalize(out_dir: str, num_inputs: int, base: dict[str, Any]) -> dict[str, A
       if meta.setdefault("latent_shape", m["latent_shape"]) != m["latent_shape"]:
         raise ValueError(f"{out_dir}: input {m['input']} has latents {m['latent_shape']}, "
                          f"others {meta['latent_shape']}")
-  for stale in glob_lib.glob(os.path.join(out_dir, "*.tmp")):  # from killed runs
+  for stale in glob_lib.glob(os.path.join(out_dir, "*.array_record-*.tmp")):  # killed runs
     os.remove(stale)
   _write_json(os.path.join(out_dir, latents_lib.METADATA_FILE), meta)
   return meta

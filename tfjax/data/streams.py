@@ -45,12 +45,6 @@ class Skip(NamedTuple):
   key: str
 
 
-def kind_of(name: str) -> str:
-  """'webdataset:/x/*.tar' -> 'webdataset'; '' for names without a known prefix."""
-  kind = name.split(":", 1)[0]
-  return kind if kind in IMAGE_TEXT_KINDS + TEXT_KINDS else ""
-
-
 def is_image_stream(name: str) -> bool:
   return name.split(":", 1)[0] in IMAGE_TEXT_KINDS
 

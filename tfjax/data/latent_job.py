@@ -43,6 +43,7 @@ from array_record.python import array_record_module
 
 from tfjax.data import latents as latents_lib
 from tfjax.data import prepare, streams
+from tfjax.data.pipeline import _process  # jax's process index/count unless given
 
 JOB_FILE = "job.json"
 DONE_DIR = "done"
@@ -177,16 +178,6 @@ def finalize(out_dir: str, num_inputs: int, base: dict[str, Any]) -> dict[str, A
   return meta
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  return process_index, process_count
-
-
 class _Progress:
   """A tqdm bar over records whose total is estimated from the finished shards
   (a stream's record count is unknown until it is read), so it shows records/s
@@ -283,12 +274,16 @@ def _encode_shard(records: Iterable[Any], out: ShardOutput, encode: MeshEncoder,
                   policy: prepare.ImagePolicy, pool: concurrent.futures.Executor,
                   validation_percent: float, dtype: Any, progress: _Progress,
                   on_batch: Callable[[int, int], None] | None) -> list[int] | None:
-  """Streams one input shard through preparation and the encoder into `out`."""
+  """Streams one input shard through preparation and the encoder into `out`.
+
+  A three-stage pipeline: while the threads prepare batch k (decode, resize)
+  and the devices encode batch k-1, the main thread reads the tar stream and
+  writes batch k-2's latents.
+  """
   latent_shape = None
-  inflight: _Batch | None = None
   batch_no = 0
 
-  def flush(b: _Batch | None) -> None:
+  def write(b: _Batch | None) -> None:
     nonlocal latent_shape
     if b is None:
       return
@@ -298,11 +293,12 @@ def _encode_shard(records: Iterable[Any], out: ShardOutput, encode: MeshEncoder,
       out.write(split, latents_lib.encode_record(key, caption, "", zi, dtype=dtype))
     progress.records_done(len(b.keys))
 
-  def submit(chunk: list[streams.Record]) -> _Batch | None:
+  def dispatch(chunk: list[streams.Record], futures: list[Any]) -> _Batch | None:
+    """Collects a chunk's prepared images (skips counted) and starts encoding them."""
     nonlocal batch_no
-    prepared = list(pool.map(lambda r: _prepare_one(policy, r.value["image"]), chunk))
     keys, captions, splits, images = [], [], [], []
-    for rec, img in zip(chunk, prepared):
+    for rec, fut in zip(chunk, futures):
+      img = fut.result()
       split = streams.split_of(rec.key, validation_percent)
       if isinstance(img, prepare.SkipRecord):
         out.skip(split, img.reason, rec.key)
@@ -314,9 +310,18 @@ def _encode_shard(records: Iterable[Any], out: ShardOutput, encode: MeshEncoder,
     batch_no += 1
     if on_batch is not None:
       on_batch(out.index, batch_no)
-    if not images:
-      return None
-    return _Batch(keys, captions, splits, encode(np.stack(images)))
+    return _Batch(keys, captions, splits, encode(np.stack(images))) if images else None
+
+  preparing: tuple[list[Any], list[Any]] | None = None
+  encoding: _Batch | None = None
+
+  def advance(chunk: list[streams.Record] | None) -> None:
+    nonlocal preparing, encoding
+    nxt = (chunk, [pool.submit(_prepare_one, policy, r.value["image"]) for r in chunk]
+           ) if chunk else None
+    ready = dispatch(*preparing) if preparing else None
+    write(encoding)
+    preparing, encoding = nxt, ready
 
   chunk: list[streams.Record] = []
   for item in records:
@@ -325,12 +330,11 @@ def _encode_shard(records: Iterable[Any], out: ShardOutput, encode: MeshEncoder,
       continue
     chunk.append(item)
     if len(chunk) == encode.batch:
-      nxt = submit(chunk)  # prepared while the devices encode `inflight`
-      flush(inflight)
-      inflight, chunk = nxt, []
-  nxt = submit(chunk) if chunk else None
-  flush(inflight)
-  flush(nxt)
+      advance(chunk)
+      chunk = []
+  advance(chunk or None)
+  advance(None)
+  advance(None)
   return latent_shape
 
 

@@ -200,3 +200,37 @@ def test_main_job_stages_data_and_latents(tmp_path):
   c.data.dir = str(data)
   held = main_job._held_out(c, 3)
   assert len(held) == 3 and held[0]["image"].shape == (32, 32, 3) and held[0]["caption"]
+
+
+def test_cli_job_killed_by_sigkill_resumes(tmp_path):
+  """`tfjax-data latents` killed (SIGKILL) after its third shard, then rerun."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  shards = example_shards.write_webdataset(str(tmp_path / "wds"), num_shards=24, per_shard=16,
+                                           size=64, bad=False)
+  out = tmp_path / "latents"
+  cmd = [sys.executable, "-m", "tfjax.cli.data", "latents", "--pixel_patch", "--noprogress",
+         "--config=" + os.path.join(root, "configs", "tiny.py"), f"--data_dir={tmp_path}",
+         f"--config.data.image_text_source=webdataset:{tmp_path}/wds/*.tar",
+         f"--config.data.latents={out}", "--config.data.latents_batch_size=1",
+         "--config.data.prepare_threads=1", "--process_index=0", "--process_count=1"]
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 120
+  while not os.path.exists(latent_job.done_path(str(out), 2)) and proc.poll() is None:
+    assert time.time() < deadline, "the job made no progress"
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = len(glob.glob(os.path.join(out, latent_job.DONE_DIR, "*.json")))
+  assert 3 <= done < 24 and not (out / latents.METADATA_FILE).exists()
+  rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  report = json.loads(rerun.stdout)
+  assert report["complete"] and report["shards_already_done"] == done
+  _, recs = read_cache(str(out))
+  assert sorted(recs) == sorted(shards["good"])

@@ -51,6 +51,17 @@ SKIPS_FILE = "skips.jsonl"
 
 
 # ------------------------------------------------------------- shard files --
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """The data.* keys both jobs read, checked before any work."""
+  d = config.data
+  if not 0 <= d.validation_percent <= 100:
+    raise ValueError(f"config key data.validation_percent={d.validation_percent}: must be in "
+                     f"[0, 100]")
+  if d.latents_batch_size < 1 or d.prepare_threads < 1:
+    raise ValueError(f"config keys data.latents_batch_size={d.latents_batch_size} and "
+                     f"data.prepare_threads={d.prepare_threads} must be >= 1")
+
+
 def _private_tmp(path: str) -> str:
   """A temp name no other process (on any host) writes at the same time."""
   return f"{path}.{socket.gethostname()}-{os.getpid()}.part"
@@ -361,6 +372,7 @@ def run_latent_job(config: ml_collections.ConfigDict, encoder: latents_lib.Encod
   """
   import jax  # pylint: disable=g-import-not-at-top
   pi, pc = _process(process_index, process_count)
+  check_keys(config)
   paths, reader = streams.image_text_reader(config)
   policy = prepare.ImagePolicy.from_config(config)
   dtype = latents_lib.storage_dtype(config.data.latents_dtype)
@@ -375,7 +387,7 @@ def run_latent_job(config: ml_collections.ConfigDict, encoder: latents_lib.Encod
   encode = MeshEncoder(encoder, devices or jax.local_devices(), int(d.latents_batch_size))
   bar = _Progress(len(pending), f"latents p{pi}/{pc}", progress)
   t0 = time.time()
-  with concurrent.futures.ThreadPoolExecutor(max(1, int(d.prepare_threads))) as pool:
+  with concurrent.futures.ThreadPoolExecutor(int(d.prepare_threads)) as pool:
     try:
       for i in pending:
         out = ShardOutput(out_dir, i, len(paths), paths[i])
@@ -396,6 +408,7 @@ def run_text_job(config: ml_collections.ConfigDict, out_dir: str, *,
   """Copies `data.text_source` (a stream source) into ArrayRecord shards of
   UTF-8 documents (random access for the Grain pipeline), split by key hash."""
   pi, pc = _process(process_index, process_count)
+  check_keys(config)
   paths, reader = streams.text_reader(config)
   d = config.data
   check_job(out_dir, {"kind": "text", "source": d.text_source, "text_field": d.text_field,

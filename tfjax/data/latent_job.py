@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -196,8 +197,9 @@ class _Progress:
 
   def __init__(self, num_pending: int, label: str, enabled: bool):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    # In a log file (pod workers, SLURM), a line every 30 s rather than ten a second.
     self.bar = tqdm(total=None, unit="rec", desc=label, disable=not enabled, smoothing=0.1,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     self.num_pending, self.shards_done, self.records = num_pending, 0, 0
     self.written: collections.Counter = collections.Counter()
     self.skipped: collections.Counter = collections.Counter()

@@ -234,3 +234,14 @@ def test_cli_job_killed_by_sigkill_resumes(tmp_path):
   assert report["complete"] and report["shards_already_done"] == done
   _, recs = read_cache(str(out))
   assert sorted(recs) == sorted(shards["good"])
+
+
+def test_parquet_source_through_the_job(tmp_path):
+  exp = example_shards.write_parquet(str(tmp_path / "pq"), num_files=2, per_file=10, size=40)
+  c = job_config("unused", image_text_source=f"parquet:{tmp_path}/pq/*.parquet")
+  out = str(tmp_path / "cache")
+  report = latent_job.run_latent_job(c, latents.PixelPatchEncoder(8, 4), out, process_index=0,
+                                     process_count=1, devices=jax.devices()[:2], progress=False)
+  assert report["complete"] and report["skipped"] == {
+      r: list(exp["bad"].values()).count(r) for r in set(exp["bad"].values())}
+  assert sorted(read_cache(out)[1]) == sorted(exp["good"])

@@ -33,7 +33,8 @@ def test_recipe_runs_end_to_end_on_cpu(tmp_path):
     shim = bin_dir / name
     shim.write_text(f'#!/bin/bash\nexec "{sys.executable}" -m {module} "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
-  env = dict(os.environ, D=str(tmp_path / "work"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+  env = dict(os.environ, D=str(tmp_path / "work"),
+             PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
   out = subprocess.run(["bash", "-euo", "pipefail", "-c", recipe_block()], cwd=ROOT, env=env,

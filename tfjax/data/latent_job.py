@@ -249,7 +249,8 @@ class MeshEncoder:
   def __init__(self, encoder: latents_lib.Encoder, devices: list[Any], batch_size: int):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
     self.encoder, self.jax = encoder, jax
     n = len(devices)
     self.batch = -(-max(1, batch_size) // n) * n

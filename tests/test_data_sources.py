@@ -153,3 +153,13 @@ def test_text_source_before_build_names_the_command(tmp_path):
   c.data.text_source = f"jsonl:{tmp_path}/*.jsonl"
   with pytest.raises(FileNotFoundError, match="tfjax-data build"):
     sources.text_source(c, str(tmp_path), "train")
+
+
+def test_shard_sets_joined_by_one_glob_keep_keys_apart(tmp_path):
+  for d in ("cc3m", "cc12m"):  # both have 00000.tar with the same record keys
+    example_shards.write_webdataset(str(tmp_path / d), num_shards=1, per_shard=3, bad=False)
+  c = default_config()
+  c.data.image_text_source = f"webdataset:{tmp_path}/*/*.tar"
+  paths, reader = streams.image_text_reader(c)
+  keys = [r.key for p in paths for r in reader(p)]
+  assert len(keys) == 6 == len(set(keys)) and keys[0] == "cc12m/00000.tar/000000000"

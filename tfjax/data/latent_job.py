@@ -88,9 +88,9 @@ class ShardOutput:
   """The output of one input shard: a temp ArrayRecord file per split, then
   renamed together and marked done by `commit`."""
 
-  def __init__(self, out_dir: str, index: int, num_inputs: int, input_path: str):
+  def __init__(self, out_dir: str, index: int, num_inputs: int, input_name: str):
     self.out_dir, self.index, self.num_inputs = out_dir, index, num_inputs
-    self.input = os.path.basename(input_path)
+    self.input = input_name
     self.writers: dict[str, Any] = {}
     self.counts: collections.Counter = collections.Counter()
     self.skipped: list[list[str]] = []
@@ -381,7 +381,7 @@ def run_latent_job(config: ml_collections.ConfigDict, encoder: latents_lib.Encod
   dtype = latents_lib.storage_dtype(config.data.latents_dtype)
   d = config.data
   spec = {"kind": "latents", "source": d.image_text_source,
-          "inputs": [os.path.basename(p) for p in paths], "image": vars(policy).copy(),
+          "inputs": [reader.name(p) for p in paths], "image": vars(policy).copy(),
           "dtype": d.latents_dtype, "encoder": repr(encoder),
           "validation_percent": d.validation_percent, "caption_field": d.caption_field,
           "image_field": d.image_field}
@@ -393,7 +393,7 @@ def run_latent_job(config: ml_collections.ConfigDict, encoder: latents_lib.Encod
   with concurrent.futures.ThreadPoolExecutor(int(d.prepare_threads)) as pool:
     try:
       for i in pending:
-        out = ShardOutput(out_dir, i, len(paths), paths[i])
+        out = ShardOutput(out_dir, i, len(paths), reader.name(paths[i]))
         t_shard = time.time()
         shape = _encode_shard(reader(paths[i]), out, encode, policy, pool,
                               d.validation_percent, dtype, bar, on_batch)
@@ -415,14 +415,14 @@ def run_text_job(config: ml_collections.ConfigDict, out_dir: str, *,
   paths, reader = streams.text_reader(config)
   d = config.data
   check_job(out_dir, {"kind": "text", "source": d.text_source, "text_field": d.text_field,
-                      "inputs": [os.path.basename(p) for p in paths],
+                      "inputs": [reader.name(p) for p in paths],
                       "validation_percent": d.validation_percent})
   mine, pending = pending_inputs(out_dir, len(paths), pi, pc)
   bar = _Progress(len(pending), f"text p{pi}/{pc}", progress)
   t0 = time.time()
   try:
     for i in pending:
-      out = ShardOutput(out_dir, i, len(paths), paths[i])
+      out = ShardOutput(out_dir, i, len(paths), reader.name(paths[i]))
       n = 0
       for item in reader(paths[i]):
         split = streams.split_of(item.key, d.validation_percent)

@@ -124,11 +124,12 @@ def _webdataset_record(key: str, members: dict[str, bytes], caption_field: str
   return Record(key, {"image": members[image_ext], "caption": caption})
 
 
-def iter_webdataset(path: str, caption_field: str = "caption") -> Iterator[Record | Skip]:
+def iter_webdataset(path: str, caption_field: str = "caption", name: str | None = None
+                    ) -> Iterator[Record | Skip]:
   """The records of one tar shard, streamed. A truncated or unreadable tar ends
   the shard with a Skip ("truncated_shard") naming the record it cut (or the
   shard); the complete records before it are kept."""
-  shard = os.path.basename(path)
+  shard = name or os.path.basename(path)
   key, members = None, {}
   try:
     with tarfile.open(path, mode="r|*") as tar:
@@ -168,18 +169,18 @@ def _parquet_file(path: str, columns: list[str], source_key: str, fix: str) -> A
 
 
 def iter_parquet_images(path: str, image_field: str = "image", caption_field: str = "caption",
-                        source_key: str = "data.image_text_source") -> Iterator[Record | Skip]:
+                        name: str | None = None) -> Iterator[Record | Skip]:
   """Image-caption rows of one Parquet file, a batch of rows at a time.
 
   The key is the row's `key` or `id` column when there is one (img2dataset
   and many HF datasets write it), else FILE:ROW.
   """
-  pf = _parquet_file(path, [image_field, caption_field], source_key,
+  pf = _parquet_file(path, [image_field, caption_field], "data.image_text_source",
                      f"data.image_field / data.caption_field to the image and caption columns")
   names = pf.schema_arrow.names
   key_col = next((c for c in ("key", "id") if c in names), None)
   cols = [image_field, caption_field] + ([key_col] if key_col else [])
-  shard, row = os.path.basename(path), 0
+  shard, row = name or os.path.basename(path), 0
   for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols):
     data = batch.to_pydict()
     for i in range(batch.num_rows):
@@ -201,9 +202,9 @@ def _open_binary(path: str):
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def iter_text_lines(path: str) -> Iterator[Record | Skip]:
+def iter_text_lines(path: str, name: str | None = None) -> Iterator[Record | Skip]:
   """One document per non-blank line (blank lines separate, they are not records)."""
-  shard = os.path.basename(path)
+  shard = name or os.path.basename(path)
   with _open_binary(path) as f:
     for n, line in enumerate(f, start=1):
       key = f"{shard}:{n}"
@@ -216,8 +217,8 @@ def iter_text_lines(path: str) -> Iterator[Record | Skip]:
         yield Record(key, text)
 
 
-def iter_jsonl(path: str, field: str) -> Iterator[Record | Skip]:
-  shard = os.path.basename(path)
+def iter_jsonl(path: str, field: str, name: str | None = None) -> Iterator[Record | Skip]:
+  shard = name or os.path.basename(path)
   with _open_binary(path) as f:
     for n, line in enumerate(f, start=1):
       key = f"{shard}:{n}"
@@ -240,10 +241,11 @@ def iter_jsonl(path: str, field: str) -> Iterator[Record | Skip]:
         yield Record(key, str(value))
 
 
-def iter_parquet_text(path: str, column: str) -> Iterator[Record | Skip]:
+def iter_parquet_text(path: str, column: str, name: str | None = None
+                      ) -> Iterator[Record | Skip]:
   pf = _parquet_file(path, [column], "data.text_source",
                      f"the column as data.text_source=parquet:GLOB:COLUMN (or data.text_field)")
-  shard, row = os.path.basename(path), 0
+  shard, row = name or os.path.basename(path), 0
   for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS * 16, columns=[column]):
     for value in batch.column(0).to_pylist():
       key = f"{shard}:{row}"
@@ -260,30 +262,37 @@ def iter_parquet_text(path: str, column: str) -> Iterator[Record | Skip]:
         yield Record(key, str(value))
 
 
-def image_text_reader(config: Any) -> tuple[list[str], Any]:
-  """(shard paths, path -> record iterator) of the config's image-text stream source."""
-  name = config.data.image_text_source
-  kind, pattern = name.split(":", 1)
+def image_text_reader(config: Any) -> tuple[list[str], "Reader"]:
+  """(shard paths, a Reader) of the config's image-text stream source."""
+  kind, pattern = config.data.image_text_source.split(":", 1)
   paths = shard_paths(pattern, "data.image_text_source")
   if kind == "webdataset":
-    return paths, _Reader(iter_webdataset, config.data.caption_field)
-  return paths, _Reader(iter_parquet_images, config.data.image_field, config.data.caption_field)
+    return paths, Reader(paths, iter_webdataset, config.data.caption_field)
+  return paths, Reader(paths, iter_parquet_images, config.data.image_field,
+                       config.data.caption_field)
 
 
-def text_reader(config: Any) -> tuple[list[str], Any]:
-  """(shard paths, path -> record iterator) of the config's text stream source."""
+def text_reader(config: Any) -> tuple[list[str], "Reader"]:
+  """(shard paths, a Reader) of the config's text stream source."""
   kind, pattern, field = parse_text(config.data.text_source, config.data.text_field)
   paths = shard_paths(pattern, "data.text_source")
   if kind == "text":
-    return paths, _Reader(iter_text_lines)
-  return paths, _Reader(iter_jsonl if kind == "jsonl" else iter_parquet_text, field)
+    return paths, Reader(paths, iter_text_lines)
+  return paths, Reader(paths, iter_jsonl if kind == "jsonl" else iter_parquet_text, field)
 
 
-class _Reader:
-  """path -> fn(path, *args): a picklable partial."""
+class Reader:
+  """path -> the shard's Records and Skips. Shards are named (in keys and
+  reports) by their path below the shard set's common directory, so that
+  shard sets joined by one glob (e.g. {cc3m,cc12m}/*.tar) keep keys apart."""
 
-  def __init__(self, fn, *args):
+  def __init__(self, paths: list[str], fn, *args):
     self.fn, self.args = fn, args
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    self.names = {p: os.path.relpath(p, root) for p in paths}
+
+  def name(self, path: str) -> str:
+    return self.names.get(path, os.path.basename(path))
 
   def __call__(self, path: str) -> Iterator[Record | Skip]:
-    return self.fn(path, *self.args)
+    return self.fn(path, *self.args, name=self.name(path))

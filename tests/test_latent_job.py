@@ -245,3 +245,13 @@ def test_parquet_source_through_the_job(tmp_path):
   assert report["complete"] and report["skipped"] == {
       r: list(exp["bad"].values()).count(r) for r in set(exp["bad"].values())}
   assert sorted(read_cache(out)[1]) == sorted(exp["good"])
+
+
+def test_mesh_encoder_is_an_encoder_over_every_device(vae):
+  """build_latent_cache's (random-access sources) encoder on 8 devices: same latents."""
+  enc = latent_job.MeshEncoder(tiny_vae(), jax.devices(), 8)
+  x = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+  got = enc.encode(x)
+  assert got.shape == (5, 4, 4, 4) and (enc.scale, enc.shift) == (0.5, 0.1)
+  np.testing.assert_allclose(got, np.asarray(vae.encode(x)), rtol=1e-4, atol=1e-4)
+  assert repr(enc) == repr(vae)

@@ -143,6 +143,9 @@ def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
   if streams.is_image_stream(config.data.image_text_source):
     return latent_job.run_latent_job(config, encoder, out, process_index=process_index,
                                      process_count=process_count, progress=progress)
+  import jax  # pylint: disable=g-import-not-at-top
+  if hasattr(encoder, "params") and jax.local_device_count() > 1:  # a VAE: use every device
+    encoder = latent_job.MeshEncoder(encoder, jax.local_devices(), batch_size)
   source = sources.image_source_name(config, root)
   meta_path = os.path.join(out, latents_lib.METADATA_FILE)
   if os.path.exists(meta_path):

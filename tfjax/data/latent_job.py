@@ -263,11 +263,30 @@ class MeshEncoder:
 
   def __call__(self, images: np.ndarray) -> Any:
     """uint8 [k <= batch, H, W, 3] -> latents [batch, h, w, c] (rows past k are padding)."""
-    pad = self.batch - len(images)
-    if pad:
-      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-    x = self._to_unit(self.jax.device_put(images, self.sharding))
+    x = self._to_unit(self.jax.device_put(_pad(images, self.batch), self.sharding))
     return self.encoder.encode(x)
+
+  # The Encoder protocol, so that build_latent_cache (random-access sources)
+  # encodes on every device too.
+  scale = property(lambda self: self.encoder.scale)
+  shift = property(lambda self: self.encoder.shift)
+
+  def __repr__(self) -> str:
+    return repr(self.encoder)
+
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """float32 [b, H, W, 3] in [-1, 1] -> float32 latents [b, h, w, c]."""
+    n = len(self.mesh.devices.flat)
+    x = self.jax.device_put(_pad(np.asarray(images, np.float32), -(-len(images) // n) * n),
+                            self.sharding)
+    return np.asarray(self.encoder.encode(x), np.float32)[:len(images)]
+
+
+def _pad(x: np.ndarray, rows: int) -> np.ndarray:
+  """x padded with zero rows to `rows` rows."""
+  if rows == len(x):
+    return x
+  return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
 
 
 def _prepare_one(policy: prepare.ImagePolicy, data: bytes) -> np.ndarray | prepare.SkipRecord:

@@ -30,6 +30,7 @@ setup(
         "tensorboardX",
         "safetensors",
         "tqdm",
+        "pyarrow",          # Parquet image and text sources (tfjax/data/streams.py)
     ],
     extras_require={
         # CUDA 13 wheels of the same jax version (the GPU machine uses jax 0.11.x + cuda13).

@@ -76,8 +76,12 @@ def default_config() -> ml_collections.ConfigDict:
   # ---- data --------------------------------------------------------------
   data = c.data = ml_collections.ConfigDict()
   data.dir = "data"           # where built datasets, tokenizer and latents live
-  data.text_source = "shapes_text"        # shapes_text | tfds:NAME[/config] | none
-  data.image_text_source = "shapes"       # shapes | folder:PATH | tfds:NAME | none
+  # text: shapes_text | tfds:NAME[/config] | text:GLOB | jsonl:GLOB[:FIELD]
+  #       | parquet:GLOB[:COLUMN] | none  (docs/real_data.md)
+  data.text_source = "shapes_text"
+  # images: shapes | folder:PATH | tfds:NAME | webdataset:GLOB (img2dataset tars)
+  #         | parquet:GLOB | none
+  data.image_text_source = "shapes"
   data.image_size = 64
   data.num_train_scenes = 20000
   data.num_eval_scenes = 500
@@ -99,6 +103,17 @@ def default_config() -> ml_collections.ConfigDict:
   data.pack_max_misses = 0     # documents that may miss a full-ish batch before it closes; 0 = 2*batch+8
   data.seed = 0                # seed of the generated shapes images and text
   data.read_threads = 0        # Grain read threads per process (>0 only for slow/remote storage)
+  # Stream sources (webdataset:, parquet:, text:, jsonl:) and the sharded latent job
+  # (tfjax/data/latent_job.py, docs/real_data.md).
+  data.image_field = "image"        # parquet: column of image bytes or {bytes, path} structs
+  data.caption_field = "caption"    # parquet: caption column; webdataset: KEY.json key (no KEY.txt)
+  data.resize_policy = "center_crop"  # center_crop (shorter side to image_size, crop) | squash
+  data.min_image_size = 0           # skip images with a shorter side below this; 0 = image_size // 2
+  data.max_aspect_ratio = 3.0       # skip images whose long side / short side exceeds this
+  data.validation_percent = 5       # % of stream-source records (by key hash) in the validation split
+  data.latents_dtype = "bfloat16"   # latent cache storage: bfloat16 | float32 (read as float32)
+  data.latents_batch_size = 64      # images per VAE call in the latent job (padded to local devices)
+  data.prepare_threads = 8          # latent job threads decoding and resizing images
 
   # ---- image editing (see tfjax/data/editing.py) --------------------------
   e = c.editing = ml_collections.ConfigDict()

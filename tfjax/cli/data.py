@@ -6,7 +6,10 @@
       train a sentencepiece tokenizer (data.vocab_size ids) on text files,
       or on the config's corpus when --corpus is not given
   tfjax-data latents   --config=configs/tiny.py [--vae=PATH | --pixel_patch]
-      encode the image-text source once into the latent cache (data.latents)
+                       [--process_index=I --process_count=N]
+      encode the image-text source once into the latent cache (data.latents);
+      for webdataset:/parquet: sources, this host's share of the shards (run
+      one per host with its index, or under jax.distributed), resumable
   tfjax-data show      --config=configs/tiny.py [--num_batches=2]
       print packed batches: fill, documents, images, decoded text, skip counts
 
@@ -34,6 +37,13 @@ _VAE = flags.DEFINE_string(
 _PIXEL_PATCH = flags.DEFINE_bool(
     "pixel_patch", False, "latents: use the fixed PixelPatchEncoder stand-in instead of a VAE.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 2, "show: batches to print.")
+_PROCESS_INDEX = flags.DEFINE_integer(
+    "process_index", None, "latents: this host's index among --process_count hosts sharing the "
+    "shards (default: jax.process_index()).")
+_PROCESS_COUNT = flags.DEFINE_integer(
+    "process_count", None, "latents: hosts sharing the input shards (default: "
+    "jax.process_count()).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "latents: show a progress bar.")
 
 COMMANDS = ("build", "tokenizer", "latents", "show")
 
@@ -97,7 +107,10 @@ def _main(argv) -> None:
     print(json.dumps({"out": out, **tok.metadata()}, indent=2))
   elif cmd == "latents":
     from tfjax.data.build import build_latents
-    print(json.dumps(build_latents(config, data_dir, _encoder(config)), indent=2))
+    print(json.dumps(build_latents(config, data_dir, _encoder(config),
+                                   process_index=_PROCESS_INDEX.value,
+                                   process_count=_PROCESS_COUNT.value,
+                                   progress=_PROGRESS.value), indent=2))
   elif cmd == "show":
     _show(config, data_dir)
 

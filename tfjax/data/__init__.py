@@ -7,6 +7,7 @@ The main entry points are importable from here (lazily, so that
   build_all, build_latents                     (build.py)
   Tokenizer, train_tokenizer                   (tokenizer.py)
   PixelPatchEncoder, build_latent_cache        (latents.py)
+  run_latent_job, run_text_job                 (latent_job.py: stream sources, sharded)
 """
 import importlib
 
@@ -15,6 +16,7 @@ _EXPORTS = {
     "build_all": "build", "build_latents": "build",
     "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "PixelPatchEncoder": "latents", "build_latent_cache": "latents",
+    "run_latent_job": "latent_job", "run_text_job": "latent_job",
 }
 
 

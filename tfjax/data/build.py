@@ -1,8 +1,11 @@
 """One-call dataset stages for the main job, each skipped when already built.
 
   build_all(config, data_dir)                image-text dataset (TFDS ArrayRecord),
-                                             text corpus, tokenizer
+                                             text corpus (stream text sources: an
+                                             ArrayRecord copy in DIR/text), tokenizer
   build_latents(config, data_dir, encoder)   latent cache of the image-text data
+                                             (stream sources: the sharded latent job,
+                                             this process's share)
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import ml_collections
 from array_record.python import array_record_module
 
 from tfjax.data import latents as latents_lib
-from tfjax.data import shapes, sources
+from tfjax.data import latent_job, shapes, sources, streams
 from tfjax.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 CORPUS_FILE = "corpus.txt"
@@ -54,12 +57,18 @@ def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]
   if config.data.text_source == "shapes_text":
     with open(os.path.join(root, sources.SHAPES_TEXT_DIR, CORPUS_FILE)) as f:
       lines.extend(f.read().splitlines())
-  elif config.data.text_source.startswith("tfds:"):
+  elif config.data.text_source.startswith("tfds:") or streams.is_text_stream(
+      config.data.text_source):
     src = sources.text_source(config, root, "train")
     for i in range(min(len(src), 100000)):
       t = src[i]
       lines.append(t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t))
-  if config.data.image_text_source != "none":
+  if streams.is_image_stream(config.data.image_text_source):
+    for n, rec in enumerate(sources.stream_records(config)):
+      if n >= 20000:
+        break
+      lines.append(rec.value["caption"])
+  elif config.data.image_text_source != "none":
     src = sources.image_source(config, root, "train")
     for i in range(min(len(src), 20000)):
       c = src[i]["caption"]
@@ -89,6 +98,8 @@ def build_image_text(config: ml_collections.ConfigDict, root: str) -> str | None
     return tfds_folder.build(config, root)
   if name.startswith("tfds:"):
     sources.image_source(config, root, "train")  # raises, naming the key, if not prepared
+  if streams.is_image_stream(name):
+    streams.image_text_reader(config)  # raises, naming the key, if the glob matches nothing
   return None
 
 
@@ -103,6 +114,9 @@ def build_all(config: ml_collections.ConfigDict, data_dir: str | None = None) ->
   t = time.time()
   if config.data.text_source == "shapes_text":
     report["text"] = build_text_corpus(config, root)
+  elif streams.is_text_stream(config.data.text_source):
+    job = latent_job.run_text_job(config, sources.text_cache_dir(config, root))
+    report["text"] = {k: job[k] for k in ("out", "written", "skipped", "complete")}
   report["text_s"] = round(time.time() - t, 2)
   t = time.time()
   tok = build_tokenizer(config, root)
@@ -115,14 +129,24 @@ def build_all(config: ml_collections.ConfigDict, data_dir: str | None = None) ->
 
 def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
                   encoder: latents_lib.Encoder, splits: tuple[str, ...] = ("train",) + EVAL_SPLITS,
-                  batch_size: int = 64) -> dict[str, Any]:
+                  batch_size: int = 64, process_index: int | None = None,
+                  process_count: int | None = None, progress: bool = True) -> dict[str, Any]:
   """Encodes the image-text source into the latent cache, split by split.
 
   A split already in the cache's metadata is kept as is (delete the cache
-  directory to re-encode, e.g. after changing the VAE).
+  directory to re-encode, e.g. after changing the VAE). A stream source
+  (webdataset:, parquet:) goes through `latent_job.run_latent_job`: this
+  process's share of the input shards, every split at once, resumable; it
+  returns that job's summary.
   """
   root = sources.data_root(config, data_dir)
   out = sources.latent_dir(config, root)
+  if streams.is_image_stream(config.data.image_text_source):
+    return latent_job.run_latent_job(config, encoder, out, process_index=process_index,
+                                     process_count=process_count, progress=progress)
+  import jax  # pylint: disable=g-import-not-at-top
+  if hasattr(encoder, "params") and jax.local_device_count() > 1:  # a VAE: use every device
+    encoder = latent_job.MeshEncoder(encoder, jax.local_devices(), batch_size)
   source = sources.image_source_name(config, root)
   meta_path = os.path.join(out, latents_lib.METADATA_FILE)
   if os.path.exists(meta_path):
@@ -135,4 +159,4 @@ def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
           f"to another directory")
   return latents_lib.encode_missing_splits(out, splits, lambda split: latents_lib.build_latent_cache(
       encoder, sources.image_source(config, root, split), out, split=split, batch_size=batch_size,
-      source=source))
+      source=source, dtype=config.data.latents_dtype))

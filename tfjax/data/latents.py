@@ -11,10 +11,14 @@ Each record is a msgpack map (flax.serialization) with
   id       str                  the source record id (reported on skips)
   caption  str
   scene    str                  JSON scene (shapes) or "" (other sources)
-  latents  float32 [h, w, c]    raw encoder output, NOT scaled.
+  latents  [h, w, c]            raw encoder output, NOT scaled; bfloat16 or
+                                float32 (data.latents_dtype, "dtype" in the metadata).
 
-Readers apply `(latents - shift) * scale` (pipeline.py) with the values in
-metadata.json, so a different VAE only changes the numbers, never the format.
+Readers apply `(latents.astype(float32) - shift) * scale` (pipeline.py) with
+the values in metadata.json, so a different VAE only changes the numbers,
+never the format. Stream sources (webdataset:, parquet:) are encoded by the
+sharded, resumable job of latent_job.py into the same layout (one shard per
+input shard, plus skips.jsonl and a skip count per reason).
 """
 from __future__ import annotations
 
@@ -105,14 +109,26 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def encode_record(record_id: str, caption: str, scene: str, latents: np.ndarray) -> bytes:
+def encode_record(record_id: str, caption: str, scene: str, latents: np.ndarray,
+                  dtype: Any = np.float32) -> bytes:
+  """One cache record; `dtype` float32 or ml_dtypes.bfloat16 (msgpack keeps it)."""
   return serialization.msgpack_serialize(
       {"id": record_id, "caption": caption, "scene": scene,
-       "latents": np.asarray(latents, np.float32)})
+       "latents": np.asarray(latents).astype(dtype)})
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:
   return serialization.msgpack_restore(raw)
+
+
+def storage_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' (config key data.latents_dtype) -> a numpy dtype."""
+  if name == "bfloat16":
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    return ml_dtypes.bfloat16
+  if name == "float32":
+    return np.float32
+  raise ValueError(f"config key data.latents_dtype: unknown {name!r} (bfloat16 | float32)")
 
 
 def _shard_paths(out_dir: str, split: str, num_shards: int) -> list[str]:
@@ -131,7 +147,8 @@ def read_metadata(cache_dir: str) -> dict[str, Any]:
 
 def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]], out_dir: str,
                        *, split: str = "train", batch_size: int = 64,
-                       records_per_shard: int = 20000, source: str | None = None) -> dict[str, Any]:
+                       records_per_shard: int = 20000, source: str | None = None,
+                       dtype: str = "float32") -> dict[str, Any]:
   """Encodes every image of `images_source` and writes `split` shards to `out_dir`.
 
   Args:
@@ -142,6 +159,8 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
     out_dir: cache directory; metadata.json there is created or updated.
     source: what the images are (e.g. the shapes dataset's config name),
       recorded in the metadata so that a cache of other images is caught.
+    dtype: storage dtype of the latents, "float32" or "bfloat16" (the VQ
+      token cache needs float32: its code ids exceed bfloat16's integers).
 
   Returns:
     The split's metadata entry: {"num_records", "shards", "skipped"}. Records
@@ -155,6 +174,7 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
   skipped: list[str] = []
   latent_shape = None
   written = 0
+  store = storage_dtype(dtype)
   try:
     for start in range(0, n, batch_size):
       ids, captions, scenes, images = [], [], [], []
@@ -181,7 +201,8 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
       z = encode_images(encoder, images)
       latent_shape = latent_shape or list(z.shape[1:])
       for j in range(len(ids)):
-        writers[written % num_shards].write(encode_record(ids[j], captions[j], scenes[j], z[j]))
+        writers[written % num_shards].write(
+            encode_record(ids[j], captions[j], scenes[j], z[j], dtype=store))
         written += 1
   finally:
     for w in writers:
@@ -193,7 +214,8 @@ def build_latent_cache(encoder: Encoder, images_source: Sequence[dict[str, Any]]
     raise ValueError(f"{out_dir}: split {split} latents {latent_shape} differ from the cache's "
                      f"{meta['latent_shape']}")
   meta.update(scale=float(encoder.scale), shift=float(encoder.shift),
-              latent_shape=latent_shape or meta.get("latent_shape"), encoder=repr(encoder))
+              latent_shape=latent_shape or meta.get("latent_shape"), encoder=repr(encoder),
+              dtype=dtype)
   if source is not None:
     meta["source"] = source
   entry = {"num_records": written, "shards": [os.path.basename(p) for p in paths],
@@ -210,7 +232,11 @@ def split_paths(cache_dir: str, split: str) -> list[str]:
   if split not in meta.get("splits", {}):
     raise FileNotFoundError(f"latent cache {cache_dir} has no split {split!r} "
                             f"(has {sorted(meta.get('splits', {}))})")
-  return [os.path.join(cache_dir, s) for s in meta["splits"][split]["shards"]]
+  shards = meta["splits"][split]["shards"]
+  if not shards:
+    raise FileNotFoundError(f"latent cache {cache_dir}: split {split!r} has no records (all "
+                            f"skipped, see its skips.jsonl; or raise data.validation_percent)")
+  return [os.path.join(cache_dir, s) for s in shards]
 
 
 def encode_missing_splits(out_dir: str, splits: Sequence[str],

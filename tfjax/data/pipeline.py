@@ -211,8 +211,9 @@ class _PackIterator(grain.DatasetIterator):
 class SkipCountIterDataset(grain.IterDataset):
   """Unwraps packed batches and sums skip counts (runs in the main process).
 
-  `build_skips` are records already dropped when the latent cache was built
-  (undecodable images): they start the counts so the trainer reports them too.
+  `build_skips` are records already dropped when the latent cache was built:
+  an id (undecodable image) or a [reason, id] pair (the stream latent job's
+  reasons); they start the counts so the trainer reports them too.
   """
 
   def __init__(self, parent: grain.IterDataset, build_skips: list[str] | None = None):
@@ -221,9 +222,10 @@ class SkipCountIterDataset(grain.IterDataset):
 
   def __iter__(self) -> "SkipCountIterator":
     it = SkipCountIterator(self._parent.__iter__())
-    if self.build_skips:
-      it._counts["undecodable_image"] = len(self.build_skips)  # pylint: disable=protected-access
-      it._ids = self.build_skips[-SKIP_IDS_KEPT:]  # pylint: disable=protected-access
+    pairs = [s if isinstance(s, (list, tuple)) else ("undecodable_image", s)
+             for s in self.build_skips]
+    it._counts.update(reason for reason, _ in pairs)  # pylint: disable=protected-access
+    it._ids = [rid for _, rid in pairs[-SKIP_IDS_KEPT:]]  # pylint: disable=protected-access
     return it
 
 

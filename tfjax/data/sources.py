@@ -1,14 +1,20 @@
 """Random-access record sources named by the config.
 
-`data.text_source`:        shapes_text | tfds:NAME[/CONFIG] | none
-`data.image_text_source`:  shapes | folder:PATH | tfds:NAME[/CONFIG] | none
+`data.text_source`:        shapes_text | tfds:NAME[/CONFIG] | text:GLOB |
+                           jsonl:GLOB[:FIELD] | parquet:GLOB[:COLUMN] | none
+`data.image_text_source`:  shapes | folder:PATH | tfds:NAME[/CONFIG] |
+                           webdataset:GLOB | parquet:GLOB | none
 
 Training never reads pixels: the image-text source is encoded once into the
 latent cache (latents.py) and the pipeline reads that cache. The image source
 name matters when the cache is built (build.py), where `image_source` opens it.
+Stream sources (streams.py) have no random access: their text is copied once
+into DIR/text (ArrayRecord, by latent_job.run_text_job) and their images are
+encoded by the sharded latent job (latent_job.run_latent_job).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -16,8 +22,10 @@ import grain
 import ml_collections
 
 from tfjax.data import latents as latents_lib
+from tfjax.data import streams
 
 SHAPES_TEXT_DIR = "shapes_text"
+TEXT_CACHE_DIR = "text"       # stream text sources, copied to ArrayRecord
 
 
 def data_root(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
@@ -43,6 +51,10 @@ def given_tokenizer(config: ml_collections.ConfigDict) -> str | None:
 def tokenizer_path(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
   """The given tokenizer, else DIR/tokenizer (trained by the data build)."""
   return given_tokenizer(config) or os.path.join(data_root(config, data_dir), "tokenizer")
+
+
+def text_cache_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
+  return os.path.join(data_root(config, data_dir), TEXT_CACHE_DIR)
 
 
 def text_shard_path(root: str, split: str) -> str:
@@ -90,6 +102,18 @@ def text_source(config: ml_collections.ConfigDict, data_dir: str | None, split: 
   if name.startswith("tfds:"):
     src = open_tfds(name[5:], split, tfds_dir(config, data_dir), "data.text_source")
     return _TextField(src, config.data.text_field)
+  if streams.is_text_stream(name):
+    cache = text_cache_dir(config, data_dir)
+    path = os.path.join(cache, latents_lib.METADATA_FILE)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config key data.text_source={name}: its ArrayRecord copy {cache} "
+                              f"is missing or incomplete (build it with `tfjax-data build`)")
+    with open(path) as f:
+      entry = json.load(f)["splits"].get(split, {})
+    if not entry.get("shards"):
+      raise FileNotFoundError(f"config key data.text_source={name}: no {split} documents in "
+                              f"{cache} (raise data.validation_percent, or add documents)")
+    return grain.sources.ArrayRecordDataSource([os.path.join(cache, p) for p in entry["shards"]])
   raise ValueError(f"config key data.text_source: unknown source {name!r}")
 
 
@@ -103,9 +127,20 @@ def latent_source(config: ml_collections.ConfigDict, data_dir: str | None, split
   return grain.sources.ArrayRecordDataSource(latents_lib.split_paths(cache, split)), meta
 
 
-def image_source(config: ml_collections.ConfigDict, data_dir: str | None, split: str) -> Any:
-  """Image-caption records with `image`, `caption`, `scene`, `id` (build time)."""
+def image_source(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
+                 limit: int | None = None) -> Any:
+  """Image-caption records with `image`, `caption`, `scene`, `id` (build time).
+
+  A stream source has no random access: with `limit` it gives the first
+  `limit` good records of `split` (images prepared to data.image_size), read
+  from the start of the shard set (held-out samples); without, it raises.
+  """
   name = config.data.image_text_source
+  if streams.is_image_stream(name):
+    if limit is None:
+      raise ValueError(f"config key data.image_text_source={name}: a stream source has no "
+                       f"random access; encode it with `tfjax-data latents` (the latent job)")
+    return stream_head(config, split, limit)
   if name in ("shapes",) or name.startswith("folder:"):
     from tfjax.data import tfds_folder, tfds_shapes  # pylint: disable=g-import-not-at-top
     mod = tfds_shapes if name == "shapes" else tfds_folder
@@ -125,6 +160,35 @@ def image_source_name(config: ml_collections.ConfigDict, data_dir: str | None) -
     from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top
     return "shapes/" + tfds_shapes.builder(config, data_root(config, data_dir)).builder_config.name
   return name
+
+
+def stream_head(config: ml_collections.ConfigDict, split: str, limit: int) -> list[dict[str, Any]]:
+  """The first `limit` good records of `split` of a stream image-text source,
+  as {image: uint8 [S, S, 3], caption, scene: "", id}."""
+  from tfjax.data import prepare  # pylint: disable=g-import-not-at-top
+  policy = prepare.ImagePolicy.from_config(config)
+  out: list[dict[str, Any]] = []
+  for rec in stream_records(config, split):
+    try:
+      image = prepare.prepare_image(rec.value["image"], policy)
+    except prepare.SkipRecord:
+      continue
+    out.append({"image": image, "caption": rec.value["caption"], "scene": "", "id": rec.key})
+    if len(out) >= limit:
+      break
+  return out
+
+
+def stream_records(config: ml_collections.ConfigDict, split: str | None = None) -> Any:
+  """Good records (streams.Record) of a stream image-text source, in shard
+  order; only those of `split` when given. Bad ones are skipped here
+  (the latent job counts them)."""
+  paths, reader = streams.image_text_reader(config)
+  for path in paths:
+    for item in reader(path):
+      if isinstance(item, streams.Record) and (
+          split is None or streams.split_of(item.key, config.data.validation_percent) == split):
+        yield item
 
 
 class _TfdsImageText:

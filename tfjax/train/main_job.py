@@ -87,7 +87,7 @@ def _held_out(config: ml_collections.ConfigDict, n: int, split: str = "validatio
               ) -> list[dict[str, Any]]:
   from tfjax.data import sources
   from tfjax.data.latents import decode_image
-  src = sources.image_source(config, config.data.dir, split)
+  src = sources.image_source(config, config.data.dir, split, limit=n)
   out = []
   for i in range(min(n, len(src))):
     rec = src[i]
@@ -226,14 +226,21 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     log.info("=== stage %s done in %.1fs ===", name, results["seconds"][name])
     return out
 
-  # Dataset, VAE and latents are built once, by process 0; other hosts wait.
+  # Dataset and VAE are built once, by process 0; other hosts wait. The
+  # latents of a stream source are encoded by every process (its share of
+  # the shards; the last one to finish writes the cache's metadata).
+  from tfjax.data import streams
+  sharded = "latents" in stages and streams.is_image_stream(config.data.image_text_source)
   if primary:
     if "data" in stages:
       timed("data", lambda: stage_data(config))
     if "vae" in stages:
       vae_dir = timed("vae", lambda: stage_vae(config, workdir))
-    if "latents" in stages:
-      timed("latents", lambda: stage_latents(config, _load_vae(vae_dir)))
+  if sharded and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tfjax main job: VAE ready")
+  if "latents" in stages and (primary or sharded):
+    timed("latents", lambda: stage_latents(config, _load_vae(vae_dir)))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tfjax main job: data ready")

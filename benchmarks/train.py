@@ -137,7 +137,11 @@ def main(argv):
     config.data.seq_len = FLAGS.seq_len
   if FLAGS.batch_size:
     config.data.batch_size = FLAGS.batch_size
+  elif config.train.get("device_microbatch", 0) and not FLAGS.quick:
+    # One micro-step of the config's GPU default: its rows on every device.
+    config.data.batch_size = config.train.device_microbatch * jax.local_device_count()
   config.train.grad_accum_steps = 1
+  config.train.device_microbatch = 0
   if FLAGS.text_only:
     config.data.max_images_per_seq = 0
   doc_len = FLAGS.doc_len or config.data.seq_len // 4

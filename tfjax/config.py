@@ -180,6 +180,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.1
   t.grad_clip = 1.0
   t.grad_accum_steps = 1
+  # Rows per device in one forward/backward; > 0 derives grad_accum_steps as
+  # data.batch_size / (device_microbatch x data-parallel devices). 0 = off.
+  t.device_microbatch = 0
+  t.xla_gpu_flags = True      # GPU runs: set tfjax/train/xla_flags.py's XLA flags
   t.ema_decay = 0.0           # 0 = no EMA
   t.log_every = 50
   t.eval_every = 1000
@@ -237,25 +241,32 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def paper_config(name: str, num_layers: int, dim: int, num_heads: int) -> ml_collections.ConfigDict:
+def paper_config(name: str, num_layers: int, dim: int, num_heads: int,
+                 remat_policy: str = "nothing_saveable",
+                 device_microbatch: int = 0) -> ml_collections.ConfigDict:
   """The paper's recipe at one of the Table 2 sizes.
 
   256x256 images through a VAE with 8x downsampling and 8 latent channels
   (32x32x8 latents), 2x2 latent patches (256 per image) through a linear
   layer, Llama 2's 32K vocabulary, sequences of 4096, AdamW (0.9, 0.95, 1e-8),
   lr 3e-4 with 4000 warm-up steps and cosine decay to 1.5e-5, weight decay
-  0.1, clipping at 1.0, lambda = 5.
+  0.1, clipping at 1.0, lambda = 5. `remat_policy` and `device_microbatch`
+  are the per-size GPU settings measured fastest on one H100 (the size configs
+  name them; benchmarks/RESULTS.md, Training); the LM head runs in chunks of
+  1024 positions over the scored text only.
   """
   c = default_config()
   c.name = name
   c.model.update(num_layers=num_layers, dim=dim, num_heads=num_heads, num_kv_heads=num_heads,
                  vocab_size=32000, patch_size=2, latent_size=32, latent_channels=8,
-                 attention_impl="auto", scan_layers=True, remat_policy="nothing_saveable")
+                 attention_impl="auto", scan_layers=True, remat_policy=remat_policy,
+                 lm_head_chunk=1024)
   c.data.update(image_size=256, seq_len=4096, batch_size=512, max_images_per_seq=16,
                 vocab_size=32000)
   c.vae.channels = (128, 256, 512, 512)
   c.train.update(num_steps=250000, learning_rate=3e-4, end_learning_rate=1.5e-5,
-                 warmup_steps=4000, weight_decay=0.1, grad_clip=1.0)
+                 warmup_steps=4000, weight_decay=0.1, grad_clip=1.0,
+                 device_microbatch=device_microbatch)
   return c
 
 

@@ -29,7 +29,7 @@ def drop_captions(rng: jax.Array, batch: Batch, rate: float) -> jax.Array:
   Each valid, caption-first, noised image is dropped with probability `rate`:
   its BOI and everything after it in its document move to a fresh segment id.
   """
-  if rate <= 0.0:
+  if rate <= 0.0 or batch.image_valid.shape[1] == 0:  # nothing to drop (text-only batches)
     return batch.segment_ids
   seq = batch.segment_ids.shape[1]
   droppable = batch.image_valid & ~batch.image_before_caption & ~batch.image_clean

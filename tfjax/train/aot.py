@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from tfjax.batch import batch_spec
 from tfjax.config import validate
 from tfjax.train import mesh as mesh_lib
-from tfjax.train.checks import validate_train
+from tfjax.train.checks import apply_device_microbatch, validate_train
 from tfjax.train.flops import dense_step_flops, peak_tflops
 from tfjax.train.optimizer import make_optimizer
 from tfjax.train.state import state_shardings
@@ -128,6 +128,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
                        topology: str = "local") -> tuple[Any, CompileReport]:
   """(compiled executable, report) for the config's train step on `devices`."""
   validate(config)
+  apply_device_microbatch(config, len(devices))
   validate_train(config, len(devices))
   mesh: Mesh = mesh_lib.make_mesh(config.mesh, devices)
   tx = make_optimizer(config.train)

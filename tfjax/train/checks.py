@@ -16,6 +16,21 @@ def _require(cond: bool, key: str, why: str) -> None:
     raise ConfigError(f"config key {key}: {why}")
 
 
+def apply_device_microbatch(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Sets train.grad_accum_steps from train.device_microbatch (rows per device
+  per forward/backward), so one global batch fits any number of devices."""
+  t = config.train
+  rows = int(t.get("device_microbatch", 0))
+  if rows <= 0:
+    return
+  shape = mesh_shape(config.mesh, num_devices)
+  per_step = rows * shape[0] * shape[1]
+  _require(config.data.batch_size % per_step == 0, "train.device_microbatch",
+           f"data.batch_size={config.data.batch_size} is not a multiple of {rows} rows x "
+           f"{shape[0] * shape[1]} data-parallel devices")
+  t.grad_accum_steps = max(1, config.data.batch_size // per_step)
+
+
 def validate_train(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Checks config.train and config.mesh for `num_devices`; returns the mesh shape."""
   t = config.train

@@ -25,7 +25,7 @@ import numpy as np
 from tfjax.batch import Batch, batch_spec
 from tfjax.config import validate
 from tfjax.train import mesh as mesh_lib
-from tfjax.train.checks import validate_train
+from tfjax.train.checks import apply_device_microbatch, validate_train
 from tfjax.train.checkpoint import Checkpointer, config_json
 from tfjax.train.flops import peak_tflops
 from tfjax.train.metrics import MetricsWriter, Throughput
@@ -144,6 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
   config = resolve_paths(config, workdir)
+  apply_device_microbatch(config, len(jax.devices() if devices is None else devices))
   validate_train(config, len(jax.devices() if devices is None else devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   from tfjax.model import init_params

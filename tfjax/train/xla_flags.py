@@ -1,10 +1,13 @@
 """XLA flags the trainer sets for GPU runs, before the backend starts.
 
-The single-GPU ones make the step's schedule and GEMMs better; the collective
-ones (combining and pipelining all-gathers / reduce-scatters, which the
-latency-hiding scheduler then overlaps with compute) matter across GPUs. The
-same set the large JAX GPU trainers publish for Hopper. A flag the user already
-put in XLA_FLAGS is left as the user set it.
+These are for several GPUs: the latency-hiding scheduler overlaps collectives
+with compute, and all-gathers / reduce-scatters / all-reduces are combined into
+large transfers and pipelined across the layer scan. On one H100 they neither
+help nor hurt (benchmarks/RESULTS.md, Training). Not set: two flags some GPU
+trainers publish, `xla_gpu_enable_triton_gemm=false` and
+`xla_gpu_enable_while_loop_double_buffering=true`; with them the 0.37B step
+on one H100 was 23% slower. A flag the user already put in XLA_FLAGS is left
+as the user set it.
 """
 from __future__ import annotations
 
@@ -13,10 +16,6 @@ import os
 GPU_FLAGS = {
     # Overlap collectives and copies with compute (across GPUs; offload copies).
     "xla_gpu_enable_latency_hiding_scheduler": "true",
-    # GEMMs through cuBLAS rather than Triton-generated kernels.
-    "xla_gpu_enable_triton_gemm": "false",
-    # The layer scan's collectives double-buffered across iterations.
-    "xla_gpu_enable_while_loop_double_buffering": "true",
     "xla_gpu_enable_pipelined_all_gather": "true",
     "xla_gpu_enable_pipelined_reduce_scatter": "true",
     "xla_gpu_enable_pipelined_all_reduce": "true",

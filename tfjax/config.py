@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # ---- data --------------------------------------------------------------
   data = c.data = ml_collections.ConfigDict()
-  data.dir = "data"           # where built datasets, tokenizer and latents live
+  data.dir = "data"           # where built datasets, tokenizer and latents live; relative to the
+                              # workdir (path keys: see tfjax/paths.py)
   data.text_source = "shapes_text"        # shapes_text | tfds:NAME[/config] | none
   data.image_text_source = "shapes"       # shapes | folder:PATH | tfds:NAME | none
   data.image_size = 64
@@ -166,6 +167,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.best_metric = "val_loss"  # also kept: the best checkpoint by this metric ("" = off)
   t.init_from = ""            # checkpoint dir or export to start from (fine-tuning)
+  t.restart = False           # True: when every checkpoint of the workdir is damaged (moved to
+                              # checkpoints_damaged/), start over from step 0 instead of
+                              # stopping; metrics.jsonl keeps its history (a "restart" marker)
   t.peak_tflops = 0.0         # per-device peak for MFU; 0 = look up the device
   t.eval_batches = 4          # validation batches per evaluation
   t.synthetic_data = False    # random packed batches instead of tfjax.data (benchmarks, planning)

@@ -30,7 +30,9 @@ def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from tfjax.chameleon import main as chameleon_main
-  from tfjax.cli.common import load_config
+  from tfjax.cli.common import check_workdir, load_config, quiet_orbax
+  quiet_orbax()
+  check_workdir(FLAGS.workdir)
   out = chameleon_main.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
   if "eval" in out:
     print(json.dumps({k: out["eval"].get(k) for k in (

@@ -41,8 +41,10 @@ def assert_user_error(out, *needles):
 
 def make_workdir(wd):
   """A training workdir as the main job leaves it (checkpoint at step 5 with the
-  portable config, config.json, data/tokenizer, vae/), without training."""
+  portable config, config.json, data/tokenizer, vae/), without training: the
+  state is zeros of the model's shapes, so nothing is compiled."""
   import jax
+  import numpy as np
   from configs.tiny import get_config
   from tfjax.data import shapes
   from tfjax.data.tokenizer import train_tokenizer
@@ -51,7 +53,7 @@ def make_workdir(wd):
   from tfjax.train import mesh as mesh_lib
   from tfjax.train.checkpoint import Checkpointer, config_json
   from tfjax.train.optimizer import make_optimizer
-  from tfjax.train.state import create_train_state
+  from tfjax.train.state import state_shardings
   from tfjax.vae import autoencoder, io as vae_io
   c = get_config()
   m = c.model
@@ -63,10 +65,14 @@ def make_workdir(wd):
   train_tokenizer(shapes.text_corpus("train", 100) + captions, 400, paths.tokenizer)
   arch = autoencoder.AutoencoderConfig(channels=(8, 8, 8, 8), blocks_per_level=1,
                                        latent_channels=8, norm_groups=4, mid_attention=False)
+  zeros = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+      lambda s: jax.device_put(np.zeros(s.shape, s.dtype), getattr(s, "sharding", None)), tree)
+  vae_params = jax.eval_shape(lambda: autoencoder.init_params(arch, jax.random.key(1), 64))
   vae_io.save(paths.vae, {"kind": "kl", "architecture": arch.to_json(), "scale": 1.0,
-                          "shift": 0.0}, autoencoder.init_params(arch, jax.random.key(1), 64))
-  state = create_train_state(c, mesh_lib.make_mesh(c.mesh, jax.devices()[:1]),
-                             make_optimizer(c.train), init_params)
+                          "shift": 0.0}, zeros(vae_params))
+  abstract, _ = state_shardings(c, mesh_lib.make_mesh(c.mesh, jax.devices()[:1]),
+                                make_optimizer(c.train), init_params)
+  state = zeros(abstract)
   ckpt = Checkpointer(paths.checkpoints, c.train, async_save=False)
   ckpt.save(5, state, config=paths.portable_config(), force=True)
   ckpt.close()
@@ -163,6 +169,7 @@ def test_generate_counts_and_out_folder(workdir, tmp_path):
   assert os.listdir(foreign) == ["holiday.png"]
   assert_user_error(tfjax("generate", f"--model={tmp_path / 'none'}", "--prompt=x",
                           f"--out={out_dir}"), "neither an export")
+  assert not out_dir.exists()
 
 
 def test_generate_refuses_a_prompt_longer_than_trained(workdir, tmp_path):
@@ -234,7 +241,7 @@ def test_damaged_only_checkpoint_stops_naming_the_step(workdir, tmp_path):
   wd = copy_of(workdir, tmp_path)
   _damage(os.path.join(wd, "checkpoints", "5"))
   out = tfjax("export", f"--workdir={wd}", f"--out={tmp_path / 'e'}")
-  assert_user_error(out, "checkpoint step 5", "--step")
+  assert_user_error(out, "checkpoint step 5", "damaged", "restore an older copy")
   out = tfjax("train", "--config=configs/tiny.py", f"--workdir={wd}", "--stages=train",
               "--config.train.synthetic_data=true", "--config.model.dim=64",
               "--config.model.num_layers=2", "--config.model.num_heads=4",

@@ -274,7 +274,7 @@ def load_pretrained(path: str, dtype: str | None = None, step: int | None = None
     if meta.get("format") != FORMAT:
       raise ValueError(f"{os.path.join(path, META_FILE)}: not a tfjax export "
                        f"(format {meta.get('format')!r})")
-      config = Paths.of(read_config(os.path.join(path, CONFIG_FILE)), path).resolved_config()
+    config = Paths.of(read_config(os.path.join(path, CONFIG_FILE)), path).resolved_config()
     params = unflatten(safetensors.flax.load_file(os.path.join(path, PARAMS_FILE)))
     tok_path, vae_path = os.path.join(path, "tokenizer"), os.path.join(path, "vae")
   elif os.path.isdir(os.path.join(path, "checkpoints")):

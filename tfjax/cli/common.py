@@ -7,7 +7,8 @@ Exit status of every tfjax-* command:
   2   a user mistake (flag, config key, file, value out of range): one or two
       lines naming what to fix, no traceback unless --verbose
   75  pre-empted (SIGTERM/SIGINT): a checkpoint was saved and the command
-      stopped; running it again resumes (tfjax.train.loop.EXIT_PREEMPTED)
+      stopped; running it again resumes (tfjax/train/preemption.py says why 75)
+  130 interrupted (a second Ctrl-C, or Ctrl-C in a command that saves nothing)
 """
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ def check_workdir(path: str | None, flag: str = "--workdir") -> str:
   return path
 
 
+# Orbax warnings that say nothing is wrong: a healthy workdir's checkpoints
+# predate the metadata file; saves without the best metric are kept by recency.
+_ORBAX_CHATTER = ("Metadata file does not exist", "did not provide metrics")
+
+
 class _QuietOrbax(logging.Filter):
   """Orbax logs every save and restore step at INFO (and a "Metadata file does
   not exist" warning on healthy workdirs): keep records from `level` up."""
@@ -60,7 +66,7 @@ class _QuietOrbax(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if "/orbax/" not in record.pathname:
       return True
-    if record.levelno < self.level or "Metadata file does not exist" in record.getMessage():
+    if record.levelno < self.level or any(t in record.getMessage() for t in _ORBAX_CHATTER):
       return False
     # A failed async save logs the same error from several threads, each with
     # its traceback; the error itself reaches the command, which reports it.
@@ -78,9 +84,9 @@ def quiet_orbax(level: int = logging.WARNING) -> None:
 
   Training keeps Orbax's warnings; generate/eval/export pass ERROR: what goes
   wrong in a read reaches them as an exception, reported once. Orbax's async
-  I/O also leaves asyncio's "Event loop is closed" tracebacks behind when a
-  read or write fails, which say nothing about the failure: asyncio's logger
-  is limited to CRITICAL and those unraisable exceptions are dropped.
+  I/O also leaves asyncio's "Event loop is closed" errors behind when a read
+  or write fails, which say nothing about the failure: asyncio's logger is
+  limited to CRITICAL (and `run` drops those unraisable exceptions).
   """
   targets = [logging.getLogger("absl"), logging.getLogger()] + logging.getLogger().handlers
   for target in targets:
@@ -88,7 +94,6 @@ def quiet_orbax(level: int = logging.WARNING) -> None:
       target.removeFilter(f)
     target.addFilter(_QuietOrbax(level))
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  _silence_closed_loop_noise()
 
 
 def _silence_closed_loop_noise() -> None:
@@ -170,6 +175,7 @@ def run(main_fn, module_name: str) -> None:
     app.usage(shorthelp="--helpfull" not in sys.argv, writeto_stdout=True, exitcode=0)
   verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in sys.argv)
   quiet_jax_startup()
+  _silence_closed_loop_noise()
   try:
     argv = flags.FLAGS(sys.argv)
   except Exception as e:  # noqa: BLE001 - the command line alone: always the user's input
@@ -188,6 +194,11 @@ def run(main_fn, module_name: str) -> None:
   except Preempted as e:
     print(f"{prog}: {e}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    if verbose:
+      raise
+    print(f"{prog}: interrupted", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:  # noqa: BLE001 - sorted into user mistakes and the rest
     if "Failed loading config file" in str(e) and not verbose:
       # config_flags reports an unreadable --config file when the config is first used.

@@ -26,18 +26,22 @@ def check_counts(num: int, **counts) -> None:
       raise ValueError(f"--{flag}={value}: must be at least {low}")
 
 
+def check_out(out: str) -> None:
+  """`out` is new, empty, or an earlier generation's (which may be replaced)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"--out={out} is a file: give a directory")
+  names = os.listdir(out) if os.path.isdir(out) else []
+  if names and MARKER_FILE not in names and RECORD_FILE not in names:
+    raise FileExistsError(f"--out={out} is not empty and holds no earlier tfjax-generate "
+                          f"output ({MARKER_FILE}): give a new or empty directory")
+
+
 def prepare_out(out: str) -> None:
   """Makes `out` ready for a new generation: created if new; if it holds an
   earlier generation, that one's files are removed; anything else stops."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise FileExistsError(f"--out={out} is a file: give a directory")
+  check_out(out)
   if os.path.isdir(out):
-    names = os.listdir(out)
-    ours = MARKER_FILE in names or RECORD_FILE in names
-    if names and not ours:
-      raise FileExistsError(f"--out={out} is not empty and holds no earlier tfjax-generate "
-                            f"output ({MARKER_FILE}): give a new or empty directory")
-    for name in names:
+    for name in os.listdir(out):
       if name == RECORD_FILE or _OUTPUT_NAME.match(name):
         os.remove(os.path.join(out, name))
   os.makedirs(out, exist_ok=True)
@@ -102,7 +106,7 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
       raise FileNotFoundError(f"--image={p}: no such file")
   if not prompt and not image_paths:
     raise ValueError("nothing to generate from: give --prompt and/or --image")
-  prepare_out(out)
+  check_out(out)
   gen = load_pretrained(model_dir)
   c = gen.config
   images = [read_image(p, int(c.data.image_size)) for p in image_paths]
@@ -123,6 +127,7 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
     raise ValueError("nothing to generate from: give a prompt and/or images")
   if mode != "image" and gen.tokenizer is None:
     raise ValueError(f"{model_dir} has no tokenizer, which writing text (mode {mode!r}) needs")
+  prepare_out(out)
   batch = max(1, int(overrides.get("batch_size") or 8))
   rng = jax.random.key(seed)
   samples = []

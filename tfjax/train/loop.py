@@ -78,8 +78,12 @@ def _restore_params_from(path: str, abstract_state: TrainState, config) -> Any:
   from tfjax.train import pretrained
   if pretrained.is_export(path):
     return pretrained.load_export_params(path, abstract_state.params)
-  found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
+  try:
+    found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
+  except DamagedCheckpoints as e:
+    raise DamagedCheckpoints(f"config key train.init_from: {path}: no readable checkpoint "
+                             f"({str(e).split(':')[0]})") from e
   if found is None:
     raise FileNotFoundError(f"config key train.init_from: no checkpoint found in {path}")
   _, state = found
@@ -221,8 +225,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   stored_config = paths.portable_config()
   window_start, window_steps, window_stats = None, 0, []
-  try:
-    with StopSignals(defer=True) as preemption:
+  # The handler stays until the last save is written (close() waits for it):
+  # a second signal must not cut that wait short.
+  with StopSignals(defer=True) as preemption:
+    try:
       while step < tc.num_steps:
         local = next(data_iter)
         batch = put(local)
@@ -268,10 +274,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         if window_start is not None:
           window_start += time.perf_counter() - side_start
       save(force=True)
-  finally:
-    # Also on a crash: let in-flight async saves finish, close the files.
-    ckpt.close()
-    writer.close()
+    finally:
+      # Also on a crash: let in-flight async saves finish, close the files.
+      ckpt.close()
+      writer.close()
   if preempted:
     log.warning("stopped at step %d by %s; checkpoint saved in %s", step,
                 signal.Signals(preemption.signum).name, workdir)

@@ -50,8 +50,11 @@ class StopSignals:
     name = signal.Signals(signum).name
     if not self.defer:
       raise Preempted(f"stopped by {name}; run the same command again to continue")
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the save
     if not self.requested:
-      log.warning("received %s: saving a checkpoint and stopping", name)
+      log.warning("received %s: saving a checkpoint and stopping (Ctrl-C again: stop without "
+                  "it)", name)
     self.requested, self.signum = True, signum
 
   def __exit__(self, *exc) -> None:

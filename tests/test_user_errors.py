@@ -216,6 +216,8 @@ def test_moved_and_copied_workdirs_read_their_own_files(workdir, tmp_path):
   mask = os.umask(0)
   os.umask(mask)
   assert mode == 0o666 & ~mask, oct(mode)
+  vae_mode = os.stat(os.path.join(workdir, "vae", "params.safetensors")).st_mode & 0o777
+  assert vae_mode == 0o666 & ~mask, oct(vae_mode)
   # A copy whose own tokenizer is gone does not read the original's.
   assert export.tokenizer_dir(export.workdir_config(copied), copied) is None
 
@@ -320,3 +322,53 @@ def test_slurm_and_tpu_launchers_resume_on_75():
                         "--config=configs/tiny.py", "--workdir=/w", "--dry-run"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
   assert "-ne 75" in out.stdout and "resuming" in out.stdout
+
+
+def test_moved_workdir_of_the_old_format_finds_its_data(workdir, tmp_path):
+  """Workdirs saved with an absolute data.dir (before tfjax.paths) still work once moved."""
+  from tfjax import export
+  wd = copy_of(workdir, tmp_path, "old")
+  path = os.path.join(wd, "config.json")
+  stored = json.load(open(path))
+  stored["data"]["dir"] = "/gone/run/data"
+  json.dump(stored, open(path, "w"))
+  shutil.rmtree(os.path.join(wd, "checkpoints", "5", "config"))  # config.json is read then
+  config = export.workdir_config(wd)
+  assert export.tokenizer_dir(config, wd) == os.path.join(wd, "data", "tokenizer")
+
+
+def test_tokenizer_corpus_bad_byte_names_file_and_line(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_bytes(b"a red circle\nan \xff blue square\n")
+  out = tfjax("data", "tokenizer", "--config=configs/tiny.py", f"--corpus={corpus}",
+              f"--out={tmp_path / 'tok'}")
+  assert_user_error(out, f"{corpus}:2", "UTF-8")
+
+
+def test_long_prompt_truncate_cuts_text_from_the_end():
+  from tfjax.generate.mixed import fit_prompt
+  row = [("tokens", [1]), ("image", None), ("text", list(range(10, 30))), ("tokens", [3])]
+  fitted = fit_prompt(row, limit=30, image_slots=16, index=0, policy="truncate")
+  assert fitted == [("tokens", [1]), ("image", None), ("tokens", list(range(10, 22))),
+                    ("tokens", [3])]
+  with pytest.raises(ValueError, match="data.seq_len"):
+    fit_prompt(row, limit=30, image_slots=16, index=0)
+  assert fit_prompt(row, limit=38, image_slots=16, index=0)[2] == ("tokens", list(range(10, 30)))
+  with pytest.raises(ValueError, match="images alone"):
+    fit_prompt(row, limit=10, image_slots=16, index=0, policy="truncate")
+
+
+def test_disk_full_is_found_behind_orbax():
+  from tfjax.errors import disk_full
+  inner = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state/0" in OCDBT database at local '
+                     'file "/w/checkpoints/2.orbax-checkpoint-tmp/state/": Failed to write 11841536 '
+                     "bytes to file 8: No space left on device [os_error_code='28']")
+  try:
+    try:
+      raise inner
+    except ValueError as e:
+      raise RuntimeError("Save Finalize thread failed") from e
+  except RuntimeError as outer:
+    assert disk_full(outer) == "/w/checkpoints/2"
+  assert disk_full(OSError(28, "No space left on device", "/w/x")) == "/w/x"
+  assert disk_full(ValueError("bad value")) is None

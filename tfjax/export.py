@@ -116,9 +116,21 @@ def workdir_config(workdir: str, step: int | None = None) -> ml_collections.Conf
   for path in (os.path.join(ckpt, str(step), "config", "metadata"),
                os.path.join(workdir, CONFIG_FILE)):
     if os.path.exists(path):
-      return Paths.of(read_config(path), workdir).resolved_config()
+      return _own_data(Paths.of(read_config(path), workdir).resolved_config(), workdir)
   raise FileNotFoundError(f"{workdir}: no saved config (checkpoints/{step}/config or "
                           f"{CONFIG_FILE})")
+
+
+def _own_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Workdirs written before paths were stored relative hold an absolute
+  data.dir; when that no longer exists (the workdir was moved) but the
+  workdir has its own data/, that is used, with a warning."""
+  own = os.path.join(os.path.abspath(workdir), "data")
+  if not os.path.exists(config.data.dir) and os.path.isdir(own):
+    log.warning("%s: the saved config's data.dir is %s; using this workdir's own %s",
+                workdir, config.data.dir, own)
+    config.data.dir = own
+  return config
 
 
 def _has_ema(state_dir: str) -> bool:

@@ -44,9 +44,8 @@ COMMANDS = ("train", "encode", "import")
 def _train(config) -> None:
   from tfjax.vae.io import META_FILE
   from tfjax.vae.train import train_vae
-  if not _WORKDIR.value:
-    raise SystemExit("train: --workdir is required")
-  path = train_vae(config, _WORKDIR.value)
+  from tfjax.cli.common import check_workdir
+  path = train_vae(config, check_workdir(_WORKDIR.value))
   with open(os.path.join(path, META_FILE)) as f:
     print(json.dumps({"path": path, **json.load(f).get("metrics", {})}, indent=2))
 

@@ -33,7 +33,9 @@ def _run(argv):
   from tfjax.cli.common import check_workdir, load_config, quiet_orbax
   quiet_orbax()
   check_workdir(FLAGS.workdir)
-  out = chameleon_main.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
+  from tfjax.train.preemption import StopSignals
+  with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
+    out = chameleon_main.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
   if "eval" in out:
     print(json.dumps({k: out["eval"].get(k) for k in (
         "shapes_accuracy", "caption_cider", "caption_scene_accuracy", "perplexity")}))

@@ -40,8 +40,10 @@ def _run(argv):
             f"flops={r.flops:.3g}")
     return
   check_workdir(FLAGS.workdir)
-  report = runner.run_sweep(FLAGS.config, FLAGS.workdir, only=FLAGS.only,
-                            report_only=FLAGS.report_only)
+  from tfjax.train.preemption import StopSignals
+  with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
+    report = runner.run_sweep(FLAGS.config, FLAGS.workdir, only=FLAGS.only,
+                              report_only=FLAGS.report_only)
   logging.info("sweep: %d runs reported in %s/results.md; parity %s", len(report["runs"]),
                FLAGS.workdir, report["parity"])
 

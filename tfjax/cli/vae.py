@@ -86,6 +86,8 @@ def _import() -> None:
   from tfjax.vae import diffusers_import, io
   if not (_DIFFUSERS.value and _WORKDIR.value):
     raise SystemExit("import: --diffusers=DIR and --workdir=DIR are required")
+  if not os.path.isdir(_DIFFUSERS.value):
+    raise SystemExit(f"import: --diffusers={_DIFFUSERS.value}: no such directory")
   arch, params, scale, shift = diffusers_import.load_diffusers(_DIFFUSERS.value)
   meta = {"kind": "kl", "architecture": arch.to_json(), "scale": scale, "shift": shift,
           "downsample": arch.downsample, "latent_channels": arch.latent_channels,

@@ -13,7 +13,8 @@ Every action prints the gcloud commands it runs; --dry-run prints them only.
 
 `run` starts the same tfjax-train command on all workers (one process per
 host; jax.distributed finds the pod by itself) under nohup, logging to
-~/tfjax-train.log on each worker; `logs` copies those logs back. WORKDIR must
+~/tfjax-train.log on each worker, and starts it again whenever it exits 75
+(pre-empted after saving a checkpoint: it resumes); `logs` copies the logs back. WORKDIR must
 be one directory every worker sees (a gcsfuse-mounted bucket or a Filestore
 share): all hosts write their shards of each checkpoint into it.
 Needs only the Python standard library and gcloud.
@@ -28,6 +29,7 @@ import sys
 
 REMOTE_DIR = "~/tfjax"
 REMOTE_LOG = "~/tfjax-train.log"
+EXIT_PREEMPTED = 75  # tfjax.train.preemption.EXIT_PREEMPTED (this script needs only the stdlib)
 
 
 def _base() -> list[str]:
@@ -39,6 +41,16 @@ def _where(args) -> list[str]:
   if args.project:
     out.append(f"--project={args.project}")
   return out
+
+
+def resume_loop(train: list[str], max_resumes: int = 100) -> str:
+  """A shell loop running `train` again while it exits EXIT_PREEMPTED (75:
+  stopped by SIGTERM after saving a checkpoint), at most max_resumes times.
+  When the VM itself goes down the loop goes with it: `run` again resumes."""
+  return (f"n=0; while :; do {shlex.join(train)}; rc=$?; "
+          f"if [ $rc -ne {EXIT_PREEMPTED} ] || [ $n -ge {max_resumes} ]; then exit $rc; fi; "
+          f"n=$((n+1)); echo \"tfjax-train pre-empted (exit {EXIT_PREEMPTED}); resuming ($n)\"; "
+          f"sleep 10; done")
 
 
 def commands(args, extra: list[str]) -> list[list[str]]:
@@ -62,7 +74,8 @@ def commands(args, extra: list[str]) -> list[list[str]]:
       raise SystemExit("run needs --config and --workdir")
     train = ["tfjax-train", f"--config={args.config}", f"--workdir={args.workdir}",
              f"--stages={args.stages}"] + extra
-    remote = (f"cd {REMOTE_DIR} && nohup {shlex.join(train)} > {REMOTE_LOG} 2>&1 &")
+    remote = (f"cd {REMOTE_DIR} && nohup bash -c {shlex.quote(resume_loop(train))} "
+              f"> {REMOTE_LOG} 2>&1 &")
     return [ssh + [f"--command={remote}"]]
   if args.action == "logs":
     if not args.dry_run:

@@ -171,3 +171,79 @@ def test_config_errors_name_the_key(key, change):
   with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
     validate(c)
     validate_train(c, 8)
+
+
+def test_every_checkpoint_damaged_stops_unless_restart(interrupted, tmp_path):
+  """No silent start from step 0; train.restart starts over and keeps the history."""
+  import shutil
+  from tfjax.train.checkpoint import DamagedCheckpoints
+  from tfjax.train.metrics import read_history
+  src, _ = interrupted
+  d = str(tmp_path / "run")
+  shutil.copytree(src, d)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit())
+  for s in steps:
+    for root, _, files in os.walk(os.path.join(d, "checkpoints", str(s), "state")):
+      for f in files:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  before = read_history(os.path.join(d, "metrics.jsonl"))
+  with pytest.raises(DamagedCheckpoints, match=rf"steps? .*{steps[-1]}.*train\.restart=true"):
+    train(tiny_config(), d, devices=one_device())
+  with pytest.raises(DamagedCheckpoints, match="checkpoints_damaged"):  # and on the next run
+    train(tiny_config(), d, devices=one_device())
+  assert read_history(os.path.join(d, "metrics.jsonl")) == before
+
+  def stop_at_2(step, _):
+    if step == 2:
+      raise Killed()
+  c = tiny_config()
+  c.train.restart = True
+  with pytest.raises(Killed):
+    train(c, d, devices=one_device(), on_step=stop_at_2)
+  history = read_history(os.path.join(d, "metrics.jsonl"))
+  assert history[:len(before)] == before  # nothing cut
+  assert {"step": 0, "event": "restart"}.items() <= history[len(before)].items()
+  assert [r["step"] for r in read_jsonl(os.path.join(d, "metrics.jsonl"))] == [1, 2]
+
+
+def test_stored_config_is_relative_to_the_workdir(interrupted):
+  import json
+  d, _ = interrupted
+  assert json.load(open(os.path.join(d, "config.json")))["data"]["dir"] == "data"
+  ckpt = Checkpointer(os.path.join(d, "checkpoints"), tiny_config().train)
+  assert ckpt.saved_config()["data"]["dir"] == "data"
+  ckpt.close()
+
+
+def test_sigterm_ends_the_main_job_before_later_stages(tmp_path, monkeypatch):
+  """SIGTERM in the train stage: saved, then Preempted; samples and report never run."""
+  from tfjax.train import loop, main_job
+  from tfjax.train.preemption import Preempted
+  real_train = loop.train
+
+  def term_at_3(step, _):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(loop, "train", lambda config, workdir, **kw: real_train(
+      config, workdir, devices=one_device(), on_step=term_at_3, **kw))
+  c = tiny_config()
+  c.train.sample_every = 0
+  d = str(tmp_path / "run")
+  with pytest.raises(Preempted, match="step 3"):
+    main_job.run(c, d, stages=("train", "samples", "report"))
+  assert os.path.isdir(os.path.join(d, "checkpoints", "3"))
+  assert not os.path.exists(os.path.join(d, "report.md"))
+  assert not os.path.exists(os.path.join(d, "samples"))
+
+
+def test_signal_outside_training_stops_at_once():
+  from tfjax.train.preemption import Preempted, StopSignals
+  with pytest.raises(Preempted, match="SIGINT"):
+    with StopSignals(defer=False):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(10 ** 7):  # the handler raises at the next bytecode
+        pass
+  with StopSignals(defer=True) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+  assert stop.requested and stop.signum == signal.SIGTERM

@@ -87,11 +87,16 @@ def test_writer_jsonl_tensorboard_and_resume(tmp_path):
   recs = read_jsonl(os.path.join(wd, "metrics.jsonl"))
   assert [r["step"] for r in recs] == [1, 2, 3, 4, 4] and recs[-1]["val_loss"] == 0.3
   assert glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
-  # A run resumed from step 2 drops the records after it.
+  # A run resumed from step 2: its curve drops the records after step 2 ...
   w = MetricsWriter(wd, total_steps=4, start_step=2, progress=False, use_tensorboard=False)
   w.write(3, {"loss": 0.9})
   w.close()
   assert [r["step"] for r in read_jsonl(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3]
+  # ... while the file keeps every record, with a marker where the run resumed.
+  from tfjax.train.metrics import read_history
+  history = read_history(os.path.join(wd, "metrics.jsonl"))
+  assert [(r["step"], r.get("event")) for r in history] == [
+      (1, None), (2, None), (3, None), (4, None), (4, None), (2, "resume"), (3, None)]
   path = write_report(get_config(), wd)
   assert "loss_curves.png" in open(path).read()
   assert os.path.exists(os.path.join(wd, "loss_curves.png"))

@@ -75,7 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # ---- data --------------------------------------------------------------
   data = c.data = ml_collections.ConfigDict()
-  data.dir = "data"           # where built datasets, tokenizer and latents live
+  data.dir = "data"           # where built datasets, tokenizer and latents live; relative to the
+                              # workdir (path keys: see tfjax/paths.py)
   # text: shapes_text | tfds:NAME[/config] | text:GLOB | jsonl:GLOB[:FIELD]
   #       | parquet:GLOB[:COLUMN] | none  (docs/real_data.md)
   data.text_source = "shapes_text"
@@ -197,6 +198,9 @@ def default_config() -> ml_collections.ConfigDict:
                               # (model.* must match its config.json, vocab_size >= its + 5
                               # special ids), image side fresh; DIR/tokenizer.model is the
                               # tokenizer unless data.tokenizer is set
+  t.restart = False           # True: when every checkpoint of the workdir is damaged (moved to
+                              # checkpoints_damaged/), start over from step 0 instead of
+                              # stopping; metrics.jsonl keeps its history (a "restart" marker)
   t.peak_tflops = 0.0         # per-device peak for MFU; 0 = look up the device
   t.eval_batches = 4          # validation batches per evaluation
   t.synthetic_data = False    # random packed batches instead of tfjax.data (benchmarks, planning)

@@ -15,6 +15,7 @@ read and no mesh is built.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -25,6 +26,9 @@ import ml_collections
 import numpy as np
 
 from tfjax.config import default_config, validate
+from tfjax.paths import Paths
+
+log = logging.getLogger(__name__)
 
 FORMAT = "tfjax-export"
 META_FILE = "tfjax_export.json"
@@ -104,15 +108,29 @@ def latest_step(ckpt_dir: str) -> int:
 
 
 def workdir_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-  """The config a run saved: the checkpoint's own copy, else WORKDIR/config.json."""
+  """The config a run saved (the checkpoint's own copy, else WORKDIR/config.json),
+  its relative paths resolved against `workdir` (tfjax.paths): a moved or
+  copied workdir reads its own data, tokenizer and VAE."""
   ckpt = checkpoint_dir(workdir)
   step = latest_step(ckpt) if step is None else step
   for path in (os.path.join(ckpt, str(step), "config", "metadata"),
                os.path.join(workdir, CONFIG_FILE)):
     if os.path.exists(path):
-      return read_config(path)
+      return _own_data(Paths.of(read_config(path), workdir).resolved_config(), workdir)
   raise FileNotFoundError(f"{workdir}: no saved config (checkpoints/{step}/config or "
                           f"{CONFIG_FILE})")
+
+
+def _own_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Workdirs written before paths were stored relative hold an absolute
+  data.dir; when that no longer exists (the workdir was moved) but the
+  workdir has its own data/, that is used, with a warning."""
+  own = os.path.join(os.path.abspath(workdir), "data")
+  if not os.path.exists(config.data.dir) and os.path.isdir(own):
+    log.warning("%s: the saved config's data.dir is %s; using this workdir's own %s",
+                workdir, config.data.dir, own)
+    config.data.dir = own
+  return config
 
 
 def _has_ema(state_dir: str) -> bool:
@@ -139,18 +157,32 @@ def restore_params(workdir: str, step: int | None = None, use_ema: bool = True,
   step = latest_step(ckpt) if step is None else step
   config = config or workdir_config(workdir, step)
   state_dir = os.path.join(ckpt, str(step), "state")
-  key = "ema" if use_ema and _has_ema(state_dir) else "params"
-  target = {key: _abstract_params(config)}
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                        target)
+  key = "params"
   try:
+    key = "ema" if use_ema and _has_ema(state_dir) else "params"
+    target = {key: _abstract_params(config)}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          target)
     restored = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                partial_restore=True))
-  except (ValueError, KeyError) as e:
+  except Exception as e:  # noqa: BLE001 - Orbax/TensorStore: sorted into damage and mismatch
+    from tfjax.errors import disk_full, is_damaged_data, short_error
+    if disk_full(e) is not None:
+      raise
+    if is_damaged_data(e) or not isinstance(e, (ValueError, KeyError)):
+      others = [s for s in _steps(ckpt) if s != str(step)]
+      raise ValueError(f"checkpoint step {step} in {ckpt} cannot be read; it looks damaged "
+                       f"({short_error(e)}); " + (
+                           f"other steps here: {', '.join(others)} (tfjax-export --step=N)"
+                           if others else "no other step here: restore an older copy")) from e
     raise ValueError(f"{state_dir}: cannot read the '{key}' parameters for the saved config "
-                     f"({type(e).__name__}: {e})") from e
+                     f"({short_error(e)})") from e
   return restored[key], {"step": step, "ema": key == "ema"}
+
+
+def _steps(ckpt_dir: str) -> list[str]:
+  return sorted((d for d in os.listdir(ckpt_dir) if d.isdigit()), key=int)
 
 
 def _cast(params: Any, dtype: str) -> Any:
@@ -161,21 +193,17 @@ def _cast(params: Any, dtype: str) -> Any:
 
 # ---- tokenizer and VAE locations -------------------------------------------
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Where a run's tokenizer lives (data.tokenizer, else DATA_DIR/tokenizer)."""
-  data_dir = config.data.dir if os.path.isabs(config.data.dir) else os.path.join(
-      workdir, config.data.dir)
-  for path in (config.data.tokenizer, os.path.join(data_dir, "tokenizer"),
-               os.path.join(workdir, "tokenizer")):
+  """Where a run's tokenizer lives (data.tokenizer, else DATA_DIR/tokenizer;
+  relative paths from `workdir`)."""
+  for path in (Paths.of(config, workdir).tokenizer, os.path.join(workdir, "tokenizer")):
     if path and os.path.exists(path):
       return path
   return None
 
 
 def vae_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  for path in (config.vae.path, os.path.join(workdir, "vae")):
-    if path and os.path.isdir(path):
-      return path
-  return None
+  path = Paths.of(config, workdir).vae
+  return path if os.path.isdir(path) else None
 
 
 # ---- export / load ---------------------------------------------------------
@@ -183,7 +211,9 @@ def export(workdir: str, out: str, dtype: str = "bfloat16", step: int | None = N
            use_ema: bool = True) -> str:
   """Writes an export of a training run's checkpoint into `out`; returns `out`."""
   import safetensors.flax
+  from tfjax.files import write_atomic
   from tfjax.model import count_params
+  check_export_out(out)
   config = workdir_config(workdir, step)
   params, info = restore_params(workdir, step, use_ema, config)
   params = _cast(params, dtype)
@@ -191,26 +221,44 @@ def export(workdir: str, out: str, dtype: str = "bfloat16", step: int | None = N
   if os.path.exists(tmp):
     shutil.rmtree(tmp)
   os.makedirs(tmp)
-  safetensors.flax.save_file(_flat_jnp(params), os.path.join(tmp, PARAMS_FILE))
-  with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  tok = tokenizer_dir(config, workdir)
-  if tok is not None:
-    from tfjax.data.tokenizer import Tokenizer
-    Tokenizer.load(tok).save(os.path.join(tmp, "tokenizer"))
-  vae = vae_dir(config, workdir)
-  if vae is not None:
-    shutil.copytree(vae, os.path.join(tmp, "vae"))
-  meta = {"format": FORMAT, "version": 1, "source": os.path.abspath(workdir),
-          "step": info["step"], "ema": info["ema"], "dtype": dtype,
-          "tokenizer": tok is not None, "vae": vae is not None,
-          "param_counts": count_params(params)}
-  with open(os.path.join(tmp, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.rename(tmp, out)
+  try:
+    flat = _flat_jnp(params)
+    write_atomic(os.path.join(tmp, PARAMS_FILE), lambda p: safetensors.flax.save_file(flat, p))
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))  # absolute paths: the data stays behind
+    tok = tokenizer_dir(config, workdir)
+    if tok is not None:
+      from tfjax.data.tokenizer import Tokenizer
+      Tokenizer.load(tok).save(os.path.join(tmp, "tokenizer"))
+    else:
+      log.warning("%s: no tokenizer found (looked in %s): the export cannot read or write text",
+                  workdir, Paths.of(config, workdir).tokenizer)
+    vae = vae_dir(config, workdir)
+    if vae is not None:
+      shutil.copytree(vae, os.path.join(tmp, "vae"))
+    meta = {"format": FORMAT, "version": 1, "source": os.path.abspath(workdir),
+            "step": info["step"], "ema": info["ema"], "dtype": dtype,
+            "tokenizer": tok is not None, "vae": vae is not None,
+            "param_counts": count_params(params)}
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.rename(tmp, out)
+  finally:
+    if os.path.exists(tmp):  # a failed export leaves nothing half-written behind
+      shutil.rmtree(tmp, ignore_errors=True)
   return out
+
+
+def check_export_out(out: str) -> None:
+  """`out` may be replaced: it is absent, an empty directory, or an export."""
+  if os.path.isfile(out):
+    raise FileExistsError(f"--out={out} is a file: give a directory for the export")
+  if os.path.isdir(out) and os.listdir(out) and not is_export(out):
+    raise FileExistsError(f"--out={out} is a non-empty directory that is not a tfjax export "
+                          f"(no {META_FILE}); give a new directory (an export is replaced, "
+                          "anything else is left alone)")
 
 
 def _flat_jnp(params: Any) -> dict[str, jax.Array]:
@@ -238,7 +286,7 @@ def load_pretrained(path: str, dtype: str | None = None, step: int | None = None
     if meta.get("format") != FORMAT:
       raise ValueError(f"{os.path.join(path, META_FILE)}: not a tfjax export "
                        f"(format {meta.get('format')!r})")
-    config = read_config(os.path.join(path, CONFIG_FILE))
+    config = Paths.of(read_config(os.path.join(path, CONFIG_FILE)), path).resolved_config()
     params = unflatten(safetensors.flax.load_file(os.path.join(path, PARAMS_FILE)))
     tok_path, vae_path = os.path.join(path, "tokenizer"), os.path.join(path, "vae")
   elif os.path.isdir(os.path.join(path, "checkpoints")):

@@ -94,7 +94,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if "tokens" in stages:
     out["tokens"] = tokens.build_token_cache(config, vq, config.data.dir)
   if "train" in stages:
-    out["train"] = train_run(config, workdir, vq.codebook_size).step
+    from tfjax.train.loop import raise_if_preempted
+    result = train_run(config, workdir, vq.codebook_size)
+    out["train"] = result.step
+    raise_if_preempted(result, workdir)
   if "eval" in stages:
     out["eval"] = evaluate_run(config, workdir, vq)
   return out

@@ -98,8 +98,7 @@ def _main(argv) -> None:
     if _CORPUS.value:
       lines = []
       for path in _CORPUS.value:
-        with open(path, encoding="utf-8") as f:
-          lines.extend(f.read().splitlines())
+        lines.extend(build.read_text_lines(path))
       tok = train_tokenizer(lines, config.data.vocab_size, out)
     else:
       tok = train_tokenizer(build._tokenizer_corpus(config, sources.data_root(config, data_dir)),

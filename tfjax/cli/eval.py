@@ -10,6 +10,7 @@ caption_scene_accuracy, perplexity) and a Markdown table next to it
 """
 from __future__ import annotations
 
+import logging
 from absl import flags
 
 from tfjax.cli.common import run
@@ -36,7 +37,12 @@ def _main(argv) -> None:
   del argv
   if not _MODEL.value or not _JSON.value:
     raise SystemExit("--model and --json are required")
+  from tfjax.cli.common import quiet_orbax
   from tfjax.eval.suite import evaluate_to_files, markdown_table
+  quiet_orbax(logging.ERROR)
+  if _NUM.value < 1 or _BATCH.value < 1:
+    raise SystemExit(f"--num-samples and --batch-size must be at least 1 (got {_NUM.value}, "
+                     f"{_BATCH.value})")
   results = evaluate_to_files(_MODEL.value, _SUITE.value, _NUM.value, _JSON.value, _SEED.value,
                      _BATCH.value, _INCEPTION.value, _CLIP.value, _OVERRIDE.value)
   print(markdown_table(results))

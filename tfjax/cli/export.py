@@ -8,6 +8,7 @@ config.json, tokenizer/ and vae/; `tfjax.export.load_pretrained(DIR)` and
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 
@@ -27,7 +28,9 @@ def _main(argv) -> None:
   del argv
   if not _WORKDIR.value or not _OUT.value:
     raise SystemExit("--workdir and --out are required")
+  from tfjax.cli.common import quiet_orbax
   from tfjax.export import META_FILE, export
+  quiet_orbax(logging.ERROR)
   out = export(_WORKDIR.value, _OUT.value, _DTYPE.value, _STEP.value, not _NO_EMA.value)
   with open(os.path.join(out, META_FILE)) as f:
     print(json.dumps(json.load(f), indent=2))

@@ -12,6 +12,7 @@ text, image files, sampler settings).
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 
@@ -42,19 +43,24 @@ _MAX_TOKENS = flags.DEFINE_integer("max-text-tokens", None,
 _MAX_IMAGES = flags.DEFINE_integer("max-images", 1, "Images per sample at most (mode auto).")
 _BATCH = flags.DEFINE_integer("batch-size", 8, "Samples generated together.")
 _CACHE = flags.DEFINE_bool("prefix-cache", True, "Reuse the prefix's keys/values while denoising.")
+_LONG = flags.DEFINE_enum("long_prompt", "error", ["error", "truncate"],
+                          "A prompt longer than the model's trained sequence length "
+                          "(data.seq_len): refuse it, or cut its text to fit with a warning.")
 
 
 def _main(argv) -> None:
   del argv
   if not _MODEL.value or not _OUT.value:
     raise SystemExit("--model and --out are required")
+  from tfjax.cli.common import quiet_orbax
   from tfjax.generate.files import generate_to_dir
+  quiet_orbax(logging.ERROR)
   record = generate_to_dir(_MODEL.value, _PROMPT.value, _IMAGE.value, _NUM.value, _SEED.value,
                     _OUT.value, _MODE.value, steps=_STEPS.value, sampler=_SAMPLER.value,
                     cfg_scale=_CFG.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                     top_p=_TOP_P.value, max_text_tokens=_MAX_TOKENS.value,
                     max_images=_MAX_IMAGES.value, batch_size=_BATCH.value,
-                    prefix_cache=_CACHE.value)
+                    prefix_cache=_CACHE.value, long_prompt=_LONG.value)
   for s in record["samples"]:
     print(json.dumps({"index": s["index"], "text": s["text"], "images": s["images"]}))
   print(f"wrote {os.path.join(_OUT.value, 'generation.json')}")

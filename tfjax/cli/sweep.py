@@ -31,14 +31,19 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  from tfjax.cli.common import check_workdir, quiet_orbax
   from tfjax.experiments import runner
+  quiet_orbax()
   if FLAGS.list:
     for r in runner.plan(FLAGS.config):
       print(f"{r.name:<40} steps={r.steps:<7} tokens={r.tokens:<11} N={r.params:<11} "
             f"flops={r.flops:.3g}")
     return
-  report = runner.run_sweep(FLAGS.config, FLAGS.workdir, only=FLAGS.only,
-                            report_only=FLAGS.report_only)
+  check_workdir(FLAGS.workdir)
+  from tfjax.train.preemption import StopSignals
+  with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
+    report = runner.run_sweep(FLAGS.config, FLAGS.workdir, only=FLAGS.only,
+                              report_only=FLAGS.report_only)
   logging.info("sweep: %d runs reported in %s/results.md; parity %s", len(report["runs"]),
                FLAGS.workdir, report["parity"])
 

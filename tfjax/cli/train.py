@@ -6,7 +6,9 @@
 
 Without --stages it runs the embedded main job (dataset, tokenizer, VAE,
 latents, training, samples, report), skipping whatever already exists in the
-workdir; a workdir holding a checkpoint resumes from it.
+workdir; a workdir holding a checkpoint resumes from it. SIGTERM or SIGINT
+saves a checkpoint and ends the command with exit status 75 (run it again to
+resume); a user mistake exits 2 (tfjax/cli/common.py lists the statuses).
 """
 from __future__ import annotations
 
@@ -29,19 +31,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax(logging.Filter):
-  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("absl").addFilter(_QuietOrbax())
-  from tfjax.cli.common import load_config
+  from tfjax.cli.common import check_workdir, load_config, quiet_orbax
   from tfjax.train import distributed, main_job
+  quiet_orbax()
+  check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
   distributed.initialize(FLAGS.distributed)
   results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages,

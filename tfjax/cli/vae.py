@@ -44,9 +44,8 @@ COMMANDS = ("train", "encode", "import")
 def _train(config) -> None:
   from tfjax.vae.io import META_FILE
   from tfjax.vae.train import train_vae
-  if not _WORKDIR.value:
-    raise SystemExit("train: --workdir is required")
-  path = train_vae(config, _WORKDIR.value)
+  from tfjax.cli.common import check_workdir
+  path = train_vae(config, check_workdir(_WORKDIR.value))
   with open(os.path.join(path, META_FILE)) as f:
     print(json.dumps({"path": path, **json.load(f).get("metrics", {})}, indent=2))
 
@@ -87,6 +86,8 @@ def _import() -> None:
   from tfjax.vae import diffusers_import, io
   if not (_DIFFUSERS.value and _WORKDIR.value):
     raise SystemExit("import: --diffusers=DIR and --workdir=DIR are required")
+  if not os.path.isdir(_DIFFUSERS.value):
+    raise SystemExit(f"import: --diffusers={_DIFFUSERS.value}: no such directory")
   arch, params, scale, shift = diffusers_import.load_diffusers(_DIFFUSERS.value)
   meta = {"kind": "kl", "architecture": arch.to_json(), "scale": scale, "shift": shift,
           "downsample": arch.downsample, "latent_channels": arch.latent_channels,

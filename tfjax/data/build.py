@@ -51,6 +51,12 @@ def build_text_corpus(config: ml_collections.ConfigDict, root: str) -> str:
   return out
 
 
+def read_text_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 text file; a bad byte is reported by file and line."""
+  from tfjax.files import utf8_lines
+  return [text.rstrip("\r\n") for _, text in utf8_lines(path)]
+
+
 def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]:
   """Lines to train the tokenizer on: the text corpus plus image captions."""
   lines: list[str] = []

@@ -265,26 +265,26 @@ class FolderSource:
     if not os.path.exists(self.path):
       raise FileNotFoundError(f"editing folder {root} has no {split}.jsonl (config key "
                               f"editing.source)")
+    from tfjax.files import utf8_lines
     self.lines = []
-    with open(self.path) as f:
-      for n, text in enumerate(f, start=1):
-        if not text.strip():
-          continue
-        where = f"{self.path}:{n}"
-        try:
-          line = json.loads(text)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: not valid JSON ({e})") from e
-        missing = [k for k in JSONL_KEYS if not isinstance(line, dict) or k not in line]
-        if missing:
-          raise ValueError(f"{where}: missing keys {missing} (each line needs {JSONL_KEYS})")
-        if not str(line["instruction"]).strip():
-          raise ValueError(f"{where}: empty instruction")
-        for side in ("input", "output"):
-          if not os.path.exists(os.path.join(root, line[side])):
-            raise FileNotFoundError(f"{where}: {side} image {line[side]} not found under {root}")
-        line.setdefault("id", f"{split}-{n}")
-        self.lines.append(line)
+    for n, text in utf8_lines(self.path):
+      if not text.strip():
+        continue
+      where = f"{self.path}:{n}"
+      try:
+        line = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
+      missing = [k for k in JSONL_KEYS if not isinstance(line, dict) or k not in line]
+      if missing:
+        raise ValueError(f"{where}: missing keys {missing} (each line needs {JSONL_KEYS})")
+      if not str(line["instruction"]).strip():
+        raise ValueError(f"{where}: empty instruction")
+      for side in ("input", "output"):
+        if not os.path.exists(os.path.join(root, line[side])):
+          raise FileNotFoundError(f"{where}: {side} image {line[side]} not found under {root}")
+      line.setdefault("id", f"{split}-{n}")
+      self.lines.append(line)
 
   def __len__(self) -> int:
     return len(self.lines)

@@ -34,19 +34,29 @@ def read_captions(folder: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"config key data.image_text_source=folder:{folder}: "
                             f"{path} is missing")
+  from tfjax.files import utf8_lines
   rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        row["file"], row["caption"] = str(row["file"]), str(row.get("caption", ""))
-      except (ValueError, KeyError) as e:
-        raise ValueError(f"{path}:{n}: expected {{\"file\": ..., \"caption\": ...}}: {e}") from e
-      row.setdefault("split", _split_for(row["file"]))
-      rows.append(row)
+  for n, line in utf8_lines(path):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      row["file"], row["caption"] = str(row["file"]), str(row.get("caption", ""))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}:{n}: expected {{\"file\": ..., \"caption\": ...}}: "
+                       f"{type(e).__name__}: {e}") from None
+    row.setdefault("split", _split_for(row["file"]))
+    row["line"] = n
+    rows.append(row)
   return rows
+
+
+def check_files(folder: str, rows: list[dict[str, Any]]) -> None:
+  """Every row's image file exists; the error names the captions line."""
+  for row in rows:
+    if not os.path.isfile(os.path.join(folder, row["file"])):
+      raise FileNotFoundError(f"{os.path.join(folder, CAPTIONS_FILE)}:{row['line']}: names "
+                              f"{row['file']!r}, which is not in {folder}")
 
 
 class TfjaxFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -80,12 +90,9 @@ class TfjaxFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {s: self._generate_examples([r for r in rows if r["split"] == s]) for s in splits}
 
   def _generate_examples(self, rows: list[dict[str, Any]]):
+    check_files(self.folder, rows)
     for row in rows:
-      path = os.path.join(self.folder, row["file"])
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{os.path.join(self.folder, CAPTIONS_FILE)} names "
-                                f"{row['file']}, which is not in the folder")
-      with open(path, "rb") as f:
+      with open(os.path.join(self.folder, row["file"]), "rb") as f:
         data = f.read()
       yield row["file"], {"image": data, "caption": row["caption"], "scene": "",
                           "id": row["file"]}
@@ -100,9 +107,21 @@ def builder(config: ml_collections.ConfigDict, root: str) -> TfjaxFolder:
 
 
 def build(config: ml_collections.ConfigDict, root: str) -> str:
+  """Builds the dataset once; a failed build leaves no directory behind."""
   b = builder(config, root)
+  if b.is_prepared():
+    return str(b.data_dir)
+  check_files(b.folder, read_captions(b.folder))  # bad input stops before TFDS writes
   tfds.disable_progress_bar()  # a progress bar per split floods job logs
-  b.download_and_prepare()
+  created = [d for d in (os.path.dirname(str(b.data_dir)), os.path.dirname(os.path.dirname(
+      str(b.data_dir)))) if not os.path.exists(d)]
+  try:
+    b.download_and_prepare()
+  except BaseException:
+    import shutil
+    for d in created:
+      shutil.rmtree(d, ignore_errors=True)
+    raise
   return str(b.data_dir)
 
 

@@ -174,6 +174,8 @@ def _train_and_evaluate(run: Run, config: ml_collections.ConfigDict, run_dir: st
     result = chameleon_main.train_run(config, run_dir, vae.codebook_size, devices=devices)
   else:
     result = train(config, run_dir, devices=devices)
+  from tfjax.train.loop import raise_if_preempted
+  raise_if_preempted(result, run_dir)
   train_seconds = time.time() - t0
   state = result.state
   params = jax.device_get(state.ema if config.train.ema_decay > 0 and state.ema

@@ -2,11 +2,51 @@
 
 Writes OUT/sample{i}_image{j}.png (or _latents.npy when the model has no VAE)
 and OUT/generation.json (prompt, generated text, image files, sampler settings).
+OUT must be new, empty, or an earlier output (marked by MARKER_FILE), whose
+samples are then removed first: no stale image sits beside the new ones.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+
+MARKER_FILE = ".tfjax-generate"
+RECORD_FILE = "generation.json"
+_OUTPUT_NAME = re.compile(r"sample\d+_image\d+(\.png|_latents\.npy)$")
+
+
+def check_counts(num: int, **counts) -> None:
+  """Refuses counts a user can mistype: num (--num-images) and the given
+  optional settings (None = the model's default)."""
+  if num < 1:
+    raise ValueError(f"--num-images={num}: must be at least 1")
+  for flag, (value, low) in counts.items():
+    if value is not None and value < low:
+      raise ValueError(f"--{flag}={value}: must be at least {low}")
+
+
+def check_out(out: str) -> None:
+  """`out` is new, empty, or an earlier generation's (which may be replaced)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"--out={out} is a file: give a directory")
+  names = os.listdir(out) if os.path.isdir(out) else []
+  if names and MARKER_FILE not in names and RECORD_FILE not in names:
+    raise FileExistsError(f"--out={out} is not empty and holds no earlier tfjax-generate "
+                          f"output ({MARKER_FILE}): give a new or empty directory")
+
+
+def prepare_out(out: str) -> None:
+  """Makes `out` ready for a new generation: created if new; if it holds an
+  earlier generation, that one's files are removed; anything else stops."""
+  check_out(out)
+  if os.path.isdir(out):
+    for name in os.listdir(out):
+      if name == RECORD_FILE or _OUTPUT_NAME.match(name):
+        os.remove(os.path.join(out, name))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, MARKER_FILE), "w") as f:
+    f.write("written by tfjax-generate: its next run here replaces the samples\n")
 
 
 def read_image(path: str, size: int):
@@ -52,6 +92,21 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   from tfjax.export import load_pretrained
   from tfjax.generate.diffusion import DiffusionParams
   from tfjax.generate.sampling import SamplingParams
+  check_counts(num, **{"batch-size": (overrides.get("batch_size"), 1),
+                       "steps": (overrides.get("steps"), 1),
+                       "max-images": (overrides.get("max_images"), 1),
+                       "max-text-tokens": (overrides.get("max_text_tokens"), 1),
+                       "top-k": (overrides.get("top_k"), 0),
+                       "temperature": (overrides.get("temperature"), 0)})
+  top_p = overrides.get("top_p")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"--top-p={top_p}: must be in (0, 1]")
+  for p in image_paths:
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"--image={p}: no such file")
+  if not prompt and not image_paths:
+    raise ValueError("nothing to generate from: give --prompt and/or --image")
+  check_out(out)
   gen = load_pretrained(model_dir)
   c = gen.config
   images = [read_image(p, int(c.data.image_size)) for p in image_paths]
@@ -70,7 +125,9 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   items = prompt_items(prompt, images)
   if not items:
     raise ValueError("nothing to generate from: give a prompt and/or images")
-  os.makedirs(out, exist_ok=True)
+  if mode != "image" and gen.tokenizer is None:
+    raise ValueError(f"{model_dir} has no tokenizer, which writing text (mode {mode!r}) needs")
+  prepare_out(out)
   batch = max(1, int(overrides.get("batch_size") or 8))
   rng = jax.random.key(seed)
   samples = []
@@ -79,7 +136,8 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
     outs = gen.generate([items] * min(batch, num - start), rng=key, mode=mode, sampling=sampling,
                         diffusion_params=dp, max_text_tokens=overrides.get("max_text_tokens"),
                         max_images=int(overrides.get("max_images") or 1),
-                        use_cache=overrides.get("prefix_cache", True))
+                        use_cache=overrides.get("prefix_cache", True),
+                        long_prompt=overrides.get("long_prompt") or "error")
     for k, o in enumerate(outs):
       i = start + k
       files = []
@@ -99,6 +157,6 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
             "mode": mode, "seed": seed, "num_samples": num,
             "sampling": dataclasses.asdict(sampling), "diffusion": dataclasses.asdict(dp),
             "prefix_cache": overrides.get("prefix_cache", True), "samples": samples}
-  with open(os.path.join(out, "generation.json"), "w") as f:
+  with open(os.path.join(out, RECORD_FILE), "w") as f:
     json.dump(record, f, indent=2)
   return record

@@ -15,6 +15,7 @@ sampled: captioning and plain text).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Sequence, Union
 
 import jax
@@ -27,6 +28,8 @@ from tfjax.generate import diffusion as diff
 from tfjax.generate import lm
 from tfjax.generate.sampling import SamplingParams
 from tfjax.model import Transfusion
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "image", "text")
 
@@ -65,6 +68,41 @@ class Generation:
   @property
   def images(self) -> list[np.ndarray]:
     return [s["latents"] for s in self.segments if s["type"] == "image"]
+
+
+LONG_PROMPT = ("error", "truncate")
+
+
+def fit_prompt(row: list[tuple[str, Any]], limit: int, image_slots: int, index: int,
+               policy: str = "error") -> list[tuple[str, Any]]:
+  """A prompt row of at most `limit` positions, as ("tokens", ids) / ("image", latents).
+
+  The model never saw sequences longer than data.seq_len: past them it draws
+  noise. policy "error" refuses a longer prompt; "truncate" cuts text tokens
+  from the end of its last text items and warns. ("text", ids) items (the
+  prompt's text) become ("tokens", ids); an image takes `image_slots`.
+  """
+  if policy not in LONG_PROMPT:
+    raise ValueError(f"long_prompt must be one of {LONG_PROMPT}, got {policy!r}")
+  length = sum(image_slots if kind == "image" else len(v) for kind, v in row)
+  excess = length - limit
+  why = (f"prompt {index} takes {length} positions, but the model was trained on sequences "
+         f"leaving {limit} for a prompt (config key data.seq_len, less room for the output)")
+  if excess > 0 and policy == "error":
+    raise ValueError(f"{why}: shorten it, or pass --long_prompt=truncate")
+  out = []
+  for kind, v in reversed(row):
+    if kind == "text" and excess > 0:
+      cut = min(excess, len(v))
+      excess, v = excess - cut, v[:len(v) - cut]
+      if not v:
+        continue
+    out.append(("tokens" if kind == "text" else kind, v))
+  if excess > 0:
+    raise ValueError(f"{why}, and its images alone do not fit")
+  if length > limit:
+    log.warning("%s: its text was cut to fit", why)
+  return out[::-1]
 
 
 class Generator:
@@ -111,7 +149,7 @@ class Generator:
       if isinstance(item, str):
         if self.tokenizer is None:
           raise ValueError("a text prompt needs a tokenizer (the model directory has none)")
-        row.append(("tokens", self.tokenizer.encode(item)))
+        row.append(("text", self.tokenizer.encode(item)))
       elif isinstance(item, Latents):
         row += [("tokens", [BOI_ID]), ("image", item.array), ("tokens", [EOI_ID])]
       else:
@@ -160,7 +198,8 @@ class Generator:
                mode: str = "auto", sampling: SamplingParams | None = None,
                diffusion_params: diff.DiffusionParams | None = None,
                max_text_tokens: int | None = None, max_images: int = 1,
-               use_cache: bool = True, pad_multiple: int = 16) -> list[Generation]:
+               use_cache: bool = True, pad_multiple: int = 16,
+               long_prompt: str = "error") -> list[Generation]:
     """Generates for a batch of prompts (each a list of text / image items).
 
     Args:
@@ -172,13 +211,20 @@ class Generator:
       max_images: images per row at most (mode "auto").
       use_cache: reuse the prefix KV cache while denoising (False: recompute).
       pad_multiple: left-pad prompts to a multiple of this (fewer recompiles).
+      long_prompt: a prompt longer than the trained sequence length
+        (data.seq_len, less the room for the output) is refused ("error") or
+        has its text cut from the end, with a warning ("truncate").
     """
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     sampling = sampling or SamplingParams.from_config(self.config.sample)
     dp = diffusion_params or diff.DiffusionParams.from_config(self.config)
     max_new = int(max_text_tokens or self.config.sample.max_text_tokens)
-    rows = [self._row(p) for p in prompts]
+    # What the prompt must leave room for within the trained length: the
+    # image (BOI + patches + EOI) or at least one new token.
+    room = self.num_patches + 2 if mode == "image" else 1
+    rows = [fit_prompt(self._row(p), int(self.config.data.seq_len) - room, self.num_patches, i,
+                       long_prompt) for i, p in enumerate(prompts)]
     if mode == "image":
       rows = [r + [("tokens", [BOI_ID])] for r in rows]
     ctx = context_lib.from_rows(rows, self.latent_shape, self.model_config.patch_size,

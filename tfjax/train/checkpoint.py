@@ -7,7 +7,9 @@ A checkpoint step directory holds three items:
   data    the Grain iterator state of every process (one JSON file each);
   config  the resolved config as JSON.
 A checkpoint that fails to restore is reported, moved aside into
-`<dir>/../checkpoints_damaged/`, and the previous one is used.
+`<dir>/../checkpoints_damaged/`, and the previous one is used; when there is
+none, `DamagedCheckpoints` stops the run naming the damaged step and the
+choices (never a silent start from step 0).
 """
 from __future__ import annotations
 
@@ -24,7 +26,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from tfjax.errors import UserError, short_error
+
 log = logging.getLogger(__name__)
+DAMAGED_DIR = "checkpoints_damaged"
+
+
+class DamagedCheckpoints(UserError):
+  """Every checkpoint of a run failed to restore (moved aside) and none is left."""
 
 
 class _IteratorSnapshot:
@@ -85,6 +94,7 @@ class Checkpointer:
         preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
         best_fn=best_fn, best_mode="min", create=True)
     self.manager = self._open()
+    self.damaged_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.directory, options=self._options,
@@ -144,8 +154,7 @@ class Checkpointer:
     """Moves a damaged step out of the manager's directory so it is not
     retried and its step number can be saved again."""
     if jax.process_index() == 0:
-      dest = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged",
-                          f"{step}-{int(time.time())}")
+      dest = os.path.join(self.damaged_dir, f"{step}-{int(time.time())}")
       os.makedirs(os.path.dirname(dest), exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), dest)
       log.warning("moved damaged checkpoint %d to %s", step, dest)
@@ -163,16 +172,32 @@ class Checkpointer:
       step: a specific step instead of the newest.
     """
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    damaged = []
     for s in steps:
       try:
         return s, self._restore_step(s, abstract_state, iterator)
       except Exception as e:  # noqa: BLE001 - any failure means unreadable; try older
         if step is not None:
           raise
-        log.warning("checkpoint step %d in %s could not be restored (%s: %s); falling back "
-                    "to the previous checkpoint", s, self.directory, type(e).__name__, e)
+        log.warning("checkpoint step %d in %s could not be restored (%s)%s", s,
+                    self.directory, short_error(e),
+                    "; falling back to the previous checkpoint" if s != steps[-1] else "")
         self._quarantine(s)
+        damaged.append(s)
+    if damaged:
+      raise DamagedCheckpoints(
+          f"checkpoint step{'s' if len(damaged) > 1 else ''} "
+          f"{', '.join(map(str, damaged))} in {self.directory} could not be restored (moved to "
+          f"{self.damaged_dir}/) and there is no older checkpoint to fall back to: put back "
+          f"an older copy of the checkpoints, or pass --config.train.restart=true to start "
+          f"over from step 0")
     return None
+
+  def damaged_steps(self) -> list[str]:
+    """What earlier restores moved aside (STEP-TIME names), oldest first."""
+    if not os.path.isdir(self.damaged_dir):
+      return []
+    return sorted(os.listdir(self.damaged_dir))
 
   def saved_config(self, step: int | None = None) -> dict[str, Any] | None:
     step = self.latest_step() if step is None else step

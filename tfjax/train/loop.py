@@ -3,8 +3,9 @@
 Side effects live here: data iteration, checkpoints, metrics, samples and
 signals. The loop resumes from WORKDIR/checkpoints when a checkpoint exists
 (same data position, same randomness), evaluates every train.eval_every steps,
-saves every train.checkpoint_every steps and at the end, and on SIGTERM saves
-once more and returns.
+saves every train.checkpoint_every steps and at the end, and on SIGTERM or
+SIGINT saves once more and returns (callers then raise `Preempted`:
+tfjax/train/preemption.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -23,13 +23,15 @@ import ml_collections
 import numpy as np
 
 from tfjax.batch import Batch, batch_spec
-from tfjax.config import validate
+from tfjax.config import ConfigError, validate
+from tfjax.paths import Paths
 from tfjax.train import mesh as mesh_lib
 from tfjax.train.checks import apply_device_microbatch, validate_train
-from tfjax.train.checkpoint import Checkpointer, config_json
+from tfjax.train.checkpoint import Checkpointer, DamagedCheckpoints, config_json
 from tfjax.train.flops import peak_tflops
 from tfjax.train.metrics import MetricsWriter, Throughput
 from tfjax.train.optimizer import make_optimizer
+from tfjax.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals  # noqa: F401
 from tfjax.train.state import TrainState, create_train_state, state_shardings
 from tfjax.train.step import jit_eval_step, jit_train_step, make_loss_fn
 
@@ -45,28 +47,6 @@ class TrainResult:
   state: TrainState
   preempted: bool
   last_metrics: dict[str, float]
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    log.warning("received signal %d: saving a checkpoint and stopping", signum)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _default_train_data(config: ml_collections.ConfigDict, process_index: int,
@@ -101,8 +81,12 @@ def _restore_params_from(path: str, abstract_state: TrainState, config, fresh: A
     return pretrained.load_hf_llama_params(config, fresh)
   if pretrained.is_export(path):
     return pretrained.load_export_params(path, abstract_state.params)
-  found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
+  try:
+    found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
+  except DamagedCheckpoints as e:
+    raise DamagedCheckpoints(f"config key train.init_from: {path}: no readable checkpoint "
+                             f"({str(e).split(':')[0]})") from e
   if found is None:
     raise FileNotFoundError(f"config key train.init_from: no checkpoint found in {path}")
   _, state = found
@@ -110,14 +94,21 @@ def _restore_params_from(path: str, abstract_state: TrainState, config, fresh: A
 
 
 def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of config with a relative data.dir taken as relative to workdir, and
-  an hf_llama init_from checked against config.model and naming data.tokenizer."""
+  """A copy of config with every path key absolute (tfjax.paths: data.dir
+  relative to workdir), for use in this process, never stored; an hf_llama
+  init_from checked against config.model and naming data.tokenizer."""
   from tfjax.train import pretrained
-  config = config.copy_and_resolve_references()
-  if not os.path.isabs(config.data.dir):
-    config.data.dir = os.path.join(os.path.abspath(workdir), config.data.dir)
+  config = Paths.from_command_line(config, workdir).resolved_config()
   pretrained.resolve_hf_llama(config)
   return config
+
+
+def raise_if_preempted(result: "TrainResult", workdir: str) -> None:
+  """Ends a command whose training a signal stopped (after its save)."""
+  if result.preempted:
+    raise Preempted(f"pre-empted at step {result.step}: checkpoint saved in "
+                    f"{os.path.join(workdir, 'checkpoints')}; run the same command again to "
+                    f"resume (exit status {EXIT_PREEMPTED})")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -143,8 +134,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   validate(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
+  paths = Paths.from_command_line(config, workdir)
   config = resolve_paths(config, workdir)
   apply_device_microbatch(config, len(jax.devices() if devices is None else devices))
+  tc = config.train
   validate_train(config, len(jax.devices() if devices is None else devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   from tfjax.model import init_params
@@ -152,14 +145,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_state, shardings = state_shardings(config, mesh, tx, init_params)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_json(config), f, indent=2)
+      json.dump(config_json(paths.portable_config()), f, indent=2)
 
   pi, pc = jax.process_index(), jax.process_count()
   data_iter = (train_data or _default_train_data)(config, pi, pc)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc)
-  found = ckpt.restore(abstract_state, iterator=data_iter)
+  event = ""
+  try:
+    found = ckpt.restore(abstract_state, iterator=data_iter)
+  except DamagedCheckpoints:
+    if not tc.restart:
+      ckpt.close()
+      raise
+    found, event = None, "restart"
+  if found is None and not event and ckpt.damaged_steps():
+    if not tc.restart:
+      ckpt.close()
+      raise DamagedCheckpoints(
+          f"{ckpt.directory} holds no checkpoint, but {ckpt.damaged_dir}/ holds damaged ones "
+          f"({', '.join(ckpt.damaged_steps())}): put back an older copy of the checkpoints, "
+          f"or pass --config.train.restart=true to start over from step 0")
+    event = "restart"
+  if event:
+    log.warning("train.restart: every checkpoint in %s is damaged; starting over from step 0",
+                ckpt.directory)
   if found is not None:
     step, state = found
+    if step > tc.num_steps:
+      ckpt.close()
+      raise ConfigError(
+          f"config key train.num_steps={tc.num_steps} is below the checkpoint's step {step} "
+          f"in {ckpt.directory}: raise it to train on, or leave the train stage out "
+          f"(--stages) to use the run as it is")
     log.info("resumed from step %d in %s", step, workdir)
   else:
     state = create_train_state(config, mesh, tx, init_params)
@@ -184,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   throughput = Throughput(config.model, len(mesh.local_devices),
                           peak_tflops(mesh.devices.flat[0].device_kind, tc.peak_tflops),
                           num_processes=pc)
-  writer = MetricsWriter(workdir, int(tc.num_steps), start_step=step)
+  writer = MetricsWriter(workdir, int(tc.num_steps), start_step=step, event=event)
   last: dict[str, float] = {}
   val: dict[str, float] = {}
   preempted = False
@@ -212,12 +229,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return {k: v / n for k, v in sums.items()} if n else {}
 
   def save(force: bool = False) -> None:
-    ckpt.save(step, state, iterator=data_iter, config=config,
+    ckpt.save(step, state, iterator=data_iter, config=stored_config,
               metrics={f"val_{k}": v for k, v in val.items()} if val else None, force=force)
 
+  stored_config = paths.portable_config()
   window_start, window_steps, window_stats = None, 0, []
-  try:
-    with _Preemption() as preemption:
+  # The handler stays until the last save is written (close() waits for it):
+  # a second signal must not cut that wait short.
+  with StopSignals(defer=True) as preemption:
+    try:
       while step < tc.num_steps:
         local = next(data_iter)
         batch = put(local)
@@ -263,10 +283,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         if window_start is not None:
           window_start += time.perf_counter() - side_start
       save(force=True)
-  finally:
-    # Also on a crash: let in-flight async saves finish, close the files.
-    ckpt.close()
-    writer.close()
+    finally:
+      # Also on a crash: let in-flight async saves finish, close the files.
+      ckpt.close()
+      writer.close()
   if preempted:
-    log.warning("stopped at step %d by SIGTERM; checkpoint saved in %s", step, workdir)
+    log.warning("stopped at step %d by %s; checkpoint saved in %s", step,
+                signal.Signals(preemption.signum).name, workdir)
   return TrainResult(step=step, state=state, preempted=preempted, last_metrics=last)

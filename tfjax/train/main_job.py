@@ -10,7 +10,8 @@
 
 `tfjax-train --config=configs/tiny.py --workdir=DIR` runs them all; a stage
 whose output exists is skipped (the train stage resumes), so re-running after
-an interruption continues where it stopped.
+an interruption continues where it stopped. SIGTERM or SIGINT ends the whole
+job (after the train stage's save) with `Preempted`: later stages do not run.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tfjax.config import validate
+from tfjax.config import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
   num_samples: held-out captions (and images) the samples stage generates from.
   """
-  from tfjax.train.loop import resolve_paths, train
-  from tfjax.train import report as report_lib
+  from tfjax.paths import Paths
+  from tfjax.train.preemption import StopSignals
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown stages {unknown}; known: {STAGES}")
@@ -205,13 +206,24 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                      "run it with tfjax-chameleon --config=... --workdir=...")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  config = resolve_paths(config, workdir)
+  paths = Paths.from_command_line(config, workdir)
+  if config.vae.path and not os.path.exists(paths.vae):
+    raise ConfigError(f"config key vae.path: {paths.vae} does not exist")
+  config = paths.resolved_config()
+  with StopSignals(defer=False):
+    return _run_stages(config, workdir, paths, stages, num_samples)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, paths: Any,
+                stages: Sequence[str], num_samples: int) -> dict[str, Any]:
+  from tfjax.train.loop import raise_if_preempted, train
+  from tfjax.train import report as report_lib
   results: dict[str, Any] = {"seconds": {}}
   timings_path = os.path.join(workdir, "stage_seconds.json")
   if os.path.exists(timings_path):
     with open(timings_path) as f:
       results["seconds"].update(json.load(f))
-  vae_dir = config.vae.path or os.path.join(workdir, "vae")
+  vae_dir = paths.vae
   primary = jax.process_index() == 0
 
   def timed(name, fn):
@@ -245,8 +257,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tfjax main job: data ready")
   if "train" in stages:
-    timed("train", lambda: train(config, workdir,
-                                 sample_fn=make_sample_fn(config, workdir, vae_dir)).step)
+    result = timed("train", lambda: train(config, workdir,
+                                          sample_fn=make_sample_fn(config, workdir, vae_dir)))
+    results["train"] = result.step
+    raise_if_preempted(result, workdir)
   samples_path = os.path.join(workdir, "samples", SAMPLES_FILE)
   if primary and "samples" in stages:
     if _samples_current(samples_path, workdir):

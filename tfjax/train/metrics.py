@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 _SHOWN = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "tokens_per_s", "mfu")
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl (skipping a torn last line)."""
+def read_history(path: str) -> list[dict[str, Any]]:
+  """Every record of a metrics.jsonl as written, resume/restart markers included
+  (skipping a torn last line)."""
   out = []
   if not os.path.exists(path):
     return out
@@ -40,6 +41,18 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return out
 
 
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The current run's records: a marker {"event": "resume"|"restart", "step": k}
+  supersedes the earlier records after step k (the file keeps them all)."""
+  out: list[dict[str, Any]] = []
+  for r in read_history(path):
+    if "event" in r:
+      out = [o for o in out if o.get("step", 0) <= r.get("step", 0)]
+    else:
+      out.append(r)
+  return out
+
+
 def _scalar(v: Any) -> float | int | str:
   if isinstance(v, (str, int)):
     return v
@@ -48,11 +61,14 @@ def _scalar(v: Any) -> float | int | str:
 
 
 class MetricsWriter:
-  """Appends metric records; safe to reopen on resume (records after the
-  resumed step are dropped, so a curve never shows a step twice)."""
+  """Appends metric records; safe to reopen on resume. Nothing is ever removed:
+  a resumed run appends a marker, and `read_jsonl` drops the records it
+  supersedes, so a curve never shows a step twice."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               use_tensorboard: bool = True, progress: bool | None = None):
+               use_tensorboard: bool = True, progress: bool | None = None, event: str = ""):
+    """event: "restart" marks a run started over from step 0 in a workdir that
+    has history; otherwise a workdir with records gets a "resume" marker."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.total_steps = total_steps
@@ -61,7 +77,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._truncate_after(start_step)
+    self._mark(start_step, event)
     self._file = open(self.path, "a")
     if use_tensorboard:
       try:
@@ -76,11 +92,13 @@ class MetricsWriter:
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
     self._t0, self._step0 = time.time(), start_step
 
-  def _truncate_after(self, step: int) -> None:
-    kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      for r in kept:
-        f.write(json.dumps(r) + "\n")
+  def _mark(self, step: int, event: str) -> None:
+    """Appends a resume (or restart) marker; earlier records are never rewritten."""
+    if not event and not read_history(self.path):
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), "time": time.time(),
+                          "event": event or "resume"}) + "\n")
 
   def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Records `metrics` at `step` (keys get `prefix`, e.g. "val_")."""

@@ -79,7 +79,9 @@ def save(path: str, meta: dict[str, Any], params: Any,
   if os.path.exists(tmp):
     shutil.rmtree(tmp)
   os.makedirs(tmp)
-  safetensors.numpy.save_file(flatten_params(params), os.path.join(tmp, PARAMS_FILE))
+  from tfjax.files import write_atomic
+  flat = flatten_params(params)
+  write_atomic(os.path.join(tmp, PARAMS_FILE), lambda p: safetensors.numpy.save_file(flat, p))
   for name, data in (extra_files or {}).items():
     with open(os.path.join(tmp, name), "wb") as f:
       f.write(data)

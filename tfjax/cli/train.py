@@ -36,9 +36,11 @@ def _run(argv):
   logging.getLogger().setLevel(logging.INFO)
   from tfjax.cli.common import check_workdir, load_config, quiet_orbax
   from tfjax.train import distributed, main_job
+  from tfjax.train.xla_flags import set_gpu_flags
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
+  set_gpu_flags(config.train.get("xla_gpu_flags", True))  # before JAX starts its backends
   distributed.initialize(FLAGS.distributed)
   results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages,
                          num_samples=FLAGS.num_samples)

@@ -14,12 +14,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny widths, batch 2, 2 iterations (CPU smoke run).")
 _CONFIG = flags.DEFINE_string("config", "configs/vae_f8c8.py", "Config file with the vae section.")

@@ -26,14 +26,11 @@ import importlib.util
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny VAE, 64 small images (CPU smoke run).")
 _CONFIG = flags.DEFINE_string("config", "configs/vae_f8c8.py", "Config file with the vae section.")

@@ -22,7 +22,8 @@ point; noisy: two runs of one recipe differed by up to 20 points):
   - The paper's sampler: DDPM, 250 steps, CFG 5 (DDIM 50 / CFG 3 on the same
     checkpoint: 12% vs 19%).
 """
-from tfjax.config import default_config, tiny_vae
+from configs.common import tiny_vae
+from tfjax.config import default_config
 
 
 def get_config():
@@ -55,7 +56,7 @@ def get_config():
   c.data.batch_size = 16
   c.data.max_images_per_seq = 4
 
-  tiny_vae(c)                 # 64x64x3 -> 8x8x8, 29.2 dB (see tfjax.config.tiny_vae)
+  tiny_vae(c)                 # 64x64x3 -> 8x8x8, 29.2 dB (see configs/common.py)
 
   t = c.train
   t.num_steps = 3000

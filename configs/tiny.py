@@ -56,7 +56,7 @@ def get_config():
   c.data.batch_size = 16
   c.data.max_images_per_seq = 4
 
-  tiny_vae(c)                 # 64x64x3 -> 8x8x8, 29.2 dB (see configs/common.py)
+  tiny_vae(c)                 # 64x64x3 -> 8x8x8, 29.2 dB (see tfjax.config.tiny_vae)
 
   t = c.train
   t.num_steps = 3000

@@ -15,11 +15,7 @@ PAPER_SIZES = ("160m", "370m", "760m", "1_4b", "7b")
 
 
 def load(path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(str(path))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -36,6 +32,8 @@ def test_paper_sizes_validate_and_old_file_names_give_the_same_config(size):
   c = config_lib.validate(transfusion.get_config(size))
   assert c.name == f"transfusion_{size}" and c.data.seq_len == 4096
   assert load(CONFIGS[0].parent / f"transfusion_{size}.py").to_dict() == c.to_dict()
+  assert config_lib.load_config_file(f"configs/transfusion.py:{size}",
+                                     root=str(CONFIGS[0].parent.parent)).to_dict() == c.to_dict()
 
 
 def test_paper_config_without_a_size_names_the_sizes():

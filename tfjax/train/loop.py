@@ -119,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (or resumes) the Transfusion model of `config` in `workdir`.
 
   Args:
-    config: a full config (see tfjax/config.py); validated here.
+    config: a full config (see tfjax/config/defaults.py); validated here.
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json go here.
     train_data, eval_data: data factories; default to tfjax.data (or the
       synthetic batches when train.synthetic_data).

@@ -134,8 +134,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   validate(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
-  paths = Paths.from_command_line(config, workdir)
   config = resolve_paths(config, workdir)
+  paths = Paths.from_command_line(config, workdir)  # what is stored: see portable_config
   apply_device_microbatch(config, len(jax.devices() if devices is None else devices))
   tc = config.train
   validate_train(config, len(jax.devices() if devices is None else devices))

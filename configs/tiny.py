@@ -21,6 +21,9 @@ point; noisy: two runs of one recipe differed by up to 20 points):
     47%); EMA 0.999 hurt this short run (34% vs 66%).
   - The paper's sampler: DDPM, 250 steps, CFG 5 (DDIM 50 / CFG 3 on the same
     checkpoint: 12% vs 19%).
+  - Not cheaper: halving both step counts (VAE 1500 steps, 29.6 dB instead of
+    32.45; transformer 1500) fits 15 minutes but drew 34% (shapes wrong,
+    colours 88%; 2-core CPU, benchmarks/RESULTS.md "Main job on the 2-core CPU").
 """
 from configs.common import tiny_vae
 from tfjax.config import default_config
@@ -37,7 +40,8 @@ def get_config():
   m.num_kv_heads = 4
   m.dtype = "float32"         # CPU: bf16 buys nothing and costs accuracy
   m.attention_impl = "xla"
-  m.scan_layers = True
+  m.scan_layers = False       # 4 layers unrolled: no stacked per-layer residuals to zero and
+                              # copy each step; ~5% fewer CPU s/step (benchmarks/RESULTS.md)
   m.remat_policy = "none"
   m.patch_type = "unet"       # conv down/up blocks around the transformer (see above)
   m.unet_channels = (64, 128)

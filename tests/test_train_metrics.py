@@ -1,5 +1,6 @@
 """Metrics: FLOPs over unmasked pairs, JSONL + TensorBoard output, resume truncation."""
 import glob
+import json
 import os
 
 import numpy as np
@@ -97,8 +98,15 @@ def test_writer_jsonl_tensorboard_and_resume(tmp_path):
   history = read_history(os.path.join(wd, "metrics.jsonl"))
   assert [(r["step"], r.get("event")) for r in history] == [
       (1, None), (2, None), (3, None), (4, None), (4, None), (2, "resume"), (3, None)]
+  # The main job's per-stage wall and CPU seconds become the Stages table.
+  for name, secs in (("stage_seconds.json", {"vae": 10.0, "train": 30.5}),
+                     ("stage_cpu_seconds.json", {"vae": 18.0, "train": 59.0})):
+    with open(os.path.join(wd, name), "w") as f:
+      json.dump(secs, f)
   path = write_report(get_config(), wd)
-  assert "loss_curves.png" in open(path).read()
+  text = open(path).read()
+  assert "loss_curves.png" in text
+  assert "| train | 30.5 | 59.0 |" in text and "| total | 40.5 | 77.0 |" in text
   assert os.path.exists(os.path.join(wd, "loss_curves.png"))
 
 

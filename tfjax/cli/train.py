@@ -45,6 +45,7 @@ def _run(argv):
   results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages,
                          num_samples=FLAGS.num_samples)
   logging.info("stage seconds: %s", results["seconds"])
+  logging.info("stage CPU seconds: %s", results.get("cpu_seconds", {}))
 
 
 def main():

@@ -74,9 +74,15 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   if os.path.exists(seconds_path):
     with open(seconds_path) as f:
       seconds = json.load(f)
-    lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in seconds.items()]
-    lines += [f"| total | {round(sum(seconds.values()), 1)} |", ""]
+    cpu_path = os.path.join(workdir, "stage_cpu_seconds.json")
+    cpu = {}
+    if os.path.exists(cpu_path):  # written by the main job beside stage_seconds.json
+      with open(cpu_path) as f:
+        cpu = json.load(f)
+    lines += ["## Stages", "", "| stage | seconds | CPU seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {cpu.get(k, '')} |" for k, v in seconds.items()]
+    lines += [f"| total | {round(sum(seconds.values()), 1)} | "
+              f"{round(sum(cpu.values()), 1) if cpu else ''} |", ""]
   if records:
     loss_curve_png(records, os.path.join(workdir, "loss_curves.png"))
     train_recs = [r for r in records if "loss" in r]

@@ -197,6 +197,9 @@ def test_main_job_stages_data_and_latents(tmp_path):
   n = sum(e["num_records"] for e in meta["splits"].values())
   assert n == len(shards["webdataset"]["good"]) and meta["scale"] == 0.5
   assert (data / "text" / "metadata.json").exists() and (data / "tokenizer").exists()
+  # Each stage's CPU seconds beside its wall seconds (where a shared machine's minutes go).
+  cpu = json.loads((tmp_path / "run" / main_job.CPU_SECONDS_FILE).read_text())
+  assert set(cpu) == {"data", "vae", "latents"} and cpu["data"] > 0
   c.data.dir = str(data)
   held = main_job._held_out(c, 3)
   assert len(held) == 3 and held[0]["image"].shape == (32, 32, 3) and held[0]["caption"]

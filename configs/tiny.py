@@ -23,7 +23,8 @@ point; noisy: two runs of one recipe differed by up to 20 points):
     checkpoint: 12% vs 19%).
   - Not cheaper: halving both step counts (VAE 1500 steps, 29.6 dB instead of
     32.45; transformer 1500) fits 15 minutes but drew 34% (shapes wrong,
-    colours 88%; 2-core CPU, benchmarks/RESULTS.md "Main job on the 2-core CPU").
+    colours 88%); with 2000 transformer steps, 59% (2-core CPU, 2026-12-06;
+    benchmarks/RESULTS.md "Main job on the 2-core CPU").
 """
 from configs.common import tiny_vae
 from tfjax.config import default_config

@@ -29,13 +29,11 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.chameleon import main as chameleon_main
   from tfjax.cli.common import check_workdir, load_config, quiet_orbax
+  from tfjax.jobs import chameleon  # stops at once on a signal outside training (exit 75)
   quiet_orbax()
   check_workdir(FLAGS.workdir)
-  from tfjax.train.preemption import StopSignals
-  with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
-    out = chameleon_main.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
+  out = chameleon.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
   if "eval" in out:
     print(json.dumps({k: out["eval"].get(k) for k in (
         "shapes_accuracy", "caption_cider", "caption_scene_accuracy", "perplexity")}))

@@ -29,10 +29,11 @@ def _main(argv) -> None:
   if not _WORKDIR.value or not _OUT.value:
     raise SystemExit("--workdir and --out are required")
   from tfjax.cli.common import quiet_orbax
-  from tfjax.export import META_FILE, export
+  from tfjax.checkpoints import EXPORT_META
+  from tfjax.export import export
   quiet_orbax(logging.ERROR)
   out = export(_WORKDIR.value, _OUT.value, _DTYPE.value, _STEP.value, not _NO_EMA.value)
-  with open(os.path.join(out, META_FILE)) as f:
+  with open(os.path.join(out, EXPORT_META)) as f:
     print(json.dumps(json.load(f), indent=2))
 
 

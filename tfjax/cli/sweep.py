@@ -32,7 +32,7 @@ def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from tfjax.cli.common import check_workdir, quiet_orbax
-  from tfjax.experiments import runner
+  from tfjax.jobs import sweep as runner
   quiet_orbax()
   if FLAGS.list:
     for r in runner.plan(FLAGS.config):

@@ -35,14 +35,14 @@ def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from tfjax.cli.common import check_workdir, load_config, quiet_orbax
-  from tfjax.train import distributed, main_job
+  from tfjax.jobs import transfusion
+  from tfjax.train import distributed
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
   distributed.initialize(FLAGS.distributed)
-  results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages,
-                         num_samples=FLAGS.num_samples)
-  logging.info("stage seconds: %s", results["seconds"])
+  transfusion.run(config, FLAGS.workdir, stages=FLAGS.stages,  # logs "stage seconds"
+                  num_samples=FLAGS.num_samples)
 
 
 def main():

@@ -227,7 +227,7 @@ def test_sigterm_ends_the_main_job_before_later_stages(tmp_path, monkeypatch):
     if step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
   monkeypatch.setattr(loop, "train", lambda config, workdir, **kw: real_train(
-      config, workdir, devices=one_device(), on_step=term_at_3, **kw))
+      config, workdir, **{**kw, "devices": one_device(), "on_step": term_at_3}))
   c = tiny_config()
   c.train.sample_every = 0
   d = str(tmp_path / "run")

@@ -57,7 +57,8 @@ def export(workdir: str, out: str, dtype: str = "bfloat16", step: int | None = N
   os.makedirs(tmp)
   try:
     flat = checkpoints.flatten(params)
-    write_atomic(os.path.join(tmp, checkpoints.EXPORT_PARAMS), lambda p: safetensors.flax.save_file(flat, p))
+    write_atomic(os.path.join(tmp, checkpoints.EXPORT_PARAMS),
+                 lambda p: safetensors.flax.save_file(flat, p))
     with open(os.path.join(tmp, checkpoints.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))  # absolute paths: the data stays behind
     tok = checkpoints.tokenizer_dir(config, workdir)
@@ -90,8 +91,8 @@ def check_export_out(out: str) -> None:
     raise FileExistsError(f"--out={out} is a file: give a directory for the export")
   if os.path.isdir(out) and os.listdir(out) and not checkpoints.is_export(out):
     raise FileExistsError(f"--out={out} is a non-empty directory that is not a tfjax export "
-                          f"(no {checkpoints.EXPORT_META}); give a new directory (an export is replaced, "
-                          "anything else is left alone)")
+                          f"(no {checkpoints.EXPORT_META}); give a new directory (an export is "
+                          "replaced, anything else is left alone)")
 
 
 def load_pretrained(path: str, dtype: str | None = None, step: int | None = None):

@@ -17,6 +17,8 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
+from tfjax.cli.common import check_workdir, load_config, quiet_orbax, run
+
 config_flags.DEFINE_config_file("config", None, "Chameleon config file (e.g. "
                                 "configs/chameleon_tiny.py); override keys with "
                                 "--config.section.key=value.", lock_config=True)
@@ -29,8 +31,8 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.cli.common import check_workdir, load_config, quiet_orbax
-  from tfjax.jobs import chameleon  # stops at once on a signal outside training (exit 75)
+  # Local: JAX loads after the flags parse (--help answers at once).
+  from tfjax.jobs import chameleon
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   out = chameleon.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
@@ -40,7 +42,6 @@ def _run(argv):
 
 
 def main():
-  from tfjax.cli.common import run
   run(_run, __name__)
 
 

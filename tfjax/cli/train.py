@@ -17,6 +17,8 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
+from tfjax.cli.common import check_workdir, load_config, quiet_orbax, run
+
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys "
                                 "with --config.section.key=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: data, VAE, checkpoints, metrics, report.")
@@ -34,7 +36,7 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.cli.common import check_workdir, load_config, quiet_orbax
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.jobs import transfusion
   from tfjax.train import distributed
   quiet_orbax()
@@ -46,7 +48,6 @@ def _run(argv):
 
 
 def main():
-  from tfjax.cli.common import run
   run(_run, __name__)
 
 

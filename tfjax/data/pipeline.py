@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 from absl import flags
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -213,9 +214,10 @@ def _pipeline(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   return SkipCountIterDataset(ds, build_skips if process_index == 0 else None)
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_index_count(process_index: int | None, process_count: int | None
+                        ) -> tuple[int, int]:
+  """(process_index, process_count), jax's where not given; checked."""
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -235,7 +237,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_dir: str | None 
   `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` under
   a `grain.checkpoint.CheckpointHandler()` item (or `get_state`/`set_state`).
   """
-  pi, pc = _process(process_index, process_count)
+  pi, pc = process_index_count(process_index, process_count)
   ds = _pipeline(config, data_dir, "train", pi, pc, True, config.data.num_workers)
   return ds.__iter__()
 
@@ -251,7 +253,7 @@ def make_eval_iterator(config: ml_collections.ConfigDict, data_dir: str | None =
   when it runs out, so every JAX process yields the same count (processes
   hold different shards, and a process stopping early would hang collectives).
   """
-  pi, pc = _process(process_index, process_count)
+  pi, pc = process_index_count(process_index, process_count)
   make = lambda: _pipeline(config, data_dir, split, pi, pc, False, 0).__iter__()
   if num_batches is None:
     return make()

@@ -25,18 +25,20 @@ import numpy as np
 from tfjax import checkpoints
 from tfjax.batch import Batch, batch_spec
 from tfjax.config import ConfigError, validate
+from tfjax.data.pipeline import make_eval_iterator, make_train_iterator
 from tfjax.model import hf_llama, init_params
 from tfjax.paths import Paths
 from tfjax.train import mesh as mesh_lib
 from tfjax.train import pretrained
+from tfjax.train.checkpoint import Checkpointer, config_json, DamagedCheckpoints
 from tfjax.train.checks import apply_device_microbatch, validate_train
-from tfjax.train.checkpoint import Checkpointer, DamagedCheckpoints, config_json
 from tfjax.train.flops import peak_tflops
 from tfjax.train.metrics import MetricsWriter, Throughput
 from tfjax.train.optimizer import make_optimizer
 from tfjax.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals  # noqa: F401
-from tfjax.train.state import TrainState, create_train_state, state_shardings
+from tfjax.train.state import create_train_state, state_shardings, TrainState
 from tfjax.train.step import jit_eval_step, jit_train_step, make_loss_fn
+from tfjax.train.synthetic import synthetic_dataset
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,7 @@ class TrainResult:
 def _default_train_data(config: ml_collections.ConfigDict, process_index: int,
                         process_count: int) -> Iterator[dict[str, np.ndarray]]:
   if config.train.synthetic_data:
-    from tfjax.train.synthetic import synthetic_dataset
     return iter(synthetic_dataset(config, config.data.shuffle_seed, process_index, process_count))
-  from tfjax.data import make_train_iterator
   return make_train_iterator(config, config.data.dir, process_index=process_index,
                              process_count=process_count)
 
@@ -65,13 +65,8 @@ def _default_train_data(config: ml_collections.ConfigDict, process_index: int,
 def _default_eval_data(config: ml_collections.ConfigDict, process_index: int,
                        process_count: int) -> Iterator[dict[str, np.ndarray]] | None:
   if config.train.synthetic_data:
-    from tfjax.train.synthetic import synthetic_dataset
     return iter(synthetic_dataset(config, 10 ** 6 + config.data.shuffle_seed, process_index,
                                   process_count))
-  try:
-    from tfjax.data import make_eval_iterator
-  except ImportError:
-    return None
   return make_eval_iterator(config, config.data.dir, process_index=process_index,
                             process_count=process_count)
 

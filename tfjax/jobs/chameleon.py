@@ -18,17 +18,10 @@ import ml_collections
 from tfjax.chameleon import batches, tokens
 from tfjax.config import ConfigError, validate
 from tfjax.jobs import stages
-from tfjax.jobs.runner import Barrier, Job, Stage, check_stages, names, primary, run_stages
+from tfjax.jobs.runner import Job, Stage, check_stages, names, primary, run_stages
 from tfjax.train.loop import resolve_paths
 
-CHAIN = (
-    Stage("data", stages.data, where=primary),
-    Stage("vq", stages.vae, where=primary),
-    Stage("tokens", stages.vq_tokens, where=primary),
-    Barrier("data ready"),
-    Stage("train", stages.train),
-    Stage("eval", stages.eval_suite, where=primary),
-)
+CHAIN = stages.evaluated_chain("vq", Stage("tokens", stages.vq_tokens, where=primary))
 STAGES = names(CHAIN)
 
 

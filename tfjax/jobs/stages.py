@@ -24,7 +24,7 @@ from tfjax.chameleon import batches, tokens
 from tfjax.data import build, streams
 from tfjax.experiments.evaluate import evaluate, make_generator
 from tfjax.jobs import samples
-from tfjax.jobs.runner import Job
+from tfjax.jobs.runner import Barrier, Job, Stage, primary
 from tfjax.train import loop
 from tfjax.train import report as report_lib
 from tfjax.train.state import TrainState
@@ -98,3 +98,14 @@ def eval_suite(job: Job) -> dict[str, Any]:
 
 def report(job: Job) -> str:
   return report_lib.write_report(job.config, job.workdir)
+
+
+def evaluated_chain(vae_name: str, images: Stage) -> tuple[Stage | Barrier, ...]:
+  """data -> (VQ-)VAE -> `images` (latents or VQ tokens) -> train -> eval: the
+  Chameleon job's chain and every sweep run's. Process 0 builds the assets."""
+  return (Stage("data", data, where=primary),
+          Stage(vae_name, vae, where=primary),
+          images,
+          Barrier("data ready"),
+          Stage("train", train),
+          Stage("eval", eval_suite, where=primary))

@@ -135,16 +135,8 @@ def _vae_key(c: ml_collections.ConfigDict) -> str:
 
 # A run's chain: its assets (built once under WORKDIR/shared, reused by every
 # run that shares them), training and the evaluation suite.
-TRANSFUSION_CHAIN = (
-    Stage("data", stages.data, where=primary),
-    Stage("vae", stages.vae, where=primary),
-    Stage("latents", stages.latents, where=primary),
-    Barrier("data ready"),
-    Stage("train", stages.train),
-    Stage("eval", stages.eval_suite, where=primary),
-)
-CHAMELEON_CHAIN = tuple(Stage("tokens", stages.vq_tokens, where=primary)
-                        if s.name == "latents" else s for s in TRANSFUSION_CHAIN)
+TRANSFUSION_CHAIN = stages.evaluated_chain("vae", Stage("latents", stages.latents, where=primary))
+CHAMELEON_CHAIN = stages.evaluated_chain("vae", Stage("tokens", stages.vq_tokens, where=primary))
 
 
 def run_job(config: ml_collections.ConfigDict, shared: str, run_dir: str,

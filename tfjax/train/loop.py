@@ -142,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   pi, pc = jax.process_index(), jax.process_count()
   data_iter = (train_data or _default_train_data)(config, pi, pc)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc)
+  ckpt = Checkpointer(paths.checkpoints, tc)
   event = ""
   try:
     found = ckpt.restore(abstract_state, iterator=data_iter)

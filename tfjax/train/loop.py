@@ -128,8 +128,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   validate(config)
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
-  paths = Paths.from_command_line(config, workdir)
   config = resolve_paths(config, workdir)
+  # What the workdir stores: these paths (relative where inside it), with the
+  # tokenizer an hf_llama init_from named.
+  paths = Paths.of(config, workdir)
   apply_device_microbatch(config, len(jax.devices() if devices is None else devices))
   tc = config.train
   validate_train(config, len(jax.devices() if devices is None else devices))

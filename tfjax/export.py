@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import safetensors.flax
 
-import tfjax.vae
 from tfjax import checkpoints
 from tfjax.config import validate
 from tfjax.data.tokenizer import Tokenizer
@@ -32,6 +31,7 @@ from tfjax.files import write_atomic
 from tfjax.generate.mixed import Generator
 from tfjax.model import count_params
 from tfjax.paths import Paths
+import tfjax.vae
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,15 @@ import logging
 import os
 from typing import Any
 
+from array_record.python import array_record_module
+from flax import serialization
 import grain
 import ml_collections
 import numpy as np
-from array_record.python import array_record_module
-from flax import serialization
 
 from tfjax.config import ConfigError, patches_per_image
-from tfjax.data import documents, editing, shapes, sources
+from tfjax.data import documents as documents_lib
+from tfjax.data import editing, shapes, sources
 from tfjax.data import latents as latents_lib
 from tfjax.data.tokenizer import Tokenizer
 
@@ -151,7 +152,7 @@ def build_editing_latents(config: ml_collections.ConfigDict, data_dir: str | Non
 
 # --------------------------------------------------------------- documents --
 class EditDocumentMaker:
-  """(index, raw cache record) -> {"index", "docs", "skip"}, as documents.DocumentMaker."""
+  """(index, raw cache record) -> {"index", "docs", "skip"}, as tfjax.data.documents.DocumentMaker."""
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, patches: int,
                latent_shape: tuple[int, int, int], scale: float, shift: float):
@@ -220,7 +221,7 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   except FileNotFoundError as err:
     raise FileNotFoundError(f"config key editing.latents: {err}; build it with "
                             f"`tfjax-edit-data --config=...`") from err
-  latent_shape = documents.check_latents(config, meta)
+  latent_shape = documents_lib.check_latents(config, meta)
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
   maker = EditDocumentMaker(tok, config.data.seq_len, patches_per_image(config.model),
                             latent_shape, meta["scale"], meta["shift"])
@@ -230,7 +231,7 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
                       f"{process_count} processes")
   ds = grain.MapDataset.source(src)[process_index::process_count]
   if train:
-    ds = documents.shuffled_endless(ds, config.data.shuffle_seed + 104729)
+    ds = documents_lib.shuffled_endless(ds, config.data.shuffle_seed + 104729)
   docs = ds.map_with_index(maker)
   build_skips = list(meta["splits"][split].get("skipped", []))
   frac = config.editing.pretrain_fraction
@@ -238,7 +239,7 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
     return docs, latent_shape, build_skips
   base_config = config.copy_and_resolve_references()
   base_config.editing.source = "none"
-  base, base_shape, base_skips = documents.pretraining_documents(
+  base, base_shape, base_skips = documents_lib.pretraining_documents(
       base_config, data_dir, split, process_index, process_count, train)
   if tuple(base_shape) != tuple(latent_shape):
     raise ConfigError(f"config key editing.latents: editing latents {list(latent_shape)} differ "

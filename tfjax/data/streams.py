@@ -26,8 +26,8 @@ import hashlib
 import json
 import os
 import tarfile
-import zlib
 from typing import Any, Iterator, NamedTuple
+import zlib
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_TEXT_KINDS = ("webdataset", "parquet")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from tfjax.data import editing as editing_data
 from tfjax.data import shapes
-from tfjax.eval.shapes_checker import detect, Detection
+from tfjax.eval.shapes_checker import Detection, detect
 
 CATEGORIES = ("edited", "unchanged", "correct")
 # An object that should stay put may drift this much (fraction of the side):

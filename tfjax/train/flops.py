@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from tfjax.config import mlp_dim, patches_per_image
-from tfjax.model.patch import patch_layers, TimestepEmbedding
+from tfjax.model.patch import TimestepEmbedding, patch_layers
 
 # Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind`
 # (first matching substring wins, so specific names come first).

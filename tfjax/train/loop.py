@@ -30,13 +30,13 @@ from tfjax.model import hf_llama, init_params
 from tfjax.paths import Paths
 from tfjax.train import mesh as mesh_lib
 from tfjax.train import pretrained
-from tfjax.train.checkpoint import Checkpointer, config_json, DamagedCheckpoints
+from tfjax.train.checkpoint import Checkpointer, DamagedCheckpoints, config_json
 from tfjax.train.checks import apply_device_microbatch, validate_train
 from tfjax.train.flops import peak_tflops
 from tfjax.train.metrics import MetricsWriter, Throughput
 from tfjax.train.optimizer import make_optimizer
 from tfjax.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals  # noqa: F401
-from tfjax.train.state import create_train_state, state_shardings, TrainState
+from tfjax.train.state import TrainState, create_train_state, state_shardings
 from tfjax.train.step import jit_eval_step, jit_train_step, make_loss_fn
 from tfjax.train.synthetic import synthetic_dataset
 

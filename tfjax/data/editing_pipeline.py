@@ -152,7 +152,7 @@ def build_editing_latents(config: ml_collections.ConfigDict, data_dir: str | Non
 
 # --------------------------------------------------------------- documents --
 class EditDocumentMaker:
-  """(index, raw cache record) -> {"index", "docs", "skip"}, as tfjax.data.documents.DocumentMaker."""
+  """(index, raw cache record) -> {"index", "docs", "skip"}, as documents.DocumentMaker."""
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, patches: int,
                latent_shape: tuple[int, int, int], scale: float, shift: float):

@@ -129,9 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   tc = config.train
   os.makedirs(workdir, exist_ok=True)
   config = resolve_paths(config, workdir)
-  # What the workdir stores: these paths (relative where inside it), with the
-  # tokenizer an hf_llama init_from named.
-  paths = Paths.of(config, workdir)
+  paths = Paths.from_command_line(config, workdir)  # what is stored: see portable_config
   apply_device_microbatch(config, len(jax.devices() if devices is None else devices))
   tc = config.train
   validate_train(config, len(jax.devices() if devices is None else devices))

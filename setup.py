@@ -12,7 +12,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["tfjax", "tfjax.*"]),
+    # configs/ installs too: config files import their shared pieces as `configs.common`.
+    packages=find_packages(include=["tfjax", "tfjax.*", "configs", "configs.*"]),
     install_requires=[
         "jax>=0.10.2,<0.12",
         "flax>=0.12.8",

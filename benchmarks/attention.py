@@ -1,15 +1,15 @@
 """Transfusion attention benchmark: this kernel against its peers, one run.
 
-Workload: `attention_layout.py` (a copy of ../shared/bench/), B=2, H=16, bf16,
+Workload: `tfjax/bench/attention_layout.py` (a copy of ../shared/bench/), B=2, H=16, bf16,
 L in {4096, 8192}, head dim in {64, 128}. Effective TFLOP/s count only the
 unmasked pairs: forward 4*H*D*nnz, forward+backward 3.5x that.
 
-The first row is `impl="pallas"` as dispatch picks it (on Hopper: the Mosaic
-GPU kernels of gpu_mosaic.py) with its AttentionPlan (key intervals and work
+The first row is `impl="pallas"` as tfjax.ops.kernels.api picks it (on Hopper:
+the Mosaic GPU kernels of mosaic_gpu.py) with its AttentionPlan (key intervals and work
 lists) built outside the timed call, as the peers' block mask and key ranges
 are and as the model builds it once for all layers; the second row is the
 same kernel building its plan inside every call. `--with_triton` adds the
-Triton kernels of gpu.py for comparison.
+Triton kernels of triton.py for comparison.
 
 Peers (GPU): the XLA reference with a dense mask, cuDNN causal attention (a
 dense-causal yardstick, not Transfusion-correct), torch FlexAttention with a
@@ -31,69 +31,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
-import sys
 import time
-from typing import NamedTuple
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import attention_layout as layout  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from tfjax.ops.attention import xla_attention  # noqa: E402
-from tfjax.ops.kernels import dispatch  # noqa: E402
-from tfjax.ops.mask import transfusion_mask  # noqa: E402
-
-
-class KernelWorkload(NamedTuple):
-  """One shape of the shared layout as the tfjax kernels take it."""
-  ks: jax.Array    # int32[batch, seq] key intervals [ks, ke)
-  ke: jax.Array
-  q: jax.Array     # bf16 [batch, seq, heads, d], likewise k, v, do
-  k: jax.Array
-  v: jax.Array
-  do: jax.Array
-  flops: float     # forward FLOPs on the unmasked pairs (4 * H * D * nnz)
-
-
-def kernel_workload(bsz: int, seq: int, heads: int, d: int) -> KernelWorkload:
-  from tfjax.ops.mask import key_ranges
-  doc, img = layout.make_layout(bsz, seq)
-  nnz = int(layout.counts(doc, img)["transfusion"].sum())
-  ks, ke = key_ranges(jnp.asarray(doc), jnp.asarray(img))
-  q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(bsz, seq, heads, d))
-  return KernelWorkload(ks, ke, q, k, v, do, 4.0 * heads * d * nnz)
-
-
-def time_jax(fn, args, reps: int, group: int, window_ms: float = 20.0) -> float:
-  """Median milliseconds per call: groups of back-to-back calls, one block.
-
-  A group holds at least `group` calls and at least `window_ms` of them: the
-  host's dispatch of the first call and the final block (0.1-0.3 ms together)
-  are then a few microseconds per call, as CUDA events leave them out of the
-  torch rows. With a fixed 5-call group they had added 10-40 us to a
-  sub-millisecond forward+backward (benchmarks/NOTES_attention.md, M25).
-  """
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  single_ms = (time.perf_counter() - t0) * 1e3
-  group = max(group, math.ceil(window_ms / max(single_ms, 1e-3)))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(group):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / group * 1e3)
-  return statistics.median(times)
+from tfjax.bench import attention_layout as layout
+from tfjax.bench.attention import (fwd_bwd, kernel_workload, packed_documents, rel_err,
+                                   time_jax)
+from tfjax.ops.attention import xla_attention
+from tfjax.ops.kernels import api, triton
+from tfjax.ops.mask import transfusion_mask
 
 
 def time_torch(fn, reps: int, group: int) -> float:
@@ -113,20 +64,17 @@ def time_torch(fn, reps: int, group: int) -> float:
   return statistics.median(times)
 
 
-def _fwd_bwd(f):
-  """jit(q, k, v, do) -> (out, dq, dk, dv)."""
-  def g(q, k, v, do):
-    o, vjp = jax.vjp(f, q, k, v)
-    return (o,) + vjp(do)
-  return jax.jit(g)
-
-
-def rel_err(a, b) -> float:
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  if not np.all(np.isfinite(a)):
-    return float("nan")
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+def triton_attention(q, k, v, seg, img, config):
+  """The Triton kernels on any GPU (the api picks Mosaic GPU on Hopper): the
+  layout padded to the config's multiple, as api.attention pads."""
+  from tfjax.ops.mask import key_ranges
+  seq = q.shape[1]
+  padded = -(-seq // config.multiple) * config.multiple
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 2))
+  ks, ke = key_ranges(pad(seg), pad(img))
+  out = triton.attention(pad(q), pad(k), pad(v), ks, ke, scale=q.shape[-1] ** -0.5,
+                         config=config)
+  return out[:, :seq]
 
 
 def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
@@ -136,18 +84,16 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   # Like FlexAttention's block mask and tokamax's key ranges below, the plan
   # (key intervals, work lists) is built once outside the timed call, as the
   # model builds it once per batch for all its layers.
-  plan = dispatch.plan(seg, im, head_dim=q.shape[-1], dtype=q.dtype, impl=impl, **kernel_kw)
+  plan = api.plan(seg, im, head_dim=q.shape[-1], dtype=q.dtype, impl=impl, **kernel_kw)
   out = {
-      "tfjax pallas (plan given)": lambda q, k, v: dispatch.attention(
+      "tfjax pallas (plan given)": lambda q, k, v: api.attention(
           q, k, v, seg, im, plan=plan),
-      "tfjax pallas (plan in the call)": lambda q, k, v: dispatch.attention(
+      "tfjax pallas (plan in the call)": lambda q, k, v: api.attention(
           q, k, v, seg, im, impl=impl, **kernel_kw),
   }
   if jax.default_backend() == "gpu" and not args.block_q and args.with_triton:
-    from tfjax.ops.kernels import gpu
-    triton = gpu.GpuConfig.for_head_dim(q.shape[-1])  # no mosaic_*: all three Triton
-    out["tfjax pallas, Triton kernels"] = lambda q, k, v: dispatch.attention(
-        q, k, v, seg, im, impl=impl, config=triton)
+    tri = triton.heuristic_config(q.shape[-1], q.dtype)
+    out["tfjax pallas, Triton kernels"] = lambda q, k, v: triton_attention(q, k, v, seg, im, tri)
   if not args.quick or args.with_xla:
     mask = transfusion_mask(seg, im)
     out["XLA reference (dense mask)"] = lambda q, k, v: xla_attention(q, k, v, mask)
@@ -162,7 +108,7 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   if args.only:
     keep = args.only.split(",")
     out = {n: f for n, f in out.items() if n.startswith("tfjax") or any(x in n for x in keep)}
-  return {n: (jax.jit(f), _fwd_bwd(f)) for n, f in out.items()}
+  return {n: (jax.jit(f), fwd_bwd(f)) for n, f in out.items()}
 
 
 def torch_flex(doc, img, qn, kn, vn, don, args):
@@ -209,21 +155,6 @@ def tokamax_fns(doc, img):
   return lambda q, k, v: impl(q, k, v, mask=mask)
 
 
-def packed_documents(doc):
-  """(offsets int32[batch, most + 1], lengths int32[batch, most]) of each row's
-  documents (maximal runs of one id), padded with -1: the packed-layout
-  arguments of cuDNN's fused attention, `most` the most documents in a row."""
-  runs = [layout._runs(row) for row in doc]
-  most = max(len(r) for r in runs)
-  offsets = np.full((len(runs), most + 1), -1, np.int32)
-  lengths = np.full((len(runs), most), -1, np.int32)
-  for b, r in enumerate(runs):
-    n = np.asarray([length for _, length in r], np.int32)
-    lengths[b, :len(r)] = n
-    offsets[b, :len(r)] = np.cumsum(n) - n
-  return offsets, lengths
-
-
 def cudnn_packed_causal(doc):
   """cuDNN's fused attention on the layout's documents, each one causal
   sequence of a packed (THD) batch: what NVIDIA's kernel computes for
@@ -242,16 +173,16 @@ def doc_causal_rows(doc, q, k, v, do, args, heads):
   give TFLOP/s on that mask's own pairs; the table's TF/s columns divide the
   Transfusion FLOPs as for every row."""
   seg, none = jnp.asarray(doc), jnp.zeros_like(jnp.asarray(doc))
-  plan = dispatch.plan(seg, none, head_dim=q.shape[-1], dtype=q.dtype, impl="pallas")
+  plan = api.plan(seg, none, head_dim=q.shape[-1], dtype=q.dtype, impl="pallas")
   fns = {"tfjax pallas, doc-causal (not TF-exact)":
-         lambda q, k, v: dispatch.attention(q, k, v, seg, none, plan=plan)}
+         lambda q, k, v: api.attention(q, k, v, seg, none, plan=plan)}
   if jax.default_backend() == "gpu":
     fns["cuDNN packed doc-causal (not TF-exact)"] = cudnn_packed_causal(doc)
   flops_f = 4.0 * heads * q.shape[-1] * int(layout.counts(doc, np.zeros_like(doc))["doc_causal"].sum())
   rows, first = [], None
   for name, f in fns.items():
     try:
-      fb = _fwd_bwd(f)
+      fb = fwd_bwd(f)
       got = fb(q, k, v, do)
       first = got if first is None else first
       err = "/".join(f"{rel_err(a, b):.1e}" for a, b in zip(got, first))
@@ -283,7 +214,7 @@ def run_shape(bsz, seq, heads, d, args):
   if seq <= 4096 or args.quick:
     f32 = lambda x: x.astype(jnp.float32)
     mask = transfusion_mask(seg, im)
-    ref = _fwd_bwd(lambda q, k, v: xla_attention(q, k, v, mask))(f32(q), f32(k), f32(v), f32(do))
+    ref = fwd_bwd(lambda q, k, v: xla_attention(q, k, v, mask))(f32(q), f32(k), f32(v), f32(do))
     ref_o = ref[0]
   entries = jax_entries(doc, img, q, k, v, do, args, kernel_kw)
   for name, (f, fb) in entries.items():
@@ -329,19 +260,18 @@ def sweep(bsz, seq, heads, d, args):
   forward+backward with the other kernels at their defaults.
   """
   import dataclasses
-  from tfjax.ops.kernels import gpu
   ks, ke, q, k, v, do, flops_f = kernel_workload(bsz, seq, heads, d)
-  base = gpu.GpuConfig.for_head_dim(d)
+  base = triton.heuristic_config(d)
   for part, configs in SWEEP.items():
     for c in configs:
-      cfg = dataclasses.replace(base, **{part: c})
-      f = lambda q, k, v: gpu.attention(q, k, v, ks, ke, scale=d ** -0.5, config=cfg)
+      cfg = dataclasses.replace(base, **{part: triton.Tiles(*c)})
+      f = lambda q, k, v: triton.attention(q, k, v, ks, ke, scale=d ** -0.5, config=cfg)
       try:
         if part == "fwd":
           t = time_jax(jax.jit(f), (q, k, v), args.reps, args.group)
           tf = flops_f / t / 1e9
         else:
-          t = time_jax(_fwd_bwd(f), (q, k, v, do), args.reps, args.group // 2)
+          t = time_jax(fwd_bwd(f), (q, k, v, do), args.reps, args.group // 2)
           tf = 3.5 * flops_f / t / 1e9
         print(f"sweep {seq}/{d} {part} {c}: {t:.3f} ms ({tf:.0f} TF/s)", flush=True)
       except Exception as e:

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller dataset and fewer batches (CI smoke run).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built data to reuse (default: a temp dir).")

@@ -24,16 +24,14 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import io
-import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tfjax.bench.report import print_result
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny VAE, 64 small images (CPU smoke run).")
 _CONFIG = flags.DEFINE_string("config", "configs/vae_f8c8.py", "Config file with the vae section.")
@@ -162,15 +160,7 @@ def main(argv) -> None:
       "job_vs_encode": written / job_s / (batch / encode_s * devices),
       "shard_set_write_s": make_s,
   }
-  print(f"{'metric':<24}{'value':>16}")
-  for k, v in result.items():
-    shown = v if isinstance(v, str) else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    print(f"{k:<24}{shown:>16}")
-  line = json.dumps(result)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(line + "\n")
-  print(line)
+  print_result(result, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 _CONFIG = flags.DEFINE_string("config", "configs/transfusion_160m.py", "Model config file.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny model, few steps: a CPU smoke run.")

@@ -2,7 +2,7 @@
 # One device-tool call that produces the GPU figures of benchmarks/RESULTS.md
 # (training, VAE, generation) and runs the CPU test suite's core on the GPU.
 #
-#   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|kernels|train|vae|generate]
+#   (device tool, carry .whl_app)  bash benchmarks/gpu_run.sh [all|tests|kernels|train|vae|latents|trainer|generate]
 #   (device tool, carry .whl_app and .whl)  [SEQS=8192] [REPS=15] bash benchmarks/gpu_run.sh attention
 #
 # .whl_app holds the wheels the GPU image lacks (grain, ml_collections,
@@ -59,6 +59,20 @@ fi
 if [[ $what == all || $what == vae ]]; then
   section "VAE encode/decode at 256x256"
   run python3 benchmarks/vae.py --config=configs/vae_f8c8.py --batch=32
+fi
+if [[ $what == all || $what == vae || $what == latents ]]; then
+  section "the latent job (WebDataset JPEG shards -> bf16 ArrayRecord) beside encode-only"
+  run python3 benchmarks/data_latents.py --config=configs/vae_f8c8.py --batch=32 \
+    --images=4096 --threads=16
+fi
+if [[ $what == trainer ]]; then
+  section "tfjax-train's logged tokens/s against benchmarks/train.py, 0.37B GPU default"
+  run python3 benchmarks/train.py --config=configs/transfusion_370m.py --seq_len=4096 --steps=10
+  rm -rf /tmp/wd370 && run python3 -m tfjax.cli.train --config=configs/transfusion_370m.py \
+    --workdir=/tmp/wd370 --stages=train --config.train.synthetic_data=true \
+    --config.data.batch_size=16 --config.train.num_steps=41 --config.train.log_every=10 \
+    --config.train.eval_every=0 --config.train.checkpoint_every=0
+  grep tokens_per_s /tmp/wd370/metrics.jsonl | tail -n 3 | tee -a "$LOG"
 fi
 if [[ $what == all || $what == generate ]]; then
   section "generation, 0.16B, 256-patch images, 250 steps, CFG"

@@ -12,14 +12,12 @@ image size stays 256. Prints a table, then the JSON on the last line.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tfjax.bench.report import print_result
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny widths, batch 2, 2 iterations (CPU smoke run).")
 _CONFIG = flags.DEFINE_string("config", "configs/vae_f8c8.py", "Config file with the vae section.")
@@ -82,14 +80,7 @@ def main(argv) -> None:
   if _SIZE.value != 256:   # keep the keys honest about the size they measured
     result[f"encode_images_per_s_{_SIZE.value}"] = result.pop("encode_images_per_s_256")
     result[f"decode_images_per_s_{_SIZE.value}"] = result.pop("decode_images_per_s_256")
-  print(f"{'metric':<28}{'value':>14}")
-  for k, v in result.items():
-    print(f"{k:<28}{v if isinstance(v, str) else json.dumps(v):>14}")
-  line = json.dumps(result)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(line + "\n")
-  print(line)
+  print_result(result, _OUT.value)
 
 
 if __name__ == "__main__":

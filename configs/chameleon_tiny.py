@@ -8,11 +8,7 @@ the paper's 4:1 ratio of Chameleon image tokens to Transfusion patches.
   tfjax-sweep --config=configs/sweep_tiny.py --workdir=/tmp/sweep   (with Transfusion)
   python -m tfjax.cli.sweep ... (see configs/sweep_tiny.py)
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny_comparisons as tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import tiny_comparisons as tiny
 
 
 def get_config():

@@ -16,11 +16,7 @@ set (tfjax/data/editing.py), alone or mixed with pretraining documents:
 data.dir must hold the pretraining tokenizer (and, for a mixed run, its
 latent cache); vae.path the VAE the model was pretrained with.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny  # noqa: E402  (configs/ is not a package: the model is tiny.py's)
+from configs import tiny  # the model is tiny.py's
 
 
 def get_config():

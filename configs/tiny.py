@@ -22,7 +22,8 @@ point; noisy: two runs of one recipe differed by up to 20 points):
   - The paper's sampler: DDPM, 250 steps, CFG 5 (DDIM 50 / CFG 3 on the same
     checkpoint: 12% vs 19%).
 """
-from tfjax.config import default_config, tiny_vae
+from configs.common import tiny_vae
+from tfjax.config import default_config
 
 
 def get_config():

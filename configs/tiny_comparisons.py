@@ -8,11 +8,7 @@ learns colour and shape within the main job's 20 CPU minutes (U-Net patches,
 one large object); this file keeps the comparisons' baseline, and their
 commands, unchanged.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny  # noqa: E402  (configs/ is not a package)
+from configs import tiny
 
 
 def get_config():

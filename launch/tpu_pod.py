@@ -6,7 +6,7 @@ Every action prints the gcloud commands it runs; --dry-run prints them only.
   launch/tpu_pod.py create --name=tfjax-pod --zone=us-east5-a --type=v5p-128
   launch/tpu_pod.py copy   --name=tfjax-pod --zone=us-east5-a
   launch/tpu_pod.py run    --name=tfjax-pod --zone=us-east5-a \
-      --config=configs/transfusion_160m.py --workdir=/mnt/runs/160m -- \
+      --config=configs/transfusion.py:160m --workdir=/mnt/runs/160m -- \
       --config.train.num_steps=250000
   launch/tpu_pod.py logs   --name=tfjax-pod --zone=us-east5-a --out=logs/
   launch/tpu_pod.py delete --name=tfjax-pod --zone=us-east5-a
@@ -103,7 +103,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--type", default="v5p-128", help="accelerator type for create")
   p.add_argument("--version", default="v2-alpha-tpuv5", help="TPU VM software version")
   p.add_argument("--spot", action="store_true", help="create a spot (preemptible) pod")
-  p.add_argument("--config", default="", help="config file for run, e.g. configs/transfusion_160m.py")
+  p.add_argument("--config", default="", help="config file for run, e.g. configs/transfusion.py:160m")
   p.add_argument("--workdir", default="", help="run directory for run (gs:// on pods)")
   p.add_argument("--stages", default="train", help="tfjax-train --stages for run")
   p.add_argument("--workers", type=int, default=16, help="worker hosts to fetch logs from")

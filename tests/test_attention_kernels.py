@@ -1,6 +1,6 @@
-"""Pallas attention kernels (Triton, TPU) against the XLA reference on CPU in
-interpret mode; the TPU kernel's ahead-of-time v5p compile; the dispatch,
-plan sharing and sharding around them."""
+"""Pallas attention kernels (Triton, Mosaic TPU) against the XLA reference on CPU
+in interpret mode; the TPU kernels' ahead-of-time v5p compile; the kernel
+choice, plan sharing and sharding around them (kernels/api.py)."""
 from __future__ import annotations
 
 import os
@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_layouts import TOL, random_inputs, random_layout, rel_error  # noqa: E402
+from kernel_layouts import TOL, random_inputs, random_layout, rel_error
 
-from tfjax.ops.attention import attention as ops_attention  # noqa: E402
-from tfjax.ops.attention import xla_attention  # noqa: E402
-from tfjax.ops.kernels import dispatch  # noqa: E402
-from tfjax.ops.mask import key_ranges, transfusion_mask  # noqa: E402
+from tfjax.ops.attention import attention as ops_attention
+from tfjax.ops.attention import xla_attention
+from tfjax.ops.kernels import api
+from tfjax.ops.mask import key_ranges, transfusion_mask
 
 
 CASES = [
@@ -40,7 +39,7 @@ def test_pallas_matches_reference(dtype, d, hq, hkv, seq, block_q, block_k):
   mask = transfusion_mask(seg, img)
   f32 = lambda x: x.astype(jnp.float32)
   ref = lambda q, k, v: xla_attention(f32(q), f32(k), f32(v), mask)
-  ker = lambda q, k, v: dispatch.attention(q, k, v, seg, img, impl="pallas",
+  ker = lambda q, k, v: api.attention(q, k, v, seg, img, impl="pallas",
                                            block_q=block_q, block_k=block_k)
   with jax.default_matmul_precision("highest"):  # no tf32 in the reference
     o_ref, vjp_ref = jax.vjp(ref, q, k, v)
@@ -60,9 +59,9 @@ def test_pallas_matches_reference(dtype, d, hq, hkv, seq, block_q, block_k):
 def test_auto_is_xla_on_cpu_and_unsupported_head_dim_falls_back():
   if jax.default_backend() != "cpu":
     pytest.skip("CPU dispatch rule")
-  assert dispatch.choose("auto", 128) == "xla"
-  assert dispatch.choose("pallas", 128) == "gpu_interpret"
-  assert dispatch.choose("pallas", 96) == "xla"
+  assert api.choose("auto", 128) == "xla"
+  assert api.choose("pallas", 128) == "triton_interpret"
+  assert api.choose("pallas", 96) == "xla"
   rng = np.random.default_rng(3)
   seg, img = map(jnp.asarray, random_layout(rng, 1, 64))
   q, k, v, _ = random_inputs(rng, 1, 64, 2, 2, 96, jnp.float32)
@@ -96,8 +95,8 @@ def test_plan_shared_by_layers_matches_per_call_plans():
   rng = np.random.default_rng(11)
   seg, img = map(jnp.asarray, random_layout(rng, 2, 100, pad_max=10))
   q, _, _, _ = random_inputs(rng, 2, 100, 2, 2, 64, jnp.float32)
-  plan = dispatch.plan(seg, img, head_dim=64, dtype=jnp.float32, impl="pallas")
-  assert plan.kind == dispatch.choose("pallas", 64) and plan.seq == 100
+  plan = api.plan(seg, img, head_dim=64, dtype=jnp.float32, impl="pallas")
+  assert plan.kind == api.choose("pallas", 64) and plan.seq == 100
   assert plan.k_start.shape == (2, 128)  # padded to the tiles' multiple, 32
 
   def loss(x, plan):
@@ -117,8 +116,7 @@ def test_plan_shared_by_layers_matches_per_call_plans():
 
 
 _SHARDED = r"""
-import jax, jax.numpy as jnp, numpy as np, sys
-sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
 from kernel_layouts import random_layout
 from tfjax.ops.attention import attention
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -182,8 +180,10 @@ def test_shard_map_over_batch_and_heads():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  r = subprocess.run([sys.executable, "-c", _SHARDED, os.path.dirname(__file__)],
+  # kernel_layouts lives beside this file
+  env["PYTHONPATH"] = os.pathsep.join([root, os.path.dirname(os.path.abspath(__file__)),
+                                       env.get("PYTHONPATH", "")])
+  r = subprocess.run([sys.executable, "-c", _SHARDED],
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
@@ -192,7 +192,7 @@ def test_tpu_kernel_interpret_matches_reference():
   """The Mosaic kernel's numerics in Pallas TPU interpret mode (CPU)."""
   if jax.default_backend() != "cpu":
     pytest.skip("TPU interpret mode is checked on the CPU backend")
-  from tfjax.ops.kernels import tpu
+  from tfjax.ops.kernels import mosaic_tpu
   rng = np.random.default_rng(11)
   seg, img = random_layout(rng, 1, 256)
   seg[0, -50:] = 0
@@ -200,8 +200,9 @@ def test_tpu_kernel_interpret_matches_reference():
   ks, ke = key_ranges(seg, img)
   q, k, v, do = random_inputs(rng, 1, 256, 2, 1, 128, jnp.float32)
   mask = transfusion_mask(seg, img)
-  ker = lambda q, k, v: tpu.attention(q, k, v, ks, ke, scale=128 ** -0.5,
-                                      config=tpu.TpuConfig(128, 128), interpret=True)
+  ker = lambda q, k, v: mosaic_tpu.attention(q, k, v, ks, ke, scale=128 ** -0.5,
+                                             config=mosaic_tpu.MosaicTpuConfig(128, 128),
+                                             interpret=True)
   o, vjp = jax.vjp(ker, q, k, v)
   grads = vjp(do)
   with jax.default_matmul_precision("highest"):
@@ -216,14 +217,15 @@ _TPU_AOT = r"""
 import numpy as np, jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tfjax.ops.kernels import tpu
+from tfjax.ops.kernels import mosaic_tpu
 from tfjax.ops.mask import key_ranges
 topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
 mesh = Mesh(np.array(topo.devices), ("data",))
 B, L, H, D = 4, 8192, 8, 128
 def local(q, k, v, do, seg, img):
   ks, ke = key_ranges(seg, img)
-  o, vjp = jax.vjp(lambda q, k, v: tpu.attention(q, k, v, ks, ke, scale=D ** -0.5), q, k, v)
+  o, vjp = jax.vjp(lambda q, k, v: mosaic_tpu.attention(q, k, v, ks, ke, scale=D ** -0.5),
+                   q, k, v)
   return (o,) + vjp(do)
 x, ids = P("data", None, None, None), P("data", None)
 fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(x, x, x, x, ids, ids),
@@ -256,13 +258,13 @@ def test_tpu_kernel_compiles_for_v5p_ahead_of_time():
 
 def test_gpu_kernel_mixed_tiles_and_folded_mask():
   """Per-kernel tile sizes differ and the full-tile branch is folded away."""
-  from tfjax.ops.kernels import gpu
+  from tfjax.ops.kernels.triton import Tiles, TritonConfig
   rng = np.random.default_rng(13)
   seg, img = map(jnp.asarray, random_layout(rng, 1, 128, pad_max=10))
   q, k, v, do = random_inputs(rng, 1, 128, 2, 2, 64, jnp.float32)
-  cfg = gpu.GpuConfig(fwd=(64, 128, 4, 3), dkv=(128, 64, 4, 3), dq=(64, 32, 4, 3),
-                      skip_full_mask=False)
-  ker = lambda q, k, v: dispatch.attention(q, k, v, seg, img, impl="pallas", config=cfg)
+  cfg = TritonConfig(fwd=Tiles(64, 128), dkv=Tiles(128, 64), dq=Tiles(64, 32),
+                     skip_full_mask=False)
+  ker = lambda q, k, v: api.attention(q, k, v, seg, img, impl="pallas", config=cfg)
   o, vjp = jax.vjp(ker, q, k, v)
   grads = vjp(do)
   with jax.default_matmul_precision("highest"):

@@ -3,18 +3,15 @@ intervals, tile states, work lists, and the Mosaic GPU kernels' per-warpgroup
 schedules and dS^T routes (pure XLA, any backend)."""
 from __future__ import annotations
 
-import os
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_layouts import random_layout
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_layouts import random_layout  # noqa: E402
-
-from tfjax.ops.kernels import block_map as bmap  # noqa: E402
-from tfjax.ops.mask import key_ranges, transfusion_mask  # noqa: E402
+from tfjax.ops.kernels import block_map as bmap
+from tfjax.ops.kernels import mosaic_gpu_fwd, mosaic_gpu_vjp
+from tfjax.ops.kernels.mosaic_gpu_vjp import DqKernel, VjpConfig
+from tfjax.ops.mask import key_ranges, transfusion_mask
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -105,12 +102,11 @@ def test_ds_route_gives_every_visited_dq_tile_the_row_its_dkv_consumer_stored(n_
   head's packed buffer, below the total, and each tile a dq consumer computes
   reads the row that the dk/dv consumer owning its key block stored for that
   query tile; the rows are packed key chunk after key chunk."""
-  from tfjax.ops.kernels import gpu_mosaic_bwd
   rng = np.random.default_rng(5)
   seg, img = random_layout(rng, 2, 512)
   ks, ke = key_ranges(jnp.asarray(seg), jnp.asarray(img))
-  sched = gpu_mosaic_bwd.bwd_schedule(ks, ke, gpu_mosaic_bwd.MosaicBwdConfig(
-      fuse_dq=0, consumers_dkv=n_dkv, consumers_dq=n_dq, dq_delta=0, dq_from_ds=1))
+  sched = mosaic_gpu_vjp.bwd_schedule(ks, ke, VjpConfig(
+      consumers_dkv=n_dkv, consumers_dq=n_dq, dq=DqKernel.FROM_DS))
   kv_blocks, kv_counts, kv_states = map(np.asarray, sched.dkv[:3])
   q_blocks, q_counts, q_states = map(np.asarray, sched.dq)
   rows, dq_rows, total = (np.asarray(x) for x in sched.ds_route)
@@ -141,7 +137,6 @@ def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
   keys each; with 3 the last CTA reaches past 512): every CTA lists exactly
   the key (query) blocks its warpgroups meet, and each warpgroup's state per
   entry is the dense mask's state of its own tile; beyond the sequence, empty."""
-  from tfjax.ops.kernels import gpu_mosaic, gpu_mosaic_bwd
   rng = np.random.default_rng(11)
   seg, img = random_layout(rng, 2, 512)
   seg, img = jnp.asarray(seg), jnp.asarray(img)
@@ -150,10 +145,10 @@ def test_mosaic_schedules_give_each_warpgroup_its_own_tiles(consumers):
   padded = -(-512 // cta) * cta
   mask = np.zeros((2, padded, padded), bool)
   mask[:, :512, :512] = np.asarray(transfusion_mask(seg, img))
-  fwd = gpu_mosaic.fwd_schedule(
-      ks, ke, gpu_mosaic.MosaicFwdConfig(64, 64, consumers=consumers))
-  bwd = gpu_mosaic_bwd.bwd_schedule(ks, ke, gpu_mosaic_bwd.MosaicBwdConfig(
-      fuse_dq=0, consumers_dkv=consumers, consumers_dq=consumers))
+  fwd = mosaic_gpu_fwd.fwd_schedule(
+      ks, ke, mosaic_gpu_fwd.FwdConfig(64, 64, consumers=consumers))
+  bwd = mosaic_gpu_vjp.bwd_schedule(ks, ke, VjpConfig(
+      consumers_dkv=consumers, consumers_dq=consumers, dq=DqKernel.RECOMPUTE))
   by_rows = np.asarray(bmap.dense_tile_states(jnp.asarray(mask[:, :, :512]), 64, 64))
   by_keys = np.asarray(bmap.dense_tile_states(jnp.asarray(mask[:, :512]), 64, 64))
   by_keys = by_keys.transpose(0, 2, 1)

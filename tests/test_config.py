@@ -8,15 +8,14 @@ import pytest
 from tfjax import config as config_lib
 from tfjax.cli.info import report
 
-CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
+# Files with a get_config() of no argument (common.py is a library; transfusion.py takes a size).
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "common", "transfusion"))
+PAPER_SIZES = ("160m", "370m", "760m", "1_4b", "7b")
 
 
 def load(path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(str(path))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -25,6 +24,23 @@ def test_every_config_file_validates(path):
   if path.stem.startswith(("vae_", "sweep_")):  # not transformer-training configs
     return
   config_lib.validate(c)
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+def test_paper_sizes_validate_and_old_file_names_give_the_same_config(size):
+  from configs import transfusion
+  c = config_lib.validate(transfusion.get_config(size))
+  assert c.name == f"transfusion_{size}" and c.data.seq_len == 4096
+  assert load(CONFIGS[0].parent / f"transfusion_{size}.py").to_dict() == c.to_dict()
+  assert config_lib.load_config_file(f"configs/transfusion.py:{size}",
+                                     root=str(CONFIGS[0].parent.parent)).to_dict() == c.to_dict()
+
+
+def test_paper_config_without_a_size_names_the_sizes():
+  from configs import transfusion
+  assert set(transfusion.SIZES) == set(PAPER_SIZES)
+  with pytest.raises(config_lib.ConfigError, match="configs/transfusion.py:SIZE.*160m, 370m"):
+    transfusion.get_config("9b")
 
 
 @pytest.mark.parametrize("change,key", [
@@ -51,6 +67,14 @@ def test_command_line_overrides_reach_the_config():
        "--config.model.num_layers=3", "--config.model.dim=64"],
       capture_output=True, text=True, cwd=CONFIGS[0].parent.parent, check=True).stdout
   assert "3 layers, dim 64" in out
+  paper = subprocess.run(  # config_flags passes the text after ':' to get_config
+      [sys.executable, "-m", "tfjax.cli.info", "--config=configs/transfusion.py:760m"],
+      capture_output=True, text=True, cwd=CONFIGS[0].parent.parent, check=True).stdout
+  assert "780.71M" in paper
+  no_size = subprocess.run(
+      [sys.executable, "-m", "tfjax.cli.info", "--config=configs/transfusion.py"],
+      capture_output=True, text=True, cwd=CONFIGS[0].parent.parent)
+  assert no_size.returncode == 2 and "needs a size" in no_size.stderr.splitlines()[0]
   bad = subprocess.run(
       [sys.executable, "-m", "tfjax.cli.info", "--config=configs/tiny.py",
        "--config.model.patch_size=3"],

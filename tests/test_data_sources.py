@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tfjax.config import default_config
-from tfjax.data import example_shards, latent_job, prepare, sources, streams
+from tfjax.data import example_shards, latent_job, prepare, shard_writer, sources, streams
 
 POLICY = prepare.ImagePolicy(size=32, min_size=16, max_aspect=3.0)
 
@@ -136,7 +136,7 @@ def test_text_sources_copy_to_array_record(tmp_path, kind):
   root = str(tmp_path / "data")
   report = latent_job.run_text_job(c, sources.text_cache_dir(c, root), progress=False)
   assert report["complete"] and sum(report["written"].values()) == want_good
-  with open(os.path.join(sources.text_cache_dir(c, root), latent_job.SKIPS_FILE)) as f:
+  with open(os.path.join(sources.text_cache_dir(c, root), shard_writer.SKIPS_FILE)) as f:
     assert {r["key"]: r["reason"] for r in map(json.loads, f)} == want_bad
   train = sources.text_source(c, root, "train")
   val = sources.text_source(c, root, "validation")

@@ -224,8 +224,7 @@ def test_tfjax_train_starts_from_the_checkpoint(hf, tmp_path):
   """`tfjax-train --config=configs/tiny.py --config.train.init_from=hf_llama:DIR`:
   the checkpoint's tokenizer (none trained), a few steps, weights near HF's."""
   from tfjax.data import build, latents
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import tiny  # pylint: disable=import-error
+  from configs import tiny
   path, model = hf["untied"]
   work, steps, lr = tmp_path / "run", 3, 1e-3
   overrides = [f"train.init_from=hf_llama:{path}", f"data.dir={work / 'data'}",

@@ -12,7 +12,7 @@ import pytest
 from array_record.python import array_record_module
 
 from tfjax.config import default_config
-from tfjax.data import example_shards, latent_job, latents
+from tfjax.data import example_shards, latent_job, latents, shard_writer
 from tfjax.vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from tfjax.vae.io import LoadedVAE
 
@@ -94,7 +94,7 @@ def test_two_processes_write_every_record_once(shards, reference):
   assert z.dtype == ml_dtypes.bfloat16 and caption
   assert {s for s, _, _ in recs.values()} == {"train", "validation"}
   # Every planted bad record is skipped, counted by reason and named in skips.jsonl.
-  with open(os.path.join(out, latent_job.SKIPS_FILE)) as f:
+  with open(os.path.join(out, shard_writer.SKIPS_FILE)) as f:
     skips = {r["key"]: r["reason"] for r in map(json.loads, f)}
   assert skips == shards["bad"]
   total = {}
@@ -139,8 +139,8 @@ def test_killed_mid_shard_resumes_without_duplicates(shards, reference, vae, tmp
     latent_job.run_latent_job(c, vae, out, process_index=0, process_count=2,
                               devices=jax.devices()[:4], progress=False,
                               on_batch=kill_in_second_shard)
-  assert os.path.exists(latent_job.done_path(out, 0))
-  assert not os.path.exists(latent_job.done_path(out, 2))
+  assert os.path.exists(shard_writer.done_path(out, 0))
+  assert not os.path.exists(shard_writer.done_path(out, 2))
   assert glob.glob(os.path.join(out, "*.tmp"))          # input 2's half-written files
   with pytest.raises(FileNotFoundError):                 # not usable: no metadata yet
     latents.read_metadata(out)
@@ -154,7 +154,7 @@ def test_killed_mid_shard_resumes_without_duplicates(shards, reference, vae, tmp
     np.testing.assert_array_equal(recs[k][2], ref[k][2])
 
   # Killed after a shard's files were renamed but before its marker: redone, not doubled.
-  os.remove(latent_job.done_path(out, 3))
+  os.remove(shard_writer.done_path(out, 3))
   os.remove(os.path.join(out, latents.METADATA_FILE))
   r1 = latent_job.run_latent_job(c, vae, out, process_index=1, process_count=2,
                                  devices=jax.devices()[4:], progress=False)
@@ -221,12 +221,12 @@ def test_cli_job_killed_by_sigkill_resumes(tmp_path):
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 120
-  while not os.path.exists(latent_job.done_path(str(out), 2)) and proc.poll() is None:
+  while not os.path.exists(shard_writer.done_path(str(out), 2)) and proc.poll() is None:
     assert time.time() < deadline, "the job made no progress"
     time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  done = len(glob.glob(os.path.join(out, latent_job.DONE_DIR, "*.json")))
+  done = len(glob.glob(os.path.join(out, shard_writer.DONE_DIR, "*.json")))
   assert 3 <= done < 24 and not (out / latents.METADATA_FILE).exists()
   rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-2000:]

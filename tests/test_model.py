@@ -1,28 +1,17 @@
 """The Transfusion model: layers, patching, masking through the network, scan, sizes."""
-import importlib.util
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import transfusion
 from tfjax import config as config_lib
 from tfjax.batch import Batch
 from tfjax.model import KVCache, Transfusion, abstract_params, count_params, init_params
 from tfjax.model.layers import apply_rope
 from tfjax.model.patch import patchify, unpatchify
 from tfjax.train.synthetic import synthetic_batch
-
-CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def small_model_config(**overrides):
@@ -217,11 +206,10 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(small):
   assert int(cache.length) == seq
 
 
-@pytest.mark.parametrize("name,nominal", [("transfusion_160m", 0.16e9), ("transfusion_370m", 0.37e9),
-                                          ("transfusion_760m", 0.76e9), ("transfusion_1_4b", 1.4e9),
-                                          ("transfusion_7b", 7e9)])
-def test_table2_parameter_counts_within_ten_percent(name, nominal):
-  c = config_lib.validate(load_config(name))
+@pytest.mark.parametrize("size,nominal", [("160m", 0.16e9), ("370m", 0.37e9), ("760m", 0.76e9),
+                                          ("1_4b", 1.4e9), ("7b", 7e9)])
+def test_table2_parameter_counts_within_ten_percent(size, nominal):
+  c = config_lib.validate(transfusion.get_config(size))
   counts = count_params(abstract_params(c.model))
   assert abs(counts["total"] - nominal) / nominal < 0.10, counts
   assert counts["transformer"] > counts["embeddings"] > counts["patch"] > 0

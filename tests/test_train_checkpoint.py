@@ -248,3 +248,17 @@ def test_signal_outside_training_stops_at_once():
   with StopSignals(defer=True) as stop:
     os.kill(os.getpid(), signal.SIGTERM)
   assert stop.requested and stop.signum == signal.SIGTERM
+
+
+def test_deferred_metrics_are_logged_at_their_own_steps(tmp_path):
+  """Log steps' metrics are fetched one step late (the device never waits for
+  them) yet land under their own step, with the window's throughput, and the
+  last step is always logged."""
+  c = tiny_config(num_steps=9)
+  c.train.log_every = 4
+  c.train.checkpoint_every = 0
+  result = train(c, str(tmp_path), devices=one_device())
+  records = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+  assert [r["step"] for r in records] == [4, 8, 9]
+  assert all(r["tokens_per_s"] > 0 and r["step_time"] > 0 for r in records)
+  assert result.last_metrics["step"] == 9

@@ -9,7 +9,7 @@ def test_parts_follow_module_paths_and_named_scopes():
   assert profile.part_of("jit(train_step)/jvp(transfusion)/transformer/layers/mlp/dot_general"
                          ) == "MLP (SwiGLU)"
   assert profile.part_of("jit(train_step)/transpose(jvp(transfusion))/transformer/layers/"
-                         "attention/attention_core/pallas_call") == "attention kernel, backward"
+                         "attention/attention_core/pallas_call") == "attention core, backward"
   assert profile.part_of("jit(train_step)/optimizer/mul") == "optimizer + metrics"
   assert profile.part_of("jit(train_step)/jvp(lm_head)/reduce_max") == "LM head + cross-entropy"
   assert profile.part_of("copy.3") == "unattributed"

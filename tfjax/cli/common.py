@@ -124,8 +124,11 @@ def _flag_error_message(e: BaseException, argv: list[str]) -> str:
     for arg in argv:
       key = arg.split("=", 1)[0].lstrip("-")
       if key.startswith("config.") and key.split(".")[-1] == bad:
-        return f"{arg.split('=', 1)[0]}: no such config key{hint}; see tfjax/config.py"
-    return f"no such config key {bad!r}{hint}; see tfjax/config.py"
+        return f"{arg.split('=', 1)[0]}: no such config key{hint}; see tfjax/config/defaults.py"
+    return f"no such config key {bad!r}{hint}; see tfjax/config/defaults.py"
+  if "Error whilst parsing config file" in text:  # get_config raised; config_flags adds the trace
+    last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", last)
   if "Failed loading config file" in text or isinstance(e, OSError):
     for arg in argv:
       if arg.startswith("--config="):

@@ -39,9 +39,11 @@ def _run(argv):
   # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.jobs import transfusion
   from tfjax.train import distributed
+  from tfjax.train.xla_flags import set_gpu_flags
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
+  set_gpu_flags(config.train.get("xla_gpu_flags", True))  # before JAX starts its backends
   distributed.initialize(FLAGS.distributed)
   transfusion.run(config, FLAGS.workdir, stages=FLAGS.stages,  # logs "stage seconds"
                   num_samples=FLAGS.num_samples)

@@ -20,8 +20,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tfjax.scene_limits import (DEFAULT_MAX_OBJECTS, SIZE_NAMES, read_scene_limits,
-                                scene_limits_error)
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -36,8 +34,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (30, 210, 215),
 }
 
-# Circumradius of an object as a fraction of the image side, per size class
-# (the names are tfjax.scene_limits', which configs are checked against).
+# What configs may ask of scenes (`max_objects`, `object_sizes` in the `data` and
+# `editing` sections): tfjax.config.validate and SceneOptions both ask
+# scene_limits_error, so the allowed values and the messages live here alone.
+SIZE_NAMES = ("small", "medium", "large")
+MAX_OBJECTS = 4  # captions spell counts as words, "one" to "four"
+DEFAULT_MAX_OBJECTS = 3
+
+# Circumradius of an object as a fraction of the image side, per size class.
 SIZES: dict[str, float] = dict(zip(SIZE_NAMES, (0.10, 0.15, 0.21)))
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -100,6 +104,28 @@ def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: in
                           size=size, x=x, y=y))
   bg = str(rng.choice(list(BACKGROUNDS)))
   return {"objects": objects, "background": list(BACKGROUNDS[bg])}
+
+
+def parse_sizes(text: str) -> tuple[str, ...]:
+  """'small, large' -> ('small', 'large'): the config holds size classes as one string."""
+  return tuple(s.strip() for s in str(text).split(",") if s.strip())
+
+
+def read_scene_limits(section: Any) -> tuple[int, tuple[str, ...]]:
+  """(max_objects, sizes) of a config section; older configs lack the keys: the defaults."""
+  return (int(section.get("max_objects", DEFAULT_MAX_OBJECTS)),
+          parse_sizes(section.get("object_sizes", ",".join(SIZE_NAMES))))
+
+
+def scene_limits_error(max_objects: int, sizes: Sequence[str], section: str) -> str | None:
+  """Why the values are impossible, naming `section`'s config key; None when they are fine."""
+  if not 1 <= max_objects <= MAX_OBJECTS:
+    return f"config key {section}.max_objects: must be in 1..{MAX_OBJECTS}, got {max_objects}"
+  unknown = [s for s in sizes if s not in SIZE_NAMES]
+  if unknown or not sizes:
+    return (f"config key {section}.object_sizes: must be a comma list of "
+            f"{', '.join(SIZE_NAMES)}; got {','.join(sizes)!r}")
+  return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A sweep config (configs/sweep_*.py, `get_config()`) is data:
 
-  families   {name: {"config": "configs/NAME.py", "overrides": ("key=value", ...),
+  families   {name: {"config": "configs/NAME.py[:ARG]", "overrides": ("key=value", ...),
                     "budgets": (...) optional, replacing the sweep's}}
              a family is a base config plus overrides: Transfusion, Chameleon
              (chameleon.enabled), or an ablation (model.image_attention=causal, ...)
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from tfjax.config import apply_overrides, validate
+from tfjax.config import apply_overrides, load_config_file, validate
 from tfjax.experiments import plots
 from tfjax.jobs import chameleon, stages
 from tfjax.jobs.runner import SECONDS_FILE, Barrier, Job, Stage, names, primary, run_stages
@@ -45,20 +44,6 @@ from tfjax.train.metrics import read_jsonl
 log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ------------------------------------------------------------------ configs --
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (relative paths: cwd, then the repository)."""
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(REPO_ROOT, path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(
-      "tfjax_cfg_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @dataclasses.dataclass
@@ -90,7 +75,7 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
   for fam, spec in sweep.families.items():
     for size, size_over in sizes.items():
       for budget in tuple(spec.get("budgets", ()) or sweep.budgets):
-        c = load_config_file(spec["config"])
+        c = load_config_file(spec["config"], root=REPO_ROOT)  # PATH[:ARG]
         apply_overrides(c, tuple(sweep.get("common", ())), "sweep key common")
         apply_overrides(c, tuple(size_over), f"sweep key sizes.{size}")
         apply_overrides(c, tuple(spec.get("overrides", ())), f"sweep key families.{fam}.overrides")

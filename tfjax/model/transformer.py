@@ -19,7 +19,7 @@ from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init
 from tfjax.ops import attention as attention_op
 from tfjax.ops import attention_plan
 from tfjax.ops import transfusion_mask, xla_attention
-from tfjax.ops.kernels.dispatch import cached_attention
+from tfjax.ops.kernels.api import cached_attention
 
 # Activations a block names with `checkpoint_name`, each [batch, seq, ...]:
 # the projections (q/k/v after RoPE, the attention output before and after

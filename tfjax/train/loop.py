@@ -113,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (or resumes) the Transfusion model of `config` in `workdir`.
 
   Args:
-    config: a full config (see tfjax/config.py); validated here.
+    config: a full config (see tfjax/config/defaults.py); validated here.
     workdir: checkpoints/, metrics.jsonl, tensorboard/, config.json go here.
     train_data, eval_data: data factories; default to tfjax.data (or the
       synthetic batches when train.synthetic_data).
@@ -227,6 +227,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   stored_config = paths.portable_config()
   window_start, window_steps, window_stats = None, 0, []
+  # A log step's metrics are fetched after the next step is dispatched, so the
+  # device never waits on the host for them; `window_start` moves to the moment
+  # they arrive, i.e. when the device finished that step.
+  pending = None
+
+  def flush() -> None:
+    nonlocal pending, window_start, last
+    if pending is None:
+      return
+    log_step, device_metrics, stats, steps = pending
+    pending = None
+    metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    if steps:
+      # Throughput of the average step in the window: stats summed over its
+      # batches divided by their total time.
+      metrics.update(throughput(now - window_start, *(np.concatenate(s) for s in zip(*stats))))
+      metrics["step_time"] = (now - window_start) / steps
+    window_start = now
+    last = writer.write(log_step, metrics)
+
   # The handler stays until the last save is written (close() waits for it):
   # a second signal must not cut that wait short.
   with StopSignals(defer=True) as preemption:
@@ -237,27 +258,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         with mesh_lib.activate(mesh, config.mesh):
           state, metrics = step_fn(state, batch)
         step += 1
+        flush()
         if window_start is None:
           # The first step after (re)start includes compilation: time from its end.
           jax.block_until_ready(metrics)
           window_start, window_steps, window_stats = time.perf_counter(), 0, []
         else:
           window_steps += 1
-          window_stats.append((local["segment_ids"], local["image_ids"], local["image_valid"]))
+          window_stats.append((local["segment_ids"], local["image_ids"], local["image_valid"],
+                               local["text_loss_mask"]))
         is_last = step == tc.num_steps or preemption.requested
         if step % tc.log_every == 0 or is_last:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          if window_steps:
-            elapsed = (time.perf_counter() - window_start) / window_steps
-            seg = np.concatenate([s[0] for s in window_stats])
-            img = np.concatenate([s[1] for s in window_stats])
-            valid = np.concatenate([s[2] for s in window_stats])
-            # Throughput of the average step in the window: stats summed over
-            # window_steps batches divided by their total time.
-            metrics.update(throughput(elapsed * window_steps, seg, img, valid))
-            metrics["step_time"] = elapsed
-            window_start, window_steps, window_stats = time.perf_counter(), 0, []
-          last = writer.write(step, metrics)
+          pending = (step, metrics, window_stats, window_steps)
+          window_steps, window_stats = 0, []
+        side_work = (is_last or on_step is not None or preemption.requested
+                     or (tc.eval_every and step % tc.eval_every == 0)
+                     or (sample_fn is not None and tc.sample_every
+                         and step % tc.sample_every == 0)
+                     or (tc.checkpoint_every and step % tc.checkpoint_every == 0))
+        if side_work:
+          flush()
         side_start = time.perf_counter()
         if tc.eval_every and (step % tc.eval_every == 0 or is_last):
           val = evaluate()
@@ -275,6 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         # Evaluation, samples and saves are not training time.
         if window_start is not None:
           window_start += time.perf_counter() - side_start
+      flush()
       save(force=True)
     finally:
       # Also on a crash: let in-flight async saves finish, close the files.

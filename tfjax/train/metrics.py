@@ -161,10 +161,12 @@ class Throughput:
     self.peak = peak_tflops_per_device * 1e12
 
   def __call__(self, step_time: float, segment_ids: np.ndarray, image_ids: np.ndarray,
-               image_valid: np.ndarray) -> dict[str, float]:
+               image_valid: np.ndarray,
+               text_loss_mask: np.ndarray | None = None) -> dict[str, float]:
     tokens = int((np.asarray(segment_ids) != 0).sum())
     images = int(np.asarray(image_valid).sum())
-    flops = step_flops(self.model_config, segment_ids, image_ids)
+    flops = step_flops(self.model_config, segment_ids, image_ids,
+                       text_loss_mask=text_loss_mask)
     out = dict(step_time=step_time, tokens_per_s=self.num_processes * tokens / step_time,
                images_per_s=self.num_processes * images / step_time,
                tflops_per_device=flops / step_time / self.num_devices / 1e12)

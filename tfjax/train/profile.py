@@ -20,10 +20,9 @@ from jax.profiler import ProfileData
 # names carry the Flax module path and the named scopes of tfjax/losses.py,
 # tfjax/model/transfusion.py and tfjax/train/step.py.
 PARTS = (
-    ("attention kernel, backward", lambda s: ("pallas" in s or "mosaic" in s) and "transpose(" in s),
-    ("attention kernel, forward", lambda s: "pallas" in s or "mosaic" in s),
-    ("attention (XLA reference) + plan", lambda s: "attention_core" in s
-     or "attention_plan" in s),
+    ("attention core, backward", lambda s: "attention_core" in s and "transpose(" in s),
+    ("attention core, forward", lambda s: "attention_core" in s),
+    ("attention plan (key intervals, work lists)", lambda s: "attention_plan" in s),
     ("attention projections + RoPE", lambda s: "/attention/" in s),
     ("MLP (SwiGLU)", lambda s: "/mlp/" in s),
     ("norms", lambda s: "norm" in s and "/transformer/" in s),

@@ -88,7 +88,7 @@ def tile_states(k_start: jax.Array, k_end: jax.Array, block_q: int,
   kv_len = seq if kv_len is None else kv_len
   if seq % block_q or kv_len % block_k:
     raise ValueError(f"lengths ({seq} queries, {kv_len} keys) are not multiples of the block "
-                     f"sizes ({block_q}, {block_k}); pad them first (dispatch.attention does)")
+                     f"sizes ({block_q}, {block_k}); pad them first (api.attention does)")
   nq, nk = seq // block_q, kv_len // block_k
   s = k_start.reshape(batch, nq, block_q)
   e = k_end.reshape(batch, nq, block_q)

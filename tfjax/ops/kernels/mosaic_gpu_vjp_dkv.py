@@ -1,26 +1,15 @@
-"""Block-sparse Transfusion attention for Hopper: the two-kernel Mosaic GPU backward.
+"""The Mosaic GPU backward's dk/dv kernel (with `VjpConfig.dq=FROM_DS` it also
+stores its dS^T tiles for mosaic_gpu_vjp_ds.dq_from_ds).
 
-`dkv`: per CTA C * block_k keys (one block_k per consumer warpgroup, K and V
-resident in shared memory; C = `consumers_dkv`, 2 or 3), the producer
-streaming the key block's non-empty query tiles, dV and dK accumulated in
-registers. `dq`: the forward's walk over a query block's non-empty key
-blocks (C = `consumers_dq` warpgroups of rows), recomputing S and dP. With
+Per CTA `consumers_dkv` warpgroups of block_k_dkv keys each (2 or 3), their
+K and V resident in shared memory; a producer warpgroup streams the key
+block's non-empty query tiles (q, dO, lse, delta, key bounds) through a ring.
+dV and dK accumulate in registers; S^T and dP^T are recomputed per tile. With
 three consumers the last CTA may reach past the sequence: its surplus
-warpgroups load the last real tile, meet only empty tiles and store
-nothing. Seven matrix products per tile pair against the fused kernel's
-five (gpu_mosaic_bwd.py), but no float32 atomics: deterministic, and on the
-H100 faster at head dim 128 (NOTES_attention.md, runs M5-M8) and, with three
-consumers, at 64 too (M20). `gpu_mosaic_bwd.backward` calls these; with
-`dq_delta` the dq kernel runs first and also writes delta = rowsum(o * dO)
-for the dk/dv kernel. Each consumer skips the listed tiles that its own 64
-keys (dk/dv) or rows (dq) do not meet (`skip_empty`). With `dq_from_ds`
-(the default at head dim 128) dk/dv runs first and also stores its dS^T
-tiles, packed by a `gpu_mosaic_bwd_ds.DsRoute`, and
-`gpu_mosaic_bwd_ds.dq_from_ds` replaces the dq kernel.
-With `persistent_dkv` (the default at head dim 64) the dk/dv grid is one
-CTA per SM instead of one per (head, key chunk, batch row): each CTA walks
-its share of those items, longest work list first, with the next item's K/V
-loaded under the current item's tiles (H200: 2-7% faster f+b, M44).
+warpgroups read the last real tile, meet only empty tiles and store nothing.
+With `persistent_dkv` the grid is one CTA per SM walking its share of the
+(head, key chunk, batch row) items, the next item's K/V loaded under the
+current item's tiles.
 """
 from __future__ import annotations
 
@@ -28,20 +17,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.gpu_mosaic_bwd import (_grid_position, _key_block_barriers, _probs_t,
-                                              _products_in_one_group, _query_tile_smem,
-                                              _row_vectors, _store_key_grads, _stream_query_tiles)
-from tfjax.ops.kernels.gpu_mosaic_parts import (LOG2E, clamp_start, fill_ring, load_vec, mask_tile,
-                                                mosaic_params, persistent_share, sm_count,
-                                                smem_transforms, transposed, unless_empty,
-                                                warpgroup_registers, when_inside)
-from tfjax.ops.kernels.gpu_mosaic_bwd_ds import route_capacity
+from tfjax.ops.kernels.mosaic_gpu_common import (LOG2E, DqKernel, SdpGrouping, clamp_start,
+                                                 continue_ring, fill_ring, grid_position,
+                                                 load_vec, mask_tile, mosaic_params,
+                                                 persistent_share, products_in_one_group,
+                                                 sm_count, smem_transforms, transposed,
+                                                 unless_empty, warpgroup_registers,
+                                                 when_inside)
+from tfjax.ops.kernels.mosaic_gpu_vjp_ds import route_capacity
 
 
 def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   """dk, dv per q head [batch, seq, q_heads, d] (GQA groups summed by the caller);
-  with cfg.dq_from_ds also the dS^T tiles for `dq_from_ds`, at the rows that
+  with cfg.dq FROM_DS also the dS^T tiles for `dq_from_ds`, at the rows that
   `ds_route` (a `DsRoute`) gives them."""
+  # Imported here: Pallas's Mosaic GPU module takes ~0.4 s to import, needed on Hopper only.
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -51,22 +41,22 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   bq, bk, stages = cfg.block_q_dkv, cfg.block_k_dkv, cfg.stages_dkv
   n_cons = cfg.consumers_dkv
   if n_cons == 3 and d > 64:
-    raise ValueError("consumers_dkv=3 takes head dim 64 (gpu_mosaic_bwd.MosaicBwdConfig)")
+    raise ValueError("VjpConfig.consumers_dkv=3 takes head dim 64")
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_k = n_cons * bk
   nq, nkc = seq // bq, -(-seq // cta_k)
-  blocks, counts, states, order = sched  # gpu_mosaic_bwd.DkvSchedule
+  blocks, counts, states, order = sched  # mosaic_gpu_vjp.DkvSchedule
   qk_scale = float(scale) * LOG2E
   wgmma_layout = plgpu.Layout.WGMMA
   tr = smem_transforms(plgpu, dtype, d)
-  sdp_group = cfg.sdp_group == 1  # 2: in the dq kernel only
+  sdp_group = cfg.sdp is SdpGrouping.GROUPED  # S and dP in one wgmma group here too
 
-  ds_out = bool(cfg.dq_from_ds)
+  ds_out = cfg.dq is DqKernel.FROM_DS
   tr_ds = smem_transforms(plgpu, dtype, bq)
 
   cap = route_capacity(ds_route, cfg) if ds_out else 0
 
-  persistent = bool(cfg.persistent_dkv)
+  persistent = cfg.persistent_dkv
   nbuf = 2 if persistent else 1  # K/V buffers per consumer
   n_items = hq * nkc * batch
   # Two dS^T staging buffers per consumer: a store may then stay in flight
@@ -75,8 +65,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
   ds_bufs = 2
   # persistent_dkv=1: one CTA per SM; N > 1: N CTAs (tests use a few, so that
   # every CTA walks several items).
-  n_ctas = min(sm_count() if cfg.persistent_dkv == 1 else cfg.persistent_dkv,
-               n_items) if persistent else 0
+  n_ctas = min(cfg.persistent_ctas or sm_count(), n_items) if persistent else 0
 
   def kernel(*refs):
     # refs: ([order,] blocks, counts, states, q, k, v, do, lse, delta, ks, ke,
@@ -102,7 +91,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
         n_kc = jnp.int32(nkc)
         return h, lax.rem(pair, n_kc), lax.div(pair, n_kc)
     else:
-      h0, j0, b0, _ = _grid_position("kv")
+      h0, j0, b0, _ = grid_position("kv")
       n_mine = 1
       item = lambda i: (h0, j0, b0)
 
@@ -154,7 +143,7 @@ def dkv(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, ds_route=None):
         # ref's indexer would reach the tile loop's lax.cond as a constant
         # operand, which Mosaic GPU on JAX 0.11 fails to lower.
         kv = wg * nbuf + buf
-        with jax.named_scope("kv_wait"):  # profiler regions: gpu_mosaic_parts.mosaic_params
+        with jax.named_scope("kv_wait"):  # profiler regions: mosaic_gpu_common.profiling
           plgpu.barrier_wait(k_bar.at[kv])
           plgpu.barrier_wait(v_bar.at[kv])
         k_tile, v_tile = k_smem.at[kv], v_smem.at[kv]
@@ -281,7 +270,7 @@ def _key_tile_grads(plgpu, pl, dk, dv, state, k_tile, v_tile, q_tile, do_tile, d
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   if sdp_group:
     plgpu.barrier_wait(do_bar)
-    s_t, dp_t = _products_in_one_group(
+    s_t, dp_t = products_in_one_group(
         plgpu, pl, [(k_tile, transposed(plgpu, q_tile)),
                     (v_tile, transposed(plgpu, do_tile))], (bk, bq))
   else:
@@ -318,190 +307,92 @@ def _key_tile_grads(plgpu, pl, dk, dv, state, k_tile, v_tile, q_tile, do_tile, d
   return dv_new, pl.run_state(dk_fn)(plgpu.ACC.init(dk)), ds16
 
 
-def dq(q, k, v, do, lse, delta, ks, ke, sched, *, scale, cfg, o=None):
-  """dq [batch, seq, q_heads, d]: the forward's walk, with dP and dS.
+def _probs_t(plgpu, s_t, qk_scale, state, k0, lo_ref, hi_ref, lse_ref):
+  """P^T [keys, rows] = exp2(qk_scale * S^T - lse) for unscaled logits S^T of
+  keys k0.. against streamed query rows whose visible keys are [lo, hi)
+  (shared-memory vectors, with lse), masked as the tile's `block_map` state
+  says (`mosaic_gpu_common.mask_tile`). The scale rides in exp2's argument (one
+  fused multiply-add)."""
+  col = plgpu.Layout.WGMMA.reduce(0)
+  s_t = mask_tile(plgpu, s_t, state, 0, k0, lambda: load_vec(plgpu, lo_ref, col),
+                  lambda: load_vec(plgpu, hi_ref, col))
+  return jnp.exp2(s_t * qk_scale
+                  - lax.broadcast_in_dim(load_vec(plgpu, lse_ref, col), s_t.shape, [1]))
 
-  With `o` (the forward's output) instead of `delta`: (dq, delta), delta =
-  rowsum(o * do) float32[batch, q_heads, seq] computed from the tiles the
-  kernel loads anyway, for the dk/dv kernel that runs after it (no separate
-  pass over o and dO).
-  """
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  batch, seq, hq, d = q.shape
-  group = hq // k.shape[2]
-  dtype = q.dtype
-  bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
-  n_cons = cfg.consumers_dq
-  regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
-  cta_q = n_cons * bq
-  nq, nk = -(-seq // cta_q), seq // bk
-  blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
-  qk_scale = float(scale) * LOG2E
-  wgmma_layout = plgpu.Layout.WGMMA
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  tr = smem_transforms(plgpu, dtype, d)
+def _query_tile_smem(plgpu, stages, bq, d, dtype, tr):
+  """Shared memory of the streamed query side: q, dO, and the four row vectors
+  per slot in two arrays ([stages, 2, bq] float32 lse and delta, int32 k_start
+  and k_end; `_row_vectors` names them). Every scoped allocation is padded to
+  1 KiB, so four 256-byte vectors apart would cost 2 KiB more, which the
+  persistent dk/dv kernel at head dim 128 needs for its second dS^T buffer."""
+  return [
+      plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
+      plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
+      plgpu.SMEM((stages, 2, bq), jnp.float32),
+      plgpu.SMEM((stages, 2, bq), jnp.int32),
+  ]
 
-  own_delta = o is not None
 
-  def kernel(blocks_ref, counts_ref, states_ref, ks_ref, ke_ref, q_ref, k_ref,
-             v_ref, do_ref, lse_ref, delta_or_o_ref, dq_ref, *rest):
-    # rest: (scoped,), or (delta out, scoped) when own_delta.
-    h, qi, b, wg = _grid_position("q")
-    (q_smem, do_smem, k_smem, v_smem, *o_smem), (q_bar, do_bar, k_bar, v_bar, *o_bar), \
-        (k_free, v_free) = rest[-1]
-    n = counts_ref[b, qi]
+def _row_vectors(f32_rows, i32_rows):
+  """(lse, delta, k_start, k_end) [stages, bq] views of `_query_tile_smem`'s
+  two vector arrays."""
+  return f32_rows.at[:, 0], f32_rows.at[:, 1], i32_rows.at[:, 0], i32_rows.at[:, 1]
 
-    @pl.when(wg < n_cons)
-    def _consumer():
-      plgpu.set_max_registers(regs_consumer, action="increase")
-      row0 = qi * cta_q + wg * bq
-      # A surplus warpgroup of the last CTA (three consumers) reads the last
-      # real rows, sees no key (its tiles are empty: the schedule pads them) and
-      # stores nothing.
-      ragged = seq % cta_q != 0
-      in_seq = when_inside(pl, row0, seq, ragged)
-      ld = clamp_start(row0, seq, bq, ragged)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(ld, bq), h], q_smem.at[wg], q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(ld, bq), h], do_smem.at[wg], do_bar.at[wg])
-      ks_row = load_vec(plgpu, ks_ref.at[b, pl.ds(ld, bq)], row_layout)
-      ke_row = load_vec(plgpu, ke_ref.at[b, pl.ds(ld, bq)], row_layout)
-      lse_row = load_vec(plgpu, lse_ref.at[b, h, pl.ds(ld, bq)], row_layout)
-      q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-      if own_delta:
-        o_tile, delta_smem = o_smem[0].at[wg], o_smem[1].at[wg]
-        plgpu.copy_gmem_to_smem(delta_or_o_ref.at[b, pl.ds(ld, bq), h], o_tile,
-                                o_bar[0].at[wg])
-      else:
-        delta_row = load_vec(plgpu, delta_or_o_ref.at[b, h, pl.ds(ld, bq)], row_layout)
-      plgpu.barrier_wait(q_bar.at[wg])
-      plgpu.barrier_wait(do_bar.at[wg])
-      if own_delta:
-        plgpu.barrier_wait(o_bar[0].at[wg])
-        f32 = lambda ref: load_vec(plgpu, ref, wgmma_layout, True).astype(jnp.float32)
-        delta_row = jnp.sum(f32(o_tile) * f32(do_tile), axis=1)
 
-        @in_seq
-        def _():
-          delta_smem[...] = delta_row
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(delta_smem, rest[0].at[b, h, pl.ds(row0, bq)])
-      zeros = lambda shape: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
+def _store_key_grads(plgpu, dk, dv, k_tile, v_tile, dk_dst, dv_dst, wait=True):
+  """A consumer's epilogue: its dK and dV accumulators to global memory,
+  through its K and V tiles in shared memory (no longer read by then); with
+  wait=False the stores stay in flight (a persistent kernel waits before it
+  reuses the buffers)."""
+  k_tile[...] = dk.astype(k_tile.dtype)
+  v_tile[...] = dv.astype(v_tile.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_tile, dk_dst)
+  plgpu.copy_smem_to_gmem(v_tile, dv_dst)
+  if wait:
+    plgpu.wait_smem_to_gmem(0)
 
-      def body(t, carry):
-        dq, kb, state = carry
-        slot = lax.rem(t, jnp.int32(stages))
-        t_next = lax.min(t + 1, jnp.int32(nk - 1))
-        kb_next = blocks_ref[b, qi, t_next]
-        state_next = states_ref[b, qi, wg, t_next]
-        plgpu.barrier_wait(k_bar.at[slot])
 
-        def s_fn(acc_ref):
-          plgpu.wgmma(acc_ref, q_tile, transposed(plgpu, k_smem.at[slot]))
-          return acc_ref[...]
+def _key_block_barriers(plgpu, stages, consumers=2, kv_buffers=1):
+  """Barriers of the key-block kernels: ((K, V) per consumer warpgroup and K/V
+  buffer; q, dO and the four row vectors per ring slot), and each slot's
+  release by every consumer."""
+  kv = consumers * kv_buffers
+  return ((plgpu.Barrier(num_barriers=kv), plgpu.Barrier(num_barriers=kv),
+           plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+           plgpu.Barrier(num_arrivals=4, num_barriers=stages)),
+          plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
 
-        def dp_fn(acc_ref):
-          plgpu.wgmma(acc_ref, do_tile, transposed(plgpu, v_smem.at[slot]))
-          return acc_ref[...]
 
-        def tile():
-          if cfg.sdp_group:  # S and dP in one wgmma group
-            plgpu.barrier_wait(v_bar.at[slot])
+def _stream_query_tiles(plgpu, pl, n, stages, bq, blocks, b, h, q_ref, do_ref, lse_ref,
+                        delta_ref, ks_ref, ke_ref, q_smem, do_smem, lse_smem, delta_smem,
+                        ks_smem, ke_smem, q_bar, do_bar, vec_bar, free, g0=None):
+  """Producer warpgroup of the key-block kernels: the n query blocks listed in
+  `blocks` into a ring of `stages` slots, each refilled once every consumer
+  has released it. With g0 (a persistent kernel's count of tiles streamed
+  before this work item) the ring runs on from slot g0 mod stages and the
+  count after this item is returned."""
 
-            s, dp = _products_in_one_group(
-                plgpu, pl, [(q_tile, transposed(plgpu, k_smem.at[slot])),
-                            (do_tile, transposed(plgpu, v_smem.at[slot]))], (bq, bk))
-            plgpu.barrier_arrive(v_free.at[slot])
-          else:
-            s = pl.run_scoped(s_fn, plgpu.ACC((bq, bk), jnp.float32))
-          s = mask_tile(plgpu, s, state, 1, kb * bk, lambda: ks_row, lambda: ke_row)
-          # Unscaled logits: the scale rides in exp2's argument (one FMA).
-          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse_row, (bq, bk), [0]))
-          if not cfg.sdp_group:
-            plgpu.barrier_wait(v_bar.at[slot])
-            dp = pl.run_scoped(dp_fn, plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.barrier_arrive(v_free.at[slot])
-          ds = p * (dp - lax.broadcast_in_dim(delta_row, (bq, bk), [0]))
+  def issue(t, slot):
+    rows = pl.ds(blocks[t] * bq, bq)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(ks_ref.at[b, rows], ks_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(ke_ref.at[b, rows], ke_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], vec_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
 
-          def dq_fn(acc_ref):
-            plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+  def refill(t, slot):
+    plgpu.barrier_wait(free.at[slot])
+    issue(t, slot)
 
-          return pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+  if g0 is None:
+    fill_ring(pl, n, stages, issue, refill)
+    return None
 
-        def skip():  # our rows see none of these keys; the same barrier steps
-          plgpu.barrier_wait(v_bar.at[slot])
-          plgpu.barrier_arrive(v_free.at[slot])
-          return dq
+  def one(t, slot, g):
+    pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+    issue(t, slot)
 
-        dq = unless_empty(cfg.skip_empty, state, tile, skip)
-        plgpu.barrier_arrive(k_free.at[slot])
-        return dq, kb_next, state_next
-
-      dq, _, _ = lax.fori_loop(0, n, body, (zeros((bq, d)), blocks_ref[b, qi, 0],
-                                            states_ref[b, qi, wg, 0]))
-
-      @in_seq
-      def _():
-        q_tile[...] = (dq * scale).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(row0, bq), h])
-      plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == n_cons)
-    def _producer():
-      plgpu.set_max_registers(regs_producer, action="decrease")
-      hk = lax.div(h, jnp.int32(group))
-
-      def issue_k(t, slot):
-        rows = pl.ds(blocks_ref[b, qi, t] * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, hk], k_smem.at[slot], k_bar.at[slot])
-
-      def issue_v(t, slot):
-        rows = pl.ds(blocks_ref[b, qi, t] * bk, bk)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hk], v_smem.at[slot], v_bar.at[slot])
-
-      def issue(t, slot):
-        issue_k(t, slot)
-        issue_v(t, slot)
-
-      def refill(t, slot):
-        plgpu.barrier_wait(v_free.at[slot])
-        issue_v(t, slot)
-        plgpu.barrier_wait(k_free.at[slot])
-        issue_k(t, slot)
-
-      fill_ring(pl, n, stages, issue, refill)
-
-  def entry(*refs):
-    smem = [
-        plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
-        plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
-    ]
-    bars = [plgpu.Barrier(num_barriers=n_cons), plgpu.Barrier(num_barriers=n_cons),
-            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)]
-    if own_delta:
-      smem += [plgpu.SMEM((n_cons, bq, d), dtype, transforms=tr),
-               plgpu.SMEM((n_cons, bq), jnp.float32)]
-      bars += [plgpu.Barrier(num_barriers=n_cons)]
-    pl.run_scoped(
-        lambda *scoped: kernel(*refs, scoped),
-        smem,
-        tuple(bars),
-        (plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),) * 2,
-        collective_axes="wg",
-    )
-
-  dq_type = jax.ShapeDtypeStruct(q.shape, dtype)
-  return plgpu.kernel(
-      entry,
-      out_type=[dq_type, jax.ShapeDtypeStruct((batch, hq, seq), jnp.float32)]
-      if own_delta else dq_type,
-      grid=(hq, nq, batch),
-      grid_names=("heads", "q", "batch"),
-      num_threads=n_cons + 1,
-      thread_name="wg",
-      compiler_params=mosaic_params(plgpu, cfg.lean),
-  )(blocks, counts, states, ks, ke, q, k, v, do, lse, o if own_delta else delta)
+  return continue_ring(n, stages, g0, one)

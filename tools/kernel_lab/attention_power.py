@@ -10,15 +10,15 @@ power against its limit, how often the driver reported the software power cap
 (or the hardware power brake) as a reason for lowered clocks, and the energy
 per call (W x ms = mJ) and per effective FLOP (W / TF/s = pJ).
 
-  python benchmarks/attention_power.py                # GPU: 8192/128, benchmark layout
-  python benchmarks/attention_power.py --layouts benchmark,bidi8192,docs1024 \
-      --variants "default;d1/d1:dq_from_ds=0"
-  python benchmarks/attention_power.py --quick        # anywhere: tiny, no power figures
+  python tools/kernel_lab/attention_power.py                # GPU: 8192/128, benchmark layout
+  python tools/kernel_lab/attention_power.py --layouts benchmark,bidi8192,docs1024 \
+      --variants "default;d/d:dq=RECOMPUTE_OWN_DELTA"
+  python tools/kernel_lab/attention_power.py --quick        # anywhere: tiny, no power figures
 
 Layouts: `benchmark` (attention_layout.py, as the table), `docsN` (causal
 documents of N tokens), `bidiN` (documents of N tokens that are each one
 image, so bidirectional). Variants: `default` (what dispatch picks) or a
-`benchmarks/mgpu_ab.py` spec FWD/BWD (Mosaic GPU kernels only).
+`tools/kernel_lab/mgpu_ab.py` spec FWD/BWD (Mosaic GPU kernels only).
 
 Prints a table and, last, one JSON line: `power_limit_w`, `idle_w`,
 `matmul_tflops`, `matmul_w`, `matmul_sm_mhz`, and for the first run
@@ -29,27 +29,22 @@ every run under `runs`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import attention_layout as layout  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from tfjax.ops.kernels import dispatch  # noqa: E402
+from tfjax.bench import attention_layout as layout
+from tfjax.ops.kernels import api
 
 SMI_FIELDS = "timestamp,clocks.sm,power.draw,power.limit"
 # Bits of nvidia-smi's clocks-event reasons that mean "held back by power".
@@ -119,18 +114,16 @@ def make_ids(name: str, bsz: int, seq: int):
 
 
 def kernel_config(spec: str, d: int, seq: int):
-  """None for `default`, else the GpuConfig of a mgpu_ab.py variant spec."""
+  """None for `default`, else the MosaicGpuConfig of a mgpu_ab.py variant spec."""
   if spec == "default":
     return None
-  from mgpu_ab import _fields
-  from tfjax.ops.kernels import gpu
-  from tfjax.ops.kernels.gpu_mosaic import MosaicFwdConfig
-  from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig
+  from mgpu_ab import configured  # beside this script
+
+  from tfjax.ops.kernels import mosaic_gpu
   f_spec, b_spec = spec.split("/")
-  return dataclasses.replace(
-      gpu.GpuConfig.for_head_dim(d),
-      mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d, seq), MosaicFwdConfig),
-      mosaic_bwd=_fields(b_spec, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
+  shipped = mosaic_gpu.heuristic_config(d, seq)
+  return mosaic_gpu.MosaicGpuConfig(configured(f_spec, shipped.fwd),
+                                    configured(b_spec, shipped.vjp))
 
 
 def fwd_bwd_fn(bsz, seq, heads, d, lay, spec, dtype):
@@ -139,12 +132,12 @@ def fwd_bwd_fn(bsz, seq, heads, d, lay, spec, dtype):
   nnz = int(layout.counts(doc, img)["transfusion"].sum())
   q, k, v, do = (jnp.asarray(x, dtype) for x in layout.make_inputs(bsz, seq, heads, d))
   seg, im = jnp.asarray(doc), jnp.asarray(img)
-  plan = dispatch.plan(seg, im, head_dim=d, dtype=dtype, impl="pallas",
+  plan = api.plan(seg, im, head_dim=d, dtype=dtype, impl="pallas",
                        config=kernel_config(spec, d, seq))
 
   @jax.jit
   def fb(q, k, v, do):
-    o, vjp = jax.vjp(lambda q, k, v: dispatch.attention(q, k, v, seg, im, plan=plan), q, k, v)
+    o, vjp = jax.vjp(lambda q, k, v: api.attention(q, k, v, seg, im, plan=plan), q, k, v)
     return (o,) + vjp(do)
 
   return (lambda: fb(q, k, v, do)), 14.0 * heads * d * nnz
@@ -218,7 +211,7 @@ def main():
   rnd = lambda x, n=3: None if x is None else round(x, n)
   headline = dict(
       power_limit_w=table["matmul"]["limit_w"], idle_w=rnd(table["idle"]["watts"], 1),
-      matmul_tflops=rnd(table["matmul"]["tflops"], 1), matmul_w=rnd(table["matmul"]["watts"], 1),
+      matmul_tflops=rnd(table["matmul"]["tflops"], 3), matmul_w=rnd(table["matmul"]["watts"], 1),
       matmul_sm_mhz=table["matmul"]["sm_mhz"], fwd_bwd_ms=rnd(first["ms"]),
       fwd_bwd_w=rnd(first["watts"], 1), fwd_bwd_sm_mhz=first["sm_mhz"],
       fwd_bwd_capped_fraction=rnd(first["capped_fraction"], 2),

@@ -1,14 +1,10 @@
-"""dq from the dk/dv kernel's stored dS^T tiles (MosaicBwdConfig.dq_from_ds).
+"""dq from the dk/dv kernel's stored dS^T tiles (`VjpConfig.dq=FROM_DS`).
 
-With `dq_from_ds` the two-kernel backward's dk/dv kernel
-(`gpu_mosaic_bwd_two_kernel.dkv`) also writes every dS^T tile it computes,
-at the rows a `DsRoute` gives it, and `dq_from_ds` here replaces the dq
-kernel: one product per visited tile, dQ += (dS^T)^T K, instead of
-recomputing S, P and dP (H200, NOTES_attention.md M35: the default at head
-dim 128). `route_capacity` sizes the buffer; a batch whose lists need more rows
-falls back to the recomputing dq kernel (`gpu_mosaic_bwd.backward`): decided
-once on the host for a plan built outside jit (`gpu_mosaic_bwd.settle`), in
-a `lax.cond` in every backward otherwise.
+The dk/dv kernel (mosaic_gpu_vjp_dkv.py) also writes every dS^T tile it
+computes, at the rows a `DsRoute` gives it, and `dq_from_ds` replaces the
+recomputing dq kernel: one product per visited tile, dQ += (dS^T)^T K.
+`route_capacity` sizes the buffer; a batch whose lists need more rows falls
+back to the recomputing kernels (mosaic_gpu_vjp.backward).
 """
 from __future__ import annotations
 
@@ -18,14 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tfjax.ops.kernels.gpu_mosaic_parts import (fill_ring, mosaic_params, smem_transforms,
-                                                transposed, unless_empty, warpgroup_registers,
-                                                when_inside)
-from tfjax.ops.kernels.gpu_mosaic_bwd import _grid_position
+from tfjax.ops.kernels.mosaic_gpu_common import (fill_ring, grid_position, mosaic_params,
+                                                 smem_transforms, transposed, unless_empty,
+                                                 warpgroup_registers, when_inside)
 
 
 class DsRoute(NamedTuple):
-  """Where `dkv` (cfg.dq_from_ds) puts each dS^T tile and `dq_from_ds` finds it.
+  """Where `dkv` (FROM_DS) puts each dS^T tile and `dq_from_ds` finds it.
 
   Each head owns `route_capacity` rows of the [heads * capacity, block_k,
   block_q] buffer, and the rows hold only listed tiles, packed in dk/dv
@@ -33,7 +28,7 @@ class DsRoute(NamedTuple):
   consumer w at offset + t * consumers + w, and the dq producer gathers one
   row per consumer. (Packing in dq order instead, each query CTA's rows
   adjacent so that the dq producer reads an entry's rows in one copy, ran
-  level or slower on an H200: NOTES_attention.md M35-M36.)
+  level or slower on an H200.)
   total: the rows one head needs; the backward falls back to recomputing dq
   where it exceeds the capacity.
   """
@@ -55,7 +50,7 @@ def route_capacity(route: DsRoute, cfg) -> int:
 
 def route_fits(route: DsRoute, cfg) -> jax.Array:
   """bool[]: the route's tiles fit the buffer (else dq is recomputed). One
-  predicate for the host's answer (`gpu_mosaic_bwd.settle`) and the
+  predicate for the host's answer (`mosaic_gpu_vjp.settle`) and the
   device's (the backward's lax.cond)."""
   return route.total <= route_capacity(route, cfg)
 
@@ -104,12 +99,13 @@ def ds_route(dkv_sched, dq_sched, n_dkv: int, n_dq: int) -> DsRoute:
 
 def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   """dq [batch, seq, q_heads, d] = dS K from the dk/dv kernel's dS^T tiles
-  (`dkv` with cfg.dq_from_ds): one product per visited tile instead of
+  (`dkv` with FROM_DS): one product per visited tile instead of
   recomputing S, P and dP. dst: [q_heads * capacity, block_k, block_q] tiles
   at the rows of `route`. The walk is the dq kernel's
   (consumers_dq warpgroups of block_q rows over the query block's listed key
   blocks); the producer streams each entry's K tile and its consumers' dS^T
   tiles, one copy per consumer."""
+  # Imported here: Pallas's Mosaic GPU module takes ~0.4 s to import, needed on Hopper only.
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -118,19 +114,19 @@ def dq_from_ds(k, dst, route: DsRoute, sched, *, scale, cfg, q_shape):
   dtype = k.dtype
   bq, bk, stages = cfg.block_q_dq, cfg.block_k_dq, cfg.stages_dq
   if (bq, bk) != (cfg.block_q_dkv, cfg.block_k_dkv):
-    raise ValueError("MosaicBwdConfig.dq_from_ds needs the dq tiles equal to the dk/dv tiles")
+    raise ValueError("VjpConfig.dq=FROM_DS needs the dq tiles equal to the dk/dv tiles")
   n_cons = cfg.consumers_dq
   regs_consumer, regs_producer = warpgroup_registers(n_cons, cfg.consumer_regs)
   cta_q = n_cons * bq
   nq_cta = -(-seq // cta_q)
   cap = dst.shape[0] // hq
-  blocks, counts, states = sched  # gpu_mosaic_bwd.DqSchedule
+  blocks, counts, states = sched  # mosaic_gpu_vjp.DqSchedule
   wgmma_layout = plgpu.Layout.WGMMA
   tr = smem_transforms(plgpu, dtype, d)
   tr_ds = smem_transforms(plgpu, dtype, bq)
 
   def kernel(blocks_ref, counts_ref, states_ref, rows_ref, k_ref, ds_ref, dq_ref, scoped):
-    h, qi, b, wg = _grid_position("q")
+    h, qi, b, wg = grid_position("q")
     (out_smem, k_smem, ds_smem), tile_bar, free = scoped
     n = counts_ref[b, qi]
 

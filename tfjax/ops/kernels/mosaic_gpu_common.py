@@ -1,17 +1,16 @@
-"""The pieces every Mosaic GPU attention kernel of tfjax is built from.
+"""The pieces every Mosaic GPU attention kernel is built from.
 
-Shared by the forward (gpu_mosaic.py) and the backward kernels
-(gpu_mosaic_bwd.py, gpu_mosaic_bwd_two_kernel.py, gpu_mosaic_bwd_ds.py):
-warpgroup register splits, the per-warpgroup work lists, shared-memory
-layouts, the partial-tile mask, a producer's ring of slots, and the work
-share of a persistent grid. JAX 0.10 (CI) and 0.11 (the device) spell some
-Mosaic GPU calls differently; the wrappers here take both.
+Warpgroup register splits, per-warpgroup work lists, shared-memory layouts,
+the partial-tile mask, a producer's ring of slots and a persistent grid's
+work share. JAX 0.10 (CI) and 0.11 (the device) spell some Mosaic GPU calls
+differently; the wrappers here take both.
 """
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,20 @@ from tfjax.ops.kernels.block_map import EMPTY, FULL, LOWER, UPPER, WorkList, coa
 LOG2E = math.log2(math.e)
 
 
+class DqKernel(enum.Enum):
+  """How the backward computes dq."""
+  RECOMPUTE = "recompute"              # S and dP again; delta from one XLA pass
+  RECOMPUTE_OWN_DELTA = "own_delta"    # the same, run first, delta from its own tiles
+  FROM_DS = "from_ds"                  # one product per tile from the stored dS^T tiles
+
+
+class SdpGrouping(enum.Enum):
+  """Whether S and dP of a tile are issued as one wgmma group."""
+  SEPARATE = "separate"     # S first, dP after the softmax, in both kernels
+  GROUPED = "grouped"       # one group in both kernels
+  DQ_ONLY = "dq_only"       # one group in the dq kernel only (dk/dv: fewer registers)
+
+
 def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, int]:
   """(consumer, producer) registers per thread: the SM's 64K over one CTA of
   `consumers` + 1 warpgroups of 128 threads; two consumers take 232 (producer
@@ -29,16 +42,23 @@ def warpgroup_registers(consumers: int, consumer_regs: int = 232) -> tuple[int, 
 
   Only these splits: `setmaxnreg` can hand out no more than the CTA was
   launched with (64K over its threads), and a request beyond that waits
-  forever instead of failing (a four-consumer trial hung; NOTES M24).
+  forever instead of failing.
   """
   if consumers not in (2, 3):
     raise ValueError(f"consumer warpgroups per CTA must be 2 or 3, got {consumers}")
   if consumers == 3:
     return 160, 24
   if consumer_regs not in (232, 240):
-    raise ValueError(f"MosaicBwdConfig.consumer_regs must be 232 or 240, got {consumer_regs}: "
+    raise ValueError(f"VjpConfig.consumer_regs must be 232 or 240, got {consumer_regs}: "
                      "two consumers and the producer share the SM's 64K registers")
   return consumer_regs, 40 if consumer_regs == 232 else 24
+
+
+def length_multiple(consumers: int, block: int) -> int:
+  """What a kernel whose CTAs split `consumers` blocks of `block` rows (or
+  keys) needs the length to be a multiple of: two-consumer CTAs stay whole,
+  three pad their last CTA themselves."""
+  return 2 * block if consumers == 2 else block
 
 
 def clamp_start(start, length: int, block: int, ragged: bool):
@@ -58,19 +78,29 @@ def when_inside(pl, start, length: int, ragged: bool):
   return pl.when(start < length)
 
 
+_PROFILE: dict = {}
+
+
+@contextlib.contextmanager
+def profiling(directory: str, space: int = 64):
+  """A diagnostic: kernels traced inside record Mosaic GPU's in-kernel profile,
+  one Perfetto trace per call in `directory`, with the start and end of every
+  `jax.named_scope` region of each warpgroup (`space` regions per warpgroup;
+  the buffer takes shared memory)."""
+  _PROFILE.update(profile_dir=directory, profile_space=space)
+  try:
+    yield
+  finally:
+    _PROFILE.clear()
+
+
 def mosaic_params(plgpu, lean: bool):
-  """Compiler settings of every Mosaic GPU kernel here. A diagnostic:
-  TFJAX_MOSAIC_PROFILE_DIR=DIR turns on Mosaic GPU's in-kernel profiler, which
-  writes one Perfetto trace per kernel call to DIR with the start and end of
-  every `jax.named_scope` region of each warpgroup
-  (TFJAX_MOSAIC_PROFILE_SPACE regions per warpgroup, default 64; the buffer
-  takes shared memory)."""
+  """Compiler settings of every Mosaic GPU kernel here; `lean` drops Pallas's
+  automatic warpgroup barriers and cross-warp reduction scratch."""
   params = dict(approx_math=True)
   if lean:
     params.update(unsafe_no_auto_barriers=True, reduction_scratch_bytes=0)
-  if os.environ.get("TFJAX_MOSAIC_PROFILE_DIR"):
-    params.update(profile_dir=os.environ["TFJAX_MOSAIC_PROFILE_DIR"],
-                  profile_space=int(os.environ.get("TFJAX_MOSAIC_PROFILE_SPACE", "64")))
+  params.update(_PROFILE)
   return plgpu.CompilerParams(**params)
 
 
@@ -131,8 +161,6 @@ def mask_tile(plgpu, s, state, key_axis: int, k0, lo, hi):
   vectors along the other axis, in its reduced layout (called only by the
   branches that use them).
 
-  Against two signed comparisons of k0 + iota on every partial tile: f+b 3%
-  faster at 8192/64, 1-2% at the other shapes (NOTES_attention.md M42-M43).
   """
   other = 1 - key_axis
   b = lambda x: lax.broadcast_in_dim(x, s.shape, [other])
@@ -216,3 +244,20 @@ def sm_count() -> int:
     return int(jax.devices("gpu")[0].core_count)
   except (RuntimeError, AttributeError, IndexError):
     return 132
+
+
+def products_in_one_group(plgpu, pl, pairs, shape):
+  """(a @ b for each (a, b) in pairs): float32 [shape] products issued as one
+  wgmma group into fresh accumulators (S and dP of a tile, transposed or not)."""
+  def issue(refs):
+    for acc_ref, (a, b) in zip(refs, pairs):
+      plgpu.wgmma(acc_ref, a, b)
+
+  zeros = lambda: plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), plgpu.Layout.WGMMA)
+  return pl.run_state(issue)(tuple(plgpu.ACC.init(zeros()) for _ in pairs))
+
+
+def grid_position(blocks: str):
+  """(q head, key chunk or query CTA, batch row, warpgroup) of the running
+  thread in the backward kernels' grid (heads, `blocks`, batch) x warpgroups."""
+  return tuple(lax.axis_index(n) for n in ("heads", blocks, "batch", "wg"))

@@ -1,31 +1,21 @@
-"""Block-sparse Transfusion attention for TPUs: Pallas, Mosaic lowering.
+"""Block-sparse attention kernels for TPUs: Pallas, Mosaic TPU lowering.
 
-The same algorithm as `gpu.py`, shaped for the TPU's grid model: the grid is
-(batch, q head, outer block, inner step) and the inner step walks the outer
-block's compacted work list, delivered through scalar prefetch. A block spec's
-index map reads the list, so the pipeline copies only non-empty tiles; padded
-list entries repeat the last block (no new copy) and skip all compute with
-`pl.when`. Full tiles skip the mask. The lists come from `schedule(...)`,
-built inside `attention` or once per batch in a `dispatch.AttentionPlan`.
+The Triton kernels' algorithm (triton.py) in the TPU's grid model: grid
+(batch, q head, outer block, inner step), the inner step walking the outer
+block's compacted work list, delivered by scalar prefetch. A block spec's
+index map reads the list, so the pipeline copies only non-empty tiles;
+padded entries repeat the last block (no copy) and skip compute with
+`pl.when`. Full tiles skip the mask.
 
   forward  inner = key blocks of the q block: online softmax in VMEM scratch.
   dk/dv    inner = query blocks of the key block; dk, dv accumulated per q head.
   dq       inner = key blocks of the q block.
 
 Per-row data (key intervals, log-sum-exp, delta) is kept lane-broadcast,
-[..., seq, 128], so that a row's value is a sublane column in the kernel
-without relayouts.
-
-Known cost: the inner grid axis has the static worst-case length (all blocks),
-because the layout is data, not a static mask; skipped steps issue no copy
-and no compute but still pay the per-step overhead (about 0.35 us). A static
-bound on a query block's non-empty key blocks (from the data config's longest
-document) would shrink it; not done.
-
-What was run: Pallas TPU interpret mode on CPU (numerics, in the tests) and
-ahead-of-time compilation for a v5p topology through libtpu (the Mosaic
-lowering, forward and backward, L=8192, head dim 128, inside `shard_map`).
-What was not: execution on a real TPU, hence no TPU timings.
+[..., seq, 128]. The inner axis has the static worst-case length (the layout
+is data): skipped steps copy and compute nothing but pay the per-step
+overhead. Checked in Pallas TPU interpret mode (numerics) and by ahead-of-time
+compiles for v5p; never run on a TPU, so no TPU timings.
 """
 from __future__ import annotations
 
@@ -47,7 +37,7 @@ TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 @dataclasses.dataclass(frozen=True)
-class TpuConfig:
+class MosaicTpuConfig:
   """Tile sizes: multiples of 128 (the lane width)."""
   block_q: int = 256
   block_k: int = 256
@@ -55,6 +45,12 @@ class TpuConfig:
   @property
   def multiple(self) -> int:
     return max(self.block_q, self.block_k)
+
+
+def heuristic_config(head_dim: int) -> MosaicTpuConfig:
+  """256x256 tiles at every head dim (untimed: no TPU was run)."""
+  del head_dim
+  return MosaicTpuConfig()
 
 
 class Schedule(NamedTuple):
@@ -173,7 +169,7 @@ def _params(interpret):
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")))
 
 
-def schedule(k_start: jax.Array, k_end: jax.Array, cfg: TpuConfig) -> Schedule:
+def schedule(k_start: jax.Array, k_end: jax.Array, cfg: MosaicTpuConfig) -> Schedule:
   """The work lists of all three kernels (one tiling) from int32[batch, seq]
   key intervals."""
   bm = block_map(k_start, k_end, cfg.block_q, cfg.block_k)
@@ -265,7 +261,7 @@ _attention = block_sparse_vjp(_forward, _backward)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
-              k_end: jax.Array, *, scale: float, config: TpuConfig | None = None,
+              k_end: jax.Array, *, scale: float, config: MosaicTpuConfig | None = None,
               interpret: bool = False, sched: Schedule | None = None) -> jax.Array:
   """Block-sparse attention over per-query key intervals, differentiable.
 
@@ -280,7 +276,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Array,
   Returns:
     [batch, seq, q_heads, head_dim] in q's dtype; empty rows are 0.
   """
-  config = config or TpuConfig()
+  config = config or MosaicTpuConfig()
   if q.shape[1] % config.multiple:
     raise ValueError(f"sequence length {q.shape[1]} is not a multiple of {config.multiple}")
   # The kernel wants [batch, heads, seq, head_dim]: (seq, head_dim) tiles.

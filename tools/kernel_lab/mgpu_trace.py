@@ -2,7 +2,7 @@
 profiler over the dk/dv kernel's `jax.named_scope` regions (consumer, kv_wait,
 tiles, tile, store; producer), one forward+backward call per layout.
 
-  (device tool, carry .whl_app)  python3 benchmarks/mgpu_trace.py \
+  (device tool, carry .whl_app)  python3 tools/kernel_lab/mgpu_trace.py \
       [--layouts bidi256,benchmark] [--bwd d1:ds_capacity=100:persistent_dkv=1] [--space 128]
 
 Per layout it prints, for each region and warpgroup role (c: consumer, p:
@@ -27,14 +27,10 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def region_stats(events: list[dict], warpgroups: int) -> dict:
@@ -84,38 +80,37 @@ def main():
   p.add_argument("--layouts", default="bidi256,bidi1024,benchmark",
                  help="comma-separated mgpu_ab.py layouts (benchmark, causal, docsN, bidiN)")
   p.add_argument("--shape", default="8192/128", help="seq/head_dim (B=2, H=16, bf16)")
-  p.add_argument("--bwd", default="d1:ds_capacity=100",
-                 help="the backward's MosaicBwdConfig in mgpu_ab.py's variant spelling "
-                      "(dN[:field=V...] or comma-separated fields)")
+  p.add_argument("--bwd", default="d:ds_capacity=100",
+                 help="the backward's VjpConfig in mgpu_ab.py's variant spelling "
+                      "(d[:field=V...])")
   p.add_argument("--space", type=int, default=128, help="profiler regions per warpgroup")
   args = p.parse_args()
   out = tempfile.mkdtemp(prefix="mosaic_trace_")
-  os.environ["TFJAX_MOSAIC_PROFILE_DIR"] = out
-  os.environ["TFJAX_MOSAIC_PROFILE_SPACE"] = str(args.space)
   import jax
-  from attention import kernel_workload
-  from mgpu_ab import _fields, synthetic_layout
-  from tfjax.ops.kernels import gpu
-  from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig
+  from mgpu_ab import configured, synthetic_layout  # beside this script
+
+  from tfjax.bench.attention import kernel_workload
+  from tfjax.ops.kernels import mosaic_gpu, mosaic_gpu_common
 
   seq, d = map(int, args.shape.split("/"))
   bsz, heads = 2, 16
   ks0, ke0, q, k, v, do, flops0 = kernel_workload(bsz, seq, heads, d)
-  bwd = MosaicBwdConfig(*_fields(args.bwd, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
-  cfg = dataclasses.replace(gpu.GpuConfig.for_head_dim(d),
-                            mosaic_fwd=gpu.GpuConfig.mosaic_default(d, seq),
-                            mosaic_bwd=dataclasses.astuple(bwd))
+  shipped = mosaic_gpu.heuristic_config(d, seq)
+  bwd = configured(args.bwd, shipped.vjp)
+  cfg = dataclasses.replace(shipped, vjp=bwd)
   print(f"jax {jax.__version__} {jax.devices()}\n{bwd}")
   result = {}
   for lay in args.layouts.split(","):
     ks, ke, _ = synthetic_layout(lay, ks0, ke0, flops0, heads, d)
-    sched = gpu.settle(jax.jit(lambda ks, ke: gpu.schedule(ks, ke, cfg))(ks, ke), cfg)
-    fwd = lambda q, k, v: gpu.attention(q, k, v, ks, ke, scale=d ** -0.5, config=cfg,
-                                        sched=sched)
+    sched = mosaic_gpu.settle(
+        jax.jit(lambda ks, ke: mosaic_gpu.schedule(ks, ke, cfg))(ks, ke), cfg)
+    fwd = lambda q, k, v: mosaic_gpu.attention(q, k, v, ks, ke, scale=d ** -0.5, config=cfg,
+                                               sched=sched)
     fb = jax.jit(lambda q, k, v, do: jax.vjp(fwd, q, k, v)[1](do))
     for f in glob.glob(os.path.join(out, "*")):
       os.remove(f)
-    jax.block_until_ready(fb(q, k, v, do))
+    with mosaic_gpu_common.profiling(out, args.space):  # traced (and compiled) inside
+      jax.block_until_ready(fb(q, k, v, do))
     jax.effects_barrier()
     time.sleep(1.0)
     for path in sorted(glob.glob(os.path.join(out, "*"))):

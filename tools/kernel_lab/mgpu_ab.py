@@ -1,18 +1,17 @@
 """Mosaic GPU kernel variants side by side, in one device call (A/B runs).
 
-  python benchmarks/mgpu_ab.py [--variants "d0/d0;d1/d1;64,64,2,1,1,0,0,1/d1"]
+  python tools/kernel_lab/mgpu_ab.py [--variants "d/d;d:skip_empty=0/d:dq=RECOMPUTE_OWN_DELTA"]
       [--shapes 4096/64,...] [--rounds 2] [--reps 20]
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
-      --csv --log-file ncu.csv python benchmarks/mgpu_ab.py --profile [same flags]
-  python benchmarks/mgpu_ab.py --summarize ncu.csv [same flags]
+      --csv --log-file ncu.csv python tools/kernel_lab/mgpu_ab.py --profile [same flags]
+  python tools/kernel_lab/mgpu_ab.py --summarize ncu.csv [same flags]
 
 A variant is FWD/BWD[+nomask|+nosplit|+cond] (diagnostics: `_without_masks`,
-`_unsplit`; `+cond`: the schedule not `gpu.settle`d, so that a dq_from_ds
+`_unsplit`; `+cond`: the schedule not `mosaic_gpu.settle`d, so that a FROM_DS
 backward checks its dS^T buffer in a lax.cond in every call): the
-forward's `gpu_mosaic.MosaicFwdConfig` fields and the backward's
-`gpu_mosaic_bwd.MosaicBwdConfig` fields as comma-separated integers, or
-`dN[:field=V...]`: the default tiles for the shape with skip_empty=N (and
-those fields replaced, e.g. `d1:persistent=1`). Per shape
+forward's `mosaic_gpu_fwd.FwdConfig` and the backward's
+`mosaic_gpu_vjp.VjpConfig` as `d[:field=V...]`, the shape's shipped config
+with the named fields replaced (e.g. `d:persistent=1`, `d:dq=FROM_DS`). Per shape
 (attention_layout.py, B=2, H=16, bf16; `--layout` names others: one causal
 document per row, causal documents or bidirectional blocks of N tokens)
 every variant's forward and forward+backward is timed with its schedule
@@ -28,30 +27,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import sys
+import enum
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from attention import kernel_workload, rel_err, time_jax  # noqa: E402
-from tfjax.ops.kernels import gpu  # noqa: E402
-from tfjax.ops.kernels.gpu_mosaic import MosaicFwdConfig  # noqa: E402
-from tfjax.ops.kernels.gpu_mosaic_bwd import MosaicBwdConfig  # noqa: E402
+from tfjax.bench.attention import kernel_workload, rel_err, time_jax
+from tfjax.ops.kernels import mosaic_gpu
 
 
-def _fields(spec: str, default: tuple, cls) -> tuple:
-  """A config's fields from `spec`: comma-separated integers, or dN[:field=V...]
-  (the shape's default with skip_empty=N and the named fields replaced)."""
-  if spec.startswith("d"):
-    skip, *changes = spec[1:].split(":")
-    changes = dict(c.split("=") for c in changes)
-    return dataclasses.astuple(dataclasses.replace(
-        cls(*default), skip_empty=int(skip), **{k: int(v) for k, v in changes.items()}))
-  return tuple(int(x) for x in spec.split(","))
+def configured(spec: str, default):
+  """`default` (a kernel config dataclass) with the fields `spec` names replaced:
+  `d[:field=V...]`, V an integer, 0/1 for booleans, a member name for enums,
+  or None."""
+  head, *changes = spec.split(":")
+  if head != "d":
+    raise ValueError(f"variant {spec!r}: d[:field=value...]")
+  types = {f.name: type(getattr(default, f.name)) for f in dataclasses.fields(default)}
+  values = {}
+  for change in changes:
+    name, value = change.split("=")
+    if name not in types:
+      raise ValueError(f"variant {spec!r}: {name} is not a field of {type(default).__name__}")
+    kind = types[name]
+    if value == "None":
+      values[name] = None
+    elif issubclass(kind, enum.Enum):
+      values[name] = kind[value]
+    elif kind is bool:
+      values[name] = bool(int(value))
+    else:
+      values[name] = int(value)
+  return dataclasses.replace(default, **values)
 
 
 def _without_masks(sched):
@@ -76,16 +83,17 @@ def _unsplit(sched):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default="4096/64,4096/128,8192/64,8192/128")
-  p.add_argument("--variants", default="d0/d0;d1/d1")
+  p.add_argument("--variants", default="d/d;d:skip_empty=0/d:skip_empty=0")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--group", type=int, default=10)
-  p.add_argument("--window_ms", type=float, default=20.0, help="see attention.time_jax")
+  p.add_argument("--window_ms", type=float, default=20.0,
+                 help="see tfjax.bench.attention.time_jax")
   p.add_argument("--layout", default="benchmark",
                  help="comma-separated layouts, each timed with the same compiled "
                       "variants. benchmark: attention_layout.py's packed batch; causal: one "
                       "causal document per row (half the tiles listed: past the dS^T "
-                      "buffer's default capacity, so dq_from_ds takes its recomputing "
+                      "buffer's default capacity, so FROM_DS takes its recomputing "
                       "fallback); docsN: causal documents of N tokens; bidiN: "
                       "bidirectional blocks of N tokens (with N a multiple of 64 every "
                       "listed 64x64 tile is full: list length without partial tiles)")
@@ -110,18 +118,17 @@ def main():
     layouts = {name: synthetic_layout(name, ks0, ke0, flops0, heads, d)
                for name in args.layout.split(",")}
     scale = d ** -0.5
-    base = gpu.GpuConfig.for_head_dim(d)
+    shipped = mosaic_gpu.heuristic_config(d, seq)
     fns = {}
     for spec in args.variants.split(";"):
       f_spec, b_spec = spec.split("+")[0].split("/")
-      cfg = dataclasses.replace(
-          base, mosaic_fwd=_fields(f_spec, gpu.GpuConfig.mosaic_default(d, seq), MosaicFwdConfig),
-          mosaic_bwd=_fields(b_spec, gpu.GpuConfig.mosaic_bwd_default(d), MosaicBwdConfig))
+      cfg = mosaic_gpu.MosaicGpuConfig(configured(f_spec, shipped.fwd),
+                                       configured(b_spec, shipped.vjp))
 
       def plan(ks, ke, spec=spec, cfg=cfg):
-        sched = jax.jit(lambda ks, ke: gpu.schedule(ks, ke, cfg))(ks, ke)
-        if "+cond" not in spec:  # as dispatch.plan outside jit
-          sched = gpu.settle(sched, cfg)
+        sched = jax.jit(lambda ks, ke: mosaic_gpu.schedule(ks, ke, cfg))(ks, ke)
+        if "+cond" not in spec:  # as api.plan outside jit
+          sched = mosaic_gpu.settle(sched, cfg)
         if "+nomask" in spec:
           sched = _without_masks(sched)
         if "+nosplit" in spec:
@@ -129,7 +136,7 @@ def main():
         return sched
 
       def fwd(q, k, v, ks, ke, sched, cfg=cfg):
-        return gpu.attention(q, k, v, ks, ke, scale=scale, config=cfg, sched=sched)
+        return mosaic_gpu.attention(q, k, v, ks, ke, scale=scale, config=cfg, sched=sched)
 
       def fb(q, k, v, do, ks, ke, sched, fwd=fwd):
         o, vjp = jax.vjp(lambda q, k, v: fwd(q, k, v, ks, ke, sched), q, k, v)

@@ -1,37 +1,33 @@
-"""Choose and call the block-sparse attention kernel for the backend.
+"""Transfusion-masked attention through the block-sparse kernels: which kernel, where.
 
 `attention(q, k, v, segment_ids, image_ids, impl=...)` has the semantics of
-`tfjax.ops.attention.xla_attention` under `transfusion_mask`:
+`reference.xla_attention` under `transfusion_mask`. `choose` is the one place
+that picks the kernel:
 
-  impl="auto"    GPU (Hopper or newer): the Pallas GPU kernels (on Hopper, for
-                 bf16/f16 at head dims 64/128, the Mosaic GPU kernels of
-                 gpu_mosaic.py and gpu_mosaic_bwd.py, else the Triton kernels
-                 of gpu.py; the default Mosaic backward is the deterministic
-                 two-kernel one; TFJAX_MOSAIC_BWD=64,64,2,64,64,2,1,240 picks
-                 the fused kernel, whose dq is summed by float32 atomics);
-                 TPU: the Pallas TPU kernel; anything else (CPU): the XLA
-                 reference, since interpret mode is far too slow to train with.
-  impl="pallas"  the kernel for the backend; on CPU, the GPU kernel in Pallas
-                 interpret mode (tests).
+  impl="auto"    Hopper GPU, bf16/f16, head dim 64/128: the Mosaic GPU kernels
+                 (mosaic_gpu.py); another GPU of compute capability 9 or more,
+                 or float32: the Triton kernels (triton.py); TPU: the Mosaic
+                 TPU kernels (mosaic_tpu.py); anything else (CPU, older GPUs):
+                 the XLA reference, since interpret mode is far too slow to
+                 train with.
+  impl="pallas"  as "auto", but the Triton kernels on any GPU, and on CPU the
+                 Triton kernels in Pallas interpret mode (tests).
 
-The sequence is padded to a multiple of the block size with padding positions
-(segment id 0), which attend to nothing and are sliced off again.
+Each kernel module's `heuristic_config` gives its shipped tiles. The sequence
+is padded to the config's multiple with padding positions (segment id 0),
+which attend to nothing and are sliced off again.
 
-Plans: everything the kernels derive from the mask (the padded key intervals,
-each kernel's work lists and launch order) depends on segment_ids and
-image_ids only. `plan(...)` builds it once per batch as an `AttentionPlan`
-(a pytree), and `attention(..., plan=plan)` uses it instead of rebuilding it;
-the Transformer builds one per step for all its layers. Without a plan each
-call builds its own (on the H100, 4-12% of an f+b call at the benchmark's
-shapes: benchmarks/RESULTS.md).
+Plans: what the kernels derive from the mask (key intervals, work lists,
+launch orders) depends on segment_ids and image_ids only. `plan(...)` builds
+it once per batch as an `AttentionPlan` (a pytree) and `attention(...,
+plan=plan)` uses it; the Transformer builds one per step for all its layers.
 
 Sharding: a Pallas call is opaque to XLA's partitioner, which would gather a
-sharded batch onto every device. When a mesh is set with `jax.set_mesh(mesh)` (as the trainer
-should, around tracing its step), the call is wrapped in
-`shard_map` with the batch over the mesh axes named in `BATCH_AXES` and heads
-over `HEAD_AXES` (those present in the mesh and dividing the dimension), so
-each device runs the kernel on its own slice, with no communication: the mask
-never crosses a sequence.
+sharded batch onto every device. Under a mesh set with `jax.set_mesh(mesh)`
+the call is wrapped in `shard_map`, the batch over the mesh axes named in
+`BATCH_AXES` and heads over `HEAD_AXES` (those present and dividing), so each
+device runs the kernel on its own slice with no communication: the mask never
+crosses a sequence.
 """
 from __future__ import annotations
 
@@ -39,22 +35,21 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tfjax.ops.mask import key_ranges
+from tfjax.ops.kernels import mosaic_gpu, mosaic_tpu, triton
+from tfjax.ops.kernels.reference import xla_attention
+from tfjax.ops.mask import key_ranges, transfusion_mask
 
 # Mesh axes (config.mesh.rules: "batch" -> (data, fsdp), "heads" -> tensor).
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXES = ("tensor",)
 SUPPORTED_HEAD_DIMS = (64, 128)
-
-
-def _backend() -> str:
-  return jax.default_backend()
+# What `choose` returns: the XLA reference or one kernel family.
+KINDS = ("xla", "mosaic_gpu", "triton", "triton_interpret", "mosaic_tpu")
 
 
 def _compute_capability() -> float:
@@ -65,28 +60,9 @@ def _compute_capability() -> float:
     return 0.0
 
 
-def _gpu_is_hopper_or_newer() -> bool:
-  return _compute_capability() >= 9.0
-
-
-def _gpu_is_hopper() -> bool:
-  """Compute capability 9.x: where the Mosaic GPU kernels (wgmma) run."""
-  return 9.0 <= _compute_capability() < 10.0
-
-
-def use_mosaic_forward(kind: str, head_dim: int, dtype) -> bool:
-  """The Mosaic GPU forward applies: a Hopper GPU, bf16/f16, head dim 64/128.
-
-  TFJAX_MOSAIC_FWD=0 in the environment turns it off (Triton forward).
-  """
-  from tfjax.ops.kernels import gpu_mosaic
-  return (kind == "gpu" and os.environ.get("TFJAX_MOSAIC_FWD", "1") != "0"
-          and gpu_mosaic.supported(dtype, head_dim) and _gpu_is_hopper())
-
-
-def choose(impl: str, head_dim: int) -> str:
-  """The concrete implementation: "xla", "gpu", "gpu_interpret" or "tpu"."""
-  backend = _backend()
+def choose(impl: str, head_dim: int, dtype=jnp.bfloat16) -> str:
+  """The kernel for `impl` ("auto" or "pallas") on this backend: one of KINDS."""
+  backend = jax.default_backend()
   if head_dim not in SUPPORTED_HEAD_DIMS:
     if impl == "pallas":
       logging.warning("Pallas attention supports head dims %s, not %d: falling back "
@@ -94,52 +70,31 @@ def choose(impl: str, head_dim: int) -> str:
                       SUPPORTED_HEAD_DIMS, head_dim)
     return "xla"
   if backend == "tpu":
-    return "tpu"
+    return "mosaic_tpu"
   if backend == "gpu":
-    if impl == "pallas" or _gpu_is_hopper_or_newer():
-      return "gpu"
-    return "xla"
-  return "gpu_interpret" if impl == "pallas" else "xla"
+    capability = _compute_capability()
+    if 9.0 <= capability < 10.0 and mosaic_gpu.supported(dtype, head_dim):
+      return "mosaic_gpu"  # wgmma: Hopper only
+    return "triton" if impl == "pallas" or capability >= 9.0 else "xla"
+  return "triton_interpret" if impl == "pallas" else "xla"
 
 
-def kernel_config(kind: str, head_dim: int, block_q: int | None = None,
-                  block_k: int | None = None, dtype=jnp.bfloat16,
-                  seq_len: int | None = None):
-  """The kernel's tiling config; block_q/block_k override every kernel's tiles.
-
-  seq_len: query rows per sequence (some defaults depend on it), or None.
-  """
-  if kind == "tpu":
-    from tfjax.ops.kernels import tpu
-    cfg = tpu.TpuConfig()
+def heuristic_config(kind: str, head_dim: int, dtype=jnp.bfloat16, seq_len: int | None = None,
+                     block_q: int | None = None, block_k: int | None = None):
+  """The shipped config of kernel `kind` (seq_len: query rows per sequence,
+  which some defaults depend on). block_q/block_k override the Triton and
+  TPU kernels' tiles; the Mosaic GPU kernels keep their own."""
+  if kind == "mosaic_tpu":
+    cfg = mosaic_tpu.heuristic_config(head_dim)
     if block_q or block_k:
-      cfg = tpu.TpuConfig(block_q=block_q or cfg.block_q, block_k=block_k or cfg.block_k)
+      cfg = mosaic_tpu.MosaicTpuConfig(block_q=block_q or cfg.block_q,
+                                       block_k=block_k or cfg.block_k)
     return cfg
-  from tfjax.ops.kernels import gpu
-  if block_q or block_k:  # the Triton kernels' tiles; the Mosaic forward keeps its own
-    cfg = gpu.GpuConfig.uniform(block_q or 64, block_k or 64)
-  else:
-    cfg = gpu.GpuConfig.for_head_dim(head_dim, dtype)
-  if use_mosaic_forward(kind, head_dim, dtype):
-    cfg = dataclasses.replace(cfg, mosaic_fwd=gpu.GpuConfig.mosaic_default(head_dim, seq_len),
-                              mosaic_bwd=mosaic_backward_config(head_dim))
-  return cfg
-
-
-def mosaic_backward_config(head_dim: int) -> tuple | None:
-  """The Mosaic GPU backward's tiles, or None for the Triton backward.
-
-  TFJAX_MOSAIC_BWD in the environment: "0" (Triton) or comma-separated
-  integers (gpu_mosaic_bwd.MosaicBwdConfig fields, in order; omitted trailing
-  fields keep their defaults) override the default.
-  """
-  from tfjax.ops.kernels import gpu
-  env = os.environ.get("TFJAX_MOSAIC_BWD", "")
-  if env == "0":
-    return None
-  if env:
-    return tuple(int(x) for x in env.split(","))
-  return gpu.GpuConfig.mosaic_bwd_default(head_dim)
+  if kind == "mosaic_gpu":
+    return mosaic_gpu.heuristic_config(head_dim, seq_len)
+  if block_q or block_k:
+    return triton.TritonConfig.uniform(block_q or 64, block_k or 64)
+  return triton.heuristic_config(head_dim, dtype)
 
 
 def _pad_to(x: jax.Array, length: int, value=0) -> jax.Array:
@@ -166,9 +121,9 @@ class AttentionPlan:
   in XLA ops around the kernels).
 
   k_start, k_end: int32[batch, padded seq] key intervals.
-  sched: the kernel family's schedule (gpu.Schedule / tpu.Schedule). Built
-    outside jit it is also `gpu.settle`d: its data-dependent kernel choices
-    (the dS^T buffer's fit) are made on the host once, not in every call.
+  sched: the kernel family's schedule (its module's `Schedule`). Built
+    outside jit a Mosaic GPU one is also `settle`d: its data-dependent choice
+    (the dS^T buffer's fit) is made on the host once, not in every call.
   kind, config: the implementation and tiling the schedule was built for;
     seq: the unpadded sequence length; batch_axes: the mesh axes the batch
     was split over while building it, None without a mesh (all static). The
@@ -189,14 +144,14 @@ def _local_plan(segment_ids, image_ids, *, kind, config) -> AttentionPlan:
   seq = segment_ids.shape[1]
   padded = -(-seq // config.multiple) * config.multiple
   ks, ke = key_ranges(_pad_to(segment_ids, padded), _pad_to(image_ids, padded))
-  if kind == "tpu":
-    from tfjax.ops.kernels import tpu
-    sched = tpu.schedule(ks, ke, config)
-  else:
-    from tfjax.ops.kernels import gpu
+  if kind == "mosaic_tpu":
+    sched = mosaic_tpu.schedule(ks, ke, config)
+  elif kind == "mosaic_gpu":
     # Built outside jit, the schedule's data-dependent choices are made here,
-    # once, instead of in every backward (`gpu.settle`).
-    sched = gpu.settle(gpu.schedule(ks, ke, config, interpret=kind == "gpu_interpret"), config)
+    # once, instead of in every backward (`mosaic_gpu.settle`).
+    sched = mosaic_gpu.settle(mosaic_gpu.schedule(ks, ke, config), config)
+  else:
+    sched = triton.schedule(ks, ke, config)
   return AttentionPlan(ks, ke, sched, kind, config, seq)
 
 
@@ -205,14 +160,14 @@ def _local_attention(q, k, v, plan: AttentionPlan, *, scale):
   seq, config = q.shape[1], plan.config
   padded = plan.k_start.shape[1]
   q, k, v = (_pad_to(x, padded) for x in (q, k, v))
-  if plan.kind == "tpu":
-    from tfjax.ops.kernels import tpu
-    out = tpu.attention(q, k, v, plan.k_start, plan.k_end, scale=scale, config=config,
-                        sched=plan.sched)
+  ks, ke, sched = plan.k_start, plan.k_end, plan.sched
+  if plan.kind == "mosaic_tpu":
+    out = mosaic_tpu.attention(q, k, v, ks, ke, scale=scale, config=config, sched=sched)
+  elif plan.kind == "mosaic_gpu":
+    out = mosaic_gpu.attention(q, k, v, ks, ke, scale=scale, config=config, sched=sched)
   else:
-    from tfjax.ops.kernels import gpu
-    out = gpu.attention(q, k, v, plan.k_start, plan.k_end, scale=scale, config=config,
-                        interpret=plan.kind == "gpu_interpret", sched=plan.sched)
+    out = triton.attention(q, k, v, ks, ke, scale=scale, config=config, sched=sched,
+                           interpret=plan.kind == "triton_interpret")
   return out[:, :seq]
 
 
@@ -266,10 +221,10 @@ def _sharded_mesh():
 
 
 def _resolve(impl: str, head_dim: int, dtype, block_q, block_k, config, seq_len):
-  kind = choose(impl, head_dim)
+  kind = choose(impl, head_dim, dtype)
   if kind == "xla":
     return kind, None
-  return kind, config or kernel_config(kind, head_dim, block_q, block_k, dtype, seq_len)
+  return kind, config or heuristic_config(kind, head_dim, dtype, seq_len, block_q, block_k)
 
 
 def plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
@@ -318,7 +273,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     impl: "pallas" or "auto" (see module docstring).
     scale: logit scale, default head_dim ** -0.5.
     block_q, block_k: override the tile sizes.
-    config: a full kernel config (gpu.GpuConfig / tpu.TpuConfig) instead.
+    config: a full kernel config for the chosen kind (`heuristic_config`'s type).
     plan: `plan(segment_ids, image_ids, ...)` for this batch, built once and
       shared by the layers; it fixes the kernel and its tiles (impl, block_q,
       block_k and config are then unused). None: built inside this call.
@@ -333,8 +288,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
   if plan is None:  # each call (each device) builds its own
     kind, config = _resolve(impl, head_dim, q.dtype, block_q, block_k, config, q.shape[1])
     if kind == "xla":
-      from tfjax.ops.attention import xla_attention
-      from tfjax.ops.mask import transfusion_mask
       return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
     make_plan = functools.partial(_local_plan, kind=kind, config=config)
 
@@ -379,18 +332,19 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_start: jax.Arra
   kernel applies (CPU, TPU, other head dims): the caller's XLA path is right.
   """
   head_dim = q.shape[-1]
-  kind = choose(impl, head_dim)
-  if kind not in ("gpu", "gpu_interpret"):
+  kind = choose(impl, head_dim, q.dtype)
+  if kind not in ("mosaic_gpu", "triton", "triton_interpret"):
     return None
-  from tfjax.ops.kernels import gpu
-  config = kernel_config(kind, head_dim, None, None, q.dtype)
-  block_q, block_k = config.fwd[0], config.fwd[1]
+  # The Triton forward on every GPU: the Mosaic one needs 128-row query
+  # tiles, more than a decoding step's queries.
+  config = triton.heuristic_config(head_dim, q.dtype)
+  block_q, block_k = config.fwd.block_q, config.fwd.block_k
   seq = q.shape[1]
   q_len = -(-seq // block_q) * block_q
   kv_len = -(-k.shape[1] // block_k) * block_k
   q, k_start, k_end = _pad_to(q, q_len), _pad_to(k_start, q_len), _pad_to(k_end, q_len)
   k, v = _pad_to(k, kv_len), _pad_to(v, kv_len)
   scale = head_dim ** -0.5 if scale is None else scale
-  out = gpu.attention_forward(q, k, v, k_start, k_end, scale=scale, config=config,
-                              interpret=kind == "gpu_interpret")
+  out = triton.attention_forward(q, k, v, k_start, k_end, scale=scale, config=config,
+                                 interpret=kind == "triton_interpret")
   return out[:, :seq]

@@ -1,14 +1,14 @@
 """Where one attention forward+backward call spends its time, kernel by kernel.
 
 Runs the attention benchmark's workload (attention_layout.py, B=2, H=16,
-bf16) through `dispatch.attention` with a prebuilt plan, warms it up, then
+bf16) through `api.attention` with a prebuilt plan, warms it up, then
 opens the CUDA profiler window (cuProfilerStart, through torch) around one
 call per shape, so that Nsight Compute times only those kernels:
 
   ncu --clock-control none --profile-from-start off \\
       --metrics gpu__time_duration.sum --csv --log-file ncu.csv \\
-      python3 benchmarks/profile_attention.py [--shapes 4096/64,8192/128]
-  python3 benchmarks/profile_attention.py --summarize ncu.csv
+      python3 tools/kernel_lab/profile_attention.py [--shapes 4096/64,8192/128]
+  python3 tools/kernel_lab/profile_attention.py --summarize ncu.csv
 
 The second command prints, per shape, each kernel's microseconds (Mosaic
 kernels, XLA fusions, copies) and the sum: the split between the attention
@@ -22,11 +22,7 @@ import argparse
 import collections
 import csv
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(shapes: list[str], with_plan_in_call: bool) -> None:
@@ -34,22 +30,22 @@ def run(shapes: list[str], with_plan_in_call: bool) -> None:
   import jax.numpy as jnp
   import torch  # noqa: F401  (before JAX opens the GPU: imported after it, ncu crashed)
 
-  import attention_layout as layout
-  from attention import _fwd_bwd
-  from tfjax.ops.kernels import dispatch
+  from tfjax.bench import attention_layout as layout
+  from tfjax.bench.attention import fwd_bwd
+  from tfjax.ops.kernels import api
 
   for shape in shapes:
     seq, d = map(int, shape.split("/"))
     doc, img = layout.make_layout(2, seq)
     seg, im = jnp.asarray(doc), jnp.asarray(img)
     q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in layout.make_inputs(2, seq, 16, d))
-    plan = dispatch.plan(seg, im, head_dim=d, dtype=q.dtype, impl="pallas")
-    variants = {"plan given": lambda q, k, v: dispatch.attention(q, k, v, seg, im, plan=plan)}
+    plan = api.plan(seg, im, head_dim=d, dtype=q.dtype, impl="pallas")
+    variants = {"plan given": lambda q, k, v: api.attention(q, k, v, seg, im, plan=plan)}
     if with_plan_in_call:
-      variants["plan in the call"] = lambda q, k, v: dispatch.attention(
+      variants["plan in the call"] = lambda q, k, v: api.attention(
           q, k, v, seg, im, impl="pallas")
     for name, f in variants.items():
-      fb = _fwd_bwd(f)
+      fb = fwd_bwd(f)
       for _ in range(3):
         jax.block_until_ready(fb(q, k, v, do))
       print(f"PROFILE {shape} {name}", flush=True)

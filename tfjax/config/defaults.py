@@ -2,25 +2,15 @@
 
 Config files under `configs/` start from `default_config()` and override what
 their experiment changes; the command line overrides any key with
-`--config.section.key=value`. `validate(config)` runs at start-up of every
-command and names the key that makes a config impossible.
+`--config.section.key=value`.
 """
 from __future__ import annotations
 
-import ast
-import math
-from typing import Any, Sequence
-
 import ml_collections
-
-from tfjax.scene_limits import read_scene_limits, scene_limits_error
-
-# Special tokens get fixed ids at the start of every vocabulary (tokenizer.py
-# maps a loaded sentencepiece model onto these).
-PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID = 0, 1, 2, 3, 4
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """Every key of a tfjax config at its default; each line says what the key means."""
   c = ml_collections.ConfigDict()
   c.name = "tfjax"
 
@@ -242,168 +232,4 @@ def default_config() -> ml_collections.ConfigDict:
                               # the cosine schedule's last steps amplify eps errors ~600x without it
   s.x0_min_alpha_bar = 1e-3   # where alpha_bar is below this, the x0 estimate is 0 (the prior mean):
                               # at t=999 (alpha_bar 2e-9) it is noise (tfjax.generate.diffusion)
-  return c
-
-
-def paper_config(name: str, num_layers: int, dim: int, num_heads: int,
-                 remat_policy: str = "nothing_saveable",
-                 device_microbatch: int = 0) -> ml_collections.ConfigDict:
-  """The paper's recipe at one of the Table 2 sizes.
-
-  256x256 images through a VAE with 8x downsampling and 8 latent channels
-  (32x32x8 latents), 2x2 latent patches (256 per image) through a linear
-  layer, Llama 2's 32K vocabulary, sequences of 4096, AdamW (0.9, 0.95, 1e-8),
-  lr 3e-4 with 4000 warm-up steps and cosine decay to 1.5e-5, weight decay
-  0.1, clipping at 1.0, lambda = 5. `remat_policy` and `device_microbatch`
-  are the per-size GPU settings measured fastest on one H100 (the size configs
-  name them; benchmarks/RESULTS.md, Training); the LM head runs in chunks of
-  1024 positions over the scored text only.
-  """
-  c = default_config()
-  c.name = name
-  c.model.update(num_layers=num_layers, dim=dim, num_heads=num_heads, num_kv_heads=num_heads,
-                 vocab_size=32000, patch_size=2, latent_size=32, latent_channels=8,
-                 attention_impl="auto", scan_layers=True, remat_policy=remat_policy,
-                 lm_head_chunk=1024)
-  c.data.update(image_size=256, seq_len=4096, batch_size=512, max_images_per_seq=16,
-                vocab_size=32000)
-  c.vae.channels = (128, 256, 512, 512)
-  c.train.update(num_steps=250000, learning_rate=3e-4, end_learning_rate=1.5e-5,
-                 warmup_steps=4000, weight_decay=0.1, grad_clip=1.0,
-                 device_microbatch=device_microbatch)
-  return c
-
-
-def tiny_vae(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Sets `c.vae` to the tiny AutoencoderKL recipe for 64x64 shapes -> 8x8x8.
-
-  Measured: 29.2 dB validation PSNR (SSIM 0.94) after 3000 steps of batch 16
-  on 32x32 crops (a quarter of the cost of whole-image steps; evaluation uses
-  whole 64x64 images). GAN and perceptual terms off (no weights file); an MSE
-  term joins L1 because a short run is judged by PSNR; the decoder sees the
-  posterior mean, not a sample, which speeds up the first steps. 2000 steps
-  gave only 28.1 dB, too close to the 28 dB bar, hence 3000. Whole 64x64
-  images without crops stalled around 21-23 dB after 1500 steps.
-
-  Not cheaper (2026-12-03): level widths (16, 16, 32, 64) run a step in half
-  the time (0.17 vs 0.33 s) and reach 29.0 dB in 2000 steps on this set
-  (30.3 in 3000; 27.9 in 1500), but as the main job's VAE (2000 steps,
-  30.1 vs 32.45 dB on its one-object scenes) the tiny model's report fell to
-  72% of 32 images correct from 97%. 16x16 crops: 19.0 dB on whole images.
-  """
-  c.vae.update(kind="kl", latent_channels=8, channels=(16, 32, 64, 64), blocks_per_level=1,
-               norm_groups=4, mid_attention=True, train_steps=3000, batch_size=16,
-               train_crop=32, learning_rate=2e-3, warmup_steps=50, adam_b1=0.9, adam_b2=0.99,
-               num_train_images=2048, num_val_images=128, l2_weight=1.0,
-               sample_posterior=False, gan_weight=0.0, perceptual_weights="", log_every=50,
-               scale_images=256)
-  return c
-
-
-def mlp_dim(model: ml_collections.ConfigDict) -> int:
-  if model.mlp_dim:
-    return model.mlp_dim
-  hidden = int(2 * 4 * model.dim / 3)
-  return 256 * math.ceil(hidden / 256) if model.dim >= 256 else 8 * math.ceil(hidden / 8)
-
-
-def patches_per_image(model: ml_collections.ConfigDict) -> int:
-  return (model.latent_size // model.patch_size) ** 2
-
-
-class ConfigError(ValueError):
-  """A config that cannot work; the message names the key to change."""
-
-
-class UnknownConfigKey(ConfigError, KeyError):
-  """An override names a key the config does not have."""
-
-
-def _parse_value(text: str, old: Any) -> Any:
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  if isinstance(old, str) and not isinstance(value, str):
-    return text  # a string key keeps "123" as "123"
-  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  return value
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
-                    where: str = "overrides") -> ml_collections.ConfigDict:
-  """Applies "section.key=value" strings (values as Python literals) in place.
-
-  For overrides that do not come through config_flags' --config.KEY=VALUE:
-  sweep files (tfjax.experiments.runner) and tfjax-eval --override.
-  """
-  for item in overrides:
-    if "=" not in item:
-      raise ConfigError(f"{where}: {item!r} is not KEY=VALUE (section.key=value)")
-    key, text = item.split("=", 1)
-    *parents, leaf = key.strip().split(".")
-    node = config
-    for p in parents:
-      if p not in node:
-        raise UnknownConfigKey(f"{where}: config key {key!r} does not exist (no section {p!r})")
-      node = node[p]
-    if leaf not in node:
-      raise UnknownConfigKey(f"{where}: config key {key!r} does not exist")
-    node[leaf] = _parse_value(text.strip(), node[leaf])
-  return config
-
-
-def _require(cond: bool, key: str, why: str) -> None:
-  if not cond:
-    raise ConfigError(f"config key {key}: {why}")
-
-
-def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  m = c.model
-  _require(m.dim % m.num_heads == 0, "model.num_heads",
-           f"{m.num_heads} heads do not divide model.dim={m.dim}")
-  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-           f"{m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-  _require(m.patch_size in (1, 2, 4, 8, 16), "model.patch_size",
-           f"{m.patch_size} is not one of 1, 2, 4, 8, 16")
-  _require(m.latent_size % m.patch_size == 0, "model.patch_size",
-           f"patch size {m.patch_size} does not divide the latent grid "
-           f"model.latent_size={m.latent_size}")
-  _require(m.patch_type in ("linear", "unet"), "model.patch_type", f"unknown {m.patch_type!r}")
-  _require(m.attention_impl in ("xla", "pallas", "auto"), "model.attention_impl",
-           f"unknown {m.attention_impl!r}")
-  _require(m.image_attention in ("bidirectional", "causal"), "model.image_attention",
-           f"unknown {m.image_attention!r}")
-  if m.patch_type == "unet":
-    levels = len(m.unet_channels)
-    _require(2 ** (levels - 1) == m.patch_size, "model.unet_channels",
-             f"{levels} levels downsample by {2 ** (levels - 1)}, which must equal "
-             f"model.patch_size={m.patch_size}")
-  vae_downsample = 2 ** (len(c.vae.channels) - 1)
-  if not c.vae.path:
-    _require(c.data.image_size // vae_downsample == m.latent_size, "model.latent_size",
-             f"{m.latent_size} != data.image_size / VAE downsampling = "
-             f"{c.data.image_size} / {vae_downsample}")
-    _require(c.vae.latent_channels == m.latent_channels, "model.latent_channels",
-             f"{m.latent_channels} != vae.latent_channels={c.vae.latent_channels}")
-  image_len = patches_per_image(m) + 2  # BOI + patches + EOI
-  _require(image_len <= c.data.seq_len, "data.seq_len",
-           f"an image takes {image_len} positions (BOI + {patches_per_image(m)} patches + EOI) "
-           f"but sequences hold only {c.data.seq_len}")
-  _require(c.data.image_size % 8 == 0, "data.image_size", "must be a multiple of 8")
-  _require(c.data.batch_size % c.train.grad_accum_steps == 0, "train.grad_accum_steps",
-           f"must divide data.batch_size={c.data.batch_size}")
-  _require(c.diffusion.objective in ("ddpm", "flow"), "diffusion.objective",
-           f"unknown {c.diffusion.objective!r}")
-  _require(c.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler",
-           f"unknown {c.diffusion.sampler!r}")
-  _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
-  for section in ("data", "editing"):  # both build shapes scenes (SceneOptions)
-    if section in c:
-      problem = scene_limits_error(*read_scene_limits(c[section]), section)
-      if problem:
-        raise ConfigError(problem)
-  _require(c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-  _require(c.model.vocab_size > EOI_ID, "model.vocab_size", "too small for the special tokens")
   return c

@@ -1,7 +1,7 @@
 """How precisely must the stored dS^T tiles be kept? dq's error per storage format.
 
 Why: at head dim 128 the backward's dk/dv kernel writes every listed dS^T tile
-in bf16 and the dq kernel reads them back (`gpu_mosaic_bwd_ds.py`): ~270 MB
+in bf16 and the dq kernel reads them back (`tfjax/ops/kernels/mosaic_gpu_vjp_ds.py`): ~270 MB
 written and ~380 MB read per call at 8192/128 (NOTES_attention.md M51c). An
 8-bit store with one scale per 64x64 tile would halve that traffic. Before
 spending GPU time on such a kernel, this measures on the CPU whether its dq
@@ -14,8 +14,8 @@ dq = scale * dS K with dS rounded to each format (per-tile absmax scaling for
 the 8-bit ones, as a kernel would do) and K in bf16, against dq in float64.
 The `bf16 dS` row is what the kernels store today.
 
-  python benchmarks/ds_precision.py            # L=2048, 4 heads, D=128
-  python benchmarks/ds_precision.py --quick    # L=512, 2 heads
+  python tools/kernel_lab/ds_precision.py            # L=2048, 4 heads, D=128
+  python tools/kernel_lab/ds_precision.py --quick    # L=512, 2 heads
 
 Prints a table and, last, one JSON line: `rel_err_dq_bf16`,
 `rel_err_dq_e4m3`, `rel_err_dq_e5m2` (worst head) and `tolerance`.
@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import ml_dtypes
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_layout import dense_mask, make_inputs, make_layout  # noqa: E402
+from tfjax.bench.attention_layout import dense_mask, make_inputs, make_layout
 
 TOLERANCE = 1e-2  # METHOD.md's upper end for bf16 operands
 TILE = 64  # the kernels' dS^T tile edge at head dim 128

@@ -1,48 +1,17 @@
-"""Block-sparse Transfusion attention for Hopper: Pallas Mosaic GPU kernels.
+"""The Mosaic GPU (Hopper) attention forward: warp-specialised, block-sparse.
 
-This file: the forward (`forward`); the pieces every direction shares are in
-gpu_mosaic_parts.py, the backward in gpu_mosaic_bwd.py (fused) and
-gpu_mosaic_bwd_two_kernel.py.
+One CTA per (q head group, `consumers * block_q` query rows, batch row), or
+with `persistent` one per SM walking its share of those items. `consumers`
+warpgroups (2 or 3) each own block_q rows and run QK^T, the online softmax
+and PV on the tensor cores (wgmma); one producer warpgroup streams the CTA's
+non-empty K/V tiles (`block_map` work lists) through a ring of `num_stages`
+shared-memory slots (TMA). Two consumers alternate through a schedule
+barrier (one's softmax under the other's products); three run free.
 
-Forward: one CTA per (q head, C * block_q query rows, batch row), C + 1
-warpgroups (C = `MosaicFwdConfig.consumers`, 2 or 3):
-
-  warpgroups 0..C-1  consumers: each owns block_q query rows (its Q tile in
-                     shared memory), runs QK^T and PV on the tensor cores
-                     (wgmma; the accumulators in registers, P from registers)
-                     and the online softmax between them. With two, a
-                     schedule barrier lets one warpgroup's softmax overlap the
-                     other's matrix products; three (head dim 64) run free,
-                     and the third hides latency instead.
-  warpgroup C        producer: walks the CTA's compacted work list (its
-                     non-empty key blocks, `block_map.q_blocks` at
-                     (C * block_q, block_k) tiles) and streams those K and V
-                     tiles into a ring of `num_stages` shared-memory slots with
-                     the bulk tensor copy engine (TMA), waiting for the
-                     consumers to release each slot.
-
-With `MosaicFwdConfig.persistent` (the default at head dim 64) the grid is
-one CTA per SM instead, each walking its share of those (head, query tile)
-items: the ring runs on from item to item, and the next item's Q tile, list
-length, first key block and key bounds are read under the current item's
-tiles (H200: forward 14-22% faster at head dim 64, NOTES_attention.md M47).
-
-Empty tiles are never visited. Per listed tile each consumer reads its own
-rows' tile state (`warpgroup_schedule`): empty for its rows (the other
-warpgroup's meet the key block), it skips the tile's work and keeps only the
-barrier steps; full, no mask; partial, the mask from the rows' [k_start,
-k_end) intervals, one comparison per element where one bound decides the
-tile (`block_map.LOWER`/`UPPER`), else one unsigned one (`mask_tile`).
-Rows with an empty interval (padding) get 0 out and lse = BIG, like the
-Triton kernel, whose backward (gpu._backward) consumes this kernel's
-base-2 log-sum-exp unchanged.
-
-bf16/f16 only, head dims 64 and 128 (dispatch falls back to the Triton
-kernels otherwise). There is no interpret mode: on CPU the kernels lower to
-their Mosaic GPU modules (tests check that) but cannot run. Run on an H100
-with JAX 0.11.2 (2026-11-25): forward and backward match the Triton kernels
-and the float32 XLA reference; GPU tests and timings in
-benchmarks/NOTES_attention.md (runs M1-M4) and benchmarks/RESULTS.md.
+Per listed tile each consumer reads its own rows' tile state: empty (skipped,
+only the barrier steps kept), full (no mask), or partial (`mask_tile`). Empty
+rows (padding) get 0 out and lse = BIG. bf16/f16, head dims 64 and 128; on
+CPU it lowers (tests) but cannot run.
 """
 from __future__ import annotations
 
@@ -55,56 +24,46 @@ import jax.numpy as jnp
 from jax import lax
 
 from tfjax.ops.kernels.block_map import pad_states, tile_states
-from tfjax.ops.kernels.gpu_mosaic_parts import (LOG2E, clamp_start, continue_ring, fill_ring,
-                                                load_vec, longest_first, mask_tile, mosaic_params,
-                                                persistent_share, sm_count, smem_transforms,
-                                                transposed, unless_empty, warpgroup_registers,
-                                                warpgroup_schedule, when_inside)
+from tfjax.ops.kernels.mosaic_gpu_common import (LOG2E, clamp_start, continue_ring, fill_ring,
+                                                 length_multiple, load_vec, longest_first,
+                                                 mask_tile, mosaic_params, persistent_share,
+                                                 sm_count, smem_transforms, transposed,
+                                                 unless_empty, warpgroup_registers,
+                                                 warpgroup_schedule, when_inside)
 
-BIG = 1e30  # same convention as gpu.py: lse of a row with no key
+BIG = 1e30  # the lse of a row with no key (as the Triton kernels)
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicFwdConfig:
-  """block_q: rows per consumer warpgroup (the CTA covers 2 * block_q);
-  block_k: keys per tile; num_stages: K/V shared-memory ring depth;
-  heads: q heads one CTA walks in turn (its work list is the same for all;
-  the K/V stream runs on across them and the next head's Q tile is
-  prefetched); lpt: launch the query tiles with the most key blocks first;
-  heads_outer: every query tile of one head group before the next group's
-  (heads the slowest grid axis), so the CTAs in flight belong to one or two
-  head groups and share their K/V tiles in L2; False interleaves the head
-  groups at each query tile. Pallas's Mosaic GPU lowering launches the
-  grid's last axis fastest (row-major, as on TPU; the Triton kernels'
-  program_id(0) is the fastest), so this order is grid (head groups, tiles).
-  On since the first Mosaic forward: every timing in NOTES_attention.md
-  from M1 on ran it (until 2026-12-02 the flag was named for the opposite
-  order and defaulted to False, which meant this same launch order)."""
-  block_q: int = 64
-  block_k: int = 128
-  num_stages: int = 2
+class FwdConfig:
+  """Tiles and options of the Mosaic GPU forward.
+
+  Defaults: what ships at head dim 128 below 8192 rows; `heuristic_config`
+  picks the shipped config for every shape.
+  """
+  block_q: int = 64         # query rows per consumer warpgroup
+  block_k: int = 128        # keys per K/V tile
+  num_stages: int = 2       # K/V shared-memory ring depth
+  # q heads one CTA walks in turn (same work list; the K/V stream runs on
+  # and the next head's Q tile is prefetched)
   heads: int = 1
-  lpt: bool = True
+  lpt: bool = True          # launch the query tiles with the most key blocks first
+  # Every query tile of one head group before the next group's (grid (head
+  # groups, tiles): Mosaic GPU launches the last grid axis fastest), so the
+  # CTAs in flight share their K/V tiles in L2.
   heads_outer: bool = True
-  # Compile without Pallas's automatic warpgroup barriers and without scratch
-  # for cross-warp reductions (tokamax's settings for its forward): the kernel
-  # already orders its shared-memory stores (commit_smem before each TMA) and
-  # reduces rows within warps.
+  # No automatic warpgroup barriers nor cross-warp reduction scratch (the
+  # kernel orders its own shared-memory stores and reduces within warps).
   lean: bool = False
-  # A consumer whose own block_q rows see nothing of a listed key block (the
-  # CTA's other rows do) skips its matrix products and softmax for that tile
-  # and only keeps the barrier protocol.
+  # A consumer whose own rows meet nothing of a listed key block skips its
+  # products and softmax there, keeping only the barrier steps.
   skip_empty: bool = True
-  # Consumer warpgroups per CTA (2 or 3; the CTA covers consumers * block_q
-  # rows). Two alternate through a schedule barrier (one's softmax under the
-  # other's matrix products); three run free, and the kernel pads the query
-  # side to whole CTAs itself (the last CTA's surplus warpgroups idle).
-  consumers: int = 2
-  # 0: one CTA per (head group, query tile). 1: one CTA per SM (N > 1: N
-  # CTAs, for tests), each walking its share of those items longest first in
-  # snake order, the K/V ring running on from item to item and the next
-  # item's Q tile loaded under the current item's tiles (heads=1 only).
-  persistent: int = 0
+  consumers: int = 2        # consumer warpgroups per CTA, 2 or 3
+  # One CTA per SM (or `persistent_ctas`, for tests), each walking its share
+  # of the (head, query tile) items longest first, the next item's Q tile,
+  # scalars and key bounds read under the current item's tiles (heads=1).
+  persistent: bool = False
+  persistent_ctas: int | None = None
 
   @property
   def multiple(self) -> int:
@@ -119,15 +78,20 @@ class MosaicFwdConfig:
     return warpgroup_registers(self.consumers)
 
 
-def length_multiple(consumers: int, block: int) -> int:
-  """What a kernel whose CTAs split `consumers` blocks of `block` rows (or
-  keys) needs the length to be a multiple of: two-consumer CTAs stay whole
-  (their configs predate the padding and keep their modules), three pad
-  their last CTA themselves."""
-  return 2 * block if consumers == 2 else block
+def heuristic_config(head_dim: int, seq_len: int | None = None) -> FwdConfig:
+  """The shipped forward for a head dim and query rows per sequence (None:
+  unknown). Head dim 64: three consumers on a persistent grid; 128: two
+  consumers, or from 8192 rows three with 64-key tiles (registers). H100/H200
+  timings: tools/kernel_lab/NOTES_attention.md."""
+  if head_dim <= 64:
+    return FwdConfig(consumers=3, persistent=True)
+  if seq_len is not None and seq_len >= 8192:
+    return FwdConfig(block_k=64, consumers=3)
+  return FwdConfig()
 
 
 def supported(dtype, head_dim: int) -> bool:
+  """The dtypes and head dims the Mosaic GPU kernels take."""
   return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
       head_dim in (64, 128)
 
@@ -147,7 +111,7 @@ class FwdSchedule(NamedTuple):
   states: jax.Array
 
 
-def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> FwdSchedule:
+def fwd_schedule(ks, ke, cfg: FwdConfig, kv_len: int | None = None) -> FwdSchedule:
   """The forward's work lists for int32[batch, seq] key intervals [ks, ke)."""
   batch, seq = ks.shape
   kv_len = seq if kv_len is None else kv_len
@@ -160,12 +124,13 @@ def fwd_schedule(ks, ke, cfg: MosaicFwdConfig, kv_len: int | None = None) -> Fwd
   return FwdSchedule(order, wl.blocks, wl.counts, own)
 
 
-def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
+def forward(q, k, v, ks, ke, *, scale: float, cfg: FwdConfig,
             sched: FwdSchedule | None = None):
   """(out [batch, seq, q_heads, d], lse float32[batch, q_heads, seq], base 2).
 
   sched: `fwd_schedule(ks, ke, cfg, kv_len)` computed beforehand, or None.
   """
+  # Imported here: Pallas's Mosaic GPU module takes ~0.4 s to import, needed on Hopper only.
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -175,9 +140,9 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
   dtype = q.dtype
   bq, bk, stages = cfg.block_q, cfg.block_k, cfg.num_stages
   nh = math.gcd(cfg.heads, hq)
-  persistent = bool(cfg.persistent)
+  persistent = cfg.persistent
   if persistent and nh > 1:
-    raise ValueError("MosaicFwdConfig.persistent takes heads=1")
+    raise ValueError("FwdConfig.persistent takes heads=1")
   nbuf = 2 if nh > 1 or persistent else 1  # Q tiles per consumer
   n_cons, cta_q = cfg.consumers, cfg.cta_q
   if seq % cfg.multiple or kv_len % bk:
@@ -194,8 +159,7 @@ def forward(q, k, v, ks, ke, *, scale: float, cfg: MosaicFwdConfig,
 
   n_hg = hq // nh
   n_items = n_hg * batch * nq
-  n_ctas = min(sm_count() if cfg.persistent == 1 else cfg.persistent,
-               n_items) if persistent else 0
+  n_ctas = min(cfg.persistent_ctas or sm_count(), n_items) if persistent else 0
 
   def kernel(order_ref, blocks_ref, counts_ref, states_ref, ks_ref, ke_ref,
              q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):

@@ -1,0 +1,1 @@
+"""Helpers shared by the benchmarks and the kernel lab; training never imports them."""

@@ -36,14 +36,15 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  # Local: JAX loads after the flags parse (--help answers at once).
-  from tfjax.jobs import transfusion
-  from tfjax.train import distributed
-  from tfjax.train.xla_flags import set_gpu_flags
+  from tfjax.train.xla_flags import set_gpu_flags  # pylint: disable=g-import-not-at-top
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
   set_gpu_flags(config.train.get("xla_gpu_flags", True))  # before JAX starts its backends
+  # Local: JAX loads after the flags parse (--help answers at once) and after the
+  # XLA flags are set (no import may start a backend before that).
+  from tfjax.jobs import transfusion  # pylint: disable=g-import-not-at-top
+  from tfjax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.distributed)
   transfusion.run(config, FLAGS.workdir, stages=FLAGS.stages,  # logs "stage seconds"
                   num_samples=FLAGS.num_samples)

@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tfjax.cli.common import check_workdir, load_config, quiet_orbax, run
+from tfjax.train.xla_flags import set_gpu_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys "
                                 "with --config.section.key=value.", lock_config=True)
@@ -36,7 +37,6 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.train.xla_flags import set_gpu_flags  # pylint: disable=g-import-not-at-top
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfjax.chameleon import batches, main, tokens
+from tfjax.chameleon import batches, tokens
+from tfjax.jobs import chameleon as main
+from tfjax.jobs import stages
 from tfjax.config import BOI_ID, BOS_ID, EOI_ID, EOS_ID, ConfigError, default_config, validate
 
 CODEBOOK = 64
@@ -140,7 +142,8 @@ def test_trains_generates_and_captions(setup):
   from tfjax.eval import suite
   work, config, vq = setup
   run_dir = os.path.join(work, "run")
-  result = main.train_run(config, run_dir, vq.codebook_size, devices=jax.devices()[:1])
+  result = stages.train_model(config, run_dir, codebook_size=vq.codebook_size,
+                             devices=jax.devices()[:1])
   assert result.step == 3
   m = result.last_metrics
   assert np.isfinite(m["loss"]) and m["loss_diffusion"] == 0.0 and m["num_images"] == 0.0

@@ -90,7 +90,7 @@ def test_info_report_splits_counts():
 
 
 def test_train_refuses_a_chameleon_config_naming_the_key(tmp_path):
-  from tfjax.train import main_job
+  from tfjax.jobs import transfusion
   c = load(CONFIGS[0].parent / "chameleon_tiny.py")
   with pytest.raises(ValueError, match=r"chameleon\.enabled.*tfjax-chameleon"):
-    main_job.run(c, str(tmp_path))
+    transfusion.run(c, str(tmp_path))

@@ -263,12 +263,12 @@ def finetuned(built, tmp_path_factory):
 
 
 def test_finetune_starts_from_export_and_changes_only_what_it_should(finetuned):
-  from tfjax import export as export_lib
+  from tfjax import checkpoints
   from tfjax.model import init_params
   ft, result, exp_dir = finetuned["config"], finetuned["result"], finetuned["exp_dir"]
   assert result.step == ft.train.num_steps == int(result.state.step)  # its own schedule
-  exported = export_lib.unflatten(
-      safetensors.numpy.load_file(os.path.join(exp_dir, export_lib.PARAMS_FILE)))
+  exported = checkpoints.unflatten(
+      safetensors.numpy.load_file(os.path.join(exp_dir, checkpoints.EXPORT_PARAMS)))
   tuned = jax.device_get(result.state.params)
   fresh = jax.device_get(init_params(ft.model, jax.random.split(jax.random.key(0))[0]))
   # Adam moves each weight by at most ~learning_rate per step: the tuned
@@ -289,11 +289,10 @@ def test_finetune_starts_from_export_and_changes_only_what_it_should(finetuned):
   # An export of another architecture is refused, naming the key.
   import flax.linen as nn
   from tfjax.model import abstract_params
-  from tfjax.train import pretrained
   wrong = tiny_config(ft.data.dir)
   wrong.model.mlp_dim = 96
   with pytest.raises(ValueError, match="train.init_from.*mlp"):
-    pretrained.load_export_params(exp_dir, nn.unbox(abstract_params(wrong.model)))
+    checkpoints.load_export_params(exp_dir, nn.unbox(abstract_params(wrong.model)))
 
 
 def test_edit_generation_and_suite(finetuned):

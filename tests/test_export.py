@@ -122,3 +122,20 @@ def test_generate_and_eval_commands(run_dir, tmp_path):
   assert results["fid"]["status"] == "skipped" and results["clip_score"]["status"] == "skipped"
   table = open(str(tmp_path / "eval" / "r.md")).read()
   assert "| shapes_accuracy |" in table and "| perplexity |" in table
+
+
+def test_init_from_a_workdir_reads_its_ema_onto_the_runs_shardings(run_dir, tmp_path):
+  """train.init_from=WORKDIR (or WORKDIR/checkpoints): the EMA, alone, on the new mesh."""
+  from tfjax.train import loop
+  from tfjax.train.state import state_shardings
+  c, wd, state = run_dir
+  abstract, _ = state_shardings(c, mesh_lib.make_mesh(c.mesh), make_optimizer(c.train),
+                                init_params)
+  for path in (wd, os.path.join(wd, "checkpoints")):
+    params = loop._restore_params_from(path, abstract, c, None)
+    _same_tree(params, state.ema, rtol=0, atol=0)
+    for got, want in zip(jax.tree_util.tree_leaves(params),
+                         jax.tree_util.tree_leaves(abstract.params)):
+      assert got.sharding == want.sharding
+  with pytest.raises(FileNotFoundError, match="train.init_from"):
+    loop._restore_params_from(str(tmp_path), abstract, c, None)

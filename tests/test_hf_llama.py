@@ -24,6 +24,7 @@ from tfjax.config import (BOI_ID, BOS_ID, EOI_ID, EOS_ID, PAD_ID, ConfigError,  
                           apply_overrides, default_config)
 from tfjax.data.tokenizer import NUM_SPECIAL, train_tokenizer  # noqa: E402
 from tfjax.model import Transfusion, abstract_params, dummy_inputs, hf_llama  # noqa: E402
+from tfjax import checkpoints  # noqa: E402
 from tfjax.train import pretrained  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,9 +136,9 @@ def test_loads_onto_the_state_shardings(hf):
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:8])
   abstract, _ = state_shardings(c, mesh, make_optimizer(c.train), init_params)
-  sharded = pretrained._flat(pretrained.load_hf_llama_params(c, abstract.params))
-  plain = pretrained._flat(pretrained.load_hf_llama_params(c, _fresh(c)))
-  want = pretrained._flat(abstract.params)
+  sharded = checkpoints.flatten(pretrained.load_hf_llama_params(c, abstract.params))
+  plain = checkpoints.flatten(pretrained.load_hf_llama_params(c, _fresh(c)))
+  want = checkpoints.flatten(abstract.params)
   text = [k for k in want if not k.startswith(("patch_", "timestep_"))]
   assert len(text) == 12
   for key in text:
@@ -223,7 +224,6 @@ def test_tfjax_train_starts_from_the_checkpoint(hf, tmp_path):
   """`tfjax-train --config=configs/tiny.py --config.train.init_from=hf_llama:DIR`:
   the checkpoint's tokenizer (none trained), a few steps, weights near HF's."""
   from tfjax.data import build, latents
-  from tfjax.train import main_job
   from configs import tiny
   path, model = hf["untied"]
   work, steps, lr = tmp_path / "run", 3, 1e-3
@@ -251,7 +251,7 @@ def test_tfjax_train_starts_from_the_checkpoint(hf, tmp_path):
   with open(work / "metrics.jsonl") as f:
     logged = [json.loads(l) for l in f]
   assert [m["step"] for m in logged if "loss" in m] == list(range(1, steps + 1))
-  params = main_job.load_params(c, str(work))
+  params, _ = checkpoints.restore_params(str(work), config=c)
   hf_rows = model.model.embed_tokens.weight.detach().numpy()
   moved = np.abs(params["embedding"][NUM_SPECIAL:NUM_SPECIAL + len(hf_rows)] - hf_rows).max()
   assert 0 < moved <= 2.5 * lr * steps  # Adam moves a weight ~lr per step

@@ -181,7 +181,7 @@ def test_settings_mismatch_and_float32(shards, vae, tmp_path):
 def test_main_job_stages_data_and_latents(tmp_path):
   """tfjax-train's data and latents stages on a stream source, and the held-out
   records the samples stage draws from it."""
-  from tfjax.train import main_job
+  from tfjax.jobs import runner, samples, transfusion
   from tfjax.vae import io
   shards = example_shards.write_all(str(tmp_path / "shards"), shards=2, per_shard=12, size=40)
   vae = tiny_vae()
@@ -191,17 +191,17 @@ def test_main_job_stages_data_and_latents(tmp_path):
   c.data.text_source = f"jsonl:{tmp_path}/shards/jsonl/*.jsonl"
   c.model.update(latent_size=4, latent_channels=4, patch_size=2, vocab_size=320)
   c.vae.update(path=vae_dir, channels=(4, 4, 4, 4), latent_channels=4, norm_groups=2)
-  main_job.run(c, str(tmp_path / "run"), stages=("data", "vae", "latents"))
+  transfusion.run(c, str(tmp_path / "run"), stages=("data", "vae", "latents"))
   data = tmp_path / "run" / "data"
   meta = latents.read_metadata(str(data / "latents"))
   n = sum(e["num_records"] for e in meta["splits"].values())
   assert n == len(shards["webdataset"]["good"]) and meta["scale"] == 0.5
   assert (data / "text" / "metadata.json").exists() and (data / "tokenizer").exists()
   # Each stage's CPU seconds beside its wall seconds (where a shared machine's minutes go).
-  cpu = json.loads((tmp_path / "run" / main_job.CPU_SECONDS_FILE).read_text())
+  cpu = json.loads((tmp_path / "run" / runner.CPU_SECONDS_FILE).read_text())
   assert set(cpu) == {"data", "vae", "latents"} and cpu["data"] > 0
   c.data.dir = str(data)
-  held = main_job._held_out(c, 3)
+  held = samples.held_out(c, 3)
   assert len(held) == 3 and held[0]["image"].shape == (32, 32, 3) and held[0]["caption"]
 
 

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tfjax.experiments import plots, runner
+from tfjax.experiments import plots
+from tfjax.jobs import sweep as runner
 
 BASE = '''
 from tfjax.config import default_config

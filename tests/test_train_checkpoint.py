@@ -218,7 +218,8 @@ def test_stored_config_is_relative_to_the_workdir(interrupted):
 
 def test_sigterm_ends_the_main_job_before_later_stages(tmp_path, monkeypatch):
   """SIGTERM in the train stage: saved, then Preempted; samples and report never run."""
-  from tfjax.train import loop, main_job
+  from tfjax.jobs import transfusion
+  from tfjax.train import loop
   from tfjax.train.preemption import Preempted
   real_train = loop.train
 
@@ -226,12 +227,12 @@ def test_sigterm_ends_the_main_job_before_later_stages(tmp_path, monkeypatch):
     if step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
   monkeypatch.setattr(loop, "train", lambda config, workdir, **kw: real_train(
-      config, workdir, devices=one_device(), on_step=term_at_3, **kw))
+      config, workdir, **{**kw, "devices": one_device(), "on_step": term_at_3}))
   c = tiny_config()
   c.train.sample_every = 0
   d = str(tmp_path / "run")
   with pytest.raises(Preempted, match="step 3"):
-    main_job.run(c, d, stages=("train", "samples", "report"))
+    transfusion.run(c, d, stages=("train", "samples", "report"))
   assert os.path.isdir(os.path.join(d, "checkpoints", "3"))
   assert not os.path.exists(os.path.join(d, "report.md"))
   assert not os.path.exists(os.path.join(d, "samples"))

@@ -193,16 +193,16 @@ def test_out_folder_of_an_earlier_generation_is_cleared(tmp_path):
 
 # ---- workdirs that move ----------------------------------------------------
 def test_moved_and_copied_workdirs_read_their_own_files(workdir, tmp_path):
-  from tfjax import export
+  from tfjax import checkpoints
   moved = copy_of(workdir, tmp_path, "moved")
   copied = copy_of(workdir, tmp_path, "copied")
   stored = json.load(open(os.path.join(moved, "config.json")))
   assert stored["data"]["dir"] == "data" and stored["vae"]["path"] == ""
   for wd in (moved, copied):
-    config = export.workdir_config(wd)
+    config = checkpoints.workdir_config(wd)
     assert config.data.dir == os.path.join(wd, "data")
-    assert export.tokenizer_dir(config, wd) == os.path.join(wd, "data", "tokenizer")
-    assert export.vae_dir(config, wd) == os.path.join(wd, "vae")
+    assert checkpoints.tokenizer_dir(config, wd) == os.path.join(wd, "data", "tokenizer")
+    assert checkpoints.vae_dir(config, wd) == os.path.join(wd, "vae")
   # The original gone: the move still exports a complete model.
   shutil.rmtree(os.path.join(copied, "data"))
   out = tfjax("export", f"--workdir={moved}", f"--out={tmp_path / 'export'}")
@@ -219,7 +219,7 @@ def test_moved_and_copied_workdirs_read_their_own_files(workdir, tmp_path):
   vae_mode = os.stat(os.path.join(workdir, "vae", "params.safetensors")).st_mode & 0o777
   assert vae_mode == 0o666 & ~mask, oct(vae_mode)
   # A copy whose own tokenizer is gone does not read the original's.
-  assert export.tokenizer_dir(export.workdir_config(copied), copied) is None
+  assert checkpoints.tokenizer_dir(checkpoints.workdir_config(copied), copied) is None
 
 
 def test_export_out_that_is_not_an_export_is_left_alone(workdir, tmp_path):
@@ -326,15 +326,15 @@ def test_slurm_and_tpu_launchers_resume_on_75():
 
 def test_moved_workdir_of_the_old_format_finds_its_data(workdir, tmp_path):
   """Workdirs saved with an absolute data.dir (before tfjax.paths) still work once moved."""
-  from tfjax import export
+  from tfjax import checkpoints
   wd = copy_of(workdir, tmp_path, "old")
   path = os.path.join(wd, "config.json")
   stored = json.load(open(path))
   stored["data"]["dir"] = "/gone/run/data"
   json.dump(stored, open(path, "w"))
   shutil.rmtree(os.path.join(wd, "checkpoints", "5", "config"))  # config.json is read then
-  config = export.workdir_config(wd)
-  assert export.tokenizer_dir(config, wd) == os.path.join(wd, "data", "tokenizer")
+  config = checkpoints.workdir_config(wd)
+  assert checkpoints.tokenizer_dir(config, wd) == os.path.join(wd, "data", "tokenizer")
 
 
 def test_tokenizer_corpus_bad_byte_names_file_and_line(tmp_path):

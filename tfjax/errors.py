@@ -7,6 +7,7 @@ cannot use; tfjax.cli.common turns those into one or two lines.
 
 
 import errno
+import json
 import re
 
 
@@ -31,7 +32,6 @@ def short_error(e: BaseException, limit: int = 240) -> str:
 def is_damaged_data(e: BaseException) -> bool:
   """Does an Orbax/TensorStore read error say the files are damaged (not a
   mismatch between the checkpoint and the requested structure)?"""
-  import json
   text = str(e)
   return isinstance(e, json.JSONDecodeError) or any(code in text for code in (
       "DATA_LOSS", "OUT_OF_RANGE", "Error decoding", "Error reading", "Error opening",

@@ -9,5 +9,5 @@ Transfusion loss reduces to next-token prediction.
   tokens.py    VQ token cache (the latent-cache format holding code ids)
   batches.py   Transfusion-layout batch -> Chameleon batch; data factories
   generate.py  text->image (CFG on logits) and image->text sampling
-  main.py      the stages: data, VQ-VAE, tokens, train, samples
+The stages (data, VQ-VAE, tokens, train, eval) are tfjax/jobs/chameleon.py.
 """

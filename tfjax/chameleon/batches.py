@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 
 from tfjax.chameleon.tokens import codes_from_latents, image_token_offset
+from tfjax.config import ConfigError
+from tfjax.data import make_eval_iterator, make_train_iterator
 
 
 def to_chameleon_batch(batch: dict[str, np.ndarray], offset: int,
@@ -98,7 +100,6 @@ class ChameleonIterator:
 
 def check_layout(config: ml_collections.ConfigDict) -> None:
   """The model's image grid must be the VQ grid, one token per position."""
-  from tfjax.config import ConfigError
   if config.model.patch_size != 1:
     raise ConfigError(f"config key model.patch_size={config.model.patch_size}: the Chameleon "
                       "baseline places one VQ token per position (patch_size 1)")
@@ -114,13 +115,11 @@ def data_factories(config: ml_collections.ConfigDict, codebook_size: int | None 
   offset = image_token_offset(config)
 
   def train_data(cfg, process_index: int, process_count: int):
-    from tfjax.data import make_train_iterator
     it = make_train_iterator(cfg, cfg.data.dir, process_index=process_index,
                              process_count=process_count)
     return ChameleonIterator(it, offset, codebook_size)
 
   def eval_data(cfg, process_index: int, process_count: int):
-    from tfjax.data import make_eval_iterator
     it = make_eval_iterator(cfg, cfg.data.dir, process_index=process_index,
                             process_count=process_count)
     return ChameleonIterator(it, offset, codebook_size)

@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 
 from tfjax.config import ConfigError, EOI_ID
+from tfjax.data import latents as latents_lib
+from tfjax.data import sources
 
 TOKENS_DIR = "vq_tokens"
 
@@ -101,8 +103,6 @@ def build_token_cache(config: ml_collections.ConfigDict, vq: Any, data_dir: str 
   A split already present in the cache is kept (delete the directory to
   re-encode after changing the VQ-VAE). Returns {split: metadata entry}.
   """
-  from tfjax.data import latents as latents_lib
-  from tfjax.data import sources
   root = sources.data_root(config, data_dir)
   out = token_dir(config, root)
   encoder = VQTokenEncoder(vq, int(config.model.latent_channels))

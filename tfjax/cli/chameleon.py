@@ -17,6 +17,8 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
+from tfjax.cli.common import check_workdir, load_config, quiet_orbax, run
+
 config_flags.DEFINE_config_file("config", None, "Chameleon config file (e.g. "
                                 "configs/chameleon_tiny.py); override keys with "
                                 "--config.section.key=value.", lock_config=True)
@@ -29,20 +31,17 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.chameleon import main as chameleon_main
-  from tfjax.cli.common import check_workdir, load_config, quiet_orbax
+  # Local: JAX loads after the flags parse (--help answers at once).
+  from tfjax.jobs import chameleon
   quiet_orbax()
   check_workdir(FLAGS.workdir)
-  from tfjax.train.preemption import StopSignals
-  with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
-    out = chameleon_main.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
+  out = chameleon.run(load_config(FLAGS.config), FLAGS.workdir, stages=FLAGS.stages)
   if "eval" in out:
     print(json.dumps({k: out["eval"].get(k) for k in (
         "shapes_accuracy", "caption_cider", "caption_scene_accuracy", "perplexity")}))
 
 
 def main():
-  from tfjax.cli.common import run
   run(_run, __name__)
 
 

@@ -18,9 +18,12 @@ import os
 import re
 import sys
 
+from absl import app, flags
 import ml_collections
 
+from tfjax.config import ConfigError, validate
 from tfjax.errors import UserError, disk_full  # noqa: F401 - UserError for the commands
+from tfjax.train.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_USER_ERROR = 2
 HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
@@ -33,7 +36,6 @@ def quiet_jax_startup() -> None:
 
 def load_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validate a config parsed by config_flags (the command line already applied)."""
-  from tfjax.config import validate
   if config is None:
     raise UserError("--config=configs/NAME.py is required")
   return validate(config)
@@ -140,7 +142,6 @@ def _flag_error_message(e: BaseException, argv: list[str]) -> str:
 
 
 def _is_user_error(e: BaseException) -> bool:
-  from tfjax.config import ConfigError
   if isinstance(e, OSError) and e.errno == errno.ENOSPC:
     return False
   return isinstance(e, (UserError, ConfigError, ValueError, FileNotFoundError,
@@ -162,7 +163,6 @@ def run(main_fn, module_name: str) -> None:
   script's argv[0] is the wrapper, so the command's own flags are registered
   for it too.
   """
-  from absl import app, flags
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the Python traceback of an error.")
   by_module = flags.FLAGS.flags_by_module_dict()
@@ -186,7 +186,6 @@ def run(main_fn, module_name: str) -> None:
       raise
     print(f"{prog}: error: {_flag_error_message(e, sys.argv)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
-  from tfjax.train.preemption import EXIT_PREEMPTED, Preempted
   try:
     app.run(main_fn, argv=argv, flags_parser=lambda _: argv)
   except SystemExit as e:

@@ -27,6 +27,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import flags
 from ml_collections import config_flags
 
+from tfjax.cli.common import load_config, run
+
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys "
                                 "with --config.section.key=value.", lock_config=True)
 flags.DEFINE_string("topology", "local", "A TPU topology such as v5p:8x8x8, v5e:16x16, "
@@ -51,7 +53,7 @@ def libtpu_name(topology: str) -> str:
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.cli.common import load_config
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.train.aot import compile_train_step, topology_devices
   config = load_config(FLAGS.config)
   if FLAGS.topology not in ("", "local"):
@@ -69,7 +71,6 @@ def _run(argv):
 
 
 def main():
-  from tfjax.cli.common import run
   run(_run, __name__)
 
 

@@ -49,6 +49,7 @@ COMMANDS = ("build", "tokenizer", "latents", "show")
 
 
 def _encoder(config):
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.data.latents import PixelPatchEncoder
   path = _VAE.value or config.vae.path
   if _PIXEL_PATCH.value or not path:
@@ -57,11 +58,13 @@ def _encoder(config):
                        "stand-in encoder")
     down = config.data.image_size // config.model.latent_size
     return PixelPatchEncoder(downsample=down, channels=config.model.latent_channels)
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.vae import load
   return load(path)
 
 
 def _show(config, data_dir):
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.data import pipeline, sources
   from tfjax.data.tokenizer import Tokenizer
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
@@ -85,9 +88,11 @@ def _main(argv) -> None:
   data_dir = _DATA_DIR.value
   cmd = argv[1]
   if cmd == "build":
+    # Local: JAX loads after the flags parse (--help answers at once).
     from tfjax.data.build import build_all
     print(json.dumps(build_all(config, data_dir), indent=2))
   elif cmd == "tokenizer":
+    # Local: JAX loads after the flags parse (--help answers at once).
     from tfjax.data import build, sources
     from tfjax.data.tokenizer import train_tokenizer
     if not (_OUT.value or config.data.tokenizer) and sources.given_tokenizer(config):
@@ -105,6 +110,7 @@ def _main(argv) -> None:
                             config.data.vocab_size, out)
     print(json.dumps({"out": out, **tok.metadata()}, indent=2))
   elif cmd == "latents":
+    # Local: JAX loads after the flags parse (--help answers at once).
     from tfjax.data.build import build_latents
     print(json.dumps(build_latents(config, data_dir, _encoder(config),
                                    process_index=_PROCESS_INDEX.value,

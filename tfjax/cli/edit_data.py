@@ -33,6 +33,7 @@ _IMAGES_ONLY = flags.DEFINE_bool(
 
 
 def _encoder(config):
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.data.latents import PixelPatchEncoder
   if _PIXEL_PATCH.value:
     down = config.data.image_size // config.model.latent_size
@@ -41,6 +42,7 @@ def _encoder(config):
   if not path:
     raise SystemExit("give --vae=PATH or --config.vae.path=PATH: the VAE the model was "
                      "pretrained with")
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.vae import load
   return load(path)
 
@@ -48,6 +50,7 @@ def _encoder(config):
 def _main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.data import editing_pipeline
   config = load_config(_CONFIG.value)
   if config.editing.source == "none":

@@ -11,9 +11,10 @@ caption_scene_accuracy, perplexity) and a Markdown table next to it
 from __future__ import annotations
 
 import logging
+
 from absl import flags
 
-from tfjax.cli.common import run
+from tfjax.cli.common import quiet_orbax, run
 
 _MODEL = flags.DEFINE_string("model", None, "Training workdir or export directory.")
 _SUITE = flags.DEFINE_enum("suite", "all", ["shapes", "captioning", "perplexity", "editing",
@@ -37,7 +38,7 @@ def _main(argv) -> None:
   del argv
   if not _MODEL.value or not _JSON.value:
     raise SystemExit("--model and --json are required")
-  from tfjax.cli.common import quiet_orbax
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.eval.suite import evaluate_to_files, markdown_table
   quiet_orbax(logging.ERROR)
   if _NUM.value < 1 or _BATCH.value < 1:

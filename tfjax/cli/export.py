@@ -8,13 +8,13 @@ config.json, tokenizer/ and vae/; `tfjax.export.load_pretrained(DIR)` and
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 
 from absl import flags
 
-from tfjax.cli.common import run
+from tfjax.cli.common import quiet_orbax, run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Export directory to write (replaced if it exists).")
@@ -28,11 +28,12 @@ def _main(argv) -> None:
   del argv
   if not _WORKDIR.value or not _OUT.value:
     raise SystemExit("--workdir and --out are required")
-  from tfjax.cli.common import quiet_orbax
-  from tfjax.export import META_FILE, export
+  # Local: JAX loads after the flags parse (--help answers at once).
+  from tfjax.checkpoints import EXPORT_META
+  from tfjax.export import export
   quiet_orbax(logging.ERROR)
   out = export(_WORKDIR.value, _OUT.value, _DTYPE.value, _STEP.value, not _NO_EMA.value)
-  with open(os.path.join(out, META_FILE)) as f:
+  with open(os.path.join(out, EXPORT_META)) as f:
     print(json.dumps(json.load(f), indent=2))
 
 

@@ -12,13 +12,13 @@ text, image files, sampler settings).
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 
 from absl import flags
 
-from tfjax.cli.common import run
+from tfjax.cli.common import quiet_orbax, run
 
 _MODEL = flags.DEFINE_string("model", None, "Training workdir or export directory.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Prompt text.")
@@ -52,7 +52,7 @@ def _main(argv) -> None:
   del argv
   if not _MODEL.value or not _OUT.value:
     raise SystemExit("--model and --out are required")
-  from tfjax.cli.common import quiet_orbax
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.generate.files import generate_to_dir
   quiet_orbax(logging.ERROR)
   record = generate_to_dir(_MODEL.value, _PROMPT.value, _IMAGE.value, _NUM.value, _SEED.value,

@@ -8,6 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tfjax.cli.common import load_config, run
+from tfjax.config import mlp_dim, patches_per_image
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py); override any key with --config.KEY=VALUE.")
@@ -22,9 +23,9 @@ def _human(n: int) -> str:
 
 
 def report(config, shapes: bool = False) -> str:
+  # Local: JAX loads after the flags parse (--help answers at once).
   import flax.linen as nn
   import jax
-  from tfjax.config import mlp_dim, patches_per_image
   from tfjax.model import abstract_params, count_params
   params = abstract_params(config.model)
   counts = count_params(params)

@@ -18,6 +18,9 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
+from tfjax.cli.common import check_workdir, quiet_orbax, run
+from tfjax.train.preemption import StopSignals
+
 config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/sweep_*.py); "
                                 "override keys with --config.key=value.", lock_config=False)
 flags.DEFINE_string("workdir", None, "Sweep directory: runs/, shared/, results, plots.")
@@ -31,8 +34,8 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.cli.common import check_workdir, quiet_orbax
-  from tfjax.experiments import runner
+  # Local: JAX loads after the flags parse (--help answers at once).
+  from tfjax.jobs import sweep as runner
   quiet_orbax()
   if FLAGS.list:
     for r in runner.plan(FLAGS.config):
@@ -40,7 +43,6 @@ def _run(argv):
             f"flops={r.flops:.3g}")
     return
   check_workdir(FLAGS.workdir)
-  from tfjax.train.preemption import StopSignals
   with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
     report = runner.run_sweep(FLAGS.config, FLAGS.workdir, only=FLAGS.only,
                               report_only=FLAGS.report_only)
@@ -49,7 +51,6 @@ def _run(argv):
 
 
 def main():
-  from tfjax.cli.common import run
   run(_run, __name__)
 
 

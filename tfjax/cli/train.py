@@ -17,6 +17,9 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
+from tfjax.cli.common import check_workdir, load_config, quiet_orbax, run
+from tfjax.train.xla_flags import set_gpu_flags
+
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys "
                                 "with --config.section.key=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: data, VAE, checkpoints, metrics, report.")
@@ -34,22 +37,20 @@ FLAGS = flags.FLAGS
 def _run(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  from tfjax.cli.common import check_workdir, load_config, quiet_orbax
-  from tfjax.train import distributed, main_job
-  from tfjax.train.xla_flags import set_gpu_flags
   quiet_orbax()
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
   set_gpu_flags(config.train.get("xla_gpu_flags", True))  # before JAX starts its backends
+  # Local: JAX loads after the flags parse (--help answers at once) and after the
+  # XLA flags are set (no import may start a backend before that).
+  from tfjax.jobs import transfusion  # pylint: disable=g-import-not-at-top
+  from tfjax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(FLAGS.distributed)
-  results = main_job.run(config, FLAGS.workdir, stages=FLAGS.stages,
-                         num_samples=FLAGS.num_samples)
-  logging.info("stage seconds: %s", results["seconds"])
-  logging.info("stage CPU seconds: %s", results.get("cpu_seconds", {}))
+  transfusion.run(config, FLAGS.workdir, stages=FLAGS.stages,  # logs "stage seconds"
+                  num_samples=FLAGS.num_samples)
 
 
 def main():
-  from tfjax.cli.common import run
   run(_run, __name__)
 
 

@@ -21,8 +21,9 @@ import os
 
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
 
-from tfjax.cli.common import load_config, run
+from tfjax.cli.common import check_workdir, load_config, run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py); override any key with --config.KEY=VALUE.")
@@ -42,17 +43,17 @@ COMMANDS = ("train", "encode", "import")
 
 
 def _train(config) -> None:
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.vae.io import META_FILE
   from tfjax.vae.train import train_vae
-  from tfjax.cli.common import check_workdir
   path = train_vae(config, check_workdir(_WORKDIR.value))
   with open(os.path.join(path, META_FILE)) as f:
     print(json.dumps({"path": path, **json.load(f).get("metrics", {})}, indent=2))
 
 
 def _encode(config) -> None:
-  import numpy as np
 
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.vae import load
   from tfjax.vae.train import evaluate, load_images, to_float
   path = _VAE.value or config.vae.path
@@ -83,6 +84,7 @@ def _encode(config) -> None:
 
 
 def _import() -> None:
+  # Local: JAX loads after the flags parse (--help answers at once).
   from tfjax.vae import diffusers_import, io
   if not (_DIFFUSERS.value and _WORKDIR.value):
     raise SystemExit("import: --diffusers=DIR and --workdir=DIR are required")

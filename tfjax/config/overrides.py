@@ -33,7 +33,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
   """Applies "section.key=value" strings (values as Python literals) in place.
 
   For overrides that do not come through config_flags' --config.KEY=VALUE:
-  sweep files (tfjax.experiments.runner) and tfjax-eval --override.
+  sweep files (tfjax.jobs.sweep) and tfjax-eval --override.
   """
   for item in overrides:
     if "=" not in item:

@@ -14,12 +14,14 @@ import os
 import time
 from typing import Any
 
-import ml_collections
 from array_record.python import array_record_module
+import jax
+import ml_collections
 
-from tfjax.data import latents as latents_lib
 from tfjax.data import latent_job, shapes, sources, streams
+from tfjax.data import latents as latents_lib
 from tfjax.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from tfjax.files import utf8_lines
 
 CORPUS_FILE = "corpus.txt"
 EVAL_SPLITS = ("validation",)
@@ -53,7 +55,6 @@ def build_text_corpus(config: ml_collections.ConfigDict, root: str) -> str:
 
 def read_text_lines(path: str) -> list[str]:
   """The lines of a UTF-8 text file; a bad byte is reported by file and line."""
-  from tfjax.files import utf8_lines
   return [text.rstrip("\r\n") for _, text in utf8_lines(path)]
 
 
@@ -97,10 +98,10 @@ def build_tokenizer(config: ml_collections.ConfigDict, root: str) -> Tokenizer:
 def build_image_text(config: ml_collections.ConfigDict, root: str) -> str | None:
   name = config.data.image_text_source
   if name == "shapes":
-    from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top
+    from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
     return tfds_shapes.build(config, root)
   if name.startswith("folder:"):
-    from tfjax.data import tfds_folder  # pylint: disable=g-import-not-at-top
+    from tfjax.data import tfds_folder  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
     return tfds_folder.build(config, root)
   if name.startswith("tfds:"):
     sources.image_source(config, root, "train")  # raises, naming the key, if not prepared
@@ -150,7 +151,6 @@ def build_latents(config: ml_collections.ConfigDict, data_dir: str | None,
   if streams.is_image_stream(config.data.image_text_source):
     return latent_job.run_latent_job(config, encoder, out, process_index=process_index,
                                      process_count=process_count, progress=progress)
-  import jax  # pylint: disable=g-import-not-at-top
   if hasattr(encoder, "params") and jax.local_device_count() > 1:  # a VAE: use every device
     encoder = latent_job.MeshEncoder(encoder, jax.local_devices(), batch_size)
   source = sources.image_source_name(config, root)

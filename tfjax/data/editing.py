@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from tfjax.data import packing, shapes
+from tfjax.files import utf8_lines
 
 EDIT_TYPES = ("recolor", "move", "add", "remove")
 MOVE_DISTANCE = 0.25          # fraction of the image side an object moves
@@ -265,7 +266,6 @@ class FolderSource:
     if not os.path.exists(self.path):
       raise FileNotFoundError(f"editing folder {root} has no {split}.jsonl (config key "
                               f"editing.source)")
-    from tfjax.files import utf8_lines
     self.lines = []
     for n, text in utf8_lines(self.path):
       if not text.strip():

@@ -20,13 +20,14 @@ import logging
 import os
 from typing import Any
 
+from array_record.python import array_record_module
+from flax import serialization
 import grain
 import ml_collections
 import numpy as np
-from array_record.python import array_record_module
-from flax import serialization
 
 from tfjax.config import ConfigError, patches_per_image
+from tfjax.data import documents as documents_lib
 from tfjax.data import editing, shapes, sources
 from tfjax.data import latents as latents_lib
 from tfjax.data.tokenizer import Tokenizer
@@ -151,7 +152,7 @@ def build_editing_latents(config: ml_collections.ConfigDict, data_dir: str | Non
 
 # --------------------------------------------------------------- documents --
 class EditDocumentMaker:
-  """(index, raw cache record) -> {"index", "docs", "skip"}, as pipeline.DocumentMaker."""
+  """(index, raw cache record) -> {"index", "docs", "skip"}, as documents.DocumentMaker."""
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, patches: int,
                latent_shape: tuple[int, int, int], scale: float, shift: float):
@@ -208,11 +209,10 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
               ) -> tuple[grain.MapDataset, tuple[int, int, int], list[str]]:
   """Editing documents (mixed with pretraining ones when configured).
 
-  The hook `pipeline._documents` calls when editing.source is not `none`;
-  returns what it returns (a MapDataset of DocumentMaker-style elements, the
-  latent shape, and the ids of records the cache build skipped).
+  What the pipeline reads when editing.source is not `none`; returns what
+  `documents.pretraining_documents` returns (a MapDataset of DocumentMaker-style
+  elements, the latent shape, and the ids of records the cache build skipped).
   """
-  from tfjax.data import pipeline  # pylint: disable=g-import-not-at-top  (it imports us lazily)
   _check(config)
   cache = latent_dir(config, data_dir)
   try:
@@ -221,7 +221,7 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   except FileNotFoundError as err:
     raise FileNotFoundError(f"config key editing.latents: {err}; build it with "
                             f"`tfjax-edit-data --config=...`") from err
-  latent_shape = pipeline._check_latents(config, meta)
+  latent_shape = documents_lib.check_latents(config, meta)
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
   maker = EditDocumentMaker(tok, config.data.seq_len, patches_per_image(config.model),
                             latent_shape, meta["scale"], meta["shift"])
@@ -231,7 +231,7 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
                       f"{process_count} processes")
   ds = grain.MapDataset.source(src)[process_index::process_count]
   if train:
-    ds = pipeline._shuffled_endless(ds, config.data.shuffle_seed + 104729)
+    ds = documents_lib.shuffled_endless(ds, config.data.shuffle_seed + 104729)
   docs = ds.map_with_index(maker)
   build_skips = list(meta["splits"][split].get("skipped", []))
   frac = config.editing.pretrain_fraction
@@ -239,8 +239,8 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
     return docs, latent_shape, build_skips
   base_config = config.copy_and_resolve_references()
   base_config.editing.source = "none"
-  base, base_shape, base_skips = pipeline._documents(base_config, data_dir, split, process_index,
-                                         process_count, train)
+  base, base_shape, base_skips = documents_lib.pretraining_documents(
+      base_config, data_dir, split, process_index, process_count, train)
   if tuple(base_shape) != tuple(latent_shape):
     raise ConfigError(f"config key editing.latents: editing latents {list(latent_shape)} differ "
                       f"from the pretraining latents {list(base_shape)}")

@@ -20,12 +20,16 @@ import concurrent.futures
 import time
 from typing import Any, Callable, Iterable
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
 from tfjax.data import latents as latents_lib
 from tfjax.data import prepare, streams
-from tfjax.data.pipeline import _process  # jax's process index/count unless given
+from tfjax.data.pipeline import process_index_count
 from tfjax.data.shard_writer import (Progress, ShardOutput, check_job, finalize, pending_inputs,
                                      summary)
 
@@ -50,10 +54,6 @@ class MeshEncoder:
   """
 
   def __init__(self, encoder: latents_lib.Encoder, devices: list[Any], batch_size: int):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
-    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
     self.encoder, self.jax = encoder, jax
     n = len(devices)
     self.batch = -(-max(1, batch_size) // n) * n
@@ -195,8 +195,7 @@ def run_latent_job(config: ml_collections.ConfigDict, encoder: latents_lib.Encod
     skipped by reason (this process, this run), records/s, whether the cache
     is complete (its metadata.json written).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  pi, pc = _process(process_index, process_count)
+  pi, pc = process_index_count(process_index, process_count)
   check_keys(config)
   paths, reader = streams.image_text_reader(config)
   policy = prepare.ImagePolicy.from_config(config)
@@ -232,7 +231,7 @@ def run_text_job(config: ml_collections.ConfigDict, out_dir: str, *,
                  progress: bool = True) -> dict[str, Any]:
   """Copies `data.text_source` (a stream source) into ArrayRecord shards of
   UTF-8 documents (random access for the Grain pipeline), split by key hash."""
-  pi, pc = _process(process_index, process_count)
+  pi, pc = process_index_count(process_index, process_count)
   check_keys(config)
   paths, reader = streams.text_reader(config)
   d = config.data

@@ -28,9 +28,10 @@ import logging
 import os
 from typing import Any, Callable, Protocol, Sequence
 
-import numpy as np
 from array_record.python import array_record_module
 from flax import serialization
+import ml_dtypes
+import numpy as np
 from PIL import Image
 
 METADATA_FILE = "metadata.json"
@@ -124,7 +125,6 @@ def decode_record(raw: bytes) -> dict[str, Any]:
 def storage_dtype(name: str) -> Any:
   """'float32' | 'bfloat16' (config key data.latents_dtype) -> a numpy dtype."""
   if name == "bfloat16":
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
     return ml_dtypes.bfloat16
   if name == "float32":
     return np.float32

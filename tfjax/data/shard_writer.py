@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from array_record.python import array_record_module
+from tqdm import tqdm
 
 from tfjax.data import latents as latents_lib
 
@@ -168,7 +169,6 @@ class Progress:
   and an ETA; the summary counts written and skipped records by reason."""
 
   def __init__(self, num_pending: int, label: str, enabled: bool):
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     # In a log file (pod workers, SLURM), a line every 30 s rather than ten a second.
     self.bar = tqdm(total=None, unit="rec", desc=label, disable=not enabled, smoothing=0.1,
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)

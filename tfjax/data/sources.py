@@ -22,7 +22,7 @@ import grain
 import ml_collections
 
 from tfjax.data import latents as latents_lib
-from tfjax.data import streams
+from tfjax.data import prepare, streams
 
 SHAPES_TEXT_DIR = "shapes_text"
 TEXT_CACHE_DIR = "text"       # stream text sources, copied to ArrayRecord
@@ -43,6 +43,8 @@ def latent_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
 def given_tokenizer(config: ml_collections.ConfigDict) -> str | None:
   """A tokenizer from outside (never trained here): data.tokenizer, else the
   tokenizer.model of an `hf_llama:DIR` train.init_from; else None."""
+  # Local: tfjax.model (and its kernels) stays out of the data pipeline's
+  # imports, which every Grain worker process repeats (~1.4 s more each).
   from tfjax.model.hf_llama import tokenizer_file  # pylint: disable=g-import-not-at-top
   init_from = config.train.get("init_from", "") if "train" in config else ""
   return config.data.tokenizer or tokenizer_file(init_from)
@@ -142,6 +144,7 @@ def image_source(config: ml_collections.ConfigDict, data_dir: str | None, split:
                        f"random access; encode it with `tfjax-data latents` (the latent job)")
     return stream_head(config, split, limit)
   if name in ("shapes",) or name.startswith("folder:"):
+    # TFDS: a slow import, paid only by TFDS sources.
     from tfjax.data import tfds_folder, tfds_shapes  # pylint: disable=g-import-not-at-top
     mod = tfds_shapes if name == "shapes" else tfds_folder
     return mod.data_source(config, data_root(config, data_dir), split)
@@ -157,7 +160,7 @@ def image_source_name(config: ml_collections.ConfigDict, data_dir: str | None) -
   splits, seed, scene options), so that a cache of other scenes is caught."""
   name = config.data.image_text_source
   if name == "shapes":
-    from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top
+    from tfjax.data import tfds_shapes  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
     return "shapes/" + tfds_shapes.builder(config, data_root(config, data_dir)).builder_config.name
   return name
 
@@ -165,7 +168,6 @@ def image_source_name(config: ml_collections.ConfigDict, data_dir: str | None) -
 def stream_head(config: ml_collections.ConfigDict, split: str, limit: int) -> list[dict[str, Any]]:
   """The first `limit` good records of `split` of a stream image-text source,
   as {image: uint8 [S, S, 3], caption, scene: "", id}."""
-  from tfjax.data import prepare  # pylint: disable=g-import-not-at-top
   policy = prepare.ImagePolicy.from_config(config)
   out: list[dict[str, Any]] = []
   for rec in stream_records(config, split):

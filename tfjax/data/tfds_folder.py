@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+
+from tfjax.files import utf8_lines
 
 VERSION = "1.0.0"
 CAPTIONS_FILE = "captions.jsonl"
@@ -34,7 +37,6 @@ def read_captions(folder: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"config key data.image_text_source=folder:{folder}: "
                             f"{path} is missing")
-  from tfjax.files import utf8_lines
   rows = []
   for n, line in utf8_lines(path):
     if not line.strip():
@@ -118,7 +120,6 @@ def build(config: ml_collections.ConfigDict, root: str) -> str:
   try:
     b.download_and_prepare()
   except BaseException:
-    import shutil
     for d in created:
       shutil.rmtree(d, ignore_errors=True)
     raise

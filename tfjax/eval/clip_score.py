@@ -15,7 +15,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import sentencepiece as spm
 
+from tfjax.data import shapes
 from tfjax.eval import extractor
 
 FILES = ("image_encoder.jax_export", "text_encoder.jax_export", "tokenizer.model")
@@ -29,7 +31,6 @@ def cosine_score(image_features: np.ndarray, text_features: np.ndarray) -> float
 
 
 def clip_score(path: str, images: np.ndarray, captions: Sequence[str]) -> float:
-  import sentencepiece as spm
   missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
   if missing:
     raise FileNotFoundError(f"{path}: missing {missing} (the CLIP directory needs {FILES})")
@@ -49,7 +50,6 @@ def maybe_clip_score(gen: Any, path: str | None, num_samples: int, *, seed: int 
   """CLIP score of text-to-image samples against their captions, or a skip notice."""
   if not path:
     return {"status": "skipped", "reason": "no CLIP encoders given (--clip=DIR)"}
-  from tfjax.data import shapes
   _, _, captions = shapes.generate_split("test", num_samples, int(gen.config.data.image_size),
                                          seed=seed,
                                          options=shapes.SceneOptions.from_config(gen.config.data))

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
 from tfjax.data import editing as editing_data
 from tfjax.data import shapes
@@ -212,7 +213,6 @@ def suite(gen: Any, num_samples: int, *, seed: int = 0, batch_size: int = 8,
 
 def save_grid(examples: Sequence[dict[str, Any]], images: np.ndarray, path: str) -> None:
   """Rows of input | expected | generated."""
-  from PIL import Image
   if not len(examples):
     return
   rows = [np.concatenate([ex["input"], ex["output"], im[..., :3]], axis=1)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from scipy import linalg
 
+from tfjax.data import shapes
 from tfjax.eval import extractor
 
 
@@ -48,7 +49,6 @@ def maybe_fid(gen: Any, path: str | None, num_samples: int, *, seed: int = 0,
   """FID of text-to-image samples vs held-out shapes images, or a skip notice."""
   if not path:
     return {"status": "skipped", "reason": "no Inception feature extractor given (--inception)"}
-  from tfjax.data import shapes
   size = int(gen.config.data.image_size)
   real, _, captions = shapes.generate_split("test", num_samples, size, seed=seed,
                                             options=shapes.SceneOptions.from_config(gen.config.data))

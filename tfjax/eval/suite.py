@@ -22,13 +22,17 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
-from tfjax.batch import Batch
 from tfjax import config as config_lib
+from tfjax.batch import Batch, empty_batch
 from tfjax.config import patches_per_image
 from tfjax.data import shapes
-from tfjax.eval import caption_scene, cider, clip_score, fid, shapes_checker
+from tfjax.data.packing import make_document, split_text
+from tfjax.data.pipeline import make_eval_iterator
+from tfjax.eval import caption_scene, cider, clip_score, editing, fid, shapes_checker
 from tfjax.eval import perplexity as perplexity_lib
+from tfjax.export import load_pretrained
 from tfjax.generate.sampling import SamplingParams
 
 SUITES = ("shapes", "captioning", "perplexity", "editing", "all")  # all: not editing
@@ -93,8 +97,6 @@ def captioning_eval(gen: Any, num_samples: int, *, seed: int = 0,
 
 def shapes_text_batches(gen: Any, num_docs: int, seed: int = 0):
   """Held-out shapes text, one document per row (BOS ... EOS), as Batches."""
-  from tfjax.batch import empty_batch
-  from tfjax.data.packing import make_document, split_text
   if gen.tokenizer is None:
     raise ValueError("perplexity needs the model's tokenizer (none found with the model)")
   c = gen.config
@@ -121,7 +123,6 @@ def perplexity_eval(gen: Any, num_samples: int, *, seed: int = 0) -> dict[str, A
   if c.data.text_source == "shapes_text":
     batches, source = shapes_text_batches(gen, num_samples, seed), "shapes_text/test"
   else:
-    from tfjax.data.pipeline import make_eval_iterator
     n = max(1, num_samples // int(c.data.batch_size))
     batches = (Batch.from_dict(b) for b in make_eval_iterator(c, c.data.dir, num_batches=n))
     source = f"{c.data.text_source}/validation"
@@ -146,7 +147,6 @@ def run(gen: Any, suite: str = "all", num_samples: int = 64, *, seed: int = 0,
     elif part == "captioning":
       d = captioning_eval(gen, num_samples, seed=seed, batch_size=batch_size)
     elif part == "editing":  # tfjax/eval/editing.py: per edit type, from pixels
-      from tfjax.eval import editing
       d = editing.suite(gen, num_samples, seed=seed, batch_size=batch_size, out_dir=out_dir)
       results["editing_accuracy"] = d["editing_accuracy"]
     else:
@@ -177,7 +177,6 @@ def evaluate_to_files(model_dir: str, suite: str, num_samples: int, json_path: s
              batch_size: int = 8, inception: str | None = None, clip: str | None = None,
              overrides: Sequence[str] = ()) -> dict:
   """What `tfjax-eval` does: load the model, run, write JSON and a Markdown table."""
-  from tfjax.export import load_pretrained
   gen = load_pretrained(model_dir)
   apply_overrides(gen.config, overrides)
   out_dir = os.path.dirname(os.path.abspath(json_path))
@@ -216,7 +215,6 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def _save_grid(images: np.ndarray, path: str) -> None:
-  from PIL import Image
   if not len(images):
     return
   n = len(images)

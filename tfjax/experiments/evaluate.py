@@ -20,6 +20,10 @@ from typing import Any
 
 import ml_collections
 
+from tfjax.chameleon.generate import ChameleonGenerator
+from tfjax.eval import suite
+from tfjax.generate.mixed import Generator
+
 log = logging.getLogger(__name__)
 
 METRICS = ("shapes_accuracy", "caption_cider", "caption_scene_accuracy", "perplexity")
@@ -29,16 +33,13 @@ def make_generator(config: ml_collections.ConfigDict, params: Any, tokenizer: An
                    vae: Any) -> Any:
   """The family's generator: Chameleon when chameleon.enabled, else Transfusion."""
   if config.chameleon.enabled:
-    from tfjax.chameleon.generate import ChameleonGenerator
     return ChameleonGenerator(config, params, tokenizer, vae)
-  from tfjax.generate.mixed import Generator
   return Generator(config, params, tokenizer, vae)
 
 
 def evaluate(generator: Any, out_dir: str, num_samples: int = 32, seed: int = 0,
              batch_size: int = 16) -> dict[str, Any]:
   """Runs the suite ("all"); writes out_dir/eval.json and sample grids; returns the dict."""
-  from tfjax.eval import suite
   os.makedirs(out_dir, exist_ok=True)
   result = suite.run(generator, "all", num_samples, seed=seed, batch_size=batch_size,
                      out_dir=out_dir)

@@ -7,9 +7,18 @@ samples are then removed first: no stale image sits beside the new ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+
+import jax
+import numpy as np
+from PIL import Image
+
+from tfjax.export import load_pretrained
+from tfjax.generate.diffusion import DiffusionParams
+from tfjax.generate.sampling import SamplingParams
 
 MARKER_FILE = ".tfjax-generate"
 RECORD_FILE = "generation.json"
@@ -51,8 +60,6 @@ def prepare_out(out: str) -> None:
 
 def read_image(path: str, size: int):
   """uint8 [size, size, 3] from an image file (centre-cropped, resized)."""
-  import numpy as np
-  from PIL import Image
   try:
     im = Image.open(path).convert("RGB")
   except (OSError, ValueError) as e:
@@ -83,15 +90,8 @@ def prompt_items(prompt: str, images: list) -> list:
 def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: int, seed: int,
              out: str, mode: str = "", **overrides) -> dict:
   """Runs generation and writes OUT; returns what generation.json holds."""
-  import dataclasses
 
-  import jax
-  import numpy as np
-  from PIL import Image
 
-  from tfjax.export import load_pretrained
-  from tfjax.generate.diffusion import DiffusionParams
-  from tfjax.generate.sampling import SamplingParams
   check_counts(num, **{"batch-size": (overrides.get("batch_size"), 1),
                        "steps": (overrides.get("steps"), 1),
                        "max-images": (overrides.get("max_images"), 1),

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tfjax.config import patches_per_image
 from tfjax.model.cache import KVCache
 from tfjax.model.transfusion import ModelOutput, Transfusion
 
@@ -13,7 +14,6 @@ from tfjax.model.transfusion import ModelOutput, Transfusion
 def dummy_inputs(model_config: ml_collections.ConfigDict, batch: int = 1, seq: int | None = None,
                  max_images: int = 1) -> dict[str, jax.Array]:
   """Smallest valid inputs for `init` (shapes only matter)."""
-  from tfjax.config import patches_per_image
   seq = seq or patches_per_image(model_config) + 2
   s = model_config.latent_size
   return dict(tokens=jnp.zeros((batch, seq), jnp.int32),

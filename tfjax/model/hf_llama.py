@@ -25,8 +25,9 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy for safetensors' reader
 import numpy as np
+from safetensors import safe_open
 
-from tfjax.config import BOS_ID, EOS_ID, ConfigError, mlp_dim
+from tfjax.config import BOS_ID, ConfigError, EOS_ID, mlp_dim
 
 PREFIX = "hf_llama:"
 CONFIG_FILE = "config.json"
@@ -159,7 +160,6 @@ def tensor_files(path: str) -> dict[str, str]:
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
     return {name: os.path.join(path, file) for name, file in weight_map.items()}
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   out = {}
   for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
     with safe_open(file, framework="numpy") as f:
@@ -184,7 +184,6 @@ class TensorReader:
 
   def __call__(self, name: str) -> np.ndarray:
     """float32 copy of tensor `name`."""
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     if name not in self.files:
       raise ValueError(f"config key train.init_from: {self.path} has no tensor {name!r}")
     file = self.files[name]

@@ -12,11 +12,13 @@ import time
 from typing import Any, Sequence
 
 import jax
-import ml_collections
+from jax.experimental import topologies
 from jax.sharding import Mesh
+import ml_collections
 
 from tfjax.batch import batch_spec
 from tfjax.config import validate
+from tfjax.model import init_params
 from tfjax.train import mesh as mesh_lib
 from tfjax.train.checks import apply_device_microbatch, validate_train
 from tfjax.train.flops import dense_step_flops, peak_tflops
@@ -55,7 +57,6 @@ def topology_devices(topology: str) -> list[Any]:
   """
   if topology in ("", "local"):
     return list(jax.devices())
-  from jax.experimental import topologies
   try:
     desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   except Exception as e:  # noqa: BLE001 - re-raised with the flag to fix
@@ -132,7 +133,6 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
   validate_train(config, len(devices))
   mesh: Mesh = mesh_lib.make_mesh(config.mesh, devices)
   tx = make_optimizer(config.train)
-  from tfjax.model import init_params
   abstract_state, shardings = state_shardings(config, mesh, tx, init_params)
   m = config.model
   spec = batch_spec(config.data.batch_size, config.data.seq_len, config.data.max_images_per_seq,

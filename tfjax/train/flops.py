@@ -19,12 +19,14 @@ from __future__ import annotations
 import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from tfjax.config import mlp_dim, patches_per_image
+from tfjax.model.patch import TimestepEmbedding, patch_layers
 
 # Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind`
 # (first matching substring wins, so specific names come first).
@@ -73,8 +75,6 @@ def matmul_params(model: ml_collections.ConfigDict) -> int:
 def _patch_forward_flops(model_json: str) -> float:
   """XLA's FLOP count of one image through the patch encoder, decoder and
   timestep embedding (forward), from the lowered program; nothing runs."""
-  from tfjax.model.patch import TimestepEmbedding, patch_layers
-  import flax.linen as nn
   model = ml_collections.ConfigDict(json.loads(model_json))
   encoder_cls, decoder_cls = patch_layers(model)
 

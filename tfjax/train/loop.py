@@ -22,18 +22,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tfjax import checkpoints
 from tfjax.batch import Batch, batch_spec
 from tfjax.config import ConfigError, validate
+from tfjax.data.pipeline import make_eval_iterator, make_train_iterator
+from tfjax.model import hf_llama, init_params
 from tfjax.paths import Paths
 from tfjax.train import mesh as mesh_lib
-from tfjax.train.checks import apply_device_microbatch, validate_train
+from tfjax.train import pretrained
 from tfjax.train.checkpoint import Checkpointer, DamagedCheckpoints, config_json
+from tfjax.train.checks import apply_device_microbatch, validate_train
 from tfjax.train.flops import peak_tflops
 from tfjax.train.metrics import MetricsWriter, Throughput
 from tfjax.train.optimizer import make_optimizer
 from tfjax.train.preemption import EXIT_PREEMPTED, Preempted, StopSignals  # noqa: F401
 from tfjax.train.state import TrainState, create_train_state, state_shardings
 from tfjax.train.step import jit_eval_step, jit_train_step, make_loss_fn
+from tfjax.train.synthetic import synthetic_dataset
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +57,7 @@ class TrainResult:
 def _default_train_data(config: ml_collections.ConfigDict, process_index: int,
                         process_count: int) -> Iterator[dict[str, np.ndarray]]:
   if config.train.synthetic_data:
-    from tfjax.train.synthetic import synthetic_dataset
     return iter(synthetic_dataset(config, config.data.shuffle_seed, process_index, process_count))
-  from tfjax.data import make_train_iterator
   return make_train_iterator(config, config.data.dir, process_index=process_index,
                              process_count=process_count)
 
@@ -62,42 +65,33 @@ def _default_train_data(config: ml_collections.ConfigDict, process_index: int,
 def _default_eval_data(config: ml_collections.ConfigDict, process_index: int,
                        process_count: int) -> Iterator[dict[str, np.ndarray]] | None:
   if config.train.synthetic_data:
-    from tfjax.train.synthetic import synthetic_dataset
     return iter(synthetic_dataset(config, 10 ** 6 + config.data.shuffle_seed, process_index,
                                   process_count))
-  try:
-    from tfjax.data import make_eval_iterator
-  except ImportError:
-    return None
   return make_eval_iterator(config, config.data.dir, process_index=process_index,
                             process_count=process_count)
 
 
 def _restore_params_from(path: str, abstract_state: TrainState, config, fresh: Any) -> Any:
-  """Parameters (EMA when present) of another run's checkpoint or an export, for
-  fine-tuning; or `fresh` (the new init) with an hf_llama checkpoint's text side."""
-  from tfjax.train import pretrained
-  if pretrained.hf_llama.checkpoint_dir(path) is not None:
+  """Parameters (EMA when kept) of another run's checkpoint or an export, for
+  fine-tuning, on this run's shardings; or `fresh` (the new init) with an
+  hf_llama checkpoint's text side."""
+  if hf_llama.checkpoint_dir(path) is not None:
     return pretrained.load_hf_llama_params(config, fresh)
-  if pretrained.is_export(path):
-    return pretrained.load_export_params(path, abstract_state.params)
+  if checkpoints.is_export(path):
+    return checkpoints.load_export_params(path, abstract_state.params)
   try:
-    found = Checkpointer(os.path.join(path, "checkpoints") if os.path.isdir(
-        os.path.join(path, "checkpoints")) else path, config.train).restore(abstract_state)
-  except DamagedCheckpoints as e:
-    raise DamagedCheckpoints(f"config key train.init_from: {path}: no readable checkpoint "
-                             f"({str(e).split(':')[0]})") from e
-  if found is None:
-    raise FileNotFoundError(f"config key train.init_from: no checkpoint found in {path}")
-  _, state = found
-  return state.ema if config.train.ema_decay > 0 and state.ema else state.params
+    params, _ = checkpoints.restore_params(path, config=config, like=abstract_state.params)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config key train.init_from: no checkpoint found in {path}") from e
+  except ValueError as e:
+    raise ValueError(f"config key train.init_from: {e}") from e
+  return params
 
 
 def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """A copy of config with every path key absolute (tfjax.paths: data.dir
   relative to workdir), for use in this process, never stored; an hf_llama
   init_from checked against config.model and naming data.tokenizer."""
-  from tfjax.train import pretrained
   config = Paths.from_command_line(config, workdir).resolved_config()
   pretrained.resolve_hf_llama(config)
   return config
@@ -140,7 +134,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   tc = config.train
   validate_train(config, len(jax.devices() if devices is None else devices))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  from tfjax.model import init_params
   tx = make_optimizer(tc)
   abstract_state, shardings = state_shardings(config, mesh, tx, init_params)
   if jax.process_index() == 0:
@@ -149,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   pi, pc = jax.process_index(), jax.process_count()
   data_iter = (train_data or _default_train_data)(config, pi, pc)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc)
+  ckpt = Checkpointer(paths.checkpoints, tc)
   event = ""
   try:
     found = ckpt.restore(abstract_state, iterator=data_iter)

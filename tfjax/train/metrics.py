@@ -19,6 +19,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
+
+from tfjax.train.flops import step_flops
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +84,14 @@ class MetricsWriter:
     self._file = open(self.path, "a")
     if use_tensorboard:
       try:
-        from tensorboardX import SummaryWriter
+        # Local: importing tensorboardX takes ~5 s, paid only when TensorBoard is on.
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         log.warning("tensorboardX is not installed; no TensorBoard events")
     if progress is None:
       progress = sys.stderr.isatty()
     if progress:
-      from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
     self._t0, self._step0 = time.time(), start_step
 
@@ -160,7 +163,6 @@ class Throughput:
   def __call__(self, step_time: float, segment_ids: np.ndarray, image_ids: np.ndarray,
                image_valid: np.ndarray,
                text_loss_mask: np.ndarray | None = None) -> dict[str, float]:
-    from tfjax.train.flops import step_flops
     tokens = int((np.asarray(segment_ids) != 0).sum())
     images = int(np.asarray(image_valid).sum())
     flops = step_flops(self.model_config, segment_ids, image_ids,

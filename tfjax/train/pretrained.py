@@ -1,77 +1,20 @@
-"""`train.init_from`: parameters a fine-tuning run starts from.
+"""`train.init_from=hf_llama:DIR`: a Hugging Face Llama checkpoint as a run's start.
 
-An export directory (written by `tfjax.export.export`) holds `tfjax_export.json`
-and `params.safetensors` with '/'-joined parameter paths. Training code must
-not import the export module (it sits above training), so the few lines that
-read the parameter file live here. Checkpoint directories are read by the
-loop's own Orbax restore. `hf_llama:DIR` names a Hugging Face Llama
-checkpoint (tfjax.model.hf_llama): its weights replace the text side of a
-fresh init, and its sentencepiece model is the run's tokenizer.
+DIR is a directory as `save_pretrained` writes it (tfjax.model.hf_llama): its
+weights replace the text side of a fresh init, and its sentencepiece model is
+the run's tokenizer. Exports and other runs' checkpoints are read by
+tfjax.checkpoints.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
+from tfjax.checkpoints import flatten, place
+from tfjax.data.tokenizer import Tokenizer
 from tfjax.model import hf_llama
-
-EXPORT_META = "tfjax_export.json"
-EXPORT_PARAMS = "params.safetensors"
-
-
-def is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, EXPORT_META))
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  return {"/".join(str(getattr(p, "key", p)) for p in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def load_export_params(path: str, abstract_params: Any) -> Any:
-  """The export's parameters laid out like `abstract_params`.
-
-  Args:
-    path: an export directory.
-    abstract_params: ShapeDtypeStructs (with shardings) of the run's params.
-  Returns:
-    A tree like `abstract_params` of arrays in its dtypes (an export saved
-    in bfloat16 is cast back to the float32 master weights) and shardings.
-  Raises:
-    ValueError naming train.init_from when a parameter is missing or has
-    another shape (the export's model differs from config.model).
-  """
-  import safetensors.flax  # pylint: disable=g-import-not-at-top
-  file = os.path.join(path, EXPORT_PARAMS)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"config key train.init_from: export {path} has no {EXPORT_PARAMS}")
-  have = safetensors.flax.load_file(file)
-  want = _flat(abstract_params)
-  missing = sorted(set(want) - set(have))
-  if missing:
-    raise ValueError(f"config key train.init_from: export {path} lacks parameters {missing[:5]} "
-                     f"of the configured model (check the model section matches the export's "
-                     f"config.json)")
-  for key, spec in want.items():
-    if tuple(have[key].shape) != tuple(spec.shape):
-      raise ValueError(f"config key train.init_from: export {path} parameter {key} has shape "
-                       f"{tuple(have[key].shape)}, the configured model needs {tuple(spec.shape)}")
-  treedef = jax.tree_util.tree_structure(abstract_params)
-  return jax.tree_util.tree_unflatten(  # `want` keeps the flattening order
-      treedef, [_place(np.asarray(have[key]), spec) for key, spec in want.items()])
-
-
-def _place(value: np.ndarray, like: Any) -> Any:
-  """`value` in `like`'s dtype and sharding; each process reads only its shards' slices."""
-  sharding = getattr(like, "sharding", None)
-  if sharding is None:
-    return value.astype(like.dtype)
-  return jax.make_array_from_callback(value.shape, sharding,
-                                      lambda index: value[index].astype(like.dtype))
 
 
 def resolve_hf_llama(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any], int] | None:
@@ -83,7 +26,6 @@ def resolve_hf_llama(config: ml_collections.ConfigDict) -> tuple[str, dict[str, 
   mismatch; FileNotFoundError naming data.tokenizer when there is no
   sentencepiece model.
   """
-  from tfjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   path = hf_llama.checkpoint_dir(config.train.init_from)
   if path is None:
     return None
@@ -107,12 +49,12 @@ def load_hf_llama_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   placed straight onto their leaf's sharding.
   """
   path, hf, offset = resolve_hf_llama(config)
-  flat = _flat(params)
+  flat = flatten(params)
   reader = hf_llama.TensorReader(path)
   for key, value in hf_llama.converted(config.model, hf, offset, list(flat), reader):
     like = flat[key]
     if value.shape != tuple(like.shape):
       raise ValueError(f"config key train.init_from: {path} gives parameter {key} shape "
                        f"{value.shape}, the configured model needs {tuple(like.shape)}")
-    flat[key] = _place(value, like)
+    flat[key] = place(value, like)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), list(flat.values()))

@@ -14,6 +14,8 @@ import glob
 import os
 import re
 
+from jax.profiler import ProfileData
+
 # (part, test on "op_name | hlo_op", lower case), first match wins. The op
 # names carry the Flax module path and the named scopes of tfjax/losses.py,
 # tfjax/model/transfusion.py and tfjax/train/step.py.
@@ -73,7 +75,6 @@ def part_of(description: str) -> str:
 
 def _events(trace_dir: str, module: str):
   """(hlo_op, duration_s) of the module's device work in the newest trace."""
-  from jax.profiler import ProfileData
   files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
                  key=os.path.getmtime)
   if not files:

@@ -14,11 +14,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import optax
-from jax.sharding import Mesh
 
 from tfjax.batch import Batch
+from tfjax.losses import transfusion_loss
+from tfjax.model.transfusion import Transfusion
 from tfjax.train import mesh as mesh_lib
 from tfjax.train.optimizer import learning_rate_schedule
 from tfjax.train.state import TrainState
@@ -104,8 +106,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: Any | None = None,
   The eval variant turns caption dropout off, so validation loss measures the
   conditional model.
   """
-  from tfjax.losses import transfusion_loss
-  from tfjax.model.transfusion import Transfusion
   model = Transfusion(config.model) if model is None else model
   if not training:
     config = config.copy_and_resolve_references()

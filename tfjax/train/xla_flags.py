@@ -11,6 +11,7 @@ as the user set it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 GPU_FLAGS = {
@@ -37,7 +38,6 @@ def set_gpu_flags(enabled: bool = True) -> None:
   before JAX starts its backends; the flags are ignored on CPU runs)."""
   if not enabled or os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     return
-  import importlib.util
 
   def installed(name):
     try:

@@ -14,10 +14,11 @@ import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 import safetensors.numpy
 
-from tfjax.vae.autoencoder import AutoencoderConfig
+from tfjax.vae.autoencoder import AutoencoderConfig, AutoencoderKL
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -164,9 +165,6 @@ def load_diffusers(path: str) -> tuple[AutoencoderConfig, dict[str, Any], float,
   Returns:
     (architecture, Flax params, scale, shift).
   """
-  import jax  # local: keeps the module importable for config checks without jax work
-
-  from tfjax.vae.autoencoder import AutoencoderKL
   cfg_path = os.path.join(path, CONFIG_FILE)
   with open(cfg_path) as f:
     raw = json.load(f)

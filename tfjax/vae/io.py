@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from tfjax.files import write_atomic
 from tfjax.vae import diffusers_import
 from tfjax.vae.autoencoder import AutoencoderConfig, AutoencoderKL
 from tfjax.vae.vq import VQVAE
@@ -79,7 +80,6 @@ def save(path: str, meta: dict[str, Any], params: Any,
   if os.path.exists(tmp):
     shutil.rmtree(tmp)
   os.makedirs(tmp)
-  from tfjax.files import write_atomic
   flat = flatten_params(params)
   write_atomic(os.path.join(tmp, PARAMS_FILE), lambda p: safetensors.numpy.save_file(flat, p))
   for name, data in (extra_files or {}).items():

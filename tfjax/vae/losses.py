@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 # LPIPS' input whitening for [-1, 1] images (per-channel shift and scale).
 _LPIPS_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
@@ -61,7 +62,6 @@ def load_perceptual(path: str) -> tuple[PerceptualNet, dict[str, Any]]:
   as in torchvision's VGG; the ReLU output before each pool and after the last
   conv are the compared features.
   """
-  import safetensors.numpy
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config key vae.perceptual_weights: no file {path!r}")
   state = safetensors.numpy.load_file(path)

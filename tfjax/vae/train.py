@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
+from tfjax.data import shapes
 from tfjax.vae import io, losses, metrics
 from tfjax.vae.autoencoder import config_from_vae_section
 from tfjax.vae.vq import codebook_usage
@@ -44,7 +46,6 @@ def load_images(config: ml_collections.ConfigDict, split: str, num: int) -> np.n
   source = config.data.image_text_source
   if source == "shapes":
     # Imported here: the VAE room sits below data, and only training needs images.
-    from tfjax.data import shapes
     seed = int(config.vae.seed) + (0 if split == "train" else 1)
     return shapes.generate_split(split, num, image_size(config), seed,
                                  shapes.SceneOptions.from_config(config.data))[0]
@@ -158,7 +159,6 @@ def measure_scale_shift(vae: io.LoadedVAE, images: np.ndarray, batch: int = 32
 
 
 def _png(grid: np.ndarray) -> bytes:
-  from PIL import Image
   buf = _io.BytesIO()
   Image.fromarray(grid).save(buf, format="PNG")
   return buf.getvalue()

@@ -1,8 +1,8 @@
-"""The sweep runner: families x model sizes x token budgets -> one results table.
+"""The sweeps: families x model sizes x token budgets -> one results table.
 
 A sweep config (configs/sweep_*.py, `get_config()`) is data:
 
-  families   {name: {"config": "configs/NAME.py", "overrides": ("key=value", ...),
+  families   {name: {"config": "configs/NAME.py[:ARG]", "overrides": ("key=value", ...),
                     "budgets": (...) optional, replacing the sweep's}}
              a family is a base config plus overrides: Transfusion, Chameleon
              (chameleon.enabled), or an ablation (model.image_attention=causal, ...)
@@ -14,7 +14,8 @@ A sweep config (configs/sweep_*.py, `get_config()`) is data:
   parity     (family_a, family_b)                the parity-FLOP ratio reported
   metrics    {metric: "higher" | "lower"}        what the table and plots show
 
-Every run trains in WORKDIR/runs/NAME and is evaluated into
+Every run is one job (runner.py) of the stages data, vae, latents (or VQ
+tokens), train, eval: it trains in WORKDIR/runs/NAME and is evaluated into
 WORKDIR/runs/NAME/eval/eval.json; a run whose eval.json exists is reused, a
 run whose checkpoint exists resumes. Data, tokenizer, autoencoders and the
 latent / VQ-token caches are built once in WORKDIR/shared, keyed by a hash of
@@ -26,34 +27,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import time
 from typing import Any, Sequence
 
 import ml_collections
 
-from tfjax.config import apply_overrides
+from tfjax.config import apply_overrides, load_config_file, validate
+from tfjax.experiments import plots
+from tfjax.jobs import chameleon, stages
+from tfjax.jobs.runner import SECONDS_FILE, Barrier, Job, Stage, names, primary, run_stages
+from tfjax.train.flops import matmul_params
+from tfjax.train.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ------------------------------------------------------------------ configs --
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (relative paths: cwd, then the repository)."""
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(REPO_ROOT, path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(
-      "tfjax_cfg_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @dataclasses.dataclass
@@ -78,8 +68,6 @@ def _budget_label(tokens: int) -> str:
 
 def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
   """Every run of the sweep with its resolved config, steps and FLOPs."""
-  from tfjax.config import validate
-  from tfjax.train.flops import matmul_params
   runs = []
   if not sweep.families:
     raise ValueError("sweep config key families is empty")
@@ -87,7 +75,7 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
   for fam, spec in sweep.families.items():
     for size, size_over in sizes.items():
       for budget in tuple(spec.get("budgets", ()) or sweep.budgets):
-        c = load_config_file(spec["config"])
+        c = load_config_file(spec["config"], root=REPO_ROOT)  # PATH[:ARG]
         apply_overrides(c, tuple(sweep.get("common", ())), "sweep key common")
         apply_overrides(c, tuple(size_over), f"sweep key sizes.{size}")
         apply_overrides(c, tuple(spec.get("overrides", ())), f"sweep key families.{fam}.overrides")
@@ -104,9 +92,9 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
         n = matmul_params(c.model)
         runs.append(Run(name, fam, size, int(budget), c, steps, steps * per_step, n,
                         6.0 * n * steps * per_step))
-  names = [r.name for r in runs]
-  if len(set(names)) != len(names):
-    raise ValueError(f"sweep: run names collide: {names}")
+  run_names = [r.name for r in runs]
+  if len(set(run_names)) != len(run_names):
+    raise ValueError(f"sweep: run names collide: {run_names}")
   return runs
 
 
@@ -130,70 +118,38 @@ def _vae_key(c: ml_collections.ConfigDict) -> str:
   return _digest(_data_key(c), c.vae, c.model.latent_channels)
 
 
-def prepare_assets(config: ml_collections.ConfigDict, shared: str) -> ml_collections.ConfigDict:
-  """Builds (once) the run's data, autoencoder and latent/token cache under `shared`.
+# A run's chain: its assets (built once under WORKDIR/shared, reused by every
+# run that shares them), training and the evaluation suite.
+TRANSFUSION_CHAIN = stages.evaluated_chain("vae", Stage("latents", stages.latents, where=primary))
+CHAMELEON_CHAIN = stages.evaluated_chain("vae", Stage("tokens", stages.vq_tokens, where=primary))
 
-  Returns a copy of `config` pointing at them (data.dir, vae.path, data.latents).
-  """
-  import tfjax.vae
-  from tfjax.data.build import build_all, build_latents
-  from tfjax.vae.train import train_vae
-  config = config.copy_and_resolve_references()
-  config.data.dir = os.path.join(shared, "data-" + _data_key(config))
-  build_all(config, config.data.dir)
-  vae_work = os.path.join(shared, f"{config.vae.kind}-" + _vae_key(config))
-  if not config.vae.path:
-    config.vae.path = train_vae(config, vae_work)
-  vae = tfjax.vae.load(config.vae.path)
-  if config.chameleon.enabled:
-    from tfjax.chameleon import main as chameleon_main
-    from tfjax.chameleon import tokens
-    tokens.check_vocab(config, vae.codebook_size)
-    config = chameleon_main.with_assets(config, config.vae.path,
-                                        os.path.join(vae_work, "tokens"))
-    tokens.build_token_cache(config, vae, config.data.dir)
+
+def run_job(config: ml_collections.ConfigDict, shared: str, run_dir: str,
+            eval_cfg: ml_collections.ConfigDict | dict[str, Any], devices: Any = None
+            ) -> tuple[tuple[Stage | Barrier, ...], Job]:
+  """A run's chain and job: data, autoencoder and latent/token cache under
+  `shared`, keyed by what they depend on; checkpoints and eval in `run_dir`."""
+  base = config.copy_and_resolve_references()
+  base.data.dir = os.path.join(shared, "data-" + _data_key(base))
+  vae_work = os.path.join(shared, f"{base.vae.kind}-" + _vae_key(base))
+  vae_dir = base.vae.path or os.path.join(vae_work, "vae")
+  if base.chameleon.enabled:
+    wired = chameleon.with_assets(base, vae_dir, os.path.join(vae_work, "tokens"))
   else:
-    config.data.latents = os.path.join(vae_work, "latents")
-    build_latents(config, config.data.dir, vae)
-  return config
+    wired = base.copy_and_resolve_references()
+    wired.vae.path = vae_dir
+    wired.data.latents = os.path.join(vae_work, "latents")
+  chain = CHAMELEON_CHAIN if base.chameleon.enabled else TRANSFUSION_CHAIN
+  return chain, Job(config=wired, base_config=base, workdir=run_dir, stages=names(chain),
+                    vae_dir=vae_dir, vae_workdir=vae_work, devices=devices, eval=dict(eval_cfg))
 
 
 # --------------------------------------------------------------------- runs --
-def _train_and_evaluate(run: Run, config: ml_collections.ConfigDict, run_dir: str,
-                        eval_cfg: ml_collections.ConfigDict, devices: Any) -> dict[str, Any]:
-  import jax
-  import tfjax.vae
-  from tfjax.data import sources
-  from tfjax.data.tokenizer import Tokenizer
-  from tfjax.experiments.evaluate import evaluate, make_generator
-  from tfjax.train.loop import train
-  vae = tfjax.vae.load(config.vae.path)
-  t0 = time.time()
-  if config.chameleon.enabled:
-    from tfjax.chameleon import main as chameleon_main
-    result = chameleon_main.train_run(config, run_dir, vae.codebook_size, devices=devices)
-  else:
-    result = train(config, run_dir, devices=devices)
-  from tfjax.train.loop import raise_if_preempted
-  raise_if_preempted(result, run_dir)
-  train_seconds = time.time() - t0
-  state = result.state
-  params = jax.device_get(state.ema if config.train.ema_decay > 0 and state.ema
-                          else state.params)
-  tok = Tokenizer.load(sources.tokenizer_path(config, config.data.dir))
-  with open(os.path.join(run_dir, "train_summary.json"), "w") as f:
-    json.dump({"train_seconds": round(train_seconds, 1), **result.last_metrics}, f, indent=2)
-  return evaluate(make_generator(config, params, tok, vae), os.path.join(run_dir, "eval"),
-                  int(eval_cfg.num_samples), seed=int(eval_cfg.get("seed", 0)),
-                  batch_size=int(eval_cfg.get("batch_size", 16)))
-
-
 def _train_summary(run_dir: str) -> dict[str, Any]:
   """Last logged training loss (metrics.jsonl survives resumption) and train time."""
   out: dict[str, Any] = {}
   path = os.path.join(run_dir, "metrics.jsonl")
   if os.path.exists(path):
-    from tfjax.train.metrics import read_jsonl
     records = read_jsonl(path)
     logged = [r for r in records if "loss" in r]
     if logged:
@@ -202,10 +158,12 @@ def _train_summary(run_dir: str) -> dict[str, Any]:
     if val:  # held-out losses at the end (same batches and noise for every run)
       out.update(val_loss_lm=val[-1].get("val_loss_lm"),
                  val_loss_diffusion=val[-1].get("val_loss_diffusion"))
-  summary = os.path.join(run_dir, "train_summary.json")
-  if os.path.exists(summary):
-    with open(summary) as f:
-      out["train_seconds"] = json.load(f).get("train_seconds")
+  for name, key in ((SECONDS_FILE, "train"), ("train_summary.json", "train_seconds")):
+    path = os.path.join(run_dir, name)  # train_summary.json: sweeps run before stage_seconds
+    if os.path.exists(path):
+      with open(path) as f:
+        out["train_seconds"] = json.load(f).get(key)
+      break
   return out
 
 
@@ -222,7 +180,6 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
   Returns:
     {"runs": [row, ...], "fits": ..., "parity": ...} as written to results.json.
   """
-  from tfjax.experiments import plots
   workdir = os.path.abspath(workdir)
   shared = os.path.join(workdir, "shared")
   os.makedirs(shared, exist_ok=True)
@@ -238,9 +195,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
     wanted = not only or run.name in only
     if not os.path.exists(done_path) and wanted and not report_only:
       log.info("sweep: run %s (%d steps, %.3g FLOPs)", run.name, run.steps, run.flops)
-      config = prepare_assets(run.config, shared)
       os.makedirs(run_dir, exist_ok=True)
-      _train_and_evaluate(run, config, run_dir, sweep.eval, devices)
+      run_stages(*run_job(run.config, shared, run_dir, sweep.eval, devices))
     if not os.path.exists(done_path):
       continue
     with open(done_path) as f:

@@ -199,7 +199,7 @@ def test_main_job_stages_data_and_latents(tmp_path):
   assert (data / "text" / "metadata.json").exists() and (data / "tokenizer").exists()
   # Each stage's CPU seconds beside its wall seconds (where a shared machine's minutes go).
   cpu = json.loads((tmp_path / "run" / runner.CPU_SECONDS_FILE).read_text())
-  assert set(cpu) == {"data", "vae", "latents"} and cpu["data"] > 0
+  assert set(cpu) == {"data", "vae", "latents"} and cpu["latents"] > 0  # data can round to 0.0
   c.data.dir = str(data)
   held = samples.held_out(c, 3)
   assert len(held) == 3 and held[0]["image"].shape == (32, 32, 3) and held[0]["caption"]

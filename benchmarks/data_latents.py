@@ -22,7 +22,6 @@ run). Prints a table, then the JSON on the last line.
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import io
 import os
 import tarfile
@@ -32,6 +31,7 @@ import time
 from absl import app, flags
 
 from tfjax.bench.report import print_result
+from tfjax.config import load_config_file
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny VAE, 64 small images (CPU smoke run).")
 _CONFIG = flags.DEFINE_string("config", "configs/vae_f8c8.py", "Config file with the vae section.")
@@ -43,13 +43,6 @@ _SOURCE = flags.DEFINE_integer("source_size", 288, "Shorter side of the JPEGs in
 _THREADS = flags.DEFINE_integer("threads", 16, "Preparation threads (data.prepare_threads).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed encode-only calls.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
-
-
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("latents_bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _jpegs(num: int, short: int, threads: int) -> list[bytes]:
@@ -101,7 +94,7 @@ def main(argv) -> None:
   quick = _QUICK.value
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg_path = os.path.join(root, "configs/vae_tiny.py") if quick else _CONFIG.value
-  vae_config = _load_config(cfg_path)
+  vae_config = load_config_file(cfg_path)
   batch = 8 if quick else _BATCH.value
   num = 64 if quick else _IMAGES.value
   num_shards = 2 if quick else _SHARDS.value

@@ -11,13 +11,13 @@ image size stays 256. Prints a table, then the JSON on the last line.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
 from absl import app, flags
 
 from tfjax.bench.report import print_result
+from tfjax.config import load_config_file
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny widths, batch 2, 2 iterations (CPU smoke run).")
 _CONFIG = flags.DEFINE_string("config", "configs/vae_f8c8.py", "Config file with the vae section.")
@@ -26,13 +26,6 @@ _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per direction.")
 _SIZE = flags.DEFINE_integer("size", 256, "Image side in pixels.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the config's vae.dtype).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
-
-
-def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location("vae_bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _time(fn, arg, iters: int) -> float:
@@ -56,7 +49,7 @@ def main(argv) -> None:
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg_path = os.path.join(root, "configs/vae_tiny.py") if _QUICK.value else _CONFIG.value
-  config = _load_config(cfg_path)
+  config = load_config_file(cfg_path)
   if _DTYPE.value:
     config.vae.dtype = _DTYPE.value
   batch = 2 if _QUICK.value else _BATCH.value

@@ -11,13 +11,13 @@ Normalisation (`normalised_text`): the StableHLO is printed without
 locations, and every kernel module embedded in a custom call (Mosaic GPU
 `module`, Triton `ir`, Mosaic TPU `body`: MLIR bytecode) is parsed (its
 dialect registered) and printed again without locations; Mosaic GPU's
-`kernel_hash` (a hash of the module with its locations) is dropped. Locations name source files, lines
-and Python function names, which a move changes without changing a kernel;
-everything else (ops, types, shapes, constants, grids, kernel names,
-compiler settings) is compared.
+`kernel_hash` (a hash of the module with its locations) is dropped.
+Locations name source files, lines and Python function names, which a move
+changes without changing a kernel; everything else (ops, types, shapes,
+constants, grids, kernel names, compiler settings) is compared.
 
-Used by lowered_programs.py (all cases) and tests/test_kernel_lowering.py (a
-subset, in CI), which load this file by its path.
+Used by lowered_programs.py (all cases; the script's folder is on its path)
+and tests/test_kernel_lowering.py (a subset, in CI; loaded by file path).
 """
 from __future__ import annotations
 
@@ -120,7 +120,9 @@ def case_digest(build) -> tuple[str, str]:
 G, OWN_DELTA, RECOMPUTE = SdpGrouping.GROUPED, DqKernel.RECOMPUTE_OWN_DELTA, DqKernel.RECOMPUTE
 BF16 = jnp.bfloat16
 
-# (head_dim, q_heads, kv_heads, seq, config) of tests/test_attention_mosaic.py
+# (head_dim, q_heads, kv_heads, seq, config) of tests/test_attention_mosaic.py:
+# copied, not imported, since the recorded hashes are indexed by these lists'
+# positions while the tests may add or change cases.
 MOSAIC_FWD = [
     (64, 4, 2, 512, Fwd(num_stages=3, heads=2)),
     (128, 2, 2, 384, Fwd()),
@@ -160,7 +162,8 @@ TRITON = [
     ("bfloat16", 64, 4, 1, 320, 128, 64),
     ("float32", 128, 2, 1, 200, None, None),
 ]
-TRITON_DEFAULTS = [("bfloat16", 64, 4, 2, 256, None, None), ("bfloat16", 128, 4, 2, 256, None, None)]
+TRITON_DEFAULTS = [("bfloat16", 64, 4, 2, 256, None, None),  # the shipped tiles
+                   ("bfloat16", 128, 4, 2, 256, None, None)]
 
 
 def _sds(shape, dtype, sharding=None):
@@ -251,7 +254,7 @@ def _mosaic_settled(seg, settle: bool):
   return _cuda(jax.grad(loss), _sds((2, seg.shape[1], 4, 128), BF16))
 
 
-def hopper_default_config(head_dim, seq_len):
+def _hopper_default_config(head_dim, seq_len):
   """The dispatch's choice and config for bf16 on a Hopper GPU."""
   saved = api._compute_capability, jax.default_backend
   api._compute_capability, jax.default_backend = (lambda: 9.0), (lambda: "gpu")
@@ -264,7 +267,7 @@ def hopper_default_config(head_dim, seq_len):
 
 
 def _hopper_default(d, seq_len):
-  cfg = hopper_default_config(d, seq_len)
+  cfg = _hopper_default_config(d, seq_len)
   # a short sequence lowered with the long one's config
   return _gpu_fb(cfg, 2, 3 * cfg.multiple, 4, 2, d)
 
@@ -287,7 +290,8 @@ def _triton_interpret(dtype, d, hq, hkv, seq, bq, bk):
 
 
 def _tpu_attention(q, k, v, ks, ke, block, interpret):
-  cfg = mosaic_tpu.MosaicTpuConfig(block, block) if block else mosaic_tpu.heuristic_config(0)
+  cfg = (mosaic_tpu.MosaicTpuConfig(block, block) if block else
+         mosaic_tpu.heuristic_config(q.shape[-1]))
   return mosaic_tpu.attention(q, k, v, ks, ke, scale=0.1, config=cfg, interpret=interpret)
 
 

@@ -24,10 +24,13 @@ plan=plan)` uses it; the Transformer builds one per step for all its layers.
 
 Sharding: a Pallas call is opaque to XLA's partitioner, which would gather a
 sharded batch onto every device. Under a mesh set with `jax.set_mesh(mesh)`
-the call is wrapped in `shard_map`, the batch over the mesh axes named in
-`BATCH_AXES` and heads over `HEAD_AXES` (those present and dividing), so each
-device runs the kernel on its own slice with no communication: the mask never
-crosses a sequence.
+the call is wrapped in `shard_map`, the batch and the heads split as the
+active logical axis rules (`config.mesh.rules`, made current with the mesh by
+`tfjax.train.mesh.activate`) split the model's q, ("batch", "seq", "heads",
+"head_dim"); without rules, as `DEFAULT_RULES` (config.mesh.rules' defaults).
+Of those axes the ones in the mesh and dividing are used, so each device runs
+the kernel on its own slice with no communication: the mask never crosses a
+sequence. On a mesh with Explicit axes, q's own sharding decides instead.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import functools
 import logging
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -44,9 +48,10 @@ from tfjax.ops.kernels import mosaic_gpu, mosaic_tpu, triton
 from tfjax.ops.kernels.reference import xla_attention
 from tfjax.ops.mask import key_ranges, transfusion_mask
 
-# Mesh axes (config.mesh.rules: "batch" -> (data, fsdp), "heads" -> tensor).
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXES = ("tensor",)
+# Where the kernels split q/k/v without active logical axis rules: the
+# defaults of config.mesh.rules for q's logical axes (QKV_LOGICAL_AXES).
+DEFAULT_RULES = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+QKV_LOGICAL_AXES = ("batch", "seq", "heads", "head_dim")  # as the model constrains q
 SUPPORTED_HEAD_DIMS = (64, 128)
 # What `choose` returns: the XLA reference or one kernel family.
 KINDS = ("xla", "mosaic_gpu", "triton", "triton_interpret", "mosaic_tpu")
@@ -203,13 +208,29 @@ def _explicit_spec(mesh, x):
   return spec[0], spec[2]
 
 
+def rule_axes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(batch axes, head axes): the mesh axes the active flax logical axis rules
+  (`nn.logical_axis_rules`, config.mesh.rules under `tfjax.train.mesh.activate`)
+  give q's batch and heads; DEFAULT_RULES where none are active. k and v are
+  split over the same head axes (each device's kv heads serve its q heads).
+  Read at trace time, as flax's logical constraints are."""
+  rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+  spec = nn.logical_to_mesh_axes(QKV_LOGICAL_AXES, rules)
+  if spec[1] is not None or spec[3] is not None:
+    raise ValueError(f"the attention kernel needs seq and head_dim unsharded, the rules give "
+                     f"q {spec} (config key mesh.rules: 'seq' and 'head_dim' must map to None)")
+  names = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return names(spec[0]), names(spec[2])
+
+
 def _batch_and_head_axes(mesh, q, kv_heads: int):
   """(batch axes, kv-head axes, explicit?) of the kernel's shard_map: on an
-  explicit-sharding mesh q's own spec, else the mesh axes that divide."""
+  explicit-sharding mesh q's own spec, else the rules' axes that divide."""
   typed = _explicit_spec(mesh, q)
   if typed is not None:
     return typed + (True,)
-  return _mesh_axes(mesh, BATCH_AXES, q.shape[0]), _mesh_axes(mesh, HEAD_AXES, kv_heads), False
+  batch, heads = rule_axes()
+  return _mesh_axes(mesh, batch, q.shape[0]), _mesh_axes(mesh, heads, kv_heads), False
 
 
 def _sharded_mesh():
@@ -250,7 +271,7 @@ def plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: int,
   mesh = _sharded_mesh()
   if mesh is None:
     return fn(segment_ids, image_ids)
-  b_axes = _mesh_axes(mesh, BATCH_AXES, segment_ids.shape[0])
+  b_axes = _mesh_axes(mesh, rule_axes()[0], segment_ids.shape[0])
   ids = P(b_axes, None)
   if _is_explicit(mesh):
     segment_ids, image_ids = (jax.sharding.reshard(x, ids) for x in (segment_ids, image_ids))

@@ -63,9 +63,10 @@ def run(config, steps: int, warmup: int, doc_len: int, text_only: bool = False,
   spec = batch_spec(config.data.batch_size, config.data.seq_len,
                     config.data.max_images_per_seq, (m.latent_size, m.latent_size,
                                                      m.latent_channels))
-  step_fn = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec)
+  step_fn = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec,
+                           config.mesh)
   locals_ = [synthetic_batch(config, i, doc_len=doc_len) for i in range(2)]
-  batches = [Batch.from_dict(mesh_lib.global_batch(b, mesh_lib.batch_sharding(mesh)))
+  batches = [Batch.from_dict(mesh_lib.global_batch(b, mesh_lib.batch_sharding(mesh, config.mesh)))
              for b in locals_]
   with mesh_lib.activate(mesh, config.mesh):
     t0 = time.perf_counter()

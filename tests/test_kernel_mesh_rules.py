@@ -86,3 +86,12 @@ def test_rules_splitting_the_sequence_are_refused():
   with mesh_lib.activate(mesh_lib.make_mesh(config), config):
     with pytest.raises(ValueError, match="config key mesh.rules: 'seq'"):
       jax.make_jaxpr(lambda q, s, i: api.attention(q, q, q, s, i, impl="pallas"))(q, seg, img)
+
+
+def test_batch_sharding_follows_the_batch_rule():
+  """The trainer's input batches are split as the rules place "batch"."""
+  config = _mesh_config()
+  mesh = mesh_lib.make_mesh(config)
+  assert mesh_lib.batch_sharding(mesh, config).spec == P(("data", "fsdp"))
+  config.rules = tuple((n, ("data", "tensor") if n == "batch" else a) for n, a in config.rules)
+  assert mesh_lib.batch_sharding(mesh, config).spec == P(("data", "tensor"))

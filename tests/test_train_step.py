@@ -38,11 +38,13 @@ def run_steps(config, devices, n=2):
   state = create_train_state(config, mesh, tx, init_params)
   spec = batch_spec(config.data.batch_size, config.data.seq_len,
                     config.data.max_images_per_seq, (8, 8, 8))
-  step = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec)
+  step = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec,
+                        config.mesh)
   losses = []
   for i in range(n):
     local = synthetic_batch(config, i)
-    batch = Batch.from_dict(mesh_lib.global_batch(local, mesh_lib.batch_sharding(mesh)))
+    sharding = mesh_lib.batch_sharding(mesh, config.mesh)
+    batch = Batch.from_dict(mesh_lib.global_batch(local, sharding))
     with mesh_lib.activate(mesh, config.mesh):
       state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))

@@ -137,10 +137,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
   m = config.model
   spec = batch_spec(config.data.batch_size, config.data.seq_len, config.data.max_images_per_seq,
                     (m.latent_size, m.latent_size, m.latent_channels))
-  b_shard = batch_shardings(mesh, spec)
+  b_shard = batch_shardings(mesh, config.mesh, spec)
   abstract_batch = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), spec, b_shard)
-  step = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec)
+  step = jit_train_step(make_loss_fn(config), tx, config.train, mesh, shardings, spec,
+                        config.mesh)
   t0 = time.time()
   with mesh_lib.activate(mesh, config.mesh):
     compiled = step.lower(abstract_state, abstract_batch).compile()

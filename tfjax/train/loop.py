@@ -186,9 +186,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   spec = batch_spec(config.data.batch_size, config.data.seq_len, config.data.max_images_per_seq,
                     (config.model.latent_size,) * 2 + (config.model.latent_channels,))
   loss_fn = make_loss_fn(config)
-  step_fn = jit_train_step(loss_fn, tx, tc, mesh, shardings, spec)
-  eval_fn = jit_eval_step(make_loss_fn(config, training=False), mesh, shardings.params, spec)
-  b_sharding = mesh_lib.batch_sharding(mesh)
+  step_fn = jit_train_step(loss_fn, tx, tc, mesh, shardings, spec, config.mesh)
+  eval_fn = jit_eval_step(make_loss_fn(config, training=False), mesh, shardings.params, spec,
+                          config.mesh)
+  b_sharding = mesh_lib.batch_sharding(mesh, config.mesh)
   # Each process sees only its rows: measure its share against its devices,
   # and scale the rates to the whole job.
   throughput = Throughput(config.model, len(mesh.local_devices),

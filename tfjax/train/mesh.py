@@ -92,17 +92,15 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
   return nn.logical_to_mesh_sharding(specs, mesh, rules(mesh_config))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Shards the leading (batch) dimension over data and fsdp."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+def batch_sharding(mesh: Mesh, mesh_config: ml_collections.ConfigDict) -> NamedSharding:
+  """Shards the leading (batch) dimension over the mesh axes config.mesh.rules
+  give the logical "batch" axis (the same rule the model's activations follow)."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules(mesh_config))[0]
+  return NamedSharding(mesh, P(axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 @contextlib.contextmanager

@@ -93,9 +93,9 @@ def eval_step(params: Any, batch: Batch, rng: jax.Array, *,
   return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def batch_shardings(mesh: Mesh, spec: Batch) -> Batch:
+def batch_shardings(mesh: Mesh, mesh_config: ml_collections.ConfigDict, spec: Batch) -> Batch:
   """Every Batch field is sharded on its leading (batch) axis."""
-  s = mesh_lib.batch_sharding(mesh)
+  s = mesh_lib.batch_sharding(mesh, mesh_config)
   return jax.tree_util.tree_map(lambda _: s, spec)
 
 
@@ -115,17 +115,20 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: Any | None = None,
 
 def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                    train: ml_collections.ConfigDict, mesh: Mesh, state_shardings: TrainState,
-                   batch_spec: Batch) -> Callable[[TrainState, Batch], Any]:
+                   batch_spec: Batch, mesh_config: ml_collections.ConfigDict
+                   ) -> Callable[[TrainState, Batch], Any]:
   """The train step jitted with explicit shardings and the state donated."""
   fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx, train=train)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, batch_spec)),
+  return jax.jit(fn, in_shardings=(state_shardings,
+                                   batch_shardings(mesh, mesh_config, batch_spec)),
                  out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
                  donate_argnums=(0,))
 
 
-def jit_eval_step(loss_fn: LossFn, mesh: Mesh, param_shardings: Any,
-                  batch_spec: Batch) -> Callable[[Any, Batch, jax.Array], Any]:
+def jit_eval_step(loss_fn: LossFn, mesh: Mesh, param_shardings: Any, batch_spec: Batch,
+                  mesh_config: ml_collections.ConfigDict) -> Callable[[Any, Batch, jax.Array], Any]:
   fn = functools.partial(eval_step, loss_fn=loss_fn)
-  return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, batch_spec),
+  return jax.jit(fn, in_shardings=(param_shardings,
+                                   batch_shardings(mesh, mesh_config, batch_spec),
                                    mesh_lib.replicated(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

@@ -20,6 +20,5 @@ from configs.science_gpu import common
 def get_config():
   return common.sweep("science_gpu_compare", {
       "transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()},
-      "chameleon": {"config": "configs/chameleon_tiny.py",
-                    "overrides": ("data.max_images_per_seq=4",)},
+      "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
   }, parity=(("chameleon", "transfusion"),))

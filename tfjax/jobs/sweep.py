@@ -174,6 +174,12 @@ def _vae_key(c: ml_collections.ConfigDict) -> str:
   return _digest(_data_key(c), c.vae, c.model.latent_channels)
 
 
+def shared_vae_workdir(shared: str, c: ml_collections.ConfigDict) -> str:
+  """Where a sweep trains (and finds) the autoencoder config `c` needs:
+  SHARED/KIND-KEY, the model in its vae/ folder."""
+  return os.path.join(shared, f"{c.vae.kind}-" + _vae_key(c))
+
+
 # A run's chain: its assets (built once under WORKDIR/shared, reused by every
 # run that shares them), training and the evaluation suite.
 TRANSFUSION_CHAIN = stages.evaluated_chain("vae", Stage("latents", stages.latents, where=primary))
@@ -187,7 +193,7 @@ def run_job(config: ml_collections.ConfigDict, shared: str, run_dir: str,
   `shared`, keyed by what they depend on; checkpoints and eval in `run_dir`."""
   base = config.copy_and_resolve_references()
   base.data.dir = os.path.join(shared, "data-" + _data_key(base))
-  vae_work = os.path.join(shared, f"{base.vae.kind}-" + _vae_key(base))
+  vae_work = shared_vae_workdir(shared, base)
   vae_dir = base.vae.path or os.path.join(vae_work, "vae")
   if base.chameleon.enabled:
     wired = chameleon.with_assets(base, vae_dir, os.path.join(vae_work, "tokens"))
@@ -277,7 +283,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
   t0 = time.time()
   workdir = os.path.abspath(workdir)
   shared = os.path.join(workdir, "shared")
-  os.makedirs(shared, exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)
   results_dirs = [os.path.abspath(d) for d in results_dirs] or [os.path.join(workdir, "results")]
   runs = plan(sweep)
   unknown = set(only) - {r.name for r in runs}
@@ -285,6 +291,14 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
     raise ValueError(f"--only names no run of this sweep: {sorted(unknown)}; runs are "
                      f"{[r.name for r in runs]}")
   stored = results_lib.read_records(results_dirs, [r.name for r in runs])
+  for run in runs:
+    rec = stored.get(run.name)
+    want = (sweep.families[run.family]["config"], list(run.overrides))
+    if rec is not None and (rec.get("config_file"), rec.get("overrides")) != want:
+      raise ValueError(
+          f"stored result of run {run.name} ({rec.get('config_file')} with overrides "
+          f"{rec.get('overrides')}) is not what the sweep config plans now ({want[0]} with "
+          f"{want[1]}): delete the stored file to rerun it, or rename the family or size")
   extra = results_lib.unplanned(results_dirs, [r.name for r in runs])
   if extra:
     log.warning("sweep: stored results of runs this config does not plan (left out): %s", extra)
@@ -303,6 +317,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
         not_started.append(run.name)
         continue
       log.info("sweep: run %s (%d steps, %.3g FLOPs planned)", run.name, run.steps, run.flops)
+      os.makedirs(shared, exist_ok=True)
       os.makedirs(run_dir, exist_ok=True)
       results_lib.write_json(os.path.join(run_dir, ENV_FILE),
                              {**results_lib.environment(), "num_devices": num_devices})

@@ -84,7 +84,7 @@ else
   only=()
   [[ $# -gt 0 ]] && only=("--only=$(IFS=,; echo "$*")")
   python3 -m tfjax.cli.sweep --config="configs/science_gpu/$what.py" --workdir="$WORK" \
-    --results_dir="$dirs" --time_budget_s="$(left)" --reserve_s="$RESERVE_S" "${only[@]}" \
+    --results_dir="$dirs" --time_budget_s="$(left)" --reserve_s="$RESERVE_S" --keep_going "${only[@]}" \
     >> "$LOG" 2>&1 &
   pid=$!
   results=$WORK/results
@@ -104,5 +104,5 @@ if ! cmp -s /tmp/science_gpu_vae_before /tmp/science_gpu_vae_after; then
 fi
 echo "science_gpu.sh $what: exit $rc after $(( $(date +%s) - T0 )) s; stored this call:"
 ls "$results"
-grep -E "not started|stored |Error|error:" "$LOG" | tail -n 40
+grep -E "not started|stored |failed|Error|error:" "$LOG" | tail -n 40
 exit $rc

@@ -132,3 +132,20 @@ def test_edit_report_has_both_baselines(tmp_path):
   assert "| copy the input | 0.00 (1.00 / 1.00)" in text and "| 0.045 |" in text
   assert "| fine-tuned | 0.60 (1.00 / 1.00)" in text and "**0.600**" in text
   assert "(ceiling) | 1.00" in text
+
+
+def test_keep_going_lists_a_failed_run_and_stores_nothing(tmp_path):
+  s = _small_sweep()
+  s.families = {"transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()}}
+  s.budgets = (1e10,)
+  s.seeds = (0,)
+  s.parity = ()
+  # Fails fast, in the data stage: too small a vocabulary for the tokenizer.
+  s.common = ("data.num_train_scenes=40", "data.num_eval_scenes=8", "data.num_text_docs=60",
+              "data.vocab_size=300", "model.vocab_size=300")
+  report = runner.run_sweep(s, str(tmp_path / "work"), results_dirs=[str(tmp_path / "r")],
+                            keep_going=True)
+  assert report["failed"] == ["transfusion-s-1e10F-s0"] and report["runs"] == []
+  assert not os.path.exists(tmp_path / "r" / "transfusion-s-1e10F-s0.json")
+  with pytest.raises(ValueError, match="data.vocab_size=300"):
+    runner.run_sweep(s, str(tmp_path / "work"), results_dirs=[str(tmp_path / "r")])

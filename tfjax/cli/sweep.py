@@ -37,6 +37,8 @@ flags.DEFINE_list("results_dir", [], "Directories of stored run results (RUN.jso
                   "WORKDIR/results.")
 flags.DEFINE_float("time_budget_s", None, "Start no run after this many seconds, nor one whose "
                    "estimate (sweep key timing) does not fit in what is left.")
+flags.DEFINE_bool("keep_going", False, "Log a run that fails and go on to the next (the "
+                  "failed runs are listed at the end); default: the error ends the sweep.")
 flags.DEFINE_float("reserve_s", 120.0, "With --time_budget_s: start no run once fewer seconds "
                    "than this are left.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -62,9 +64,12 @@ def _run(argv):
   with StopSignals(defer=False):  # a signal outside training stops at once (exit 75)
     report = runner.run_sweep(FLAGS.config, FLAGS.workdir, only=FLAGS.only,
                               report_only=FLAGS.report_only, results_dirs=FLAGS.results_dir,
-                              time_budget_s=FLAGS.time_budget_s, reserve_s=FLAGS.reserve_s)
+                              time_budget_s=FLAGS.time_budget_s, reserve_s=FLAGS.reserve_s,
+                              keep_going=FLAGS.keep_going)
   logging.info("sweep: %d runs reported in %s/results.md; parity %s", len(report["runs"]),
                FLAGS.workdir, report["parity"])
+  if report["failed"]:
+    raise SystemExit(f"sweep: runs failed: {report['failed']} (the log has their tracebacks)")
 
 
 def main():

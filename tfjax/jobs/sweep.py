@@ -57,6 +57,7 @@ from tfjax.jobs import chameleon, stages
 from tfjax.jobs.runner import SECONDS_FILE, Barrier, Job, Stage, names, primary, run_stages
 from tfjax.train.flops import matmul_params
 from tfjax.train.metrics import read_jsonl
+from tfjax.train.preemption import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +258,15 @@ def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
          "flops_6nd": run.flops_6nd, "config_file": sweep.families[run.family]["config"],
          "overrides": list(run.overrides), "eval": dict(sweep.eval), **env, **scores, **summary}
   rec["flops"] = rec.get("flops_measured") or run.flops
+  if run.config.chameleon.enabled:  # no image slots: its 0 denoising loss is no score
+    rec["val_loss_diffusion"] = None
   return rec
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[str] = (),
               devices: Any = None, report_only: bool = False,
               results_dirs: Sequence[str] = (), time_budget_s: float | None = None,
-              reserve_s: float = 120.0) -> dict[str, Any]:
+              reserve_s: float = 120.0, keep_going: bool = False) -> dict[str, Any]:
   """Trains and evaluates every run not stored yet; writes the report from stored runs.
 
   Args:
@@ -277,6 +280,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
     time_budget_s: seconds from this call's start after which no run starts
       that cannot finish: a run starts only while more than `reserve_s`
       remain and its estimate (sweep key timing) fits in what remains.
+    keep_going: a run that raises is logged with its traceback and listed
+      (`failed`), and the next run starts; a stop signal still ends the sweep.
   Returns:
     {"runs": [row, ...], "fits": ..., "parity": ...} as written to results.json.
   """
@@ -304,8 +309,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
     log.warning("sweep: stored results of runs this config does not plan (left out): %s", extra)
   import jax  # pylint: disable=g-import-not-at-top
   num_devices = len(devices) if devices is not None else jax.device_count()
-  not_started = []
-  for run in runs:
+  not_started, failed = [], []
+  # Seed by seed, budgets upward, every family at a budget before the next: a
+  # call cut short leaves comparable runs.
+  for run in sorted(runs, key=lambda r: (r.seed or 0, r.budget, r.family)):
     if run.name in stored:
       continue
     run_dir = os.path.join(workdir, "runs", run.name)
@@ -321,14 +328,25 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
       os.makedirs(run_dir, exist_ok=True)
       results_lib.write_json(os.path.join(run_dir, ENV_FILE),
                              {**results_lib.environment(), "num_devices": num_devices})
-      run_stages(*run_job(run.config, shared, run_dir, sweep.eval, devices))
+      try:
+        run_stages(*run_job(run.config, shared, run_dir, sweep.eval, devices))
+      except Preempted:
+        raise
+      except Exception:  # pylint: disable=broad-except
+        if not keep_going:
+          raise
+        log.exception("sweep: run %s failed; going on (--keep_going)", run.name)
+        failed.append(run.name)
+        continue
     if os.path.exists(done_path):
       stored[run.name] = _record(run, run_dir, sweep, num_devices)
       results_lib.write_record(results_dirs[0], stored[run.name])
       log.info("sweep: stored %s", results_lib.record_path(results_dirs[0], run.name))
   if not_started:
     log.warning("sweep: time budget: %d runs not started: %s", len(not_started), not_started)
+  if failed:
+    log.error("sweep: %d runs failed: %s", len(failed), failed)
   rows = [stored[r.name] for r in runs if r.name in stored]
   report = plots.write_report(rows, sweep, workdir)
-  report["not_started"] = not_started
+  report.update(not_started=not_started, failed=failed)
   return report

@@ -2,7 +2,8 @@
 # One device-tool call of the GPU science grid (issue 36; benchmarks/science_gpu/PLAN.md).
 #
 #   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh compare|ablations [RUN ...]
-#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh edit
+#   (device tool, carry .whl_app)  [EDIT_ARGS="--pretrain_steps=N --finetune_steps=M"] \
+#                                  bash benchmarks/science_gpu.sh edit
 #   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh list compare|ablations
 #
 # compare / ablations: runs the named runs of configs/science_gpu/SWEEP.py (all
@@ -48,7 +49,9 @@ if [[ $what == list ]]; then
   exit
 fi
 
-left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+# Seconds left of the budget, less ~15 s for the Python start and imports
+# before the runner's own clock starts.
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) - 15 )); }
 WORK=/tmp/science_gpu/$what
 mkdir -p "$WORK/shared"
 if [[ -f $STORE/assets/autoencoders.tgz ]]; then
@@ -74,7 +77,7 @@ pack() {
 
 if [[ $what == edit ]]; then
   python3 benchmarks/science_gpu_edit.py --workdir="$WORK" --results_dir="$WORK/results" \
-    --stored_dir="$STORE/runs/edit" --time_budget_s="$(left)" >> "$LOG" 2>&1 &
+    --stored_dir="$STORE/runs/edit" --time_budget_s="$(left)" ${EDIT_ARGS:-} >> "$LOG" 2>&1 &
   pid=$!
   results=$WORK/results
   tgz=$OUT/edit.tgz

@@ -205,13 +205,20 @@ def timing_table(rows: list[dict[str, Any]]) -> str:
 
 
 def environments(rows: list[dict[str, Any]]) -> list[str]:
-  """The distinct (device, JAX version) the runs ran on, with their dates."""
+  """The distinct (device, JAX version) the runs ran on, with their dates, and
+  the distinct autoencoders they used."""
   envs: dict[tuple, list[str]] = {}
   for r in rows:
     envs.setdefault((r.get("device") or "unknown device", r.get("jax_version") or "?"),
                     []).append(r.get("date") or "?")
-  return [f"{dev}, JAX {jax_v}: {len(d)} runs, {min(d)} to {max(d)}"
-          for (dev, jax_v), d in sorted(envs.items())]
+  out = [f"{dev}, JAX {jax_v}: {len(d)} runs, {min(d)} to {max(d)}"
+         for (dev, jax_v), d in sorted(envs.items())]
+  aes = {json.dumps(r["autoencoder"], sort_keys=True) for r in rows if r.get("autoencoder")}
+  for ae in sorted(aes):
+    a = json.loads(ae)
+    out.append(f"autoencoder {a.get('kind')}: " + ", ".join(
+        f"{k} {_fmt(v)}" for k, v in a.items() if k != "kind"))
+  return out
 
 
 def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[str, Any]:

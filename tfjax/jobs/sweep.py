@@ -236,8 +236,19 @@ def _train_summary(run_dir: str, num_devices: int) -> dict[str, Any]:
   return out
 
 
+def _autoencoder(vae_dir: str) -> dict[str, Any] | None:
+  """Kind and validation metrics (PSNR, SSIM, VQ code usage) of the run's autoencoder."""
+  path = os.path.join(vae_dir, "tfjax_vae.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    meta = json.load(f)
+  return {"kind": meta.get("kind"), **{k: v for k, v in meta.get("metrics", {}).items()
+                                       if k != "train_seconds"}}
+
+
 def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
-            num_devices: int) -> dict[str, Any]:
+            num_devices: int, shared: str) -> dict[str, Any]:
   """The stored result of a finished run: its row of the table and what reproduces it."""
   with open(os.path.join(run_dir, "eval", "eval.json")) as f:
     ev = json.load(f)
@@ -258,6 +269,8 @@ def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
          "flops_6nd": run.flops_6nd, "config_file": sweep.families[run.family]["config"],
          "overrides": list(run.overrides), "eval": dict(sweep.eval), **env, **scores, **summary}
   rec["flops"] = rec.get("flops_measured") or run.flops
+  rec["autoencoder"] = _autoencoder(run.config.vae.path or os.path.join(
+      shared_vae_workdir(shared, run.config), "vae"))
   if run.config.chameleon.enabled:  # no image slots: its 0 denoising loss is no score
     rec["val_loss_diffusion"] = None
   return rec
@@ -339,7 +352,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
         failed.append(run.name)
         continue
     if os.path.exists(done_path):
-      stored[run.name] = _record(run, run_dir, sweep, num_devices)
+      stored[run.name] = _record(run, run_dir, sweep, num_devices, shared)
       results_lib.write_record(results_dirs[0], stored[run.name])
       log.info("sweep: stored %s", results_lib.record_path(results_dirs[0], run.name))
   if not_started:

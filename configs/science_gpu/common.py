@@ -16,7 +16,7 @@ import ml_collections
 DATA = (
     "data.max_objects=3", "data.object_sizes=small,medium,large", "data.image_size=64",
     "data.num_train_scenes=10000", "data.num_eval_scenes=500", "data.num_text_docs=10000",
-    "data.seq_len=256", "data.batch_size=32", "data.max_images_per_seq=12", "data.num_workers=8",
+    "data.seq_len=256", "data.batch_size=32", "data.max_images_per_seq=8", "data.num_workers=8",
 )
 MODEL = ("model.dtype=bfloat16", "model.attention_impl=auto")
 TRAIN = ("train.learning_rate=0.001", "train.end_learning_rate=0.0001", "train.warmup_steps=100",

@@ -149,3 +149,18 @@ def test_keep_going_lists_a_failed_run_and_stores_nothing(tmp_path):
   assert not os.path.exists(tmp_path / "r" / "transfusion-s-1e10F-s0.json")
   with pytest.raises(ValueError, match="data.vocab_size=300"):
     runner.run_sweep(s, str(tmp_path / "work"), results_dirs=[str(tmp_path / "r")])
+
+
+def test_edit_configs_share_the_sweeps_data_and_vae(plans):
+  from tfjax.config import load_config_file, validate
+  runs, _ = plans
+  pre = load_config_file("configs/science_gpu/edit.py:pretrain", root=runner.REPO_ROOT)
+  ft = load_config_file("configs/science_gpu/edit.py", root=runner.REPO_ROOT)
+  validate(pre)
+  validate(ft)
+  sweep_run = next(r for r in runs if r.family == "transfusion")
+  assert (runner.shared_vae_workdir("S", pre) == runner.shared_vae_workdir("S", sweep_run.config))
+  assert pre.data.max_objects == 3 and ft.editing.max_objects == 2
+  assert ft.model.to_dict() == pre.model.to_dict()   # the fine-tune loads the pretrained export
+  with pytest.raises(ValueError, match="pretrain or :finetune"):
+    load_config_file("configs/science_gpu/edit.py:bogus", root=runner.REPO_ROOT)

@@ -96,8 +96,12 @@ def test_two_point_sweep_writes_table_and_plots(sweep_dir):
   out, report, _ = sweep_dir
   assert [r["name"] for r in report["runs"]] == ["transfusion-xxs-128", "transfusion-xxs-256"]
   assert [r["steps"] for r in report["runs"]] == [1, 2]
-  f1, f2 = (r["flops"] for r in report["runs"])
+  f1, f2 = (r["flops_planned"] for r in report["runs"])
   assert f2 == pytest.approx(2 * f1)
+  # The table's FLOPs are the trainer's count of the batches a run trained on
+  # (a 1-step run's only step compiles and is not timed: planned FLOPs stand).
+  assert report["runs"][0]["flops"] == f1
+  assert report["runs"][1]["flops"] > 0 and report["runs"][1]["flops"] != f2
   for r in report["runs"]:
     assert r["perplexity"] > 1.0 and 0.0 <= r["shapes_accuracy"] <= 1.0
     assert r["caption_cider"] >= 0.0

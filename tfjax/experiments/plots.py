@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tfjax.experiments import results as results_lib
+
 DEFAULT_METRICS = {"shapes_accuracy": "higher", "caption_cider": "higher",
                    "caption_scene_accuracy": "higher", "perplexity": "lower"}
 
@@ -74,26 +76,43 @@ def parity_pairs(parity: Any) -> list[tuple[str, str]]:
   return pairs
 
 
+def _fits(rows: list[dict[str, Any]], metrics: dict[str, str]) -> dict[str, dict[str, Any]]:
+  """{metric: {family: fit or None}} over `rows`."""
+  families = sorted({r["family"] for r in rows})
+  return {m: {fam: fit_power_law([r["flops"] for r in rows if r["family"] == fam],
+                                 [r.get(m) for r in rows if r["family"] == fam])
+              for fam in families} for m in metrics}
+
+
+def _ratios(rows: list[dict[str, Any]], fits: dict[str, Any], metrics: dict[str, str],
+            a: str, b: str) -> tuple[float | None, dict[str, float | None]]:
+  a_flops = [r["flops"] for r in rows if r["family"] == a]
+  at = max(a_flops) if a_flops else None
+  ratio = {}
+  for metric, direction in metrics.items():
+    fa, fb = fits[metric].get(a), fits[metric].get(b)
+    ratio[metric] = parity_ratio(fa, fb, at, direction) if fa and fb and at else None
+  return at, ratio
+
+
 def fits_and_parity(rows: list[dict[str, Any]], metrics: dict[str, str],
                     parity: Any) -> tuple[dict, list[dict[str, Any]]]:
-  """Power-law fits per metric and family; parity ratios per (A, B) pair."""
-  families = sorted({r["family"] for r in rows})
-  fits: dict[str, dict[str, Any]] = {}
-  for metric in metrics:
-    fits[metric] = {}
-    for fam in families:
-      mine = [r for r in rows if r["family"] == fam]
-      fits[metric][fam] = fit_power_law([r["flops"] for r in mine],
-                                        [r.get(metric) for r in mine])
+  """Power-law fits per metric and family (over every seed); parity ratios
+  per (A, B) pair from those fits, and per seed from each seed's own fits
+  (`ratio_seeds`: {metric: {seed: ratio}}; the spread across seeds)."""
+  fits = _fits(rows, metrics)
+  seeds = sorted({r["seed"] for r in rows if r.get("seed") is not None})
+  per_seed = {s: [r for r in rows if r.get("seed") == s] for s in seeds}
+  seed_fits = {s: _fits(rs, metrics) for s, rs in per_seed.items()}
   out = []
   for a, b in parity_pairs(parity):
-    a_flops = [r["flops"] for r in rows if r["family"] == a]
-    entry = {"family_a": a, "family_b": b, "at_flops": max(a_flops) if a_flops else None,
-             "ratio": {}}
-    for metric, direction in metrics.items():
-      fa, fb = fits[metric].get(a), fits[metric].get(b)
-      entry["ratio"][metric] = (parity_ratio(fa, fb, entry["at_flops"], direction)
-                                if fa and fb and entry["at_flops"] else None)
+    at, ratio = _ratios(rows, fits, metrics, a, b)
+    entry = {"family_a": a, "family_b": b, "at_flops": at, "ratio": ratio,
+             "ratio_seeds": {m: {} for m in metrics}}
+    for s in seeds:
+      _, r_s = _ratios(per_seed[s], seed_fits[s], metrics, a, b)
+      for m in metrics:
+        entry["ratio_seeds"][m][str(s)] = r_s[m]
     out.append(entry)
   return fits, out
 
@@ -121,7 +140,7 @@ def plot_metric(rows: list[dict[str, Any]], fits: dict[str, Any], metric: str,
               label=f"{fam} fit: C^{fit['b']:.3g}")
   ax.set_xscale("log")
   ax.set_yscale("log")
-  ax.set_xlabel("training FLOPs (6ND)")
+  ax.set_xlabel("training FLOPs (tfjax/train/flops.py)")
   ax.set_ylabel(metric)
   ax.set_title(title or metric)
   ax.grid(True, which="both", alpha=0.3)
@@ -140,14 +159,66 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def _spread(values: dict[str, float | None]) -> str:
+  got = [v for v in values.values() if v is not None]
+  if not values:
+    return ""
+  if not got:
+    return " (seeds: -)"
+  return f" (seeds {_fmt(min(got))}-{_fmt(max(got))}, {len(got)}/{len(values)})"
+
+
 def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
   cols = ["name", "family", "size", "params", "steps", "tokens", "flops", *metrics,
           *[c for c in ("final_train_loss_lm", "val_loss_lm", "val_loss_diffusion")
-            if c not in metrics]]
+            if c not in metrics], "train_seconds"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  for r in sorted(rows, key=lambda r: (r["family"], r["flops"])):
+  for r in sorted(rows, key=lambda r: (r["family"], r["flops"], r.get("seed") or 0)):
     lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
   return "\n".join(lines)
+
+
+def seed_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+  """Mean over seeds per (family, size, budget), the min-max beside each metric."""
+  lines = ["| family | size | seeds | flops | " + " | ".join(metrics) + " |",
+           "|---|---|---|---|" + "---|" * len(metrics)]
+  for g in results_lib.seed_groups(rows, metrics):
+    cells = [_fmt(g[m]) + (f" ({_fmt(g[m + '_range'][0])}-{_fmt(g[m + '_range'][1])})"
+                           if g[m + "_range"] else "") for m in metrics]
+    lines.append(f"| {g['family']} | {g['size']} | {len(g['seeds']) or 1} | {_fmt(g['flops'])} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def timing_table(rows: list[dict[str, Any]]) -> str:
+  """Measured seconds per training step and per run, per family (to size new runs)."""
+  lines = ["| family | size | runs | train s/step | run s beyond training |", "|---|---|---|---|---|"]
+  for fam, size in sorted({(r["family"], r["size"]) for r in rows}):
+    rs = [r for r in rows if r["family"] == fam and r["size"] == size and r.get("train_seconds")]
+    if not rs:
+      continue
+    per_step = np.mean([r["train_seconds"] / r["steps"] for r in rs])
+    over = [r["wall_seconds"] - r["train_seconds"] for r in rs if r.get("wall_seconds")]
+    lines.append(f"| {fam} | {size} | {len(rs)} | {per_step:.4f} | "
+                 f"{_fmt(float(np.median(over))) if over else '-'} |")
+  return "\n".join(lines)
+
+
+def environments(rows: list[dict[str, Any]]) -> list[str]:
+  """The distinct (device, JAX version) the runs ran on, with their dates, and
+  the distinct autoencoders they used."""
+  envs: dict[tuple, list[str]] = {}
+  for r in rows:
+    envs.setdefault((r.get("device") or "unknown device", r.get("jax_version") or "?"),
+                    []).append(r.get("date") or "?")
+  out = [f"{dev}, JAX {jax_v}: {len(d)} runs, {min(d)} to {max(d)}"
+         for (dev, jax_v), d in sorted(envs.items())]
+  aes = {json.dumps(r["autoencoder"], sort_keys=True) for r in rows if r.get("autoencoder")}
+  for ae in sorted(aes):
+    a = json.loads(ae)
+    out.append(f"autoencoder {a.get('kind')}: " + ", ".join(
+        f"{k} {_fmt(v)}" for k, v in a.items() if k != "kind"))
+  return out
 
 
 def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[str, Any]:
@@ -158,18 +229,24 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
   os.makedirs(plot_dir, exist_ok=True)
   plotted = {m: plot_metric(rows, fits[m], m, os.path.join(plot_dir, f"{m}.png"),
                             f"{sweep.get('name', 'sweep')}: {m}") for m in metrics}
-  keep = ("name", "family", "size", "budget", "steps", "tokens", "params", "flops",
-          "train_seconds", "final_train_loss", "final_train_loss_lm", "val_loss_lm",
-          "val_loss_diffusion", *metrics)
+  keep = ("name", "family", "size", "seed", "budget", "steps", "tokens", "params", "flops",
+          "flops_planned", "flops_6nd", "train_seconds", "wall_seconds", "final_train_loss",
+          "final_train_loss_lm", "val_loss_lm", "val_loss_diffusion", "device", "jax_version",
+          "date", *metrics)
   report = {"name": sweep.get("name", "sweep"), "runs": [{k: r.get(k) for k in keep}
                                                          for r in rows],
             "fits": fits, "parity": par,
             "plots": {m: f"plots/{m}.png" for m, ok in plotted.items() if ok}}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(report, f, indent=2, default=float)
-  lines = [f"# {report['name']}", "", markdown_table(rows, list(metrics)), "",
-           "## Power-law fits (metric = a * FLOPs^b)", "",
-           "| metric | family | a | b | points |", "|---|---|---|---|---|"]
+  lines = [f"# {report['name']}", "", *[f"- {e}" for e in environments(rows)], "",
+           "FLOPs: tfjax/train/flops.py's count of the batches each run trained on (planned "
+           "from the config where the log has none).", "",
+           markdown_table(rows, list(metrics)), ""]
+  if any(r.get("seed") is not None for r in rows):
+    lines += ["## Mean over seeds (min-max)", "", seed_table(rows, list(metrics)), ""]
+  lines += ["## Power-law fits (metric = a * FLOPs^b)", "",
+            "| metric | family | a | b | points |", "|---|---|---|---|---|"]
   for m in metrics:
     for fam, fit in fits[m].items():
       lines.append(f"| {m} | {fam} | " + (f"{fit['a']:.3g} | {fit['b']:.3g} | {fit['points']}"
@@ -178,12 +255,15 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
     lines += ["", "## Parity-FLOP ratios", "",
               "FLOPs family B needs (by its fit) to match family A's fitted metric at A's "
               "largest compute, divided by that compute (< 1: B is more compute-efficient; "
-              "- : a fit is missing or B's trend never gets there).", "",
+              "- : a fit is missing or B's trend never gets there). In brackets: the same "
+              "ratio from each seed's own fits, lowest to highest.", "",
               "| A | B | at FLOPs | " + " | ".join(metrics) + " |",
               "|---|---|---|" + "---|" * len(metrics)]
     for p in par:
       lines.append(f"| {p['family_a']} | {p['family_b']} | {_fmt(p['at_flops'])} | "
-                   + " | ".join(_fmt(p["ratio"][m]) for m in metrics) + " |")
+                   + " | ".join(_fmt(p["ratio"][m]) + _spread(p["ratio_seeds"][m])
+                                for m in metrics) + " |")
+  lines += ["", "## Seconds (for sizing new runs)", "", timing_table(rows)]
   lines += ["", *[f"![{m}](plots/{m}.png)" for m, ok in plotted.items() if ok], ""]
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("\n".join(lines))

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# One device-tool call of the GPU science grid (issue 36; benchmarks/science_gpu/PLAN.md).
+#
+#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh compare|ablations [RUN ...]
+#   (device tool, carry .whl_app)  [EDIT_ARGS="--pretrain_steps=N --finetune_steps=M"] \
+#                                  bash benchmarks/science_gpu.sh edit
+#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh list compare|ablations
+#
+# compare / ablations: runs the named runs of configs/science_gpu/SWEEP.py (all
+# not yet stored when none are named) with tfjax-sweep, skipping every run
+# stored in benchmarks/science_gpu/runs/ (the ablations also read the
+# comparison's, whose `transfusion` runs are theirs). No run starts once fewer
+# than RESERVE_S (120) of BUDGET_S (570) seconds since this script started are
+# left, nor one whose estimate (configs/science_gpu/common.py TIMING) does not
+# fit. Every 10 s, and at the end, $OUT/results.tgz is rewritten whole with
+# the runs finished so far:
+#   runs/SWEEP/RUN.json       the stored result (tar xzf results.tgz -C benchmarks/science_gpu)
+#   samples/SWEEP/RUN_*.png   the run's evaluation sample grids
+# and $OUT/sweep.log holds the log. The autoencoders (KL-VAE, VQ-VAE) come from
+# benchmarks/science_gpu/assets/autoencoders.tgz when it is there, so every
+# call's runs share the same ones; a call that trains one writes
+# $OUT/autoencoders.tgz (store it there). Data, tokenizer and latents are
+# rebuilt per call (deterministic in their seeds) and shared by its runs.
+# edit: benchmarks/science_gpu_edit.py (pretrain, fine-tune, editing suite)
+# under the same budget; $OUT/edit.tgz holds runs/edit/*.json.
+set -uo pipefail
+T0=$(date +%s)
+what=${1:?usage: science_gpu.sh compare|ablations|edit|list [RUN ...]}
+shift
+OUT=${OUT:-/tmp/science_gpu_out}
+BUDGET_S=${BUDGET_S:-570}
+RESERVE_S=${RESERVE_S:-120}
+STORE=benchmarks/science_gpu
+mkdir -p "$OUT"
+if [[ -d .whl_app ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl_app/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# Runs of one family and shape reuse each other's compiled programs.
+export JAX_COMPILATION_CACHE_DIR=/tmp/science_gpu_jax_cache
+LOG=$OUT/sweep.log
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } 2>&1 | tee -a "$LOG"
+
+if [[ $what == list ]]; then
+  python3 -m tfjax.cli.sweep --config=configs/science_gpu/$1.py --workdir=/tmp/science_gpu/$1 \
+    --list 2>&1 | grep -v "^[IW][0-9]" | tee -a "$LOG"
+  exit
+fi
+
+# Seconds left of the budget, less ~15 s for the Python start and imports
+# before the runner's own clock starts.
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) - 15 )); }
+WORK=/tmp/science_gpu/$what
+mkdir -p "$WORK/shared"
+if [[ -f $STORE/assets/autoencoders.tgz ]]; then
+  tar xzf "$STORE/assets/autoencoders.tgz" -C "$WORK/shared" || exit 1
+fi
+ls -d "$WORK"/shared/*/vae 2>/dev/null | sort > /tmp/science_gpu_vae_before
+
+# pack SRC_RESULTS SWEEP TGZ: the run records (and sample grids) finished in this call.
+pack() {
+  local stage=/tmp/science_gpu_pack
+  rm -rf "$stage" && mkdir -p "$stage/runs/$2" "$stage/samples/$2"
+  cp "$1"/*.json "$stage/runs/$2/" 2>/dev/null
+  for rec in "$stage/runs/$2"/*.json; do
+    [[ -e $rec ]] || continue
+    run=$(basename "$rec" .json)
+    for png in "$WORK/runs/$run/eval/"*.png; do
+      [[ -e $png ]] && cp "$png" "$stage/samples/$2/${run}_$(basename "$png")"
+    done
+  done
+  cp "$WORK"/grids/*.png "$stage/samples/$2/" 2>/dev/null
+  tar czf "$3.tmp" -C "$stage" runs samples && mv "$3.tmp" "$3"
+}
+
+if [[ $what == edit ]]; then
+  python3 benchmarks/science_gpu_edit.py --workdir="$WORK" --results_dir="$WORK/results" \
+    --stored_dir="$STORE/runs/edit" --time_budget_s="$(left)" ${EDIT_ARGS:-} >> "$LOG" 2>&1 &
+  pid=$!
+  results=$WORK/results
+  tgz=$OUT/edit.tgz
+else
+  dirs=$WORK/results,$STORE/runs/$what
+  [[ $what == ablations ]] && dirs=$dirs,$STORE/runs/compare
+  only=()
+  [[ $# -gt 0 ]] && only=("--only=$(IFS=,; echo "$*")")
+  python3 -m tfjax.cli.sweep --config="configs/science_gpu/$what.py" --workdir="$WORK" \
+    --results_dir="$dirs" --time_budget_s="$(left)" --reserve_s="$RESERVE_S" --keep_going "${only[@]}" \
+    >> "$LOG" 2>&1 &
+  pid=$!
+  results=$WORK/results
+  tgz=$OUT/results.tgz
+fi
+mkdir -p "$results"
+while kill -0 $pid 2>/dev/null; do
+  sleep 10
+  pack "$results" "$what" "$tgz"
+done
+wait $pid
+rc=$?
+pack "$results" "$what" "$tgz"
+ls -d "$WORK"/shared/*/vae 2>/dev/null | sort > /tmp/science_gpu_vae_after
+if ! cmp -s /tmp/science_gpu_vae_before /tmp/science_gpu_vae_after; then
+  (cd "$WORK/shared" && tar czf "$OUT/autoencoders.tgz" */vae)
+fi
+echo "science_gpu.sh $what: exit $rc after $(( $(date +%s) - T0 )) s; stored this call:"
+ls "$results"
+grep -E "not started|stored |failed|Error|error:" "$LOG" | tail -n 40
+exit $rc

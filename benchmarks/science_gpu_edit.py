@@ -1,0 +1,240 @@
+"""Image editing at GPU scale (issue 36): pretrain, fine-tune, score; one stored JSON.
+
+  python3 benchmarks/science_gpu_edit.py --workdir=/tmp/edit --results_dir=/tmp/edit/results \
+      [--stored_dir=benchmarks/science_gpu/runs/edit] [--time_budget_s=540]
+  python3 benchmarks/science_gpu_edit.py --report --results_dir=benchmarks/science_gpu/runs/edit \
+      --out=benchmarks/science_gpu/reports/edit.md
+
+The chain (each a project command, as benchmarks/SCIENCE.md's Editing section
+ran them on the CPU):
+  pretrain  tfjax-train --config=configs/science_gpu/edit.py:pretrain (the main job:
+            data, VAE unless one is stored, latents, train, samples on 32 held-out captions)
+  export    tfjax-export (float32)
+  edit data tfjax-edit-data --config=configs/science_gpu/edit.py
+  before    tfjax-eval --suite=editing of the pretrained export (200 test edits)
+  finetune  tfjax-train --config=configs/science_gpu/edit.py --stages=train
+  after     tfjax-eval --suite=editing of the fine-tuned model (the same 200 edits)
+beside two baselines on the same edits: copying the input (the pixel checker on
+the input images; its pixel error is in the suite's result) and the
+autoencoder ceiling (the expected outputs through the VAE, in the suite's result).
+The record RESULTS_DIR/edit-preN-ftM-sS.json is rewritten after every step
+(`"complete": false` until the last), so a call cut short keeps what it got; a
+complete record in --stored_dir means there is nothing to run.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CONFIG = "configs/science_gpu/edit.py"
+NUM_EDITS = 200
+EDIT_TYPES = ("recolor", "move", "add", "remove")
+
+
+def _cmd(args: list[str], log: str) -> float:
+  """Runs a project CLI (python -m MODULE ...) from the repository root; its seconds."""
+  t0 = time.time()
+  print("+", " ".join(args), flush=True)
+  with open(log, "a") as f:
+    subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                   check=True)
+  return round(time.time() - t0, 1)
+
+
+def _summary(res: dict) -> dict:
+  """The editing suite's numbers a table needs (per type, overall, pixel errors)."""
+  ed = res.get("details", {}).get("editing", res)
+  keep = ("accuracy", "per_category", "per_type", "num_examples", "pixel_error",
+          "pixel_error_vs_autoencoded", "autoencoder_ceiling", "seconds")
+  return {k: ed.get(k) for k in keep}
+
+
+def _scored(work: str, which: str, name: str) -> dict:
+  """WORK/WHICH/WHICH.json's summary; its sample grid is copied to
+  WORK/grids/NAME_WHICH.png (science_gpu.sh returns the grids)."""
+  with open(os.path.join(work, which, f"{which}.json")) as f:
+    out = _summary(json.load(f))
+  grid = os.path.join(work, which, "editing_samples.png")
+  if os.path.exists(grid):
+    os.makedirs(os.path.join(work, "grids"), exist_ok=True)
+    shutil.copy(grid, os.path.join(work, "grids", f"{name}_{which}.png"))
+  return out
+
+
+def copy_input_baseline(config, seed: int, num: int) -> dict:
+  """The pixel checker on the unedited inputs of the same test edits."""
+  from tfjax.eval import editing  # pylint: disable=g-import-not-at-top
+  examples = editing.suite_examples(config, num, seed=seed)
+  return editing.accuracy([ex["input"] for ex in examples], [ex["meta"] for ex in examples])
+
+
+def run(args: argparse.Namespace) -> dict:
+  from tfjax.config import apply_overrides, load_config_file  # pylint: disable=g-import-not-at-top
+  from tfjax.experiments import results  # pylint: disable=g-import-not-at-top
+  from tfjax.jobs.sweep import shared_vae_workdir  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  pre_cfg = load_config_file(f"{CONFIG}:pretrain", root=REPO)
+  ft_cfg = load_config_file(CONFIG, root=REPO)
+  apply_overrides(pre_cfg, tuple(args.override), "--override")
+  apply_overrides(ft_cfg, tuple(args.override), "--override")
+  pre_steps = args.pretrain_steps or pre_cfg.train.num_steps
+  ft_steps = args.finetune_steps or ft_cfg.train.num_steps
+  name = f"edit-pre{pre_steps}-ft{ft_steps}-s{args.seed}"
+  stored = os.path.join(args.stored_dir or "", f"{name}.json")
+  if args.stored_dir and os.path.exists(stored):
+    with open(stored) as f:
+      if json.load(f).get("complete"):
+        print(f"{stored} is complete: nothing to run")
+        return {}
+  work = os.path.abspath(args.workdir)
+  os.makedirs(work, exist_ok=True)
+  log = os.path.join(work, "edit_commands.log")
+  pre, export, ft = (os.path.join(work, d) for d in ("pre", "pre_export", "ft"))
+  # The sweeps' KL-VAE of this data, when science_gpu.sh extracted a stored one.
+  shared_vae = os.path.join(shared_vae_workdir(os.path.join(work, "shared"), pre_cfg), "vae")
+  vae = shared_vae if os.path.isdir(shared_vae) else ""
+  extra = [f"--config.{o}" for o in args.override]
+  seed_over = [f"--config.train.seed={args.seed}", f"--config.data.shuffle_seed={args.seed}",
+               *extra]
+  rec = {"name": name, "sweep": "edit", "config_file": CONFIG, "seed": args.seed,
+         "pretrain_steps": pre_steps, "finetune_steps": ft_steps, "num_edits": args.num_edits,
+         "complete": False, "seconds": {}, **results.environment()}
+
+  def save():
+    rec["wall_seconds"] = round(time.time() - t0, 1)
+    results.write_record(args.results_dir, rec)
+
+  def time_left(need: float) -> bool:
+    left = args.time_budget_s - (time.time() - t0) if args.time_budget_s else float("inf")
+    if left < need:
+      print(f"time budget: {left:.0f} s left, the next step needs ~{need:.0f}: stopping")
+      save()
+      return False
+    return True
+
+  rec["copy_input"] = copy_input_baseline(ft_cfg, args.seed, args.num_edits)
+  pre_args = [f"--config={CONFIG}:pretrain", f"--workdir={pre}",
+              f"--config.train.num_steps={pre_steps}", f"--config.train.eval_every={pre_steps}",
+              *seed_over] + ([f"--config.vae.path={vae}"] if vae else [])
+  rec["overrides"] = {"pretrain": pre_args[2:]}
+  rec["seconds"]["pretrain"] = _cmd(["tfjax.cli.train", *pre_args], log)
+  samples = os.path.join(pre, "samples", "samples.json")
+  if os.path.exists(samples):
+    with open(samples) as f:
+      s = json.load(f)
+    rec["pretrain"] = {"step": s.get("step"), "num": s.get("num"),
+                       "shapes_accuracy": (s.get("t2i_scores") or {}).get("accuracy"),
+                       "caption_mentions_accuracy": s.get("i2t_mentions_accuracy"),
+                       "caption_cider_d": s.get("i2t_cider_d")}
+  if not vae:  # the main job trained one: keep it where science_gpu.sh packs it
+    vae = os.path.join(pre, "vae")
+    shutil.copytree(vae, shared_vae)
+  save()
+  rec["seconds"]["export"] = _cmd(["tfjax.cli.export", f"--workdir={pre}", f"--out={export}",
+                                   "--dtype=float32"], log)
+  data = f"--config.data.dir={os.path.join(pre, 'data')}"
+  rec["seconds"]["edit_data"] = _cmd(["tfjax.cli.edit_data", f"--config={CONFIG}", data,
+                                      f"--config.vae.path={vae}", *extra], log)
+  ev = ["tfjax.cli.eval", "--suite=editing", f"--num-samples={args.num_edits}", "--batch-size=50",
+        f"--seed={args.seed}",  # the export's own config would draw its pretraining scenes
+        f"--override=editing.max_objects={ft_cfg.editing.max_objects}",
+        f"--override=editing.object_sizes={ft_cfg.editing.object_sizes}"]
+  if time_left(90 + 60 + 60):
+    rec["seconds"]["before"] = _cmd([*ev, f"--model={export}",
+                                     f"--json={os.path.join(work, 'before', 'before.json')}"], log)
+    rec["before"] = _scored(work, "before", name)
+    save()
+  if not time_left(60 + 60):
+    return rec
+  ft_args = [f"--config={CONFIG}", f"--workdir={ft}", "--stages=train",
+             f"--config.train.init_from={export}", data, f"--config.vae.path={vae}",
+             f"--config.train.num_steps={ft_steps}", f"--config.train.eval_every={ft_steps}",
+             *seed_over]
+  rec["overrides"]["finetune"] = ft_args[3:]
+  rec["seconds"]["finetune"] = _cmd(["tfjax.cli.train", *ft_args], log)
+  save()
+  if not time_left(45):
+    return rec
+  rec["seconds"]["after"] = _cmd([*ev, f"--model={ft}",
+                                  f"--json={os.path.join(work, 'after', 'after.json')}"], log)
+  rec["after"] = _scored(work, "after", name)
+  rec["complete"] = True
+  save()
+  return rec
+
+
+def _row(label: str, acc: dict | None, pixel: dict | None, key: str = "all") -> str:
+  if not acc:
+    return f"| {label} | " + " | ".join("-" for _ in (*EDIT_TYPES, "all", "pix")) + " |"
+  per = acc.get("per_type") or {}
+  cells = [f"{per[t]['correct']:.2f} ({per[t]['edited']:.2f} / {per[t]['unchanged']:.2f})"
+           if t in per else "-" for t in EDIT_TYPES]
+  cat = acc.get("per_category") or {}
+  cells.append(f"**{acc.get('accuracy', cat.get('correct', 0.0)):.3f}** "
+               f"({cat.get('edited', 0.0):.3f} / {cat.get('unchanged', 0.0):.3f})")
+  cells.append(f"{pixel[key]:.3f}" if pixel and pixel.get(key) is not None else "-")
+  return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def report(results_dir: str, out: str) -> str:
+  """One table per stored edit record: before, after and both baselines."""
+  lines = ["# Image editing at GPU scale", "",
+           "Each cell: correct (edited / unchanged) over the test edits; pixel error: mean "
+           "absolute error to the expected output (0-1, lower is better).", ""]
+  for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    with open(path) as f:
+      r = json.load(f)
+    lines += [f"## {r['name']}" + ("" if r.get("complete") else " (incomplete)"), "",
+              f"{r.get('device')}, JAX {r.get('jax_version')}, {r.get('date')}; pretrain "
+              f"{r['pretrain_steps']} steps (shapes checker on held-out captions: "
+              f"{(r.get('pretrain') or {}).get('shapes_accuracy', '-')}), fine-tune "
+              f"{r['finetune_steps']} steps; seconds {r.get('seconds')}", "",
+              "| model | " + " | ".join(EDIT_TYPES) + " | all | pixel error |",
+              "|---|" + "---|" * (len(EDIT_TYPES) + 2)]
+    before, after = r.get("before") or {}, r.get("after") or {}
+    any_pixel = after.get("pixel_error") or before.get("pixel_error")
+    lines.append(_row("copy the input", r.get("copy_input"), any_pixel, "copy_input"))
+    lines.append(_row("pretrained, before fine-tuning", before, before.get("pixel_error")))
+    lines.append(_row("fine-tuned", after, after.get("pixel_error")))
+    lines.append(_row("expected output through the VAE (ceiling)",
+                      (after or before).get("autoencoder_ceiling"), None))
+    lines.append("")
+  text = "\n".join(lines)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(text)
+  return text
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", default="/tmp/science_gpu/edit")
+  p.add_argument("--results_dir", required=True)
+  p.add_argument("--stored_dir", default="")
+  p.add_argument("--time_budget_s", type=float, default=0.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--pretrain_steps", type=int, default=0, help="default: the config's")
+  p.add_argument("--finetune_steps", type=int, default=0, help="default: the config's")
+  p.add_argument("--num_edits", type=int, default=NUM_EDITS, help="test edits scored")
+  p.add_argument("--override", action="append", default=[],
+                 help="KEY=VALUE for both trainings (repeatable; a CPU smoke run shrinks data)")
+  p.add_argument("--report", action="store_true", help="write --out from stored records")
+  p.add_argument("--out", default="benchmarks/science_gpu/reports/edit.md")
+  args = p.parse_args()
+  if args.report:
+    print(report(args.results_dir, args.out))
+  else:
+    run(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,166 @@
+"""The GPU science sweeps without a GPU: what they plan, and reports rebuilt
+from stored run records alone (no training here)."""
+import importlib.util
+import json
+import os
+
+import ml_collections
+import pytest
+
+from configs.science_gpu import ablations, common, compare
+from tfjax.experiments import budget, results
+from tfjax.jobs import sweep as runner
+
+
+@pytest.fixture(scope="module")
+def plans():
+  return runner.plan(compare.get_config()), runner.plan(ablations.get_config())
+
+
+def test_compare_plans_equal_flops_budgets_and_seeds(plans):
+  runs, _ = plans
+  assert {r.family for r in runs} == {"transfusion", "chameleon"}
+  assert len(runs) == 2 * 4 * 2
+  assert max(common.BUDGETS) / min(common.BUDGETS) >= 10
+  for r in runs:
+    assert r.name.endswith(f"-s{r.seed}") and r.seed in (0, 1)
+    assert f"train.seed={r.seed}" in r.overrides and r.config.train.seed == r.seed
+    assert r.flops == pytest.approx(r.budget, rel=0.01)          # equal FLOPs, by plan
+    assert r.config.data.max_objects == 3 and r.config.data.image_size == 64
+    assert r.config.model.dtype == "bfloat16" and r.config.model.attention_impl == "auto"
+    assert r.config.train.num_steps == r.steps and r.est_seconds > 0
+  # Chameleon's step costs more (its head scores every position): fewer steps per budget.
+  by = {(r.family, r.budget, r.seed): r for r in runs}
+  top = max(common.BUDGETS)
+  assert by[("chameleon", top, 0)].steps < by[("transfusion", top, 0)].steps
+  assert by[("chameleon", top, 0)].tokens == pytest.approx(
+      by[("chameleon", top, 0)].steps * 32 * 256)
+
+
+def test_ablations_reuse_the_comparisons_baseline(plans):
+  cmp_runs, abl_runs = plans
+  fams = {r.family for r in abl_runs}
+  assert fams == {"transfusion", "causal", "unet", "no_noise_limit", "patch1", "patch4", "flow"}
+  cmp_by_name = {r.name: r for r in cmp_runs}
+  base = [r for r in abl_runs if r.family == "transfusion"]
+  assert base and all(cmp_by_name[r.name].overrides == r.overrides for r in base)
+  unet = next(r for r in abl_runs if r.family == "unet")
+  lin = next(r for r in abl_runs if r.family == "transfusion" and r.budget == unet.budget
+             and r.seed == unet.seed)
+  # The U-Net's convolutions are charged: at equal FLOPs it trains fewer steps.
+  assert unet.steps < lin.steps
+  assert {r.config.model.patch_size for r in abl_runs} == {1, 2, 4}
+
+
+def test_measured_flops_sums_the_logged_windows():
+  recs = [{"step": 10, "tflops_per_device": 2.0, "step_time": 0.5},   # 1e12 per step
+          {"step": 10, "loss": 1.0},
+          {"step": 15, "tflops_per_device": 1.0, "step_time": 2.0}]   # 2e12 per step
+  assert budget.measured_flops(recs) == pytest.approx(10 * 1e12 + 5 * 2e12)
+  assert budget.measured_flops(recs, num_devices=2) == pytest.approx(2 * 2e13)
+  assert budget.measured_flops([{"step": 1, "loss": 2.0}]) is None
+
+
+def _small_sweep() -> ml_collections.ConfigDict:
+  s = common.sweep("fake", {
+      "transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()},
+      "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()}},
+      budgets=(1e13, 1e14), parity=(("chameleon", "transfusion"),))
+  s.metrics = {"caption_cider": "higher", "perplexity": "lower"}
+  return s
+
+
+def _fake_record(run, sweep, cider):
+  return {"name": run.name, "family": run.family, "size": run.size, "seed": run.seed,
+          "budget": run.budget, "steps": run.steps, "tokens": run.tokens, "params": run.params,
+          "flops": run.flops, "config_file": sweep.families[run.family]["config"],
+          "overrides": list(run.overrides), "device": "NVIDIA H100 80GB HBM3",
+          "jax_version": "0.11.2", "date": "2026-12-07 10:00 UTC", "train_seconds": 20.0,
+          "wall_seconds": 60.0, "caption_cider": cider, "perplexity": 2.0 / cider}
+
+
+def test_report_only_rebuilds_table_and_parity_from_stored_json(tmp_path):
+  s = _small_sweep()
+  stored = str(tmp_path / "runs")
+  for run in runner.plan(s):
+    # Transfusion reaches Chameleon's score with a tenth of the compute; the
+    # seeds differ a little.
+    c = run.flops * (10.0 if run.family == "transfusion" else 1.0)
+    results.write_record(stored, _fake_record(run, s, 0.1 * (c / 1e13) ** 0.2
+                                              * (1.0 + 0.05 * run.seed)))
+  report = runner.run_sweep(s, str(tmp_path / "work"), report_only=True, results_dirs=[stored])
+  assert len(report["runs"]) == 8
+  par = report["parity"][0]
+  assert par["ratio"]["caption_cider"] == pytest.approx(0.1, rel=0.05)
+  assert par["ratio"]["perplexity"] == pytest.approx(0.1, rel=0.05)
+  assert set(par["ratio_seeds"]["caption_cider"]) == {"0", "1"}
+  md = open(tmp_path / "work" / "results.md").read()
+  assert "NVIDIA H100 80GB HBM3, JAX 0.11.2: 8 runs" in md
+  assert "(seeds 0.1-0.1, 2/2)" in md and "## Mean over seeds" in md
+  assert os.path.getsize(tmp_path / "work" / "plots" / "caption_cider.png") > 1000
+  # A stored record the config no longer plans that way is refused, by name.
+  rec = json.load(open(os.path.join(stored, "transfusion-s-1e13F-s0.json")))
+  rec["overrides"] = rec["overrides"][:-1]
+  results.write_record(stored, rec)
+  with pytest.raises(ValueError, match="transfusion-s-1e13F-s0.*delete the stored file"):
+    runner.run_sweep(s, str(tmp_path / "work"), report_only=True, results_dirs=[stored])
+
+
+def test_time_budget_starts_no_run_that_cannot_finish(tmp_path):
+  s = _small_sweep()
+  report = runner.run_sweep(s, str(tmp_path / "work"), results_dirs=[str(tmp_path / "r")],
+                            time_budget_s=100.0, reserve_s=120.0)
+  assert report["runs"] == [] and len(report["not_started"]) == 8
+  assert not os.path.exists(tmp_path / "work" / "runs")
+
+
+def test_edit_report_has_both_baselines(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "science_gpu_edit", os.path.join(runner.REPO_ROOT, "benchmarks", "science_gpu_edit.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  per = lambda c: {"per_type": {t: {"edited": 1.0, "unchanged": 1.0, "correct": c, "num": 5}
+                                for t in mod.EDIT_TYPES},
+                   "per_category": {"edited": 1.0, "unchanged": 1.0, "correct": c}, "accuracy": c}
+  after = {**per(0.6), "pixel_error": {"all": 0.03, "copy_input": 0.045},
+           "autoencoder_ceiling": per(1.0)}
+  results.write_record(str(tmp_path), {"name": "edit-pre10-ft5-s0", "flops": None,
+                                       "complete": True, "pretrain_steps": 10,
+                                       "finetune_steps": 5, "copy_input": per(0.0),
+                                       "after": after})
+  text = mod.report(str(tmp_path), str(tmp_path / "edit.md"))
+  assert "| copy the input | 0.00 (1.00 / 1.00)" in text and "| 0.045 |" in text
+  assert "| fine-tuned | 0.60 (1.00 / 1.00)" in text and "**0.600**" in text
+  assert "(ceiling) | 1.00" in text
+
+
+def test_keep_going_lists_a_failed_run_and_stores_nothing(tmp_path):
+  s = _small_sweep()
+  s.families = {"transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()}}
+  s.budgets = (1e10,)
+  s.seeds = (0,)
+  s.parity = ()
+  # Fails fast, in the data stage: too small a vocabulary for the tokenizer.
+  s.common = ("data.num_train_scenes=40", "data.num_eval_scenes=8", "data.num_text_docs=60",
+              "data.vocab_size=300", "model.vocab_size=300")
+  report = runner.run_sweep(s, str(tmp_path / "work"), results_dirs=[str(tmp_path / "r")],
+                            keep_going=True)
+  assert report["failed"] == ["transfusion-s-1e10F-s0"] and report["runs"] == []
+  assert not os.path.exists(tmp_path / "r" / "transfusion-s-1e10F-s0.json")
+  with pytest.raises(ValueError, match="data.vocab_size=300"):
+    runner.run_sweep(s, str(tmp_path / "work"), results_dirs=[str(tmp_path / "r")])
+
+
+def test_edit_configs_share_the_sweeps_data_and_vae(plans):
+  from tfjax.config import load_config_file, validate
+  runs, _ = plans
+  pre = load_config_file("configs/science_gpu/edit.py:pretrain", root=runner.REPO_ROOT)
+  ft = load_config_file("configs/science_gpu/edit.py", root=runner.REPO_ROOT)
+  validate(pre)
+  validate(ft)
+  sweep_run = next(r for r in runs if r.family == "transfusion")
+  assert (runner.shared_vae_workdir("S", pre) == runner.shared_vae_workdir("S", sweep_run.config))
+  assert pre.data.max_objects == 3 and ft.editing.max_objects == 2
+  assert ft.model.to_dict() == pre.model.to_dict()   # the fine-tune loads the pretrained export
+  with pytest.raises(ValueError, match="pretrain or :finetune"):
+    load_config_file("configs/science_gpu/edit.py:bogus", root=runner.REPO_ROOT)

@@ -33,7 +33,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 CONFIG = "configs/science_gpu/edit.py"
 NUM_EDITS = 200

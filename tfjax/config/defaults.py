@@ -40,9 +40,6 @@ def default_config() -> ml_collections.ConfigDict:
   # row at a time, scored text positions only (tfjax.losses.chunked_lm_loss);
   # 0 = whole float32 [batch, seq, vocab] logits.
   m.lm_head_chunk = 0
-  # One matrix product for q, k, v (k and v only under GQA) and one for the
-  # MLP's gate and up: the weights are stacked per step, their layout unchanged.
-  m.fused_projections = False
   # image side
   m.patch_type = "linear"     # linear | unet
   m.patch_size = 2            # k: k x k latent pixels per transformer vector (1, 2, 4, 8)

@@ -39,22 +39,11 @@ class RMSNorm(nn.Module):
     return (normed * scale).astype(self.dtype)
 
 
-def stacked_product(x: jax.Array, weights: tuple[jax.Array, ...], dtype: Dtype) -> list[jax.Array]:
-  """[x @ w for w in weights] as one matrix product: x [..., dim], each w
-  [dim, *out] of one shape. Stacking on a new axis keeps each weight's sharded
-  axes where they were."""
-  w = jnp.stack([w.astype(dtype) for w in weights], axis=1)  # [dim, n, *out]
-  y = jnp.tensordot(x, w, axes=1)  # [..., n, *out]
-  return [jax.lax.index_in_dim(y, i, axis=x.ndim - 1, keepdims=False)
-          for i in range(len(weights))]
-
-
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x)): [batch, seq, dim] -> [batch, seq, dim]."""
   hidden: int
   dtype: Dtype = jnp.bfloat16
   param_dtype: Dtype = jnp.float32
-  fused: bool = False  # gate and up as one [dim, 2, hidden] product
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,11 +51,8 @@ class SwiGLU(nn.Module):
     w_gate = self.param("w_gate", dense_init(("embed", "mlp")), (dim, self.hidden),
                         self.param_dtype)
     w_up = self.param("w_up", dense_init(("embed", "mlp")), (dim, self.hidden), self.param_dtype)
-    if self.fused:
-      gate, up = stacked_product(x, (w_gate, w_up), self.dtype)
-    else:
-      gate, up = x @ w_gate.astype(self.dtype), x @ w_up.astype(self.dtype)
-    gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
+    gate = checkpoint_name(x @ w_gate.astype(self.dtype), "mlp_gate")
+    up = checkpoint_name(x @ w_up.astype(self.dtype), "mlp_up")
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "seq", "mlp"))
     wo = self.param("wo", dense_init(("mlp", "embed")), (self.hidden, dim), self.param_dtype)
     return checkpoint_name(jnp.einsum("bsf,fd->bsd", h, wo.astype(self.dtype)), "mlp_out")

@@ -15,7 +15,7 @@ import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from tfjax import config as config_lib
-from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init, stacked_product
+from tfjax.model.layers import RMSNorm, SwiGLU, apply_rope, dense_init
 from tfjax.ops import attention as attention_op
 from tfjax.ops import attention_plan
 from tfjax.ops import transfusion_mask, xla_attention
@@ -89,15 +89,9 @@ class Attention(nn.Module):
                     (c.dim, c.num_kv_heads, head_dim), pdtype)
     wo = self.param("wo", dense_init(("heads", "head_dim", "embed"), fan_in_axes=(0, 1)),
                     (c.num_heads, head_dim, c.dim), pdtype)
-    if c.get("fused_projections", False) and c.num_kv_heads == c.num_heads:
-      q, k, v = stacked_product(x, (wq, wk, wv), dtype)
-    elif c.get("fused_projections", False):
-      q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype))
-      k, v = stacked_product(x, (wk, wv), dtype)
-    else:
-      q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype))
-      k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype))
-      v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
+    q = jnp.einsum("bsd,dhk->bshk", x, wq.astype(dtype))
+    k = jnp.einsum("bsd,dhk->bshk", x, wk.astype(dtype))
+    v = jnp.einsum("bsd,dhk->bshk", x, wv.astype(dtype))
     if c.qk_norm:
       q = RMSNorm(c.norm_eps, dtype, pdtype, axis_name="head_dim", name="q_norm")(q)
       k = RMSNorm(c.norm_eps, dtype, pdtype, axis_name="head_dim", name="k_norm")(k)
@@ -158,8 +152,7 @@ class Block(nn.Module):
     attn_norm = RMSNorm(c.norm_eps, dtype, pdtype, name="attention_norm")
     mlp_norm = RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")
     attention = Attention(c, name="attention")
-    mlp = SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, fused=c.get("fused_projections", False),
-                 name="mlp")
+    mlp = SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")
     if placement == "pre":
       h, new_kv = attention(attn_norm(x), positions, segment_ids, image_ids, layer_kv, cache_ctx,
                             plan)

@@ -96,7 +96,7 @@ def test_plan_shared_by_layers_matches_per_call_plans():
   seg, img = map(jnp.asarray, random_layout(rng, 2, 100, pad_max=10))
   q, _, _, _ = random_inputs(rng, 2, 100, 2, 2, 64, jnp.float32)
   plan = api.plan(seg, img, head_dim=64, dtype=jnp.float32, impl="pallas")
-  assert plan.kind == api.choose("pallas", 64) and plan.seq == 100
+  assert plan.kind == api.choose("pallas", 64, jnp.float32) and plan.seq == 100
   assert plan.k_start.shape == (2, 128)  # padded to the tiles' multiple, 32
 
   def loss(x, plan):

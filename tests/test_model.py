@@ -129,6 +129,10 @@ def test_scan_and_unrolled_layers_agree(small):
   u = apply(mc_unrolled, unrolled, b)
   np.testing.assert_allclose(a.logits, u.logits, atol=1e-5)
   np.testing.assert_allclose(a.image_out, u.image_out, atol=1e-5)
+  # The scan unrolled (model.scan_unroll): the same parameters, the same outputs.
+  r = apply(small_model_config(scan_unroll=mc.num_layers), params, b)
+  np.testing.assert_allclose(a.logits, r.logits, atol=1e-5)
+  np.testing.assert_allclose(a.image_out, r.image_out, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan", [True, False])

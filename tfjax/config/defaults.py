@@ -32,6 +32,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"        # compute dtype
   m.param_dtype = "float32"   # master weights
   m.scan_layers = True        # nn.scan over the layer stack: constant compile time
+  # Layers per iteration of that scan; num_layers unrolls it fully (same
+  # parameter layout), which spares the CPU the zero-filled per-layer buffers
+  # of the backward pass (configs/tiny.py); 1 = a loop (compile time).
+  m.scan_unroll = 1
   # What the backward pass keeps (tfjax/model/transformer.py REMAT_POLICIES):
   # none | nothing_saveable | save_all_names | save_attention | save_qkv_attention
   # | offload_all_names | dots_saveable | dots_with_no_batch_dims_saveable | full

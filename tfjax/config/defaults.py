@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"        # compute dtype
   m.param_dtype = "float32"   # master weights
   m.scan_layers = True        # nn.scan over the layer stack: constant compile time
-  # Layers per iteration of that scan; num_layers unrolls it fully (same
+  # Layers per iteration of that scan; num_layers (or more) unrolls it fully (same
   # parameter layout), which spares the CPU the zero-filled per-layer buffers
   # of the backward pass (configs/tiny.py); 1 = a loop (compile time).
   m.scan_unroll = 1

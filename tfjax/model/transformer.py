@@ -202,7 +202,7 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0 if cache_kv is not None else nn.broadcast, nn.broadcast),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-                      unroll=c.get("scan_unroll", 1))
+                      unroll=min(c.get("scan_unroll", 1), c.num_layers))
       return stack(c, name="layers")(x, cache_kv, context)
     new_kvs = []
     for i in range(c.num_layers):

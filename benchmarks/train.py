@@ -33,7 +33,7 @@ from tfjax.train.optimizer import make_optimizer
 from tfjax.train.state import create_train_state, state_shardings
 from tfjax.train.step import jit_train_step, make_loss_fn
 from tfjax.train.synthetic import synthetic_batch
-from tfjax.train.xla_flags import set_gpu_flags
+from tfjax.train.xla_flags import set_cpu_flags, set_gpu_flags
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file to benchmark.")
 flags.DEFINE_integer("seq_len", 0, "Sequence length (0 = the config's data.seq_len).")
@@ -47,6 +47,8 @@ flags.DEFINE_bool("profile", False, "Trace 3 more steps with jax.profiler and pr
 flags.DEFINE_string("profile_dir", "", "Where the trace goes (default: a temporary folder).")
 flags.DEFINE_bool("text_only", False, "Batches without images (text documents only).")
 flags.DEFINE_bool("xla_gpu_flags", True, "Set the trainer's XLA GPU flags "
+                  "(tfjax/train/xla_flags.py), as tfjax-train does.")
+flags.DEFINE_bool("xla_cpu_flags", True, "Set the trainer's XLA CPU flags "
                   "(tfjax/train/xla_flags.py), as tfjax-train does.")
 flags.DEFINE_string("extra_xla_flags", "", "More XLA flags for this run (A/B of one flag).")
 FLAGS = flags.FLAGS
@@ -129,6 +131,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_gpu_enable_command_buffer=").strip()
   set_gpu_flags(FLAGS.xla_gpu_flags)
+  set_cpu_flags(FLAGS.xla_cpu_flags)
   config = FLAGS.config
   if FLAGS.quick:
     config.model.dim, config.model.num_layers = 64, 2

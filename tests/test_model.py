@@ -129,6 +129,50 @@ def test_scan_and_unrolled_layers_agree(small):
   u = apply(mc_unrolled, unrolled, b)
   np.testing.assert_allclose(a.logits, u.logits, atol=1e-5)
   np.testing.assert_allclose(a.image_out, u.image_out, atol=1e-5)
+  # The scan unrolled (model.scan_unroll): the same parameters, the same outputs.
+  r = apply(small_model_config(scan_unroll=mc.num_layers), params, b)
+  np.testing.assert_allclose(a.logits, r.logits, atol=1e-5)
+  np.testing.assert_allclose(a.image_out, r.image_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_xla_path_builds_the_mask_once_for_all_layers(small, monkeypatch, scan):
+  """Training on the XLA path: one Transfusion mask per call, shared by every
+  layer (forward and backward), with the outputs and gradients of a mask per layer."""
+  import importlib
+  transformer_lib = importlib.import_module("tfjax.model.transformer")
+  attention_lib = importlib.import_module("tfjax.ops.attention")  # the module, not the function
+  _, _, b = small
+  mc = small_model_config(scan_layers=scan, num_layers=3)
+  params = init_params(mc, jax.random.key(0))
+  calls = []
+  real_mask = transformer_lib.transfusion_mask
+
+  def counting_mask(*args, **kwargs):
+    calls.append(1)
+    return real_mask(*args, **kwargs)
+  monkeypatch.setattr(transformer_lib, "transfusion_mask", counting_mask)
+  monkeypatch.setattr(attention_lib, "transfusion_mask", counting_mask)
+
+  def loss(params):
+    out = Transfusion(mc).apply({"params": params}, b.tokens, b.positions, b.segment_ids,
+                                b.image_ids, b.image_latents, jnp.zeros(b.image_starts.shape),
+                                b.image_starts, b.image_valid)
+    return jnp.sum(out.logits ** 2) + jnp.sum(out.image_out ** 2)
+  grad = lambda: jax.value_and_grad(lambda p: loss(p))  # a fresh function: traced anew
+  jax.eval_shape(grad(), params)  # traces, compiles nothing
+  assert len(calls) == 1
+  # Without the shared mask, each attention call builds its own.
+  monkeypatch.setattr(transformer_lib, "transfusion_mask", lambda *a, **k: None)
+  jax.eval_shape(grad(), params)
+  assert len(calls) >= 2  # unrolled: once per layer; scanned: once per trace of the body
+  if not scan:  # same values and gradients either way (one compile pair suffices)
+    per_layer = jax.jit(grad())(params)
+    monkeypatch.setattr(transformer_lib, "transfusion_mask", counting_mask)
+    shared = jax.jit(grad())(params)
+    np.testing.assert_allclose(shared[0], per_layer[0], rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 shared[1], per_layer[1])
 
 
 @pytest.mark.parametrize("policy", ["nothing_saveable", "save_all_names", "save_attention",

@@ -118,3 +118,17 @@ def test_gpu_xla_flags_keep_what_the_user_set():
   assert out.startswith("--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/d")
   assert all(f"--{k}=" in out for k in GPU_FLAGS)
   assert "triton_gemm" not in out  # measured slower on one H100 (RESULTS.md, Training)
+
+
+def test_cpu_xla_flags_turn_ynnpack_fusions_off_unless_the_user_chose(monkeypatch):
+  from tfjax.train.xla_flags import set_cpu_flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
+  set_cpu_flags()
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/d",
+                                             "--xla_cpu_experimental_ynn_fusion_type="]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+  set_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+  monkeypatch.delenv("XLA_FLAGS")
+  set_cpu_flags(enabled=False)  # config key train.xla_cpu_flags = False
+  assert "XLA_FLAGS" not in os.environ

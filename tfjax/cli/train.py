@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tfjax.cli.common import check_workdir, load_config, quiet_orbax, run
-from tfjax.train.xla_flags import set_gpu_flags
+from tfjax.train.xla_flags import set_cpu_flags, set_gpu_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override keys "
                                 "with --config.section.key=value.", lock_config=True)
@@ -41,6 +41,7 @@ def _run(argv):
   check_workdir(FLAGS.workdir)
   config = load_config(FLAGS.config)
   set_gpu_flags(config.train.get("xla_gpu_flags", True))  # before JAX starts its backends
+  set_cpu_flags(config.train.get("xla_cpu_flags", True))
   # Local: JAX loads after the flags parse (--help answers at once) and after the
   # XLA flags are set (no import may start a backend before that).
   from tfjax.jobs import transfusion  # pylint: disable=g-import-not-at-top

@@ -32,6 +32,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"        # compute dtype
   m.param_dtype = "float32"   # master weights
   m.scan_layers = True        # nn.scan over the layer stack: constant compile time
+  # Layers per iteration of that scan; num_layers (or more) unrolls it fully (same
+  # parameter layout), which spares the CPU the zero-filled per-layer buffers
+  # of the backward pass (configs/tiny.py); 1 = a loop (compile time).
+  m.scan_unroll = 1
   # What the backward pass keeps (tfjax/model/transformer.py REMAT_POLICIES):
   # none | nothing_saveable | save_all_names | save_attention | save_qkv_attention
   # | offload_all_names | dots_saveable | dots_with_no_batch_dims_saveable | full
@@ -175,6 +179,7 @@ def default_config() -> ml_collections.ConfigDict:
   # data.batch_size / (device_microbatch x data-parallel devices). 0 = off.
   t.device_microbatch = 0
   t.xla_gpu_flags = True      # GPU runs: set tfjax/train/xla_flags.py's XLA flags
+  t.xla_cpu_flags = True      # CPU runs: its CPU flags (YNNPACK fusions off: a faster CPU step)
   t.ema_decay = 0.0           # 0 = no EMA
   t.log_every = 50
   t.eval_every = 1000

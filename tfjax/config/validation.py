@@ -29,6 +29,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"patch size {m.patch_size} does not divide the latent grid "
            f"model.latent_size={m.latent_size}")
   _require(m.patch_type in ("linear", "unet"), "model.patch_type", f"unknown {m.patch_type!r}")
+  _require(m.get("scan_unroll", 1) >= 1, "model.scan_unroll",
+           f"{m.get('scan_unroll', 1)} must be at least 1")
   _require(m.attention_impl in ("xla", "pallas", "auto"), "model.attention_impl",
            f"unknown {m.attention_impl!r}")
   _require(m.image_attention in ("bidirectional", "causal"), "model.image_attention",

@@ -66,7 +66,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                image_ids: jax.Array, layer_kv: tuple[jax.Array, jax.Array] | None,
-               cache_ctx: tuple[jax.Array, jax.Array, jax.Array] | None, plan=None):
+               cache_ctx: tuple[jax.Array, jax.Array, jax.Array] | None, plan=None,
+               mask: jax.Array | None = None):
     """x: [batch, seq, dim] -> ([batch, seq, dim], this call's (k, v) or None).
 
     With `layer_kv` (the cache buffer, [batch, max_len, kv_heads, head_dim]
@@ -76,7 +77,8 @@ class Attention(nn.Module):
     buffer (or None) for the kernel path. The buffer is only read here: the caller
     writes the returned (k, v) [batch, seq, kv_heads, head_dim] into it once,
     so a denoising step that discards them copies nothing. `plan`: the
-    kernel's attention plan of this batch, shared by all layers (or None).
+    kernel's attention plan of this batch, shared by all layers (or None);
+    `mask`: the XLA path's Transfusion mask of this batch, likewise (or None).
     """
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
@@ -101,7 +103,8 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
     if layer_kv is None:
       with jax.named_scope("attention_core"):
-        out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl, plan=plan)
+        out = attention_op(q, k, v, segment_ids, image_ids, impl=c.attention_impl, plan=plan,
+                           mask=mask)
       out = checkpoint_name(out, "attention_out")
       new_kv = None
     else:
@@ -142,10 +145,10 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, layer_kv, context):
     """x: [batch, seq, dim]; context = (positions, segment_ids, image_ids,
-    cache_ctx, attention plan), the same for every layer (see Attention)."""
+    cache_ctx, attention plan, mask), the same for every layer (see Attention)."""
     c = self.config
     dtype, pdtype = _dtype(c.dtype), _dtype(c.param_dtype)
-    positions, segment_ids, image_ids, cache_ctx, plan = context
+    positions, segment_ids, image_ids, cache_ctx, plan, mask = context
     placement = c.get("norm_placement", "pre")
     if placement not in ("pre", "chameleon"):
       raise ValueError(f"config key model.norm_placement: unknown {placement!r} (pre | chameleon)")
@@ -155,11 +158,11 @@ class Block(nn.Module):
     mlp = SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")
     if placement == "pre":
       h, new_kv = attention(attn_norm(x), positions, segment_ids, image_ids, layer_kv, cache_ctx,
-                            plan)
+                            plan, mask)
       x = x + h
       x = x + mlp(mlp_norm(x))
     else:
-      h, new_kv = attention(x, positions, segment_ids, image_ids, layer_kv, cache_ctx, plan)
+      h, new_kv = attention(x, positions, segment_ids, image_ids, layer_kv, cache_ctx, plan, mask)
       x = x + attn_norm(h)
       x = x + mlp_norm(mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -187,16 +190,19 @@ class Transformer(nn.Module):
       # body ("broadcasted variable has a data dependency on the scan body",
       # seen on the H100). Without gradients the checkpoint costs nothing.
       block = nn.remat(Block, prevent_cse=not c.scan_layers)
-    plan = None
-    if cache_kv is None:  # the kernel's key intervals and work lists, once for all layers
+    plan = mask = None
+    if cache_kv is None:  # what attention needs of the mask, once for all layers
       with jax.named_scope("attention_plan"):
         plan = attention_plan(segment_ids, image_ids, head_dim=c.dim // c.num_heads,
                               dtype=_dtype(c.dtype), impl=c.attention_impl)
-    context = (positions, segment_ids, image_ids, cache_ctx, plan)
+        if c.attention_impl == "xla":  # the kernels take their plan instead
+          mask = transfusion_mask(segment_ids, image_ids)
+    context = (positions, segment_ids, image_ids, cache_ctx, plan, mask)
     if c.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0 if cache_kv is not None else nn.broadcast, nn.broadcast),
-                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                      unroll=min(c.get("scan_unroll", 1), c.num_layers))
       return stack(c, name="layers")(x, cache_kv, context)
     new_kvs = []
     for i in range(c.num_layers):

@@ -35,7 +35,7 @@ def attention_plan(segment_ids: jax.Array, image_ids: jax.Array, *, head_dim: in
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
               image_ids: jax.Array, impl: str = "xla",
-              scale: float | None = None, plan=None) -> jax.Array:
+              scale: float | None = None, plan=None, mask: jax.Array | None = None) -> jax.Array:
   """Self-attention over a packed Transfusion sequence.
 
   Args:
@@ -46,8 +46,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     impl: "xla" (reference), "pallas" (block-sparse kernel), "auto".
     plan: `attention_plan(segment_ids, image_ids, ...)` of this batch (kernel
       paths; None: the call builds its own).
+    mask: `transfusion_mask(segment_ids, image_ids)`, bool[batch, seq, seq],
+      for impl="xla": built once per batch and shared by every layer (None:
+      the call builds its own). Kernel paths ignore it.
   """
   _check_impl(impl)
   if impl == "xla":
-    return xla_attention(q, k, v, transfusion_mask(segment_ids, image_ids), scale)
+    if mask is None:
+      mask = transfusion_mask(segment_ids, image_ids)
+    return xla_attention(q, k, v, mask, scale)
   return api.attention(q, k, v, segment_ids, image_ids, impl=impl, scale=scale, plan=plan)

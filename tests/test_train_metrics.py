@@ -122,6 +122,7 @@ def test_gpu_xla_flags_keep_what_the_user_set():
 
 def test_cpu_xla_flags_turn_ynnpack_fusions_off_unless_the_user_chose(monkeypatch):
   from tfjax.train.xla_flags import set_cpu_flags
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
   set_cpu_flags()
   assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/d",
@@ -131,4 +132,8 @@ def test_cpu_xla_flags_turn_ynnpack_fusions_off_unless_the_user_chose(monkeypatc
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
   monkeypatch.delenv("XLA_FLAGS")
   set_cpu_flags(enabled=False)  # config key train.xla_cpu_flags = False
+  assert "XLA_FLAGS" not in os.environ
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  monkeypatch.setattr("tfjax.train.xla_flags._cuda_plugin_installed", lambda: True)
+  set_cpu_flags()  # a GPU machine: its JAX may lack the flag
   assert "XLA_FLAGS" not in os.environ

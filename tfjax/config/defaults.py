@@ -179,7 +179,9 @@ def default_config() -> ml_collections.ConfigDict:
   # data.batch_size / (device_microbatch x data-parallel devices). 0 = off.
   t.device_microbatch = 0
   t.xla_gpu_flags = True      # GPU runs: set tfjax/train/xla_flags.py's XLA flags
-  t.xla_cpu_flags = True      # CPU runs: its CPU flags (YNNPACK fusions off: a faster CPU step)
+  # CPU runs (no CUDA or TPU plugin installed, or JAX_PLATFORMS=cpu): YNNPACK
+  # fusions off, a faster CPU step (tfjax/train/xla_flags.py).
+  t.xla_cpu_flags = True
   t.ema_decay = 0.0           # 0 = no EMA
   t.log_every = 50
   t.eval_every = 1000

@@ -50,9 +50,30 @@ def gpu_flags_string(existing: str) -> str:
   return flags_string(existing, GPU_FLAGS)
 
 
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    return False
+
+
+def _cuda_plugin_installed() -> bool:
+  return any(_installed(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin",
+                                     "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"))
+
+
+def _cpu_run() -> bool:
+  """True where JAX will compute on the CPU: JAX_PLATFORMS=cpu, or no CUDA or TPU
+  plugin installed. CPU flags stay off elsewhere: they were measured only
+  with JAX 0.10.2, and XLA refuses to start on a flag its version lacks."""
+  if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    return True
+  return not (_cuda_plugin_installed() or _installed("libtpu"))
+
+
 def set_cpu_flags(enabled: bool = True) -> None:
-  """Adds CPU_FLAGS to XLA_FLAGS (call it before JAX starts its backends)."""
-  if enabled:
+  """Adds CPU_FLAGS to XLA_FLAGS on CPU runs (call it before JAX starts its backends)."""
+  if enabled and _cpu_run():
     os.environ["XLA_FLAGS"] = flags_string(os.environ.get("XLA_FLAGS", ""), CPU_FLAGS)
 
 
@@ -61,13 +82,6 @@ def set_gpu_flags(enabled: bool = True) -> None:
   before JAX starts its backends; the flags are ignored on CPU runs)."""
   if not enabled or os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     return
-
-  def installed(name):
-    try:
-      return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-      return False
-  if not any(installed(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin",
-                                    "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")):
+  if not _cuda_plugin_installed():
     return
   os.environ["XLA_FLAGS"] = gpu_flags_string(os.environ.get("XLA_FLAGS", ""))

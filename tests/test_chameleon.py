@@ -117,7 +117,7 @@ def test_norm_placement():
   c = tiny_config("/nonexistent").model
   x = jax.random.normal(jax.random.key(1), (1, 6, c.dim))
   ids = jnp.ones((1, 6), jnp.int32)
-  ctx = (jnp.arange(6)[None], ids, jnp.zeros_like(ids), None, None)
+  ctx = (jnp.arange(6)[None], ids, jnp.zeros_like(ids), None, None, None)
   outs, params = {}, None
   for placement in ("pre", "chameleon"):
     c.norm_placement = placement

@@ -162,6 +162,11 @@ def test_xla_path_builds_the_mask_once_for_all_layers(small, monkeypatch, scan):
   grad = lambda: jax.value_and_grad(lambda p: loss(p))  # a fresh function: traced anew
   jax.eval_shape(grad(), params)  # traces, compiles nothing
   assert len(calls) == 1
+  # "auto" resolves to the XLA reference on CPU: it shares the mask as well.
+  mc = small_model_config(scan_layers=scan, num_layers=3, attention_impl="auto")
+  jax.eval_shape(grad(), params)
+  assert len(calls) == 2
+  mc = small_model_config(scan_layers=scan, num_layers=3)
   # Without the shared mask, each attention call builds its own.
   monkeypatch.setattr(transformer_lib, "transfusion_mask", lambda *a, **k: None)
   jax.eval_shape(grad(), params)

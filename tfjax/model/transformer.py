@@ -195,7 +195,7 @@ class Transformer(nn.Module):
       with jax.named_scope("attention_plan"):
         plan = attention_plan(segment_ids, image_ids, head_dim=c.dim // c.num_heads,
                               dtype=_dtype(c.dtype), impl=c.attention_impl)
-        if c.attention_impl == "xla":  # the kernels take their plan instead
+        if plan is None:  # impl resolves to the XLA reference: one mask for all layers
           mask = transfusion_mask(segment_ids, image_ids)
     context = (positions, segment_ids, image_ids, cache_ctx, plan, mask)
     if c.scan_layers:

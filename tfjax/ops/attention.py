@@ -47,11 +47,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     plan: `attention_plan(segment_ids, image_ids, ...)` of this batch (kernel
       paths; None: the call builds its own).
     mask: `transfusion_mask(segment_ids, image_ids)`, bool[batch, seq, seq],
-      for impl="xla": built once per batch and shared by every layer (None:
-      the call builds its own). Kernel paths ignore it.
+      built once per batch and shared by every layer where `impl` resolves to
+      the XLA reference (`attention_plan` gave None); None: the call builds
+      its own. Ignored when a plan is given.
   """
   _check_impl(impl)
-  if impl == "xla":
+  if impl == "xla" or (plan is None and mask is not None):
     if mask is None:
       mask = transfusion_mask(segment_ids, image_ids)
     return xla_attention(q, k, v, mask, scale)

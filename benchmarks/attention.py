@@ -111,8 +111,10 @@ def jax_entries(doc, img, q, k, v, do, args, kernel_kw):
   return {n: (jax.jit(f), fwd_bwd(f)) for n, f in out.items()}
 
 
-def torch_flex(doc, img, qn, kn, vn, don, args):
-  """(fwd ms, fwd+bwd ms, out) of FlexAttention with the layout's block mask."""
+def torch_flex(doc, img, qn, kn, vn, don, args, mode=None):
+  """(fwd ms, fwd+bwd ms, out) of FlexAttention with the layout's block mask;
+  mode="max-autotune-no-cudagraphs" lets inductor time its tile configs (the
+  forward's and the backward's) and keep the fastest: the tuned setting."""
   import torch
   from torch.nn.attention.flex_attention import create_block_mask, flex_attention
   dev = "cuda"
@@ -131,7 +133,7 @@ def torch_flex(doc, img, qn, kn, vn, don, args):
   q.requires_grad_(True)
   k.requires_grad_(True)
   v.requires_grad_(True)
-  flex = torch.compile(flex_attention)
+  flex = torch.compile(flex_attention, mode=mode)
   fwd = lambda: flex(q, k, v, block_mask=bm)
 
   def fwd_bwd():
@@ -238,6 +240,14 @@ def run_shape(bsz, seq, heads, d, args):
     except Exception as e:
       rows.append(("torch FlexAttention (block mask)", float("nan"), float("nan"),
                    f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
+    if args.flex_tuned:
+      name = "torch FlexAttention (autotuned)"
+      try:
+        tf, tfb, o = torch_flex(doc, img, qn, kn, vn, don, args, mode="max-autotune-no-cudagraphs")
+        err = f"err o {rel_err(o, ref_o):.1e}" if ref_o is not None else ""
+        rows.append((name, tf, tfb, err))
+      except Exception as e:
+        rows.append((name, float("nan"), float("nan"), f"FAILED: {type(e).__name__}: {str(e)[:200]}"))
   if not args.only or "doc-causal" in args.only:
     rows += doc_causal_rows(doc, q, k, v, do, args, heads)
   return dict(seq=seq, d=d, nnz=nnz, flops_f=flops_f, flops_fb=flops_fb, rows=rows)
@@ -295,6 +305,9 @@ def main():
   p.add_argument("--no_torch", action="store_true", help="skip FlexAttention")
   p.add_argument("--only", default="", help="comma-separated name substrings of peers to time"
                  " besides this kernel (e.g. tokamax,Flex)")
+  p.add_argument("--flex_tuned", action="store_true",
+                 help="also time FlexAttention compiled with mode=max-autotune-no-cudagraphs"
+                      " (inductor's own tile search; minutes of compilation per shape)")
   p.add_argument("--no_tokamax", action="store_true", help="skip tokamax")
   p.add_argument("--with_xla", action="store_true", help="time XLA in --quick too")
   p.add_argument("--with_triton", action="store_true",

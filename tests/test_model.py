@@ -180,7 +180,7 @@ def test_xla_path_builds_the_mask_once_for_all_layers(small, monkeypatch, scan):
                  shared[1], per_layer[1])
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "save_all_names", "save_attention",
+@pytest.mark.parametrize("policy", ["nothing_saveable", "save_all", "save_all_names", "save_attention",
                                     "save_qkv_attention"])
 def test_remat_policy_keeps_values_and_gradients(small, policy):
   mc, params, b = small
@@ -220,11 +220,14 @@ def test_named_remat_policy_saves_what_it_names(small):
 
   attention = scan_residuals("save_attention")
   everything = scan_residuals("save_all_names")
+  with_norms = scan_residuals("save_all")
   nothing = scan_residuals("nothing_saveable")
   heads = (mc.num_heads, mc.dim // mc.num_heads)
   assert sum(s[3:] == heads for s in attention) == 2            # q, attention output
   assert not any(s[-1] == mlp for s in attention)
   assert sum(s[-1] == mlp for s in everything) == 2             # gate, up
+  dim_wide = lambda saved: sum(s[3:] == (mc.dim,) for s in saved)
+  assert dim_wide(with_norms) == dim_wide(everything) + 2       # + both norm outputs
   assert nothing == [(mc.num_layers,) + b.tokens.shape + (mc.dim,)]  # the block inputs
 
 

@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
   # of the backward pass (configs/tiny.py); 1 = a loop (compile time).
   m.scan_unroll = 1
   # What the backward pass keeps (tfjax/model/transformer.py REMAT_POLICIES):
-  # none | nothing_saveable | save_all_names | save_attention | save_qkv_attention
+  # none | nothing_saveable | save_all | save_all_names | save_attention | save_qkv_attention
   # | offload_all_names | dots_saveable | dots_with_no_batch_dims_saveable | full
   m.remat_policy = "nothing_saveable"
   # Training: the LM head + cross-entropy run over this many positions of each

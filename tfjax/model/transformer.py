@@ -26,6 +26,8 @@ from tfjax.ops.kernels.api import cached_attention
 # its output projection) and the MLP's gate, up and down products.
 ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj")
 MLP_NAMES = ("mlp_gate", "mlp_up", "mlp_out")
+# The pre-norm outputs feeding the projections and the MLP, [batch, seq, dim].
+NORM_NAMES = ("attention_norm_out", "mlp_norm_out")
 
 
 def _offload(names: tuple[str, ...]):
@@ -41,6 +43,10 @@ REMAT_POLICIES = {
     # Every named activation: only norms, RoPE and elementwise work are redone.
     "save_all_names": jax.checkpoint_policies.save_only_these_names(
         *ATTENTION_NAMES, *MLP_NAMES),
+    # Every named activation and both norm outputs: the backward redoes only
+    # RoPE's and the elementwise work's inputs it cannot read back.
+    "save_all": jax.checkpoint_policies.save_only_these_names(
+        *ATTENTION_NAMES, *MLP_NAMES, *NORM_NAMES),
     # The attention side (its kernel is the costliest thing to redo); the MLP
     # products, the largest activations, are recomputed.
     "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES),
@@ -157,10 +163,10 @@ class Block(nn.Module):
     attention = Attention(c, name="attention")
     mlp = SwiGLU(config_lib.mlp_dim(c), dtype, pdtype, name="mlp")
     if placement == "pre":
-      h, new_kv = attention(attn_norm(x), positions, segment_ids, image_ids, layer_kv, cache_ctx,
-                            plan, mask)
+      h, new_kv = attention(checkpoint_name(attn_norm(x), "attention_norm_out"), positions,
+                            segment_ids, image_ids, layer_kv, cache_ctx, plan, mask)
       x = x + h
-      x = x + mlp(mlp_norm(x))
+      x = x + mlp(checkpoint_name(mlp_norm(x), "mlp_norm_out"))
     else:
       h, new_kv = attention(x, positions, segment_ids, image_ids, layer_kv, cache_ctx, plan, mask)
       x = x + attn_norm(h)

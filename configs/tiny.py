@@ -1,7 +1,7 @@
 """Tiny Transfusion on the built-in shapes dataset: the embedded main job.
 
 Trains end to end (dataset, tokenizer, VAE, latents, transformer, samples,
-report) on a 2-core CPU in under 20 minutes:
+report) on a 2-core CPU in about 26 minutes (benchmarks/RESULTS.md, "Main job"):
 
   tfjax-train --config=configs/tiny.py --workdir=/tmp/tfjax_tiny
 
@@ -54,7 +54,7 @@ def get_config():
   c.data.vocab_size = 512
   c.data.num_train_scenes = 4000
   c.data.num_eval_scenes = 200
-  c.data.max_objects = 1      # one large object per scene: learnable in 20 CPU minutes
+  c.data.max_objects = 1      # one large object per scene: learnable in the main job's 3000 CPU steps
   c.data.object_sizes = "large"
   c.data.text_image_ratio = 0.25
   c.data.seq_len = 128

@@ -4,7 +4,7 @@ The sweeps and ablations (configs/sweep_tiny.py, configs/chameleon_tiny.py,
 configs/ablations/*.py) compare families on the full shapes data: 1-3
 objects of every size, linear patches, text and image-caption tokens 1:1,
 DDIM 50 / CFG 3 samples. configs/tiny.py has since moved to the recipe that
-learns colour and shape within the main job's 20 CPU minutes (U-Net patches,
+learns colour and shape within the main job's 3000 CPU steps (U-Net patches,
 one large object); this file keeps the comparisons' baseline, and their
 commands, unchanged.
 """

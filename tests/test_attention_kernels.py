@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_cases import TRITON_CASES
 from kernel_layouts import TOL, random_inputs, random_layout, rel_error
 
 from tfjax.ops.attention import attention as ops_attention
@@ -20,16 +21,9 @@ from tfjax.ops.kernels import api
 from tfjax.ops.mask import key_ranges, transfusion_mask
 
 
-CASES = [
-    # (dtype, head_dim, q_heads, kv_heads, seq, block_q, block_k)
-    (jnp.float32, 64, 4, 2, 256, 64, 64),     # GQA
-    (jnp.bfloat16, 128, 2, 2, 256, 64, 128),  # unequal blocks
-    (jnp.bfloat16, 64, 4, 1, 320, 128, 64),   # multi-query; padded to 384
-    (jnp.float32, 128, 2, 1, 200, None, None),  # default blocks, padded
-]
 
 
-@pytest.mark.parametrize("dtype,d,hq,hkv,seq,block_q,block_k", CASES)
+@pytest.mark.parametrize("dtype,d,hq,hkv,seq,block_q,block_k", TRITON_CASES)
 def test_pallas_matches_reference(dtype, d, hq, hkv, seq, block_q, block_k):
   rng = np.random.default_rng(seq + d + hq)
   seg, img = random_layout(rng, 2, seq)

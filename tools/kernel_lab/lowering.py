@@ -4,7 +4,7 @@
 one program for the platform its kernels run on: "cuda" for the Triton and
 Mosaic GPU kernels, "tpu" (a v5p topology, libtpu) for the Mosaic TPU
 kernels, "cpu" for the Pallas interpret-mode programs the CPU tests run. The
-cases are the kernel tests' configurations (tests/test_attention_*.py) and
+cases are the kernel tests' configurations (tests/kernel_cases.py) and
 the configs the dispatch picks on a Hopper GPU.
 
 Normalisation (`normalised_text`): the StableHLO is printed without
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,53 +119,24 @@ def case_digest(build) -> tuple[str, str]:
 # Cases: the kernel tests' configurations
 # ---------------------------------------------------------------------------
 
-G, OWN_DELTA, RECOMPUTE = SdpGrouping.GROUPED, DqKernel.RECOMPUTE_OWN_DELTA, DqKernel.RECOMPUTE
+G, RECOMPUTE = SdpGrouping.GROUPED, DqKernel.RECOMPUTE
 BF16 = jnp.bfloat16
 
-# (head_dim, q_heads, kv_heads, seq, config) of tests/test_attention_mosaic.py:
-# copied, not imported, since the recorded hashes are indexed by these lists'
-# positions while the tests may add or change cases.
-MOSAIC_FWD = [
-    (64, 4, 2, 512, Fwd(num_stages=3, heads=2)),
-    (128, 2, 2, 384, Fwd()),
-    (128, 4, 1, 512, Fwd(block_k=64, heads=4, lpt=False, heads_outer=False)),
-    (64, 2, 2, 320, Fwd(block_k=64, num_stages=4, heads=2)),
-    (128, 2, 2, 384, Fwd(skip_empty=False)),
-    (64, 4, 2, 512, Fwd(consumers=3)),
-    (128, 2, 2, 384, Fwd(block_k=64, heads=2, consumers=3)),
-    (128, 4, 2, 448, Fwd(block_k=64, consumers=3)),
-    (128, 4, 2, 448, Fwd(block_k=64, consumers=3, persistent=True, persistent_ctas=5)),
-    (64, 4, 2, 512, Fwd(persistent=True, persistent_ctas=3)),
-    (64, 4, 2, 512, Fwd(consumers=3, persistent=True, persistent_ctas=5)),
-]
-MOSAIC_VJP = [
-    (64, 4, 2, 512, Vjp(stages_dq=2, consumer_regs=232, sdp=G, dq=OWN_DELTA, consumers_dq=2)),
-    (128, 2, 2, 384, Vjp(stages_dkv=3, block_k_dq=128, stages_dq=2, consumer_regs=232,
-                         sdp=SdpGrouping.SEPARATE, dq=RECOMPUTE, consumers_dq=2)),
-    (128, 2, 2, 384, Vjp(stages_dq=2, consumer_regs=232, sdp=G, skip_empty=False, dq=OWN_DELTA,
-                         consumers_dq=2)),
-    (64, 4, 2, 512, Vjp(stages_dq=2, consumer_regs=232, sdp=G, dq=OWN_DELTA, consumers_dkv=3)),
-    (128, 2, 2, 320, Vjp(stages_dq=2, consumer_regs=232, sdp=G, dq=RECOMPUTE)),
-    (128, 4, 2, 384, Vjp(stages_dq=2, dq=OWN_DELTA, consumers_dq=2)),
-    (128, 4, 2, 384, Vjp(stages_dq=2, ds_capacity=100)),
-    (64, 2, 2, 320, Vjp(stages_dq=2, consumer_regs=232, sdp=G, consumers_dkv=3, ds_capacity=100)),
-    (64, 2, 2, 384, Vjp(stages_dq=2, consumer_regs=232, sdp=G, consumers_dq=2)),
-    (64, 2, 2, 384, Vjp(stages_dq=2, consumer_regs=232, sdp=G, consumers_dq=2, ds_capacity=60)),
-    (128, 4, 2, 384, Vjp(ds_capacity=100)),
-    (128, 4, 2, 384, Vjp()),
-    (64, 4, 2, 512, Vjp(stages_dq=2, consumer_regs=232, sdp=G, dq=OWN_DELTA, consumers_dkv=3,
-                        persistent_dkv=True, persistent_ctas=5)),
-    (128, 4, 2, 384, Vjp(ds_capacity=100, persistent_dkv=True, persistent_ctas=5)),
-]
-# (dtype, head_dim, q_heads, kv_heads, seq, block_q, block_k) of tests/test_attention_kernels.py
-TRITON = [
-    ("float32", 64, 4, 2, 256, 64, 64),
-    ("bfloat16", 128, 2, 2, 256, 64, 128),
-    ("bfloat16", 64, 4, 1, 320, 128, 64),
-    ("float32", 128, 2, 1, 200, None, None),
-]
-TRITON_DEFAULTS = [("bfloat16", 64, 4, 2, 256, None, None),  # the shipped tiles
-                   ("bfloat16", 128, 4, 2, 256, None, None)]
+
+def _load_test_cases():
+  """tests/kernel_cases.py, the kernel tests' configurations, loaded by its path
+  (neither tests/ nor tools/ is a package)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "tests", "kernel_cases.py")
+  spec = importlib.util.spec_from_file_location("kernel_cases", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_TESTS = _load_test_cases()
+MOSAIC_FWD, MOSAIC_VJP = _TESTS.MOSAIC_CASES, _TESTS.MOSAIC_BWD_CASES
+TRITON, TRITON_DEFAULTS = _TESTS.TRITON_CASES, _TESTS.TRITON_DEFAULT_CASES
 
 
 def _sds(shape, dtype, sharding=None):
@@ -340,6 +313,7 @@ def cases() -> dict:
       out[f"hopper_default d{d} seq_len{seq_len}"] = (
           "cuda", lambda a=(d, seq_len): _hopper_default(*a))
   for dtype, d, hq, hkv, seq, bq, bk in TRITON + TRITON_DEFAULTS:
+    dtype = jnp.dtype(dtype).name
     cfg = api.heuristic_config("triton", d, jnp.dtype(dtype), None, bq, bk)
     out[f"triton {dtype} {shape(d, hq, hkv, seq)} blocks{bq},{bk}"] = (
         "cuda", lambda c=(cfg, 2, seq, hq, hkv, d, jnp.dtype(dtype)): _gpu_fb(*c))
@@ -350,6 +324,7 @@ def cases() -> dict:
   for d in (64, 128):
     out[f"triton forward-only d{d}"] = ("cuda", lambda d=d: _triton_forward_only(d))
   for dtype, d, hq, hkv, seq, bq, bk in TRITON:
+    dtype = jnp.dtype(dtype).name
     out[f"triton_interpret {dtype} {shape(d, hq, hkv, seq)} blocks{bq},{bk}"] = (
         "cpu", lambda c=(jnp.dtype(dtype), d, hq, hkv, seq, bq, bk): _triton_interpret(*c))
   out["mosaic_tpu_interpret f32 d128 hq2 hkv1 L256 blocks128"] = ("cpu", _mosaic_tpu_interpret)

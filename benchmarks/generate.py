@@ -32,13 +32,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after the compiling on
 
 
 def _load_config(path: str, quick: bool):
-  import importlib.util
-  if quick:
-    path = "configs/tiny.py"
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from tfjax.config.files import load_config_file
+  c = load_config_file("configs/tiny.py" if quick else path)
   if quick:
     c.model.dim, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 64, 2, 4, 4
   return c

@@ -21,8 +21,6 @@ from tfjax.ops.kernels import api
 from tfjax.ops.mask import key_ranges, transfusion_mask
 
 
-
-
 @pytest.mark.parametrize("dtype,d,hq,hkv,seq,block_q,block_k", TRITON_CASES)
 def test_pallas_matches_reference(dtype, d, hq, hkv, seq, block_q, block_k):
   rng = np.random.default_rng(seq + d + hq)

@@ -9,12 +9,13 @@ intended kernel change, record all cases again:
 `python tools/kernel_lab/lowered_programs.py --write tools/kernel_lab/lowered_programs.json`.
 """
 import functools
-import importlib.util
 import json
 import os
 
 import jax
 import pytest
+
+from tfjax.config.files import load_module
 
 LAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "tools", "kernel_lab")
@@ -41,11 +42,7 @@ CASES = [
 @functools.cache
 def _lowering():
   """tools/kernel_lab/lowering.py, loaded by its path (tools/ is no package)."""
-  spec = importlib.util.spec_from_file_location("kernel_lab_lowering",
-                                                os.path.join(LAB, "lowering.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(os.path.join(LAB, "lowering.py"), "kernel_lab_")
 
 
 @functools.cache

@@ -1,6 +1,5 @@
 """The GPU science sweeps without a GPU: what they plan, and reports rebuilt
 from stored run records alone (no training here)."""
-import importlib.util
 import json
 import os
 
@@ -8,6 +7,7 @@ import ml_collections
 import pytest
 
 from configs.science_gpu import ablations, common, compare
+from tfjax.config.files import load_module
 from tfjax.experiments import budget, results
 from tfjax.jobs import sweep as runner
 
@@ -115,10 +115,7 @@ def test_time_budget_starts_no_run_that_cannot_finish(tmp_path):
 
 
 def test_edit_report_has_both_baselines(tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "science_gpu_edit", os.path.join(runner.REPO_ROOT, "benchmarks", "science_gpu_edit.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_module(os.path.join(runner.REPO_ROOT, "benchmarks", "science_gpu_edit.py"))
   per = lambda c: {"per_type": {t: {"edited": 1.0, "unchanged": 1.0, "correct": c, "num": 5}
                                 for t in mod.EDIT_TYPES},
                    "per_category": {"edited": 1.0, "unchanged": 1.0, "correct": c}, "accuracy": c}

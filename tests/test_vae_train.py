@@ -2,7 +2,6 @@
 within a few CPU minutes, and its latents come out about unit variance."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 import tfjax.vae
+from tfjax.config.files import load_config_file
 from tfjax.vae.io import META_FILE
 from tfjax.vae.train import load_images, to_float, train_vae
 
@@ -18,11 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location(
-      "vae_tiny", os.path.join(ROOT, "configs", "vae_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(ROOT, "configs", "vae_tiny.py"))
 
 
 @pytest.mark.long

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 
@@ -38,8 +37,8 @@ from jax._src.lib.mlir import ir
 from tfjax.ops.kernels import api, mosaic_gpu, mosaic_gpu_fwd, mosaic_gpu_vjp, mosaic_tpu, triton
 from tfjax.ops.kernels.mosaic_gpu import MosaicGpuConfig
 from tfjax.ops.kernels.mosaic_gpu_fwd import FwdConfig as Fwd
-from tfjax.ops.kernels.mosaic_gpu_vjp import DqKernel, SdpGrouping
 from tfjax.ops.kernels.mosaic_gpu_vjp import VjpConfig as Vjp
+from tfjax.config.files import load_module
 from tfjax.ops.mask import key_ranges
 
 # ---------------------------------------------------------------------------
@@ -119,22 +118,13 @@ def case_digest(build) -> tuple[str, str]:
 # Cases: the kernel tests' configurations
 # ---------------------------------------------------------------------------
 
-G, RECOMPUTE = SdpGrouping.GROUPED, DqKernel.RECOMPUTE
 BF16 = jnp.bfloat16
 
-
-def _load_test_cases():
-  """tests/kernel_cases.py, the kernel tests' configurations, loaded by its path
-  (neither tests/ nor tools/ is a package)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      "tests", "kernel_cases.py")
-  spec = importlib.util.spec_from_file_location("kernel_cases", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_TESTS = _load_test_cases()
+# tests/kernel_cases.py, the kernel tests' configurations (tests/ is no package).
+_TESTS = load_module(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "tests", "kernel_cases.py"))
+G, RECOMPUTE = _TESTS.G, _TESTS.RECOMPUTE
 MOSAIC_FWD, MOSAIC_VJP = _TESTS.MOSAIC_CASES, _TESTS.MOSAIC_BWD_CASES
 TRITON, TRITON_DEFAULTS = _TESTS.TRITON_CASES, _TESTS.TRITON_DEFAULT_CASES
 

@@ -34,11 +34,11 @@ from jax._src.lib import mosaic_gpu_dialect, triton as triton_lib
 from jax._src.lib import tpu as tpu_dialect
 from jax._src.lib.mlir import ir
 
+from tfjax.config.files import load_module
 from tfjax.ops.kernels import api, mosaic_gpu, mosaic_gpu_fwd, mosaic_gpu_vjp, mosaic_tpu, triton
 from tfjax.ops.kernels.mosaic_gpu import MosaicGpuConfig
 from tfjax.ops.kernels.mosaic_gpu_fwd import FwdConfig as Fwd
 from tfjax.ops.kernels.mosaic_gpu_vjp import VjpConfig as Vjp
-from tfjax.config.files import load_module
 from tfjax.ops.mask import key_ranges
 
 # ---------------------------------------------------------------------------

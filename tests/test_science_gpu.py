@@ -20,7 +20,7 @@ def plans():
 def test_compare_plans_equal_flops_budgets_and_seeds(plans):
   runs, _ = plans
   assert {r.family for r in runs} == {"transfusion", "chameleon"}
-  assert len(runs) == 2 * 4 * 2
+  assert len(runs) == 2 * len(common.BUDGETS) * 2 and len(common.BUDGETS) >= 4
   assert max(common.BUDGETS) / min(common.BUDGETS) >= 10
   for r in runs:
     assert r.name.endswith(f"-s{r.seed}") and r.seed in (0, 1)
@@ -50,6 +50,22 @@ def test_ablations_reuse_the_comparisons_baseline(plans):
   # The U-Net's convolutions are charged: at equal FLOPs it trains fewer steps.
   assert unet.steps < lin.steps
   assert {r.config.model.patch_size for r in abl_runs} == {1, 2, 4}
+
+
+@pytest.mark.parametrize("which", ["compare", "ablations"])
+def test_stored_gpu_runs_are_what_the_configs_plan(plans, which):
+  """Every run record in benchmarks/science_gpu/runs/ is one the sweep still
+  plans, with the same config and overrides, so --report_only can read it."""
+  runs = {r.name: r for r in plans[0] + plans[1]}
+  configs = {**compare.get_config().families.to_dict(), **ablations.get_config().families.to_dict()}
+  stored = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "science_gpu", "runs", which)
+  names = [f[:-len(".json")] for f in os.listdir(stored) if f.endswith(".json")]
+  assert names
+  for name in names:
+    rec = json.load(open(os.path.join(stored, name + ".json")))
+    run = runs[name]
+    assert rec["config_file"] == configs[run.family]["config"]
+    assert rec["overrides"] == list(run.overrides), name
 
 
 def test_measured_flops_sums_the_logged_windows():

@@ -7,8 +7,8 @@ import numpy as np
 
 from configs.tiny import get_config
 from tfjax.ops.mask import transfusion_mask
-from tfjax.train.flops import (attention_flops, block_params, patch_flops, peak_tflops,
-                               step_flops, unmasked_pairs)
+from tfjax.train.flops import (attention_flops, block_params, jaxpr_matmul_flops, patch_flops,
+                               peak_tflops, step_flops, unmasked_pairs)
 from tfjax.train.metrics import MetricsWriter, Throughput, read_jsonl
 from tfjax.train.report import write_report
 from tfjax.train.synthetic import synthetic_batch
@@ -42,6 +42,28 @@ def test_step_flops_is_6nd_plus_head_at_text_plus_attention():
   out = t(0.5, seg, ids, np.ones((2, 1), bool))
   assert out["tokens_per_s"] == 64 and out["images_per_s"] == 4
   np.testing.assert_allclose(out["mfu"], step_flops(c.model, seg, ids) / 0.5 / 1e12)
+
+
+def test_matmul_flops_count_padded_convolutions_and_scanned_bodies():
+  """Counted from shapes on any backend: a SAME 3x3 convolution is charged
+  every tap (XLA's CPU cost analysis skips the padded ones), and a scanned
+  matmul once per iteration."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.zeros((1, 4, 4, 8))
+  w = jnp.zeros((3, 3, 8, 16))
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert jaxpr_matmul_flops(jax.make_jaxpr(conv)(x, w).jaxpr) == 2 * 4 * 4 * 16 * 8 * 9
+  a = jnp.zeros((3, 5, 7))
+  def scanned(a):
+    return jax.lax.scan(lambda c, m: (c, jnp.dot(m, jnp.ones((7, 2)))), 0.0, a)[1]
+  assert jaxpr_matmul_flops(jax.make_jaxpr(jax.jit(scanned))(a).jaxpr) == 3 * 2 * 5 * 7 * 2
+  c = get_config()
+  c.model.patch_type = "linear"
+  linear = patch_flops(c.model, 1)
+  c.model.update(patch_type="unet", unet_channels=(8, 16))
+  assert patch_flops(c.model, 2) == 2 * patch_flops(c.model, 1) > 2 * linear
 
 
 def test_flop_count_matches_xla_cost_analysis_of_the_loss_gradient():

@@ -1,5 +1,5 @@
 """Transfusion vs Chameleon at equal training FLOPs (the paper's Table 3 /
-Figure 5 direction), on the GPU: 4 budgets spanning 16x, 2 seeds.
+Figure 5 direction), on the GPU: 6 budgets spanning 100x, 2 seeds.
 
   tfjax-sweep --config=configs/science_gpu/compare.py --workdir=/tmp/compare --list
   bash benchmarks/science_gpu.sh compare [RUN ...]          (device tool; PLAN.md)

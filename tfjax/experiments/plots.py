@@ -191,16 +191,30 @@ def seed_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
 
 
 def timing_table(rows: list[dict[str, Any]]) -> str:
-  """Measured seconds per training step and per run, per family (to size new runs)."""
-  lines = ["| family | size | runs | train s/step | run s beyond training |", "|---|---|---|---|---|"]
+  """Measured seconds per family, to size new runs (a sweep's `timing`).
+
+  train seconds = fixed + steps x s/step, fitted over runs of different
+  lengths (the fixed part is mostly compilation); a run's overhead is that
+  fixed part plus the median wall seconds beyond training (evaluation, start).
+  """
+  lines = ["| family | size | runs | s/step | fixed train s | run s beyond training "
+           "| run_overhead_s |", "|---|---|---|---|---|---|---|"]
   for fam, size in sorted({(r["family"], r["size"]) for r in rows}):
     rs = [r for r in rows if r["family"] == fam and r["size"] == size and r.get("train_seconds")]
     if not rs:
       continue
-    per_step = np.mean([r["train_seconds"] / r["steps"] for r in rs])
+    steps = np.array([r["steps"] for r in rs], float)
+    secs = np.array([r["train_seconds"] for r in rs], float)
+    if len(set(steps)) > 1:
+      per_step, fixed = np.polyfit(steps, secs, 1)
+    else:
+      per_step, fixed = float(np.mean(secs / steps)), None
     over = [r["wall_seconds"] - r["train_seconds"] for r in rs if r.get("wall_seconds")]
+    beyond = float(np.median(over)) if over else None
+    total = None if fixed is None or beyond is None else fixed + beyond
     lines.append(f"| {fam} | {size} | {len(rs)} | {per_step:.4f} | "
-                 f"{_fmt(float(np.median(over))) if over else '-'} |")
+                 + " | ".join(_fmt(v) if v is not None else "-" for v in (fixed, beyond, total))
+                 + " |")
   return "\n".join(lines)
 
 

@@ -83,7 +83,7 @@ if [[ $what == edit ]]; then
   tgz=$OUT/edit.tgz
 else
   dirs=$WORK/results,$STORE/runs/$what
-  [[ $what == ablations ]] && dirs=$dirs,$STORE/runs/compare
+  [[ $what == ablations ]] && dirs=$dirs,$STORE/runs/compare_pilot
   only=()
   [[ $# -gt 0 ]] && only=("--only=$(IFS=,; echo "$*")")
   python3 -m tfjax.cli.sweep --config="configs/science_gpu/$what.py" --workdir="$WORK" \

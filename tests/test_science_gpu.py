@@ -6,7 +6,7 @@ import os
 import ml_collections
 import pytest
 
-from configs.science_gpu import ablations, common, compare
+from configs.science_gpu import ablations, common, compare, compare_pilot
 from tfjax.config.files import load_module
 from tfjax.experiments import budget, results
 from tfjax.jobs import sweep as runner
@@ -14,11 +14,12 @@ from tfjax.jobs import sweep as runner
 
 @pytest.fixture(scope="module")
 def plans():
-  return runner.plan(compare.get_config()), runner.plan(ablations.get_config())
+  return (runner.plan(compare.get_config()), runner.plan(ablations.get_config()),
+          runner.plan(compare_pilot.get_config()))
 
 
 def test_compare_plans_equal_flops_budgets_and_seeds(plans):
-  runs, _ = plans
+  runs = plans[0]
   assert {r.family for r in runs} == {"transfusion", "chameleon"}
   assert len(runs) == 2 * len(common.BUDGETS) * 2 and len(common.BUDGETS) >= 4
   assert max(common.BUDGETS) / min(common.BUDGETS) >= 10
@@ -37,8 +38,11 @@ def test_compare_plans_equal_flops_budgets_and_seeds(plans):
       by[("chameleon", top, 0)].steps * 32 * 256)
 
 
-def test_ablations_reuse_the_comparisons_baseline(plans):
-  cmp_runs, abl_runs = plans
+def test_ablations_reuse_the_pilots_baseline(plans):
+  cmp_runs, abl_runs, pilot_runs = plans
+  assert all(r.config.data.num_train_scenes == 100_000 for r in cmp_runs)
+  assert {r.name for r in pilot_runs} < {r.name for r in cmp_runs}
+  cmp_runs = pilot_runs
   fams = {r.family for r in abl_runs}
   assert fams == {"transfusion", "causal", "unet", "no_noise_limit", "patch1", "patch4", "flow"}
   cmp_by_name = {r.name: r for r in cmp_runs}
@@ -52,15 +56,17 @@ def test_ablations_reuse_the_comparisons_baseline(plans):
   assert {r.config.model.patch_size for r in abl_runs} == {1, 2, 4}
 
 
-@pytest.mark.parametrize("which", ["compare", "ablations"])
+@pytest.mark.parametrize("which", [0, 1, 2])
 def test_stored_gpu_runs_are_what_the_configs_plan(plans, which):
-  """Every run record in benchmarks/science_gpu/runs/ is one the sweep still
-  plans, with the same config and overrides, so --report_only can read it."""
-  runs = {r.name: r for r in plans[0] + plans[1]}
-  configs = {**compare.get_config().families.to_dict(), **ablations.get_config().families.to_dict()}
-  stored = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "science_gpu", "runs", which)
-  names = [f[:-len(".json")] for f in os.listdir(stored) if f.endswith(".json")]
-  assert names
+  """Every run record in benchmarks/science_gpu/runs/SWEEP is one the sweep
+  still plans, with the same config and overrides, so --report_only reads it."""
+  module = (compare, ablations, compare_pilot)[which]
+  runs = {r.name: r for r in plans[which]}
+  configs = module.get_config().families.to_dict()
+  stored = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "science_gpu", "runs",
+                        module.__name__.rsplit(".", 1)[1])
+  names = sorted(f[:-len(".json")] for f in os.listdir(stored) if f.endswith(".json")
+                 ) if os.path.isdir(stored) else []
   for name in names:
     rec = json.load(open(os.path.join(stored, name + ".json")))
     run = runs[name]
@@ -166,7 +172,7 @@ def test_keep_going_lists_a_failed_run_and_stores_nothing(tmp_path):
 
 def test_edit_configs_share_the_sweeps_data_and_vae(plans):
   from tfjax.config import load_config_file, validate
-  runs, _ = plans
+  runs = plans[1]   # the ablations' (and the pilot's) 10k scenes
   pre = load_config_file("configs/science_gpu/edit.py:pretrain", root=runner.REPO_ROOT)
   ft = load_config_file("configs/science_gpu/edit.py", root=runner.REPO_ROOT)
   validate(pre)

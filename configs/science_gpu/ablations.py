@@ -12,11 +12,11 @@ equal training FLOPs (tfjax/train/flops.py: U-Net convolutions included):
   tfjax-sweep --config=configs/science_gpu/ablations.py --workdir=/tmp/abl --list
   bash benchmarks/science_gpu.sh ablations [RUN ...]        (device tool; PLAN.md)
   tfjax-sweep --config=configs/science_gpu/ablations.py --workdir=/tmp/abl --report_only \
-      --results_dir=benchmarks/science_gpu/runs/ablations,benchmarks/science_gpu/runs/compare
+      --results_dir=benchmarks/science_gpu/runs/ablations,benchmarks/science_gpu/runs/compare_pilot
 
-The baseline `transfusion` is compare.py's family at the same budgets and
-seeds (the same config): its runs are read from the comparison's results.
-Two budgets (the comparison's 2nd and 4th), 2 seeds.
+The baseline `transfusion` is compare_pilot.py's family at the same budgets
+and seeds (the same config, on the sweeps' 10k scenes): its runs are read
+from the pilot's results. Two budgets (8e13 and 5.1e14 FLOPs), 2 seeds.
 """
 from configs.science_gpu import common
 

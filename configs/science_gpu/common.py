@@ -53,8 +53,18 @@ TIMING = {"step_seconds": {"*": 0.007, "unet": 0.009, "patch1": 0.012},
           "run_overhead_s": 32.0}
 
 
-def sweep(name: str, families: dict, budgets=BUDGETS, parity=()) -> ml_collections.ConfigDict:
-  """A science_gpu sweep config over `families` with the shared settings."""
+# The comparison's data: at its top budget Transfusion sees 10k scenes ~230
+# times and Chameleon (4x the positions per image) ~90 times; on 10k scenes
+# Chameleon's held-out LM loss already rose 1.02 -> 1.40 from 2e14 to 5.1e14
+# FLOPs while its training loss fell (reports/compare_pilot). 100k scenes keep
+# the top budget under ~25 passes (Chameleon ~9).
+LARGE_DATA = ("data.num_train_scenes=100000", "data.num_text_docs=100000")
+
+
+def sweep(name: str, families: dict, budgets=BUDGETS, parity=(),
+          extra_common=()) -> ml_collections.ConfigDict:
+  """A science_gpu sweep config over `families` with the shared settings
+  (COMMON, then `extra_common`)."""
   s = ml_collections.ConfigDict()
   s.name = name
   s.families = families
@@ -62,7 +72,7 @@ def sweep(name: str, families: dict, budgets=BUDGETS, parity=()) -> ml_collectio
   s.budgets = tuple(budgets)
   s.budget_unit = "flops"
   s.seeds = SEEDS
-  s.common = COMMON
+  s.common = COMMON + tuple(extra_common)
   s.eval = {"num_samples": 64, "seed": 0, "batch_size": 32}
   s.parity = parity
   s.metrics = METRICS

@@ -1,5 +1,7 @@
 """Transfusion vs Chameleon at equal training FLOPs (the paper's Table 3 /
-Figure 5 direction), on the GPU: 6 budgets spanning 100x, 2 seeds.
+Figure 5 direction), on the GPU: 6 budgets spanning 100x, 2 seeds, on 100k
+training scenes (compare_pilot.py ran the first 4 budgets on 10k, where
+Chameleon overfit).
 
   tfjax-sweep --config=configs/science_gpu/compare.py --workdir=/tmp/compare --list
   bash benchmarks/science_gpu.sh compare [RUN ...]          (device tool; PLAN.md)
@@ -16,9 +18,12 @@ Chameleon runs fewer steps.
 """
 from configs.science_gpu import common
 
+FAMILIES = {
+    "transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()},
+    "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
+}
+
 
 def get_config():
-  return common.sweep("science_gpu_compare", {
-      "transfusion": {"config": "configs/tiny_comparisons.py", "overrides": ()},
-      "chameleon": {"config": "configs/chameleon_tiny.py", "overrides": ()},
-  }, parity=(("chameleon", "transfusion"),))
+  return common.sweep("science_gpu_compare", FAMILIES, parity=(("chameleon", "transfusion"),),
+                      extra_common=common.LARGE_DATA)

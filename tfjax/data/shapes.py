@@ -88,21 +88,28 @@ def render(scene: Scene, image_size: int) -> np.ndarray:
   return img
 
 
+def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+  """rng.choice(options) for a short sequence, with the same draw: choice turns
+  the list into an array on every call, which was most of a data build."""
+  return options[int(rng.integers(0, len(options)))]
+
+
 def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3,
                  max_tries: int = 100, sizes: Sequence[str] = tuple(SIZES)) -> Scene:
   """A random scene of non-overlapping objects, entirely inside the image."""
   n = int(rng.integers(min_objects, max_objects + 1))
+  sizes, colors = tuple(sizes), tuple(COLORS)
   objects: list[dict[str, Any]] = []
   tries = 0
   while len(objects) < n and tries < max_tries:
     tries += 1
-    size = str(rng.choice(list(sizes)))
+    size = str(_pick(rng, sizes))
     r = SIZES[size]
     x, y = (float(v) for v in np.round(rng.uniform(r + 0.01, 1 - r - 0.01, size=2), 3))
     if all(np.hypot(x - o["x"], y - o["y"]) > r + SIZES[o["size"]] + _GAP for o in objects):
-      objects.append(dict(shape=str(rng.choice(SHAPES)), color=str(rng.choice(list(COLORS))),
+      objects.append(dict(shape=str(_pick(rng, SHAPES)), color=str(_pick(rng, colors)),
                           size=size, x=x, y=y))
-  bg = str(rng.choice(list(BACKGROUNDS)))
+  bg = str(_pick(rng, tuple(BACKGROUNDS)))
   return {"objects": objects, "background": list(BACKGROUNDS[bg])}
 
 
@@ -305,7 +312,7 @@ def _scene_story(scene: Scene, rng: np.random.Generator) -> str:
     lines.append(f"the {a['color']} {a['shape']} is {_relation(a, b)} "
                  f"the {b['color']} {b['shape']}.")
   if rng.random() < 0.3:
-    lines.append(str(rng.choice(_FACTS)))
+    lines.append(str(_pick(rng, _FACTS)))
   return " ".join(lines)
 
 

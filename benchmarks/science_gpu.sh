@@ -9,7 +9,7 @@
 # compare / ablations: runs the named runs of configs/science_gpu/SWEEP.py (all
 # not yet stored when none are named) with tfjax-sweep, skipping every run
 # stored in benchmarks/science_gpu/runs/ (the ablations also read the
-# comparison's, whose `transfusion` runs are theirs). No run starts once fewer
+# comparison pilot's, whose `transfusion` runs are theirs). No run starts once fewer
 # than RESERVE_S (120) of BUDGET_S (570) seconds since this script started are
 # left, nor one whose estimate (configs/science_gpu/common.py TIMING) does not
 # fit. Every 10 s, and at the end, $OUT/results.tgz is rewritten whole with

@@ -98,7 +98,8 @@ def _fake_record(run, sweep, cider):
           "flops": run.flops, "config_file": sweep.families[run.family]["config"],
           "overrides": list(run.overrides), "device": "NVIDIA H100 80GB HBM3",
           "jax_version": "0.11.2", "date": "2026-12-07 10:00 UTC", "train_seconds": 20.0,
-          "wall_seconds": 60.0, "caption_cider": cider, "perplexity": 2.0 / cider}
+          "wall_seconds": 60.0, "caption_cider": cider, "perplexity": 2.0 / cider,
+          "eval": dict(sweep.eval)}
 
 
 def test_report_only_rebuilds_table_and_parity_from_stored_json(tmp_path):
@@ -125,6 +126,12 @@ def test_report_only_rebuilds_table_and_parity_from_stored_json(tmp_path):
   rec["overrides"] = rec["overrides"][:-1]
   results.write_record(stored, rec)
   with pytest.raises(ValueError, match="transfusion-s-1e13F-s0.*delete the stored file"):
+    runner.run_sweep(s, str(tmp_path / "work"), report_only=True, results_dirs=[stored])
+  # So is one scored by another evaluation (here: more samples).
+  rec["overrides"] = list(next(r for r in runner.plan(s) if r.name == rec["name"]).overrides)
+  rec["eval"] = {**rec["eval"], "num_samples": rec["eval"]["num_samples"] + 8}
+  results.write_record(stored, rec)
+  with pytest.raises(ValueError, match="transfusion-s-1e13F-s0 was evaluated with"):
     runner.run_sweep(s, str(tmp_path / "work"), report_only=True, results_dirs=[stored])
 
 

@@ -61,10 +61,10 @@ TIMING = {"step_seconds": {"*": 0.007, "unet": 0.009, "patch1": 0.012},
 LARGE_DATA = ("data.num_train_scenes=100000", "data.num_text_docs=100000")
 
 
-def sweep(name: str, families: dict, budgets=BUDGETS, parity=(),
-          extra_common=()) -> ml_collections.ConfigDict:
+def sweep(name: str, families: dict, budgets=BUDGETS, parity=(), extra_common=(),
+          eval_samples: int = 64) -> ml_collections.ConfigDict:
   """A science_gpu sweep config over `families` with the shared settings
-  (COMMON, then `extra_common`)."""
+  (COMMON, then `extra_common`), each run scored on `eval_samples` prompts."""
   s = ml_collections.ConfigDict()
   s.name = name
   s.families = families
@@ -73,7 +73,7 @@ def sweep(name: str, families: dict, budgets=BUDGETS, parity=(),
   s.budget_unit = "flops"
   s.seeds = SEEDS
   s.common = COMMON + tuple(extra_common)
-  s.eval = {"num_samples": 64, "seed": 0, "batch_size": 32}
+  s.eval = {"num_samples": eval_samples, "seed": 0, "batch_size": 32}
   s.parity = parity
   s.metrics = METRICS
   s.timing = TIMING

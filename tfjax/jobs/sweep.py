@@ -317,6 +317,11 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
           f"stored result of run {run.name} ({rec.get('config_file')} with overrides "
           f"{rec.get('overrides')}) is not what the sweep config plans now ({want[0]} with "
           f"{want[1]}): delete the stored file to rerun it, or rename the family or size")
+    if rec is not None and rec.get("eval", dict(sweep.eval)) != dict(sweep.eval):
+      raise ValueError(
+          f"stored result of run {run.name} was evaluated with {rec['eval']}, the sweep key "
+          f"eval is now {dict(sweep.eval)}: delete the stored file to rerun it, or keep the "
+          f"sweep's eval")
   extra = results_lib.unplanned(results_dirs, [r.name for r in runs])
   if extra:
     log.warning("sweep: stored results of runs this config does not plan (left out): %s", extra)

@@ -118,20 +118,6 @@ def test_image_patches_see_later_patches_of_their_image(small):
   del start
 
 
-def test_patch_position_embedding_tells_each_patch_its_slot(small):
-  mc, params, b = small
-  mc_pos = small_model_config(patch_position_embedding=True)
-  table = nn.unbox(init_params(mc_pos, jax.random.key(1)))["patch_position"]
-  assert table.shape == (4, mc.dim) and "patch_position" not in params   # [P, dim]
-  # A zero table is the model without one; a row of it moves that image's output.
-  zero = apply(mc_pos, {**params, "patch_position": jnp.zeros_like(table)}, b).image_out
-  np.testing.assert_allclose(zero, apply(mc, params, b).image_out, atol=1e-5)
-  slot = int(np.argmax(np.asarray(b.image_valid[0])))
-  moved = apply(mc_pos, {**params, "patch_position": jnp.zeros_like(table).at[0].set(1.0)},
-                b).image_out
-  assert float(jnp.abs(moved[0, slot] - zero[0, slot]).max()) > 1e-4
-
-
 def test_scan_and_unrolled_layers_agree(small):
   mc, params, b = small
   mc_unrolled = small_model_config(scan_layers=False)

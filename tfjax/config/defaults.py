@@ -50,9 +50,6 @@ def default_config() -> ml_collections.ConfigDict:
   m.unet_channels = (64, 128)  # U-Net down/up block widths (patch_type=unet)
   m.unet_blocks_per_level = 1
   m.time_embed_dim = 256      # sinusoidal timestep features fed to the timestep MLP
-  # A learned embedding per patch slot of an image, added to the patch vectors
-  # (not in the paper, which relies on RoPE alone).
-  m.patch_position_embedding = False
 
   # ---- image latents (what the VAE produces) ------------------------------
   m.latent_channels = 8

@@ -78,13 +78,6 @@ class Transfusion(nn.Module):
     t_emb = TimestepEmbedding(c.dim, c.time_embed_dim, jnp.dtype(c.param_dtype),
                               name="timestep_embedding")(timesteps)
     patches, skips = encoder_cls(c, name="patch_encoder")(noisy_latents.astype(jnp.float32), t_emb)
-    if c.patch_position_embedding:
-      # [P, dim]: where each patch sits in its image, as ViT / DiT add it; with
-      # RoPE alone a patch knows only its distance from other positions.
-      table = self.param("patch_position", nn.with_logical_partitioning(
-          nn.initializers.normal(0.02), (None, "embed")), (patches.shape[2], c.dim),
-                         jnp.dtype(c.param_dtype))
-      patches = patches + table.astype(patches.dtype)
     idx = patch_indices(image_starts, image_valid, patches.shape[2], seq)
     rows = jnp.arange(batch)[:, None, None]
     x = x.at[rows, idx].set(patches.astype(dtype), mode="drop")

@@ -72,6 +72,15 @@ def test_stored_gpu_runs_are_what_the_configs_plan(plans, which):
     run = runs[name]
     assert rec["config_file"] == configs[run.family]["config"]
     assert rec["overrides"] == list(run.overrides), name
+    assert rec["eval"] == module.get_config().eval.to_dict(), name
+
+
+def test_timing_table_fits_seconds_per_step_and_fixed_seconds():
+  from tfjax.experiments import plots
+  rows = [{"family": "t", "size": "s", "steps": n, "train_seconds": 20.0 + 0.005 * n,
+           "wall_seconds": 26.0 + 0.005 * n} for n in (200, 1000, 3000)]
+  line = plots.timing_table(rows).splitlines()[-1]
+  assert line == "| t | s | 3 | 0.0050 | 20 | 6 | 26 |", line
 
 
 def test_measured_flops_sums_the_logged_windows():

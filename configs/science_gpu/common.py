@@ -45,10 +45,11 @@ METRICS = {"shapes_accuracy": "higher", "caption_cider": "higher",
            "val_loss_diffusion": "lower"}
 
 # H100 seconds, from the reports' "Seconds" tables (2026-12-07): a step of
-# 8192 tokens at this width takes ~6 ms (launch- and host-bound: the model's
-# 1.7e11 FLOPs are < 1 ms of H100 compute); every run also compiles (~17 s) and
-# evaluates 64 samples (~6 s). The U-Net and patch-1 rows are estimates. The
-# first run of a call also builds the data and latents (~40 s).
+# 8192 tokens at this width takes 4-4.5 ms (launch- and host-bound: the model's
+# 1.7e11 FLOPs are < 1 ms of H100 compute); every run also compiles (~22 s) and
+# evaluates 64 samples (~6 s). The estimates below are ~50% above that per
+# step, so a call starts no run it cannot finish; the U-Net and patch-1 rows
+# are guesses. The first run of a call also builds the data and latents.
 TIMING = {"step_seconds": {"*": 0.007, "unet": 0.009, "patch1": 0.012},
           "run_overhead_s": 32.0}
 

@@ -22,7 +22,8 @@
 # $OUT/autoencoders.tgz (store it there). Data, tokenizer and latents are
 # rebuilt per call (deterministic in their seeds) and shared by its runs.
 # edit: benchmarks/science_gpu_edit.py (pretrain, fine-tune, editing suite)
-# under the same budget; $OUT/edit.tgz holds runs/edit/*.json.
+# under the same budget; $OUT/edit.tgz holds runs/edit/*.json and
+# $OUT/edit_commands.log.gz the chain's own log.
 set -uo pipefail
 T0=$(date +%s)
 what=${1:?usage: science_gpu.sh compare|ablations|edit|list [RUN ...]}
@@ -101,6 +102,8 @@ done
 wait $pid
 rc=$?
 pack "$results" "$what" "$tgz"
+# The edit chain's commands write their own log (training, export, evaluation).
+[[ -f $WORK/edit_commands.log ]] && gzip -c "$WORK/edit_commands.log" > "$OUT/edit_commands.log.gz"
 ls -d "$WORK"/shared/*/vae 2>/dev/null | sort > /tmp/science_gpu_vae_after
 if ! cmp -s /tmp/science_gpu_vae_before /tmp/science_gpu_vae_after; then
   (cd "$WORK/shared" && tar czf "$OUT/autoencoders.tgz" */vae)

@@ -79,7 +79,8 @@ def copy_input_baseline(config, seed: int, num: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
   from tfjax.config import apply_overrides, load_config_file  # pylint: disable=g-import-not-at-top
   from tfjax.experiments import results  # pylint: disable=g-import-not-at-top
-  from tfjax.jobs.sweep import shared_vae_workdir  # pylint: disable=g-import-not-at-top
+  from tfjax.jobs.sweep import (  # pylint: disable=g-import-not-at-top
+      shared_vae_workdir, train_summary)
   t0 = time.time()
   pre_cfg = load_config_file(f"{CONFIG}:pretrain", root=REPO)
   ft_cfg = load_config_file(CONFIG, root=REPO)
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
                        "shapes_accuracy": (s.get("t2i_scores") or {}).get("accuracy"),
                        "caption_mentions_accuracy": s.get("i2t_mentions_accuracy"),
                        "caption_cider_d": s.get("i2t_cider_d")}
+  rec["pretrain_train"] = train_summary(pre)  # losses, train seconds: to size the next chain
   if not vae:  # the main job trained one: keep it where science_gpu.sh packs it
     vae = os.path.join(pre, "vae")
     shutil.copytree(vae, shared_vae)
@@ -160,6 +162,7 @@ def run(args: argparse.Namespace) -> dict:
              *seed_over]
   rec["overrides"]["finetune"] = ft_args[3:]
   rec["seconds"]["finetune"] = _cmd(["tfjax.cli.train", *ft_args], log)
+  rec["finetune_train"] = train_summary(ft)
   save()
   if not time_left(45):
     return rec
@@ -169,6 +172,20 @@ def run(args: argparse.Namespace) -> dict:
   rec["complete"] = True
   save()
   return rec
+
+
+def _fmt(v: float | None) -> str:
+  return "-" if v is None else f"{v:.4g}"
+
+
+def _training_lines(r: dict) -> list[str]:
+  """Each stage's training seconds and losses, when the record has them."""
+  lines = [f"{stage}: train {t.get('train_seconds')} s, final training loss "
+           f"{_fmt(t.get('final_train_loss'))}, held-out denoising loss "
+           f"{_fmt(t.get('val_loss_diffusion'))}"
+           for stage, t in (("pretraining", r.get("pretrain_train")),
+                            ("fine-tuning", r.get("finetune_train"))) if t]
+  return [*lines, ""] if lines else []
 
 
 def _row(label: str, acc: dict | None, pixel: dict | None, key: str = "all") -> str:
@@ -197,6 +214,7 @@ def report(results_dir: str, out: str) -> str:
               f"{r['pretrain_steps']} steps (shapes checker on held-out captions: "
               f"{(r.get('pretrain') or {}).get('shapes_accuracy', '-')}), fine-tune "
               f"{r['finetune_steps']} steps; seconds {r.get('seconds')}", "",
+              *_training_lines(r),
               "| model | " + " | ".join(EDIT_TYPES) + " | all | pixel error |",
               "|---|" + "---|" * (len(EDIT_TYPES) + 2)]
     before, after = r.get("before") or {}, r.get("after") or {}

@@ -208,7 +208,7 @@ def run_job(config: ml_collections.ConfigDict, shared: str, run_dir: str,
 
 
 # --------------------------------------------------------------------- runs --
-def _train_summary(run_dir: str, num_devices: int) -> dict[str, Any]:
+def train_summary(run_dir: str, num_devices: int = 1) -> dict[str, Any]:
   """Last logged training loss (metrics.jsonl survives resumption), held-out
   losses, measured training FLOPs and stage seconds of a finished run."""
   out: dict[str, Any] = {}
@@ -261,7 +261,7 @@ def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
   if os.path.exists(env_path):
     with open(env_path) as f:
       env.update(json.load(f))
-  summary = _train_summary(run_dir, int(env.get("num_devices") or num_devices))
+  summary = train_summary(run_dir, int(env.get("num_devices") or num_devices))
   rec = {"name": run.name, "sweep": sweep.get("name", "sweep"), "family": run.family,
          "size": run.size, "seed": run.seed, "budget": run.budget,
          "budget_unit": sweep.get("budget_unit", "tokens"), "steps": run.steps,

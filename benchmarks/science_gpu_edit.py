@@ -174,15 +174,12 @@ def run(args: argparse.Namespace) -> dict:
   return rec
 
 
-def _fmt(v: float | None) -> str:
-  return "-" if v is None else f"{v:.4g}"
-
-
 def _training_lines(r: dict) -> list[str]:
   """Each stage's training seconds and losses, when the record has them."""
+  from tfjax.experiments.plots import fmt  # pylint: disable=g-import-not-at-top
   lines = [f"{stage}: train {t.get('train_seconds')} s, final training loss "
-           f"{_fmt(t.get('final_train_loss'))}, held-out denoising loss "
-           f"{_fmt(t.get('val_loss_diffusion'))}"
+           f"{fmt(t.get('final_train_loss'))}, held-out denoising loss "
+           f"{fmt(t.get('val_loss_diffusion'))}"
            for stage, t in (("pretraining", r.get("pretrain_train")),
                             ("fine-tuning", r.get("finetune_train"))) if t]
   return [*lines, ""] if lines else []

@@ -151,7 +151,8 @@ def plot_metric(rows: list[dict[str, Any]], fits: dict[str, Any], metric: str,
   return True
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+  """A table cell: floats to 3 significant digits, None as '-'."""
   if v is None:
     return "-"
   if isinstance(v, float):
@@ -165,7 +166,7 @@ def _spread(values: dict[str, float | None]) -> str:
     return ""
   if not got:
     return " (seeds: -)"
-  return f" (seeds {_fmt(min(got))}-{_fmt(max(got))}, {len(got)}/{len(values)})"
+  return f" (seeds {fmt(min(got))}-{fmt(max(got))}, {len(got)}/{len(values)})"
 
 
 def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
@@ -174,7 +175,7 @@ def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
             if c not in metrics], "train_seconds"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in sorted(rows, key=lambda r: (r["family"], r["flops"], r.get("seed") or 0)):
-    lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
   return "\n".join(lines)
 
 
@@ -183,9 +184,9 @@ def seed_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
   lines = ["| family | size | seeds | flops | " + " | ".join(metrics) + " |",
            "|---|---|---|---|" + "---|" * len(metrics)]
   for g in results_lib.seed_groups(rows, metrics):
-    cells = [_fmt(g[m]) + (f" ({_fmt(g[m + '_range'][0])}-{_fmt(g[m + '_range'][1])})"
+    cells = [fmt(g[m]) + (f" ({fmt(g[m + '_range'][0])}-{fmt(g[m + '_range'][1])})"
                            if g[m + "_range"] else "") for m in metrics]
-    lines.append(f"| {g['family']} | {g['size']} | {len(g['seeds']) or 1} | {_fmt(g['flops'])} | "
+    lines.append(f"| {g['family']} | {g['size']} | {len(g['seeds']) or 1} | {fmt(g['flops'])} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -213,7 +214,7 @@ def timing_table(rows: list[dict[str, Any]]) -> str:
     beyond = float(np.median(over)) if over else None
     total = None if fixed is None or beyond is None else fixed + beyond
     lines.append(f"| {fam} | {size} | {len(rs)} | {per_step:.4f} | "
-                 + " | ".join(_fmt(v) if v is not None else "-" for v in (fixed, beyond, total))
+                 + " | ".join(fmt(v) for v in (fixed, beyond, total))
                  + " |")
   return "\n".join(lines)
 
@@ -231,7 +232,7 @@ def environments(rows: list[dict[str, Any]]) -> list[str]:
   for ae in sorted(aes):
     a = json.loads(ae)
     out.append(f"autoencoder {a.get('kind')}: " + ", ".join(
-        f"{k} {_fmt(v)}" for k, v in a.items() if k != "kind"))
+        f"{k} {fmt(v)}" for k, v in a.items() if k != "kind"))
   return out
 
 
@@ -274,8 +275,8 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
               "| A | B | at FLOPs | " + " | ".join(metrics) + " |",
               "|---|---|---|" + "---|" * len(metrics)]
     for p in par:
-      lines.append(f"| {p['family_a']} | {p['family_b']} | {_fmt(p['at_flops'])} | "
-                   + " | ".join(_fmt(p["ratio"][m]) + _spread(p["ratio_seeds"][m])
+      lines.append(f"| {p['family_a']} | {p['family_b']} | {fmt(p['at_flops'])} | "
+                   + " | ".join(fmt(p["ratio"][m]) + _spread(p["ratio_seeds"][m])
                                 for m in metrics) + " |")
   lines += ["", "## Seconds (for sizing new runs)", "", timing_table(rows)]
   lines += ["", *[f"![{m}](plots/{m}.png)" for m, ok in plotted.items() if ok], ""]

@@ -46,8 +46,8 @@ def test_step_flops_is_6nd_plus_head_at_text_plus_attention():
 
 def test_matmul_flops_count_padded_convolutions_and_scanned_bodies():
   """Counted from shapes on any backend: a SAME 3x3 convolution is charged
-  every tap (XLA's CPU cost analysis skips the padded ones), and a scanned
-  matmul once per iteration."""
+  every tap (XLA's CPU cost analysis skips the padded ones), a scanned matmul
+  once per iteration, and a cond as its costliest branch."""
   import jax
   import jax.numpy as jnp
   x = jnp.zeros((1, 4, 4, 8))
@@ -59,6 +59,9 @@ def test_matmul_flops_count_padded_convolutions_and_scanned_bodies():
   def scanned(a):
     return jax.lax.scan(lambda c, m: (c, jnp.dot(m, jnp.ones((7, 2)))), 0.0, a)[1]
   assert jaxpr_matmul_flops(jax.make_jaxpr(jax.jit(scanned))(a).jaxpr) == 3 * 2 * 5 * 7 * 2
+  m = jnp.zeros((5, 7))
+  branchy = lambda p, m: jax.lax.cond(p, lambda m: m @ jnp.ones((7, 2)), lambda m: m[:, :2], m)
+  assert jaxpr_matmul_flops(jax.make_jaxpr(branchy)(True, m).jaxpr) == 2 * 5 * 7 * 2  # one branch
   c = get_config()
   c.model.patch_type = "linear"
   linear = patch_flops(c.model, 1)

@@ -72,7 +72,7 @@ def matmul_params(model: ml_collections.ConfigDict) -> int:
 
 
 def _sub_jaxprs(eqn):
-  """The jaxprs an equation calls (pjit, remat, custom_jvp, cond branches, scan)."""
+  """The jaxprs an equation calls (pjit, remat, custom_jvp, cond branches, scan body)."""
   for value in eqn.params.values():
     for v in value if isinstance(value, (tuple, list)) else (value,):
       if hasattr(v, "eqns"):
@@ -101,8 +101,11 @@ def jaxpr_matmul_flops(jaxpr) -> float:
       spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
       taps = rhs[spec[1]] * np.prod([rhs[i] for i in spec[2:]])
       total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * taps
-    repeat = eqn.params.get("length", 1) if name == "scan" else 1
-    total += repeat * sum(jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn))
+    inner = [jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn)]
+    if name == "cond":  # one branch runs
+      total += max(inner, default=0.0)
+    else:
+      total += (eqn.params["length"] if name == "scan" else 1) * sum(inner)
   return float(total)
 
 

@@ -276,6 +276,30 @@ def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
   return rec
 
 
+def stored_records(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
+                   results_dirs: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """{run name: stored record} of the planned runs found in `results_dirs`.
+
+  Raises, naming the run, when a record was trained (config file, overrides)
+  or evaluated (the sweep key eval) otherwise than the sweep plans now.
+  """
+  stored = results_lib.read_records(results_dirs, [r.name for r in runs])
+  for run in runs:
+    rec = stored.get(run.name)
+    want = (sweep.families[run.family]["config"], list(run.overrides))
+    if rec is not None and (rec.get("config_file"), rec.get("overrides")) != want:
+      raise ValueError(
+          f"stored result of run {run.name} ({rec.get('config_file')} with overrides "
+          f"{rec.get('overrides')}) is not what the sweep config plans now ({want[0]} with "
+          f"{want[1]}): delete the stored file to rerun it, or rename the family or size")
+    if rec is not None and rec.get("eval", dict(sweep.eval)) != dict(sweep.eval):
+      raise ValueError(
+          f"stored result of run {run.name} was evaluated with {rec['eval']}, the sweep key "
+          f"eval is now {dict(sweep.eval)}: delete the stored file to rerun it, or keep the "
+          f"sweep's eval")
+  return stored
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[str] = (),
               devices: Any = None, report_only: bool = False,
               results_dirs: Sequence[str] = (), time_budget_s: float | None = None,
@@ -308,20 +332,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
   if unknown:
     raise ValueError(f"--only names no run of this sweep: {sorted(unknown)}; runs are "
                      f"{[r.name for r in runs]}")
-  stored = results_lib.read_records(results_dirs, [r.name for r in runs])
-  for run in runs:
-    rec = stored.get(run.name)
-    want = (sweep.families[run.family]["config"], list(run.overrides))
-    if rec is not None and (rec.get("config_file"), rec.get("overrides")) != want:
-      raise ValueError(
-          f"stored result of run {run.name} ({rec.get('config_file')} with overrides "
-          f"{rec.get('overrides')}) is not what the sweep config plans now ({want[0]} with "
-          f"{want[1]}): delete the stored file to rerun it, or rename the family or size")
-    if rec is not None and rec.get("eval", dict(sweep.eval)) != dict(sweep.eval):
-      raise ValueError(
-          f"stored result of run {run.name} was evaluated with {rec['eval']}, the sweep key "
-          f"eval is now {dict(sweep.eval)}: delete the stored file to rerun it, or keep the "
-          f"sweep's eval")
+  stored = stored_records(sweep, runs, results_dirs)
   extra = results_lib.unplanned(results_dirs, [r.name for r in runs])
   if extra:
     log.warning("sweep: stored results of runs this config does not plan (left out): %s", extra)

@@ -46,6 +46,10 @@ def test_power_law_fit_and_parity():
   assert plots.parity_ratio(fit, fit_b, 1e14, direction="lower") is None
   assert plots.fit_power_law([1e12, 1e13], [0.0, 0.5]) is None   # one usable point
   assert plots.fit_power_law([1e12, 1e12], [0.2, 0.5]) is None   # no compute spread
+  # Two seeds of one budget count slightly different FLOPs: still no spread
+  # (the line through them has slope ~2000 and log a ~ -6e4; the other way
+  # round, exp(log a) overflowed the ablations' report).
+  assert plots.fit_power_law([8.1298e13, 8.1288e13], [0.78, 0.61]) is None
   assert plots.parity_pairs(("a", "b")) == [("a", "b")]
   assert plots.parity_pairs((("a", "b"), ("c", "d"))) == [("a", "b"), ("c", "d")]
 
@@ -105,10 +109,14 @@ def test_two_point_sweep_writes_table_and_plots(sweep_dir):
   for r in report["runs"]:
     assert r["perplexity"] > 1.0 and 0.0 <= r["shapes_accuracy"] <= 1.0
     assert r["caption_cider"] >= 0.0
+    # The checker's breakdown is stored beside its headline (what samples get wrong).
+    assert r["shapes_per_category"]["correct"] == r["shapes_accuracy"]
+    assert {"presence", "count", "color", "shape"} <= set(r["shapes_per_category"])
   with open(os.path.join(out, "results.json")) as f:
     assert json.load(f)["runs"] == report["runs"]
   md = open(os.path.join(out, "results.md")).read()
   assert "transfusion-xxs-256" in md and "Parity-FLOP ratios" in md
+  assert "Shapes checker by category" in md
   assert report["parity"][0]["ratio"]["perplexity"] == pytest.approx(1.0)
   # Perplexity is positive for every run, so it always has a fit and a plot.
   assert report["fits"]["perplexity"]["transfusion"]["points"] == 2

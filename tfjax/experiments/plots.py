@@ -22,15 +22,20 @@ DEFAULT_METRICS = {"shapes_accuracy": "higher", "caption_cider": "higher",
                    "caption_scene_accuracy": "higher", "perplexity": "lower"}
 
 
+MIN_COMPUTE_SPAN = 1.25
+
+
 def fit_power_law(flops: Sequence[float], values: Sequence[float]) -> dict[str, float] | None:
   """{"a", "b", "points"} of values = a * flops ** b, or None with < 2 usable points.
 
   Points with a non-positive or missing value cannot be fitted in log space and
-  are left out; two points at the same compute leave the slope undefined.
+  are left out. The points must span at least MIN_COMPUTE_SPAN in compute: the
+  seeds of one budget count slightly different FLOPs (their documents differ),
+  and a line through two such points has a meaningless, overflowing slope.
   """
   pts = [(float(c), float(v)) for c, v in zip(flops, values)
          if v is not None and c > 0 and np.isfinite(v) and v > 0]
-  if len(pts) < 2 or len({c for c, _ in pts}) < 2:
+  if len(pts) < 2 or max(c for c, _ in pts) < MIN_COMPUTE_SPAN * min(c for c, _ in pts):
     return None
   x = np.log([c for c, _ in pts])
   y = np.log([v for _, v in pts])
@@ -191,6 +196,30 @@ def seed_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
   return "\n".join(lines)
 
 
+def category_table(rows: list[dict[str, Any]]) -> str | None:
+  """The shapes checker's verdicts per category (tfjax/eval/shapes_checker.py),
+  mean over seeds per (family, size, budget); None when no run stored them."""
+  rs = [r for r in rows if r.get("shapes_per_category")]
+  if not rs:
+    return None
+  cats = list(rs[0]["shapes_per_category"])
+  lines = ["| family | size | flops | runs | " + " | ".join(cats) + " |",
+           "|---|---|---|---|" + "---|" * len(cats)]
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for r in rs:
+    groups.setdefault((r["family"], r["size"], r["budget"]), []).append(r)
+  for (fam, size, _), g in sorted(groups.items()):
+    means = []
+    for c in cats:
+      vals = [r["shapes_per_category"].get(c) for r in g]
+      vals = [v for v in vals if v is not None]
+      means.append(float(np.mean(vals)) if vals else None)
+    flops = float(np.mean([r["flops"] for r in g]))
+    lines.append(f"| {fam} | {size} | {fmt(flops)} | {len(g)} | "
+                 + " | ".join(fmt(v) for v in means) + " |")
+  return "\n".join(lines)
+
+
 def timing_table(rows: list[dict[str, Any]]) -> str:
   """Measured seconds per family, to size new runs (a sweep's `timing`).
 
@@ -247,7 +276,7 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
   keep = ("name", "family", "size", "seed", "budget", "steps", "tokens", "params", "flops",
           "flops_planned", "flops_6nd", "train_seconds", "wall_seconds", "final_train_loss",
           "final_train_loss_lm", "val_loss_lm", "val_loss_diffusion", "device", "jax_version",
-          "date", *metrics)
+          "date", "shapes_per_category", *metrics)
   report = {"name": sweep.get("name", "sweep"), "runs": [{k: r.get(k) for k in keep}
                                                          for r in rows],
             "fits": fits, "parity": par,
@@ -278,6 +307,13 @@ def write_report(rows: list[dict[str, Any]], sweep: Any, workdir: str) -> dict[s
       lines.append(f"| {p['family_a']} | {p['family_b']} | {fmt(p['at_flops'])} | "
                    + " | ".join(fmt(p["ratio"][m]) + _spread(p["ratio_seeds"][m])
                                 for m in metrics) + " |")
+  cats = category_table(rows)
+  if cats:
+    lines += ["", "## Shapes checker by category (mean over seeds)", "",
+              "Fraction of held-out prompts whose sample passes each check: presence (every "
+              "asked object, by shape and colour), count (no object missing or extra), colour "
+              "and shape (as multisets), size, position (pairwise order; scenes of 2+ objects).",
+              "", cats]
   lines += ["", "## Seconds (for sizing new runs)", "", timing_table(rows)]
   lines += ["", *[f"![{m}](plots/{m}.png)" for m, ok in plotted.items() if ok], ""]
   with open(os.path.join(workdir, "results.md"), "w") as f:

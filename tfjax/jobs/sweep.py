@@ -269,6 +269,9 @@ def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
          "flops_6nd": run.flops_6nd, "config_file": sweep.families[run.family]["config"],
          "overrides": list(run.overrides), "eval": dict(sweep.eval), **env, **scores, **summary}
   rec["flops"] = rec.get("flops_measured") or run.flops
+  shapes_detail = (ev.get("details") or {}).get("shapes") or {}
+  if shapes_detail.get("per_category"):  # which part of a scene the samples get wrong
+    rec["shapes_per_category"] = shapes_detail["per_category"]
   rec["autoencoder"] = _autoencoder(run.config.vae.path or os.path.join(
       shared_vae_workdir(shared, run.config), "vae"))
   if run.config.chameleon.enabled:  # no image slots: its 0 denoising loss is no score

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device-tool call of the GPU science grid (issue 36; benchmarks/science_gpu/PLAN.md).
 #
-#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh compare|ablations [RUN ...]
+#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh SWEEP [RUN ...]
+#                                  (SWEEP: compare, compare_paper_sampler, ablations)
 #   (device tool, carry .whl_app)  [EDIT_ARGS="--pretrain_steps=N --finetune_steps=M"] \
 #                                  bash benchmarks/science_gpu.sh edit
-#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh list compare|ablations
+#   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh list SWEEP
 #
-# compare / ablations: runs the named runs of configs/science_gpu/SWEEP.py (all
+# SWEEP: runs the named runs of configs/science_gpu/SWEEP.py (all
 # not yet stored when none are named) with tfjax-sweep, skipping every run
 # stored in benchmarks/science_gpu/runs/ (the ablations also read the
 # comparison pilot's, whose `transfusion` runs are theirs). No run starts once fewer
@@ -20,13 +21,14 @@
 # benchmarks/science_gpu/assets/autoencoders.tgz when it is there, so every
 # call's runs share the same ones; a call that trains one writes
 # $OUT/autoencoders.tgz (store it there). Data, tokenizer and latents are
-# rebuilt per call (deterministic in their seeds) and shared by its runs.
+# rebuilt on a fresh machine (deterministic in their seeds; a warm one keeps
+# /tmp/science_gpu) and shared by its runs.
 # edit: benchmarks/science_gpu_edit.py (pretrain, fine-tune, editing suite)
 # under the same budget; $OUT/edit.tgz holds runs/edit/*.json and
 # $OUT/edit_commands.log.gz the chain's own log.
 set -uo pipefail
 T0=$(date +%s)
-what=${1:?usage: science_gpu.sh compare|ablations|edit|list [RUN ...]}
+what=${1:?usage: science_gpu.sh SWEEP|edit|list [RUN ...]}
 shift
 OUT=${OUT:-/tmp/science_gpu_out}
 BUDGET_S=${BUDGET_S:-570}
@@ -54,6 +56,12 @@ fi
 # before the runner's own clock starts.
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) - 15 )); }
 WORK=/tmp/science_gpu/$what
+# compare_paper_sampler trains on compare's data: on a warm machine it reuses
+# the data, tokenizer, latents and codes a compare call built (~300 s).
+if [[ $what == compare_paper_sampler ]]; then
+  mkdir -p /tmp/science_gpu/compare/shared "$WORK"
+  ln -sfn /tmp/science_gpu/compare/shared "$WORK/shared"
+fi
 mkdir -p "$WORK/shared"
 if [[ -f $STORE/assets/autoencoders.tgz ]]; then
   tar xzf "$STORE/assets/autoencoders.tgz" -C "$WORK/shared" || exit 1

@@ -6,7 +6,7 @@ import os
 import ml_collections
 import pytest
 
-from configs.science_gpu import ablations, common, compare, compare_pilot
+from configs.science_gpu import ablations, common, compare, compare_paper_sampler, compare_pilot
 from tfjax.config.files import load_module
 from tfjax.experiments import budget, results
 from tfjax.jobs import sweep as runner
@@ -15,7 +15,8 @@ from tfjax.jobs import sweep as runner
 @pytest.fixture(scope="module")
 def plans():
   return (runner.plan(compare.get_config()), runner.plan(ablations.get_config()),
-          runner.plan(compare_pilot.get_config()))
+          runner.plan(compare_pilot.get_config()),
+          runner.plan(compare_paper_sampler.get_config()))
 
 
 def test_compare_plans_equal_flops_budgets_and_seeds(plans):
@@ -39,7 +40,7 @@ def test_compare_plans_equal_flops_budgets_and_seeds(plans):
 
 
 def test_ablations_reuse_the_pilots_baseline(plans):
-  cmp_runs, abl_runs, pilot_runs = plans
+  cmp_runs, abl_runs, pilot_runs = plans[:3]
   assert all(r.config.data.num_train_scenes == 100_000 for r in cmp_runs)
   assert {r.name for r in pilot_runs} < {r.name for r in cmp_runs}
   cmp_runs = pilot_runs
@@ -56,11 +57,29 @@ def test_ablations_reuse_the_pilots_baseline(plans):
   assert {r.config.model.patch_size for r in abl_runs} == {1, 2, 4}
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])
+def test_paper_sampler_runs_train_as_their_compare_twins(plans):
+  """Only the sampling keys differ from compare.py's run of the same name, so
+  the two records differ by how the same recipe's model was sampled."""
+  twins = {r.name: r for r in plans[0]}
+  runs = plans[3]
+  assert {r.family for r in runs} == {"transfusion", "chameleon"} and len(runs) == 4
+  for r in runs:
+    twin = twins[r.name]
+    assert r.steps == twin.steps and r.flops == twin.flops
+    assert [o for o in r.overrides if not o.startswith("diffusion.")] == \
+        [o for o in twin.overrides if not o.startswith("diffusion.")]
+    assert r.config.train.to_dict() == twin.config.train.to_dict()
+    assert r.config.model.to_dict() == twin.config.model.to_dict()
+    d = r.config.diffusion
+    assert (d.sample_steps, d.sampler, d.cfg_scale) == (250, "ddpm", 5.0)
+    assert twin.config.diffusion.sampler == "ddim"
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
 def test_stored_gpu_runs_are_what_the_configs_plan(plans, which):
   """Every run record in benchmarks/science_gpu/runs/SWEEP is one the sweep
   still plans, trained and evaluated as planned, so --report_only reads it."""
-  module = (compare, ablations, compare_pilot)[which]
+  module = (compare, ablations, compare_pilot, compare_paper_sampler)[which]
   stored = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "science_gpu", "runs",
                         module.__name__.rsplit(".", 1)[1])
   names = [r.name for r in plans[which]]

@@ -28,4 +28,5 @@ def get_config():
   # 128 prompts: the shapes accuracy is the text-to-image verdict, and at 64
   # one prompt is 1.6 points (the pilot's seeds differed by up to 4.7).
   return common.sweep("science_gpu_compare", FAMILIES, parity=(("chameleon", "transfusion"),),
-                      extra_common=common.LARGE_DATA, eval_samples=128)
+                      extra_common=common.LARGE_DATA, eval_samples=128,
+                      timing=common.LARGE_DATA_TIMING)

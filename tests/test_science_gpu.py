@@ -4,6 +4,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs.science_gpu import ablations, common, compare, compare_paper_sampler, compare_pilot
@@ -215,3 +216,19 @@ def test_edit_configs_share_the_sweeps_data_and_vae(plans):
   assert ft.model.to_dict() == pre.model.to_dict()   # the fine-tune loads the pretrained export
   with pytest.raises(ValueError, match="pretrain or :finetune"):
     load_config_file("configs/science_gpu/edit.py:bogus", root=runner.REPO_ROOT)
+
+
+def test_grid_tiles_give_back_the_suites_samples(tmp_path):
+  """benchmarks/science_gpu_grids.py cuts a suite sample grid back into the
+  images the suite drew: rendered scenes come back scored as right."""
+  from tfjax.data import shapes
+  from tfjax.eval import shapes_checker, suite
+  grids = load_module(os.path.join(runner.REPO_ROOT, "benchmarks", "science_gpu_grids.py"))
+  opts = shapes.SceneOptions(max_objects=3, sizes=("small", "medium", "large"))
+  images, scenes, _ = shapes.generate_split("test", 16, 64, seed=0, options=opts)
+  suite._save_grid(images, str(tmp_path / "g.png"))  # pylint: disable=protected-access
+  tiles = grids.grid_tiles(str(tmp_path / "g.png"), 64)
+  assert len(tiles) == 16 and all(np.array_equal(t, im) for t, im in zip(tiles, images))
+  assert shapes_checker.accuracy(tiles, scenes)["accuracy"] == 1.0
+  # Shifted by one, the tiles no longer match their scenes.
+  assert shapes_checker.accuracy(tiles[1:], scenes[:-1])["accuracy"] < 0.5

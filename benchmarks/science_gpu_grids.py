@@ -36,7 +36,7 @@ def grid_tiles(path: str, size: int) -> list[np.ndarray]:
 
 
 def score_runs(sweep_name: str, store: str) -> list[dict]:
-  """Per stored run with a grid: family, budget, seed, stored accuracy, tile verdicts."""
+  """Per stored run with a grid: its family, size, budget, FLOPs and the tiles' verdicts."""
   from tfjax.config.files import load_module  # pylint: disable=g-import-not-at-top
   from tfjax.data import shapes  # pylint: disable=g-import-not-at-top
   from tfjax.eval import shapes_checker  # pylint: disable=g-import-not-at-top
@@ -54,33 +54,11 @@ def score_runs(sweep_name: str, store: str) -> list[dict]:
     _, scenes, _ = shapes.generate_split("test", GRID_TILES, size, seed=int(sweep.eval["seed"]),
                                          options=shapes.SceneOptions.from_config(run.config.data))
     tiles = grid_tiles(grid, size)[:GRID_TILES]
-    verdicts = shapes_checker.accuracy(tiles, scenes)
-    out.append({"family": run.family, "budget": run.budget, "seed": run.seed,
+    # A record's shape (plots.category_table reads it), scored on the tiles.
+    out.append({"family": run.family, "size": run.size, "budget": run.budget,
                 "flops": records[run.name]["flops"],
-                "stored_accuracy": records[run.name].get("shapes_accuracy"),
-                "tiles": verdicts["num_images"], **verdicts["per_category"]})
+                "shapes_per_category": shapes_checker.accuracy(tiles, scenes)["per_category"]})
   return out
-
-
-def table(rows: list[dict]) -> str:
-  """Mean over seeds per (family, budget) of each category on the tiles."""
-  from tfjax.eval.shapes_checker import CATEGORIES  # pylint: disable=g-import-not-at-top
-  from tfjax.experiments.plots import fmt  # pylint: disable=g-import-not-at-top
-  lines = ["| family | flops | runs | tiles | stored accuracy (all prompts) | "
-           + " | ".join(CATEGORIES) + " |", "|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
-  groups: dict[tuple, list[dict]] = {}
-  for r in rows:
-    groups.setdefault((r["family"], r["budget"]), []).append(r)
-
-  def mean(g, k):
-    vals = [r[k] for r in g if r.get(k) is not None]
-    return float(np.mean(vals)) if vals else None
-
-  for (fam, _), g in sorted(groups.items()):
-    lines.append(f"| {fam} | {fmt(mean(g, 'flops'))} | {len(g)} | {sum(r['tiles'] for r in g)} | "
-                 f"{fmt(mean(g, 'stored_accuracy'))} | "
-                 + " | ".join(fmt(mean(g, c)) for c in CATEGORIES) + " |")
-  return "\n".join(lines)
 
 
 def main() -> None:
@@ -93,9 +71,11 @@ def main() -> None:
   rows = score_runs(args.sweep, args.store)
   if not rows:
     raise SystemExit(f"no stored run of {args.sweep} with a sample grid under {args.store}")
+  from tfjax.experiments.plots import category_table  # pylint: disable=g-import-not-at-top
   text = (f"Shapes checker per category on each run's first {GRID_TILES} samples "
-          f"(`python benchmarks/science_gpu_grids.py --sweep={args.sweep}`), mean over seeds:"
-          f"\n\n{table(rows)}\n")
+          f"(`python benchmarks/science_gpu_grids.py --sweep={args.sweep}`), mean over seeds "
+          f"(the sweep's report has each run's accuracy over all its prompts):"
+          f"\n\n{category_table(rows)}\n")
   print(text)
   if args.out:
     with open(args.out, "w") as f:

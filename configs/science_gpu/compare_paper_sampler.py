@@ -2,10 +2,10 @@
 
 compare.py scores text-to-image with DDIM 50 steps and CFG 3 (every GPU
 sweep's sampler); the paper's controlled comparison (its sections 4.1-4.2)
-samples 250 DDPM steps with CFG 5 for both families. The runs here train exactly as
-compare.py's (same names, configs and seeds; only the sampling keys differ,
-which training does not read), at its largest budget with both seeds stored,
-so each record sits beside its compare.py twin.
+samples 250 DDPM steps with CFG 5 for both families. The runs here train
+exactly as compare.py's (same names, configs and seeds; only the sampling
+keys differ, which training does not read), at its largest budget with both
+seeds stored, so each record sits beside its compare.py twin.
 
   bash benchmarks/science_gpu.sh compare_paper_sampler [RUN ...]     (device tool; PLAN.md)
   tfjax-sweep --config=configs/science_gpu/compare_paper_sampler.py --workdir=/tmp/cps \

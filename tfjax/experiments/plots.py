@@ -22,6 +22,7 @@ DEFAULT_METRICS = {"shapes_accuracy": "higher", "caption_cider": "higher",
                    "caption_scene_accuracy": "higher", "perplexity": "lower"}
 
 
+# Fewest times the largest compute of a fit exceeds its smallest (see fit_power_law).
 MIN_COMPUTE_SPAN = 1.25
 
 

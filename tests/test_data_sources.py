@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -163,3 +164,22 @@ def test_shard_sets_joined_by_one_glob_keep_keys_apart(tmp_path):
   paths, reader = streams.image_text_reader(c)
   keys = [r.key for p in paths for r in reader(p)]
   assert len(keys) == 6 == len(set(keys)) and keys[0] == "cc12m/00000.tar/000000000"
+
+
+def test_array_record_source_reads_what_grains_reads(tmp_path):
+  """The range read (sources.ArrayRecordSource) returns grain's records, across
+  shards and for out-of-range keys fails as grain does."""
+  from array_record.python import array_record_module
+  paths = []
+  for shard in range(3):
+    paths.append(str(tmp_path / f"part-{shard}"))
+    w = array_record_module.ArrayRecordWriter(paths[-1], "group_size:1")
+    for i in range(7 + shard):
+      w.write(f"shard {shard} record {i} ".encode() * (i + 1))
+    w.close()
+  ours, grains = sources.ArrayRecordSource(paths), grain.sources.ArrayRecordDataSource(paths)
+  assert len(ours) == len(grains) == 24
+  assert [ours[i] for i in range(24)] == [grains[i] for i in range(24)]
+  assert ours[8] == b"shard 1 record 1 " * 2
+  with pytest.raises(ValueError):
+    ours[24]

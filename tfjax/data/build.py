@@ -67,9 +67,10 @@ def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]
   elif config.data.text_source.startswith("tfds:") or streams.is_text_stream(
       config.data.text_source):
     src = sources.text_source(config, root, "train")
-    for i in range(min(len(src), 100000)):
-      t = src[i]
-      lines.append(t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t))
+    n = min(len(src), 100000)
+    for start in range(0, n, 1024):
+      for t in latents_lib.read_range(src, start, min(n, start + 1024)):
+        lines.append(t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t))
   if streams.is_image_stream(config.data.image_text_source):
     for n, rec in enumerate(sources.stream_records(config)):
       if n >= 20000:
@@ -77,9 +78,11 @@ def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]
       lines.append(rec.value["caption"])
   elif config.data.image_text_source != "none":
     src = sources.image_source(config, root, "train")
-    for i in range(min(len(src), 20000)):
-      c = src[i]["caption"]
-      lines.append(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c))
+    n = min(len(src), 20000)
+    for start in range(0, n, 1024):
+      for rec in latents_lib.read_range(src, start, min(n, start + 1024)):
+        c = rec["caption"]
+        lines.append(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c))
   if not lines:
     raise ValueError("config keys data.text_source / data.image_text_source give no text to "
                      "train a tokenizer on; set data.tokenizer to a .model file")

@@ -90,8 +90,7 @@ def build_editing_cache(encoder: latents_lib.Encoder, source: Any, out_dir: str,
   try:
     for start in range(0, len(source), batch_size):
       batch, images = [], []
-      for i in range(start, min(len(source), start + batch_size)):
-        ex = source[i]
+      for ex in latents_lib.read_range(source, start, min(len(source), start + batch_size)):
         try:
           pair = [latents_lib.decode_image(ex["input"]), latents_lib.decode_image(ex["output"])]
         except ValueError as err:
@@ -225,7 +224,7 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
   maker = EditDocumentMaker(tok, config.data.seq_len, patches_per_image(config.model),
                             latent_shape, meta["scale"], meta["shift"])
-  src = grain.sources.ArrayRecordDataSource(paths)
+  src = sources.ArrayRecordSource(paths)
   if len(src) < process_count:
     raise ConfigError(f"config key editing.source: {len(src)} {split} examples cannot feed "
                       f"{process_count} processes")

@@ -28,6 +28,26 @@ SHAPES_TEXT_DIR = "shapes_text"
 TEXT_CACHE_DIR = "text"       # stream text sources, copied to ArrayRecord
 
 
+class ArrayRecordSource(grain.sources.ArrayRecordDataSource):
+  """grain's ArrayRecord source, reading each record as the range [i, i + 1).
+
+  The parent reads with `reader.read([i, ...])`, and each such call costs more
+  the more records the file holds (array_record 0.8.6, one shard, one record a
+  call: ~23-37 us at 10k records, ~190-230 us at 100k); the range read costs
+  ~5 us at both. The pipeline reads one record at a time, so at 100k records
+  the parent made it 2x slower per batch (benchmarks/RESULTS.md, "ArrayRecord
+  reads").
+  """
+
+  def __getitem__(self, record_key) -> bytes:
+    reader_idx, position = self._reader_idx_and_position(record_key)
+    self._ensure_reader_exists(reader_idx)
+    return self._readers[reader_idx].read(position, position + 1)[0]
+
+  def __getitems__(self, record_keys) -> list[bytes]:
+    return [self[k] for k in record_keys]
+
+
 def data_root(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
   return data_dir or config.data.dir
 
@@ -85,9 +105,14 @@ class _TextField:
   def __len__(self) -> int:
     return len(self.source)
 
-  def __getitem__(self, i: int) -> Any:
-    rec = self.source[i]
+  def _field(self, rec: Any) -> Any:
     return rec if self.field is None else rec[self.field]
+
+  def __getitem__(self, i: int) -> Any:
+    return self._field(self.source[i])
+
+  def __getitems__(self, keys: list[int]) -> list[Any]:
+    return [self._field(r) for r in latents_lib.read_keys(self.source, keys)]
 
 
 def text_source(config: ml_collections.ConfigDict, data_dir: str | None, split: str) -> Any:
@@ -100,7 +125,7 @@ def text_source(config: ml_collections.ConfigDict, data_dir: str | None, split: 
     if not os.path.exists(path):
       raise FileNotFoundError(f"config key data.text_source=shapes_text: {path} is missing "
                               f"(build it with `tfjax-data build`)")
-    return grain.sources.ArrayRecordDataSource([path])
+    return ArrayRecordSource([path])
   if name.startswith("tfds:"):
     src = open_tfds(name[5:], split, tfds_dir(config, data_dir), "data.text_source")
     return _TextField(src, config.data.text_field)
@@ -115,7 +140,7 @@ def text_source(config: ml_collections.ConfigDict, data_dir: str | None, split: 
     if not entry.get("shards"):
       raise FileNotFoundError(f"config key data.text_source={name}: no {split} documents in "
                               f"{cache} (raise data.validation_percent, or add documents)")
-    return grain.sources.ArrayRecordDataSource([os.path.join(cache, p) for p in entry["shards"]])
+    return ArrayRecordSource([os.path.join(cache, p) for p in entry["shards"]])
   raise ValueError(f"config key data.text_source: unknown source {name!r}")
 
 
@@ -126,7 +151,7 @@ def latent_source(config: ml_collections.ConfigDict, data_dir: str | None, split
     return None, None
   cache = latent_dir(config, data_dir)
   meta = latents_lib.read_metadata(cache)
-  return grain.sources.ArrayRecordDataSource(latents_lib.split_paths(cache, split)), meta
+  return ArrayRecordSource(latents_lib.split_paths(cache, split)), meta
 
 
 def image_source(config: ml_collections.ConfigDict, data_dir: str | None, split: str,
@@ -203,7 +228,13 @@ class _TfdsImageText:
     return len(self.source)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    rec = self.source[i]
+    return self._convert(self.source[i], i)
+
+  def __getitems__(self, keys: list[int]) -> list[dict[str, Any]]:
+    return [self._convert(r, i) for r, i in zip(latents_lib.read_keys(self.source, keys), keys)]
+
+  @staticmethod
+  def _convert(rec: dict[str, Any], i: int) -> dict[str, Any]:
     cap = rec.get("caption", "")
     if isinstance(cap, dict):  # coco_captions: {"captions": {"text": [...]}}
       cap = cap.get("text", [""])[0]

@@ -18,10 +18,11 @@
 #   runs/SWEEP/RUN.json       the stored result (tar xzf results.tgz -C benchmarks/science_gpu)
 #   samples/SWEEP/RUN_*.png   the run's evaluation sample grids
 # and $OUT/sweep.log holds the log. The autoencoders (KL-VAE, VQ-VAE) come from
-# benchmarks/science_gpu/assets/autoencoders.tgz when it is there, so every
-# call's runs share the same ones; a call that trains one writes
-# $OUT/autoencoders.tgz (store it there). Data, tokenizer and latents are
-# rebuilt on a fresh machine (deterministic in their seeds; a warm one keeps
+# benchmarks/science_gpu/assets/autoencoders.tgz and the tokenizers from
+# assets/tokenizers.tgz when they are there, so every call's runs share the
+# same ones; a call that trains one writes $OUT/autoencoders.tgz or
+# $OUT/tokenizers.tgz (store it there). Data and latents are rebuilt on a
+# fresh machine (deterministic in their seeds; a warm one keeps
 # /tmp/science_gpu) and shared by its runs.
 # edit: benchmarks/science_gpu_edit.py (pretrain, fine-tune, editing suite)
 # under the same budget; $OUT/edit.tgz holds runs/edit/*.json and
@@ -63,10 +64,16 @@ if [[ $what == compare_paper_sampler ]]; then
   ln -sfn /tmp/science_gpu/compare/shared "$WORK/shared"
 fi
 mkdir -p "$WORK/shared"
-if [[ -f $STORE/assets/autoencoders.tgz ]]; then
-  tar xzf "$STORE/assets/autoencoders.tgz" -C "$WORK/shared" || exit 1
-fi
-ls -d "$WORK"/shared/*/vae 2>/dev/null | sort > /tmp/science_gpu_vae_before
+# Stored assets (ASSET.tgz holds shared/GLOB): the autoencoders, and the
+# tokenizers (trained in 81 s on the 100k-scene text; the data stage keeps one
+# that is there). A call that makes a new one returns ASSET.tgz whole.
+declare -A ASSETS=([autoencoders]='*/vae' [tokenizers]='data-*/tokenizer')
+for a in "${!ASSETS[@]}"; do
+  if [[ -f $STORE/assets/$a.tgz ]]; then
+    tar xzf "$STORE/assets/$a.tgz" -C "$WORK/shared" || exit 1
+  fi
+  (cd "$WORK/shared" && ls -d ${ASSETS[$a]} 2>/dev/null | sort) > "/tmp/science_gpu_${a}_before"
+done
 
 # pack SRC_RESULTS SWEEP TGZ: the run records (and sample grids) finished in this call.
 pack() {
@@ -112,10 +119,12 @@ rc=$?
 pack "$results" "$what" "$tgz"
 # The edit chain's commands write their own log (training, export, evaluation).
 [[ -f $WORK/edit_commands.log ]] && gzip -c "$WORK/edit_commands.log" > "$OUT/edit_commands.log.gz"
-ls -d "$WORK"/shared/*/vae 2>/dev/null | sort > /tmp/science_gpu_vae_after
-if ! cmp -s /tmp/science_gpu_vae_before /tmp/science_gpu_vae_after; then
-  (cd "$WORK/shared" && tar czf "$OUT/autoencoders.tgz" */vae)
-fi
+for a in "${!ASSETS[@]}"; do
+  (cd "$WORK/shared" && ls -d ${ASSETS[$a]} 2>/dev/null | sort) > "/tmp/science_gpu_${a}_after"
+  if ! cmp -s "/tmp/science_gpu_${a}_before" "/tmp/science_gpu_${a}_after"; then
+    (cd "$WORK/shared" && tar czf "$OUT/$a.tgz" ${ASSETS[$a]})
+  fi
+done
 echo "science_gpu.sh $what: exit $rc after $(( $(date +%s) - T0 )) s; stored this call:"
 ls "$results"
 grep -E "not started|stored |failed|Error|error:" "$LOG" | tail -n 40

@@ -16,7 +16,7 @@
 # fit. Every 10 s, and at the end, $OUT/results.tgz is rewritten whole with
 # the runs finished so far:
 #   runs/SWEEP/RUN.json       the stored result (tar xzf results.tgz -C benchmarks/science_gpu)
-#   samples/SWEEP/RUN_*.png   the run's evaluation sample grids
+#   samples/SWEEP/RUN_*.png   the run's evaluation sample grids (RUN_VARIANT_*.png: eval variants)
 # and $OUT/sweep.log holds the log. The autoencoders (KL-VAE, VQ-VAE) come from
 # benchmarks/science_gpu/assets/autoencoders.tgz and the tokenizers from
 # assets/tokenizers.tgz when they are there, so every call's runs share the
@@ -85,6 +85,9 @@ pack() {
     run=$(basename "$rec" .json)
     for png in "$WORK/runs/$run/eval/"*.png; do
       [[ -e $png ]] && cp "$png" "$stage/samples/$2/${run}_$(basename "$png")"
+    done
+    for png in "$WORK/runs/$run/eval/"*/*.png; do  # eval variants: eval/NAME/*.png
+      [[ -e $png ]] && cp "$png" "$stage/samples/$2/${run}_$(basename "$(dirname "$png")")_$(basename "$png")"
     done
   done
   cp "$WORK"/grids/*.png "$stage/samples/$2/" 2>/dev/null

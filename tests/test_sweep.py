@@ -88,7 +88,9 @@ def sweep_dir(tmp_path_factory):
   s.sizes = {"xxs": ("model.dim=32",)}
   s.budgets = (128, 256)     # 1 and 2 steps of 2 x 64 tokens
   s.common = ("train.eval_every=0",)  # the validation loss is not what the table reports
-  s.eval = {"num_samples": 4, "seed": 0, "batch_size": 4}
+  # The variant samples the same weights without guidance (eval_variants).
+  s.eval = {"num_samples": 4, "seed": 0, "batch_size": 4,
+            "variants": {"no_cfg": ("diffusion.cfg_scale=0",)}}
   s.parity = ("transfusion", "transfusion")
   s.metrics = dict(plots.DEFAULT_METRICS)
   out = os.path.join(work, "out")
@@ -112,6 +114,17 @@ def test_two_point_sweep_writes_table_and_plots(sweep_dir):
     # The checker's breakdown is stored beside its headline (what samples get wrong).
     assert r["shapes_per_category"]["correct"] == r["shapes_accuracy"]
     assert {"presence", "count", "color", "shape"} <= set(r["shapes_per_category"])
+    # The variant scored the same weights again, without guidance.
+    run_eval = os.path.join(out, "runs", r["name"], "eval")
+    with open(os.path.join(run_eval, "variants.json")) as f:
+      variant = json.load(f)["no_cfg"]
+    assert variant["overrides"] == ["diffusion.cfg_scale=0"]
+    assert os.path.exists(os.path.join(run_eval, "no_cfg", "shapes_samples.png"))
+    with open(os.path.join(out, "results", r["name"] + ".json")) as f:
+      rec = json.load(f)
+    assert rec["shapes_accuracy_no_cfg"] == variant["shapes_accuracy"]
+    assert rec["shapes_per_category_no_cfg"]["correct"] == variant["shapes_accuracy"]
+    assert rec["eval"]["variants"] == {"no_cfg": ["diffusion.cfg_scale=0"]}
   with open(os.path.join(out, "results.json")) as f:
     assert json.load(f)["runs"] == report["runs"]
   md = open(os.path.join(out, "results.md")).read()

@@ -21,10 +21,11 @@ DATA = (
 MODEL = ("model.dtype=bfloat16", "model.attention_impl=auto")
 TRAIN = ("train.learning_rate=0.001", "train.end_learning_rate=0.0001", "train.warmup_steps=100",
          "train.log_every=50", "train.eval_batches=4")
+# Every sweep's sampler: cheaper than the paper's (PAPER_SAMPLER below).
+SWEEP_SAMPLER = ("diffusion.sample_steps=50", "diffusion.sampler=ddim", "diffusion.cfg_scale=3.0")
 COMMON = DATA + MODEL + TRAIN + (
     "train.eval_every=1",  # the sweep moves it to the last step: one held-out loss per run
-    "diffusion.sample_steps=50", "diffusion.sampler=ddim", "diffusion.cfg_scale=3.0",
-)
+) + SWEEP_SAMPLER
 
 SIZES = {"s": ("model.dim=256", "model.num_layers=4", "model.num_heads=4",
                "model.num_kv_heads=4", "model.time_embed_dim=256")}
@@ -72,10 +73,13 @@ PAPER_SAMPLER = ("diffusion.sample_steps=250", "diffusion.sampler=ddpm", "diffus
 
 
 def sweep(name: str, families: dict, budgets=BUDGETS, parity=(), extra_common=(),
-          eval_samples: int = 64, timing=TIMING) -> ml_collections.ConfigDict:
+          eval_samples: int = 64, timing=TIMING, eval_variants=None
+          ) -> ml_collections.ConfigDict:
   """A science_gpu sweep config over `families` with the shared settings
-  (COMMON, then `extra_common`), each run scored on `eval_samples` prompts;
-  `timing` sizes the runs against a call's time budget."""
+  (COMMON, then `extra_common`), each run scored on `eval_samples` prompts
+  (and its text-to-image again under each of `eval_variants`, {name:
+  overrides}, as metric shapes_accuracy_NAME); `timing` sizes the runs
+  against a call's time budget."""
   s = ml_collections.ConfigDict()
   s.name = name
   s.families = families
@@ -85,7 +89,10 @@ def sweep(name: str, families: dict, budgets=BUDGETS, parity=(), extra_common=()
   s.seeds = SEEDS
   s.common = COMMON + tuple(extra_common)
   s.eval = {"num_samples": eval_samples, "seed": 0, "batch_size": 32}
+  s.metrics = dict(METRICS)
+  if eval_variants:
+    s.eval.variants = {k: tuple(v) for k, v in eval_variants.items()}
+    s.metrics.update({f"shapes_accuracy_{k}": "higher" for k in eval_variants})
   s.parity = parity
-  s.metrics = METRICS
   s.timing = timing
   return s

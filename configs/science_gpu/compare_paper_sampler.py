@@ -5,7 +5,9 @@ sweep's sampler); the paper's controlled comparison (its sections 4.1-4.2)
 samples 250 DDPM steps with CFG 5 for both families. The runs here train
 exactly as compare.py's (same names, configs and seeds; only the sampling
 keys differ, which training does not read), at its largest budget with both
-seeds stored, so each record sits beside its compare.py twin.
+seeds stored, so each record sits beside its compare.py twin. Each run is
+also scored with compare.py's sampler (metric shapes_accuracy_sweep_sampler),
+so the two samplers meet on the same weights too.
 
   bash benchmarks/science_gpu.sh compare_paper_sampler [RUN ...]     (device tool; PLAN.md)
   tfjax-sweep --config=configs/science_gpu/compare_paper_sampler.py --workdir=/tmp/cps \
@@ -23,4 +25,4 @@ def get_config():
   return common.sweep("science_gpu_compare_paper_sampler", compare.FAMILIES, budgets=BUDGETS,
                       parity=(("chameleon", "transfusion"),),
                       extra_common=common.LARGE_DATA + common.PAPER_SAMPLER, eval_samples=128,
-                      timing=timing)
+                      timing=timing, eval_variants={"sweep_sampler": common.SWEEP_SAMPLER})

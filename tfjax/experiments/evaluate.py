@@ -27,6 +27,7 @@ from tfjax.generate.mixed import Generator
 log = logging.getLogger(__name__)
 
 METRICS = ("shapes_accuracy", "caption_cider", "caption_scene_accuracy", "perplexity")
+VARIANTS_FILE = "variants.json"
 
 
 def make_generator(config: ml_collections.ConfigDict, params: Any, tokenizer: Any,
@@ -47,3 +48,26 @@ def evaluate(generator: Any, out_dir: str, num_samples: int = 32, seed: int = 0,
     json.dump(result, f, indent=2, default=str)
   log.info("eval %s: %s", out_dir, {k: result.get(k) for k in METRICS})
   return result
+
+
+def evaluate_variants(config: ml_collections.ConfigDict, make: Any, out_dir: str,
+                      variants: dict[str, Any], num_samples: int, seed: int = 0,
+                      batch_size: int = 16) -> dict[str, Any]:
+  """Text-to-image again with the same weights under each variant's config
+  overrides (`{name: ("diffusion.cfg_scale=3", ...)}`: sampling settings), so
+  two samplers are compared on one model. `make(config)` builds the generator.
+  Writes out_dir/variants.json and each variant's grid to out_dir/NAME/."""
+  out = {}
+  for name, overrides in variants.items():
+    cfg = config.copy_and_resolve_references()
+    suite.apply_overrides(cfg, list(overrides))
+    d = suite.shapes_eval(make(cfg), num_samples, seed=seed, batch_size=batch_size,
+                          out_dir=os.path.join(out_dir, name))
+    out[name] = {"overrides": list(overrides), "shapes_accuracy": d["shapes_accuracy"],
+                 "per_category": d["per_category"]}
+  path = os.path.join(out_dir, VARIANTS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f, indent=2)
+  os.replace(path + ".tmp", path)
+  log.info("eval variants %s: %s", out_dir, {k: v["shapes_accuracy"] for k, v in out.items()})
+  return out

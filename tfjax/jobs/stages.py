@@ -22,7 +22,7 @@ import ml_collections
 from tfjax import checkpoints
 from tfjax.chameleon import batches, tokens
 from tfjax.data import build, streams
-from tfjax.experiments.evaluate import evaluate, make_generator
+from tfjax.experiments.evaluate import evaluate, evaluate_variants, make_generator
 from tfjax.jobs import samples
 from tfjax.jobs.runner import Barrier, Job, Stage, primary
 from tfjax.train import loop
@@ -86,14 +86,20 @@ def train(job: Job) -> int:
 
 
 def eval_suite(job: Job) -> dict[str, Any]:
-  """The evaluation suite on the newest checkpoint (EMA when kept) -> WORKDIR/eval/eval.json."""
+  """The evaluation suite on the newest checkpoint (EMA when kept) ->
+  WORKDIR/eval/eval.json; with job.eval["variants"], text-to-image again under
+  each (evaluate_variants) -> WORKDIR/eval/variants.json."""
   config = job.config
   params, _ = checkpoints.restore_params(job.workdir, config=config)
   model = vq(job) if config.chameleon.enabled else job.vae()
-  e = job.eval
-  return evaluate(make_generator(config, params, samples.tokenizer(config), model),
-                  os.path.join(job.workdir, "eval"), int(e["num_samples"]),
-                  seed=int(e.get("seed", 0)), batch_size=int(e.get("batch_size", 16)))
+  tok = samples.tokenizer(config)
+  make = lambda cfg: make_generator(cfg, params, tok, model)
+  e, out_dir = job.eval, os.path.join(job.workdir, "eval")
+  n, seed, batch = int(e["num_samples"]), int(e.get("seed", 0)), int(e.get("batch_size", 16))
+  result = evaluate(make(config), out_dir, n, seed=seed, batch_size=batch)
+  if e.get("variants"):
+    evaluate_variants(config, make, out_dir, dict(e["variants"]), n, seed=seed, batch_size=batch)
+  return result
 
 
 def report(job: Job) -> str:

@@ -10,7 +10,9 @@ A sweep config (configs/sweep_*.py, `get_config()`) is data:
   budgets    (tokens, ...)                       training tokens per run:
                                                  steps = tokens / (batch * seq_len)
   common     ("key=value", ...)                  applied to every run first
-  eval       num_samples (, seed, batch_size)    the evaluation suite (evaluate.py)
+  eval       num_samples (, seed, batch_size)    the evaluation suite (evaluate.py);
+             (, variants {NAME: (overrides)})   text-to-image again per variant, same
+                                                 weights (shapes_accuracy_NAME)
   parity     (family_a, family_b)                the parity-FLOP ratio reported
   metrics    {metric: "higher" | "lower"}        what the table and plots show
 optional:
@@ -51,6 +53,7 @@ import ml_collections
 
 from tfjax.config import apply_overrides, load_config_file, validate
 from tfjax.experiments import budget as budget_lib
+from tfjax.experiments import evaluate as evaluate_lib
 from tfjax.experiments import plots
 from tfjax.experiments import results as results_lib
 from tfjax.jobs import chameleon, stages
@@ -63,6 +66,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_FILE = "run_env.json"   # the device and versions a run trained on (in its run dir)
+VARIANTS_FILE = evaluate_lib.VARIANTS_FILE
 
 
 @dataclasses.dataclass
@@ -267,16 +271,29 @@ def _record(run: Run, run_dir: str, sweep: ml_collections.ConfigDict,
          "budget_unit": sweep.get("budget_unit", "tokens"), "steps": run.steps,
          "tokens": run.tokens, "params": run.params, "flops_planned": run.flops,
          "flops_6nd": run.flops_6nd, "config_file": sweep.families[run.family]["config"],
-         "overrides": list(run.overrides), "eval": dict(sweep.eval), **env, **scores, **summary}
+         "overrides": list(run.overrides), "eval": eval_settings(sweep), **env, **scores,
+         **summary}
   rec["flops"] = rec.get("flops_measured") or run.flops
   shapes_detail = (ev.get("details") or {}).get("shapes") or {}
   if shapes_detail.get("per_category"):  # which part of a scene the samples get wrong
     rec["shapes_per_category"] = shapes_detail["per_category"]
+  variants_path = os.path.join(run_dir, "eval", VARIANTS_FILE)
+  if sweep.eval.get("variants") and os.path.exists(variants_path):
+    with open(variants_path) as f:
+      for name, v in json.load(f).items():
+        rec[f"shapes_accuracy_{name}"] = v["shapes_accuracy"]
+        rec[f"shapes_per_category_{name}"] = v["per_category"]
   rec["autoencoder"] = _autoencoder(run.config.vae.path or os.path.join(
       shared_vae_workdir(shared, run.config), "vae"))
   if run.config.chameleon.enabled:  # no image slots: its 0 denoising loss is no score
     rec["val_loss_diffusion"] = None
   return rec
+
+
+def eval_settings(sweep: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The sweep key eval as plain JSON values: what a record stores and is checked against."""
+  e = sweep.eval.to_dict() if hasattr(sweep.eval, "to_dict") else dict(sweep.eval)
+  return json.loads(json.dumps(e))
 
 
 def stored_records(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
@@ -295,10 +312,10 @@ def stored_records(sweep: ml_collections.ConfigDict, runs: Sequence[Run],
           f"stored result of run {run.name} ({rec.get('config_file')} with overrides "
           f"{rec.get('overrides')}) is not what the sweep config plans now ({want[0]} with "
           f"{want[1]}): delete the stored file to rerun it, or rename the family or size")
-    if rec is not None and rec.get("eval", dict(sweep.eval)) != dict(sweep.eval):
+    if rec is not None and rec.get("eval", eval_settings(sweep)) != eval_settings(sweep):
       raise ValueError(
           f"stored result of run {run.name} was evaluated with {rec['eval']}, the sweep key "
-          f"eval is now {dict(sweep.eval)}: delete the stored file to rerun it, or keep the "
+          f"eval is now {eval_settings(sweep)}: delete the stored file to rerun it, or keep the "
           f"sweep's eval")
   return stored
 
@@ -348,7 +365,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, only: Sequence[
     if run.name in stored:
       continue
     run_dir = os.path.join(workdir, "runs", run.name)
-    done_path = os.path.join(run_dir, "eval", "eval.json")
+    # The eval stage writes variants.json (when asked for) after eval.json.
+    done_path = os.path.join(run_dir, "eval", VARIANTS_FILE if sweep.eval.get("variants")
+                             else "eval.json")
     wanted = not only or run.name in only
     if not os.path.exists(done_path) and wanted and not report_only:
       left = None if time_budget_s is None else time_budget_s - (time.time() - t0)

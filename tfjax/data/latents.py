@@ -148,9 +148,9 @@ def read_metadata(cache_dir: str) -> dict[str, Any]:
 def read_range(source: Any, start: int, stop: int) -> list[Any]:
   """Records [start, stop) of a random-access source, in one batched read where
   it has one (`__getitems__`): TFDS's one-record read costs grow with the
-  file's record count (510 against 123 us per 64x64 scene at 100k and 10k
-  records, tensorflow-datasets 4.9.10), its batched read of a range does not
-  (~71 us at both; benchmarks/RESULTS.md, "ArrayRecord reads")."""
+  file's record count (368 against 63 us per 64x64 scene at 100k and 10k
+  records, tensorflow-datasets 4.9.10), its batched read of a range much less
+  (69 and 42 us; benchmarks/RESULTS.md, "ArrayRecord reads")."""
   return read_keys(source, list(range(start, stop)))
 
 

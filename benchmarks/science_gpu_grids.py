@@ -36,7 +36,7 @@ def grid_tiles(path: str, size: int) -> list[np.ndarray]:
 
 
 def score_runs(sweep_name: str, store: str) -> list[dict]:
-  """Per stored run with a grid: its family, size, budget, FLOPs and the tiles' verdicts."""
+  """Per stored run with a grid: its family, size, budget, seed, FLOPs and the tiles' verdicts."""
   from tfjax.config.files import load_module  # pylint: disable=g-import-not-at-top
   from tfjax.data import shapes  # pylint: disable=g-import-not-at-top
   from tfjax.eval import shapes_checker  # pylint: disable=g-import-not-at-top
@@ -55,7 +55,7 @@ def score_runs(sweep_name: str, store: str) -> list[dict]:
                                          options=shapes.SceneOptions.from_config(run.config.data))
     tiles = grid_tiles(grid, size)[:GRID_TILES]
     # A record's shape (plots.category_table reads it), scored on the tiles.
-    out.append({"family": run.family, "size": run.size, "budget": run.budget,
+    out.append({"family": run.family, "size": run.size, "budget": run.budget, "seed": run.seed,
                 "flops": records[run.name]["flops"],
                 "shapes_per_category": shapes_checker.accuracy(tiles, scenes)["per_category"]})
   return out

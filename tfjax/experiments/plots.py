@@ -204,20 +204,12 @@ def category_table(rows: list[dict[str, Any]]) -> str | None:
   if not rs:
     return None
   cats = list(rs[0]["shapes_per_category"])
+  flat = [{**r, **{f"category {c}": r["shapes_per_category"].get(c) for c in cats}} for r in rs]
   lines = ["| family | size | flops | runs | " + " | ".join(cats) + " |",
            "|---|---|---|---|" + "---|" * len(cats)]
-  groups: dict[tuple, list[dict[str, Any]]] = {}
-  for r in rs:
-    groups.setdefault((r["family"], r["size"], r["budget"]), []).append(r)
-  for (fam, size, _), g in sorted(groups.items()):
-    means = []
-    for c in cats:
-      vals = [r["shapes_per_category"].get(c) for r in g]
-      vals = [v for v in vals if v is not None]
-      means.append(float(np.mean(vals)) if vals else None)
-    flops = float(np.mean([r["flops"] for r in g]))
-    lines.append(f"| {fam} | {size} | {fmt(flops)} | {len(g)} | "
-                 + " | ".join(fmt(v) for v in means) + " |")
+  for g in results_lib.seed_groups(flat, [f"category {c}" for c in cats]):
+    lines.append(f"| {g['family']} | {g['size']} | {fmt(g['flops'])} | {len(g['seeds']) or 1} | "
+                 + " | ".join(fmt(g[f"category {c}"]) for c in cats) + " |")
   return "\n".join(lines)
 
 

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
   data = f"--config.data.dir={os.path.join(pre, 'data')}"
   rec["seconds"]["edit_data"] = _cmd(["tfjax.cli.edit_data", f"--config={CONFIG}", data,
                                       f"--config.vae.path={vae}", *extra], log)
-  ev = ["tfjax.cli.eval", "--suite=editing", f"--num-samples={args.num_edits}", "--batch-size=50",
+  ev = ["tfjax.cli.eval", "--suite=editing", f"--num_samples={args.num_edits}", "--batch_size=50",
         f"--seed={args.seed}",  # the export's own config would draw its pretraining scenes
         f"--override=editing.max_objects={ft_cfg.editing.max_objects}",
         f"--override=editing.object_sizes={ft_cfg.editing.object_sizes}"]

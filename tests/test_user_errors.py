@@ -7,6 +7,7 @@ generate / export / train cases; each case works on a copy when it changes it.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,9 @@ def test_help_exits_0(cmd):
   out = tfjax(cmd, "--help")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "flags:" in out.stdout
+  # Every command spells its flags one way: words joined by underscores.
+  names = re.findall(r"^\s+--(?:\[no\])?([A-Za-z0-9_.-]+)", out.stdout, re.M)
+  assert names and not [n for n in names if "-" in n], names
 
 
 def test_config_mistakes(tmp_path):
@@ -156,7 +160,7 @@ def test_bad_caption_byte_names_file_and_line(tmp_path):
 # ---- generate --------------------------------------------------------------
 def test_generate_counts_and_out_folder(workdir, tmp_path):
   out_dir = tmp_path / "gen"
-  for flag in ("--num-images=0", "--num-images=-2", "--batch-size=0", "--steps=0"):
+  for flag in ("--num_images=0", "--num_images=-2", "--batch_size=0", "--steps=0"):
     out = tfjax("generate", f"--model={workdir}", "--prompt=a red circle", f"--out={out_dir}",
                 flag)
     assert_user_error(out, flag)

@@ -1,7 +1,7 @@
 """tfjax-eval: score a trained model (workdir or export) on the evaluation suite.
 
   tfjax-eval --model=DIR --suite=shapes|captioning|perplexity|editing|all \
-      [--num-samples=64] --json=results.json [--inception=FILE] [--clip=DIR] \
+      [--num_samples=64] --json=results.json [--inception=FILE] [--clip=DIR] \
       [--override=KEY=VALUE ...]
 
 Writes the results as JSON (headline keys shapes_accuracy, caption_cider,
@@ -20,10 +20,10 @@ _MODEL = flags.DEFINE_string("model", None, "Training workdir or export director
 _SUITE = flags.DEFINE_enum("suite", "all", ["shapes", "captioning", "perplexity", "editing",
                                             "all"],
                            "Which evaluation to run.")
-_NUM = flags.DEFINE_integer("num-samples", 64, "Held-out examples per evaluation.")
+_NUM = flags.DEFINE_integer("num_samples", 64, "Held-out examples per evaluation.")
 _JSON = flags.DEFINE_string("json", None, "Where to write the results JSON.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the held-out draw and sampling.")
-_BATCH = flags.DEFINE_integer("batch-size", 8, "Prompts generated together.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts generated together.")
 _INCEPTION = flags.DEFINE_string("inception", None, "Inception feature extractor "
                                  "(.jax_export file) for FID; without it FID is skipped.")
 _OVERRIDE = flags.DEFINE_multi_string(
@@ -42,7 +42,7 @@ def _main(argv) -> None:
   from tfjax.eval.suite import evaluate_to_files, markdown_table
   quiet_orbax(logging.ERROR)
   if _NUM.value < 1 or _BATCH.value < 1:
-    raise SystemExit(f"--num-samples and --batch-size must be at least 1 (got {_NUM.value}, "
+    raise SystemExit(f"--num_samples and --batch_size must be at least 1 (got {_NUM.value}, "
                      f"{_BATCH.value})")
   results = evaluate_to_files(_MODEL.value, _SUITE.value, _NUM.value, _JSON.value, _SEED.value,
                      _BATCH.value, _INCEPTION.value, _CLIP.value, _OVERRIDE.value)

@@ -1,7 +1,7 @@
 """tfjax-generate: text and images from a trained model (workdir or export).
 
   tfjax-generate --model=DIR --prompt="a red circle above a blue square" \
-      [--image=PATH ...] [--num-images=4] [--seed=0] --out=OUT
+      [--image=PATH ...] [--num_images=4] [--seed=0] --out=OUT
 
 Without --image the prompt is drawn (text-to-image); with --image the images
 come first and the model writes text after them (image-to-text), unless
@@ -23,7 +23,7 @@ from tfjax.cli.common import quiet_orbax, run
 _MODEL = flags.DEFINE_string("model", None, "Training workdir or export directory.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Prompt text.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Input image file(s) (PNG/JPEG), repeatable.")
-_NUM = flags.DEFINE_integer("num-images", 1, "Samples to draw for the prompt (a batch).")
+_NUM = flags.DEFINE_integer("num_images", 1, "Samples to draw for the prompt (a batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; same seed and prompt, same outputs.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _MODE = flags.DEFINE_enum("mode", "", ["", "auto", "image", "text"],
@@ -32,17 +32,17 @@ _MODE = flags.DEFINE_enum("mode", "", ["", "auto", "image", "text"],
 _STEPS = flags.DEFINE_integer("steps", None, "Denoising steps (default: diffusion.sample_steps).")
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"],
                              "Diffusion sampler (default: diffusion.sampler).")
-_CFG = flags.DEFINE_float("cfg-scale", None, "Classifier-free guidance scale; <= 0 turns it "
+_CFG = flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; <= 0 turns it "
                           "off (default: diffusion.cfg_scale).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None,
                                   "Text sampling temperature, 0 = greedy (default: sample.temperature).")
-_TOP_K = flags.DEFINE_integer("top-k", None, "Top-k filter, 0 = off (default: sample.top_k).")
-_TOP_P = flags.DEFINE_float("top-p", None, "Nucleus filter, 1 = off (default: sample.top_p).")
-_MAX_TOKENS = flags.DEFINE_integer("max-text-tokens", None,
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k filter, 0 = off (default: sample.top_k).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus filter, 1 = off (default: sample.top_p).")
+_MAX_TOKENS = flags.DEFINE_integer("max_text_tokens", None,
                                    "Tokens per text stretch (default: sample.max_text_tokens).")
-_MAX_IMAGES = flags.DEFINE_integer("max-images", 1, "Images per sample at most (mode auto).")
-_BATCH = flags.DEFINE_integer("batch-size", 8, "Samples generated together.")
-_CACHE = flags.DEFINE_bool("prefix-cache", True, "Reuse the prefix's keys/values while denoising.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 1, "Images per sample at most (mode auto).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Samples generated together.")
+_CACHE = flags.DEFINE_bool("prefix_cache", True, "Reuse the prefix's keys/values while denoising.")
 _LONG = flags.DEFINE_enum("long_prompt", "error", ["error", "truncate"],
                           "A prompt longer than the model's trained sequence length "
                           "(data.seq_len): refuse it, or cut its text to fit with a warning.")

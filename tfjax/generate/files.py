@@ -26,10 +26,10 @@ _OUTPUT_NAME = re.compile(r"sample\d+_image\d+(\.png|_latents\.npy)$")
 
 
 def check_counts(num: int, **counts) -> None:
-  """Refuses counts a user can mistype: num (--num-images) and the given
+  """Refuses counts a user can mistype: num (--num_images) and the given
   optional settings (None = the model's default)."""
   if num < 1:
-    raise ValueError(f"--num-images={num}: must be at least 1")
+    raise ValueError(f"--num_images={num}: must be at least 1")
   for flag, (value, low) in counts.items():
     if value is not None and value < low:
       raise ValueError(f"--{flag}={value}: must be at least {low}")
@@ -92,15 +92,15 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   """Runs generation and writes OUT; returns what generation.json holds."""
 
 
-  check_counts(num, **{"batch-size": (overrides.get("batch_size"), 1),
+  check_counts(num, **{"batch_size": (overrides.get("batch_size"), 1),
                        "steps": (overrides.get("steps"), 1),
-                       "max-images": (overrides.get("max_images"), 1),
-                       "max-text-tokens": (overrides.get("max_text_tokens"), 1),
-                       "top-k": (overrides.get("top_k"), 0),
+                       "max_images": (overrides.get("max_images"), 1),
+                       "max_text_tokens": (overrides.get("max_text_tokens"), 1),
+                       "top_k": (overrides.get("top_k"), 0),
                        "temperature": (overrides.get("temperature"), 0)})
   top_p = overrides.get("top_p")
   if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"--top-p={top_p}: must be in (0, 1]")
+    raise ValueError(f"--top_p={top_p}: must be in (0, 1]")
   for p in image_paths:
     if not os.path.isfile(p):
       raise FileNotFoundError(f"--image={p}: no such file")

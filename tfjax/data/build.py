@@ -58,6 +58,10 @@ def read_text_lines(path: str) -> list[str]:
   return [text.rstrip("\r\n") for _, text in utf8_lines(path)]
 
 
+def _as_text(value: Any) -> str:
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]:
   """Lines to train the tokenizer on: the text corpus plus image captions."""
   lines: list[str] = []
@@ -67,10 +71,7 @@ def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]
   elif config.data.text_source.startswith("tfds:") or streams.is_text_stream(
       config.data.text_source):
     src = sources.text_source(config, root, "train")
-    n = min(len(src), 100000)
-    for start in range(0, n, 1024):
-      for t in latents_lib.read_range(src, start, min(n, start + 1024)):
-        lines.append(t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t))
+    lines.extend(_as_text(t) for t in latents_lib.iter_records(src, min(len(src), 100000)))
   if streams.is_image_stream(config.data.image_text_source):
     for n, rec in enumerate(sources.stream_records(config)):
       if n >= 20000:
@@ -78,11 +79,8 @@ def _tokenizer_corpus(config: ml_collections.ConfigDict, root: str) -> list[str]
       lines.append(rec.value["caption"])
   elif config.data.image_text_source != "none":
     src = sources.image_source(config, root, "train")
-    n = min(len(src), 20000)
-    for start in range(0, n, 1024):
-      for rec in latents_lib.read_range(src, start, min(n, start + 1024)):
-        c = rec["caption"]
-        lines.append(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c))
+    lines.extend(_as_text(rec["caption"])
+                 for rec in latents_lib.iter_records(src, min(len(src), 20000)))
   if not lines:
     raise ValueError("config keys data.text_source / data.image_text_source give no text to "
                      "train a tokenizer on; set data.tokenizer to a .model file")

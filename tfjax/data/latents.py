@@ -26,7 +26,7 @@ import io
 import json
 import logging
 import os
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from array_record.python import array_record_module
 from flax import serialization
@@ -152,6 +152,12 @@ def read_range(source: Any, start: int, stop: int) -> list[Any]:
   records, tensorflow-datasets 4.9.10), its batched read of a range much less
   (69 and 42 us; benchmarks/RESULTS.md, "ArrayRecord reads")."""
   return read_keys(source, list(range(start, stop)))
+
+
+def iter_records(source: Any, stop: int, chunk: int = 1024) -> Iterator[Any]:
+  """Records [0, stop) of a random-access source, read chunk by chunk (read_range)."""
+  for start in range(0, stop, chunk):
+    yield from read_range(source, start, min(stop, start + chunk))
 
 
 def read_keys(source: Any, keys: list[int]) -> list[Any]:

@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config, items):
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
   # pytest-xdist hands tests out in collection order: a long test collected
-  # late ran alone on one worker at the end (CI, 2026-12-02: the tiny VAE's
-  # 28 dB test kept one of the two workers busy ~16 minutes after the other
-  # had finished). Stable sort: order is otherwise unchanged.
+  # late ran alone on one worker at the end (CI, 2026-12-02: the tiny VAE
+  # test kept one of the two workers busy ~16 minutes after the other had
+  # finished). Stable sort: order is otherwise unchanged.
   items.sort(key=lambda item: "long" not in item.keywords)

@@ -1,5 +1,8 @@
-"""The bar: configs/vae_tiny.py reaches >= 28 dB PSNR on the shapes validation set
-within a few CPU minutes, and its latents come out about unit variance."""
+"""The tiny VAE recipe (configs/vae_tiny.py, the main job's VAE) learns: at
+2000 of its 3000 steps it reaches >= 27.5 dB PSNR on the shapes validation set
+(measured 28.0-28.1; the full 3000 steps reach 29.2 dB, benchmarks/RESULTS.md,
+"The tiny VAE recipe"), and its latents come out about unit variance. Two
+thirds of the steps keep this, CI's longest test, near 8 CPU minutes."""
 from __future__ import annotations
 
 import json
@@ -22,14 +25,15 @@ def _config():
 
 
 @pytest.mark.long
-def test_tiny_vae_reaches_28db_on_shapes(tmp_path):
+def test_tiny_vae_reaches_27_5db_in_2000_steps(tmp_path):
   config = _config()
+  config.vae.train_steps = 2000
   start = time.time()
   path = train_vae(config, str(tmp_path))
   seconds = time.time() - start
   meta = json.load(open(os.path.join(path, META_FILE)))
   print(f"tiny VAE: {meta['metrics']} in {seconds:.0f}s wall")
-  assert meta["metrics"]["psnr"] >= 28.0, meta["metrics"]
+  assert meta["metrics"]["psnr"] >= 27.5, meta["metrics"]
   assert os.path.isfile(os.path.join(path, "recon_grid.png"))
 
   vae = tfjax.vae.load(path)

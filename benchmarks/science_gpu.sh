@@ -65,8 +65,9 @@ if [[ $what == compare_paper_sampler ]]; then
 fi
 mkdir -p "$WORK/shared"
 # Stored assets (ASSET.tgz holds shared/GLOB): the autoencoders, and the
-# tokenizers (trained in 81 s on the 100k-scene text; the data stage keeps one
-# that is there). A call that makes a new one returns ASSET.tgz whole.
+# tokenizers (~10 s on the 100k-scene text since its corpus reads in
+# batches; the data stage keeps one that is there). A call that makes a new
+# one returns ASSET.tgz whole.
 declare -A ASSETS=([autoencoders]='*/vae' [tokenizers]='data-*/tokenizer')
 for a in "${!ASSETS[@]}"; do
   if [[ -f $STORE/assets/$a.tgz ]]; then

@@ -63,9 +63,10 @@ TIMING = {"step_seconds": {"*": 0.007, "unet": 0.009, "patch1": 0.012},
 LARGE_DATA = ("data.num_train_scenes=100000", "data.num_text_docs=100000")
 # On 100k scenes a step took 7.6 ms (Chameleon) and 11.9 ms (Transfusion)
 # against 3.9 / 4.5 ms on 10k (reports/compare, reports/compare_pilot; the
-# same model and batch, so the input pipeline, not the GPU, set the pace;
-# its record reads have since been made ~2x faster: benchmarks/RESULTS.md,
-# "ArrayRecord reads"). Kept until a GPU session measures the new steps.
+# same model and batch). The pipeline's record reads were made ~2x faster
+# since (benchmarks/RESULTS.md, "ArrayRecord reads"), but session 3's runs
+# trained no faster (114 s for Transfusion's 7673 steps against 108 s), so
+# the cause is elsewhere and these figures stand (PLAN.md).
 LARGE_DATA_TIMING = {"step_seconds": {"*": 0.014, "chameleon": 0.009}, "run_overhead_s": 35.0}
 # The paper's sampler for its controlled comparison (section 4.1: 250 DDPM
 # steps, CFG 5 for both families); the sweeps sample with DDIM 50 / CFG 3.

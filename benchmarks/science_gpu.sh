@@ -2,7 +2,7 @@
 # One device-tool call of the GPU science grid (issue 36; benchmarks/science_gpu/PLAN.md).
 #
 #   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh SWEEP [RUN ...]
-#                                  (SWEEP: compare, compare_paper_sampler, ablations)
+#                                  (SWEEP: compare, compare_paper_sampler, compare_guidance, ablations)
 #   (device tool, carry .whl_app)  [EDIT_ARGS="--pretrain_steps=N --finetune_steps=M"] \
 #                                  bash benchmarks/science_gpu.sh edit
 #   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh list SWEEP
@@ -57,9 +57,10 @@ fi
 # before the runner's own clock starts.
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) - 15 )); }
 WORK=/tmp/science_gpu/$what
-# compare_paper_sampler trains on compare's data: on a warm machine it reuses
-# the data, tokenizer, latents and codes a compare call built (~300 s).
-if [[ $what == compare_paper_sampler ]]; then
+# compare_paper_sampler and compare_guidance train on compare's data: on a
+# warm machine they reuse the data, tokenizer, latents and codes a compare
+# call built (~300 s).
+if [[ $what == compare_paper_sampler || $what == compare_guidance ]]; then
   mkdir -p /tmp/science_gpu/compare/shared "$WORK"
   ln -sfn /tmp/science_gpu/compare/shared "$WORK/shared"
 fi

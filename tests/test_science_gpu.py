@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.science_gpu import ablations, common, compare, compare_paper_sampler, compare_pilot
+from configs.science_gpu import (ablations, common, compare, compare_guidance,
+                                 compare_paper_sampler, compare_pilot)
 from tfjax.config.files import load_module
 from tfjax.experiments import budget, results
 from tfjax.jobs import sweep as runner
@@ -17,7 +18,8 @@ from tfjax.jobs import sweep as runner
 def plans():
   return (runner.plan(compare.get_config()), runner.plan(ablations.get_config()),
           runner.plan(compare_pilot.get_config()),
-          runner.plan(compare_paper_sampler.get_config()))
+          runner.plan(compare_paper_sampler.get_config()),
+          runner.plan(compare_guidance.get_config()))
 
 
 def test_compare_plans_equal_flops_budgets_and_seeds(plans):
@@ -76,11 +78,26 @@ def test_paper_sampler_runs_train_as_their_compare_twins(plans):
     assert twin.config.diffusion.sampler == "ddim"
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_guidance_sweep_trains_compares_runs_and_scores_four_scales(plans):
+  twins = {r.name: r for r in plans[0]}
+  runs = plans[4]
+  assert {r.family for r in runs} == {"transfusion", "chameleon"} and len(runs) == 4
+  for r in runs:
+    twin = twins[r.name]
+    assert r.steps == twin.steps and r.overrides == twin.overrides
+    assert r.config.to_dict() == twin.config.to_dict()   # the headline is compare's CFG 3
+  sweep = compare_guidance.get_config()
+  scales = {name: over for name, over in sweep.eval.variants.items()}
+  assert scales == {"cfg1_5": ("diffusion.cfg_scale=1.5",), "cfg5": ("diffusion.cfg_scale=5.0",),
+                    "cfg7": ("diffusion.cfg_scale=7.0",)}
+  assert {f"shapes_accuracy_{k}" for k in scales} <= set(sweep.metrics)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3, 4])
 def test_stored_gpu_runs_are_what_the_configs_plan(plans, which):
   """Every run record in benchmarks/science_gpu/runs/SWEEP is one the sweep
   still plans, trained and evaluated as planned, so --report_only reads it."""
-  module = (compare, ablations, compare_pilot, compare_paper_sampler)[which]
+  module = (compare, ablations, compare_pilot, compare_paper_sampler, compare_guidance)[which]
   stored = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "science_gpu", "runs",
                         module.__name__.rsplit(".", 1)[1])
   names = [r.name for r in plans[which]]

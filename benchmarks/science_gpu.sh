@@ -66,9 +66,9 @@ if [[ $what == compare_paper_sampler || $what == compare_guidance ]]; then
 fi
 mkdir -p "$WORK/shared"
 # Stored assets (ASSET.tgz holds shared/GLOB): the autoencoders, and the
-# tokenizers (~10 s on the 100k-scene text since its corpus reads in
-# batches; the data stage keeps one that is there). A call that makes a new
-# one returns ASSET.tgz whole.
+# tokenizers (the 100k-scene one took 81-106 s on the H100 machines; the
+# data stage keeps one that is there). A call that makes a new one returns
+# ASSET.tgz whole.
 declare -A ASSETS=([autoencoders]='*/vae' [tokenizers]='data-*/tokenizer')
 for a in "${!ASSETS[@]}"; do
   if [[ -f $STORE/assets/$a.tgz ]]; then

@@ -60,14 +60,19 @@ def test_ablations_reuse_the_pilots_baseline(plans):
   assert {r.config.model.patch_size for r in abl_runs} == {1, 2, 4}
 
 
+def with_compare_twins(plans, which):
+  """(run, compare.py's run of the same name) for each of plans[which]: the
+  1.3e15 pair of both families and seeds."""
+  twins = {r.name: r for r in plans[0]}
+  runs = plans[which]
+  assert {r.family for r in runs} == {"transfusion", "chameleon"} and len(runs) == 4
+  return [(r, twins[r.name]) for r in runs]
+
+
 def test_paper_sampler_runs_train_as_their_compare_twins(plans):
   """Only the sampling keys differ from compare.py's run of the same name, so
   the two records differ by how the same recipe's model was sampled."""
-  twins = {r.name: r for r in plans[0]}
-  runs = plans[3]
-  assert {r.family for r in runs} == {"transfusion", "chameleon"} and len(runs) == 4
-  for r in runs:
-    twin = twins[r.name]
+  for r, twin in with_compare_twins(plans, 3):
     assert r.steps == twin.steps and r.flops == twin.flops
     assert [o for o in r.overrides if not o.startswith("diffusion.")] == \
         [o for o in twin.overrides if not o.startswith("diffusion.")]
@@ -79,11 +84,7 @@ def test_paper_sampler_runs_train_as_their_compare_twins(plans):
 
 
 def test_guidance_sweep_trains_compares_runs_and_scores_four_scales(plans):
-  twins = {r.name: r for r in plans[0]}
-  runs = plans[4]
-  assert {r.family for r in runs} == {"transfusion", "chameleon"} and len(runs) == 4
-  for r in runs:
-    twin = twins[r.name]
+  for r, twin in with_compare_twins(plans, 4):
     assert r.steps == twin.steps and r.overrides == twin.overrides
     assert r.config.to_dict() == twin.config.to_dict()   # the headline is compare's CFG 3
   sweep = compare_guidance.get_config()

@@ -14,6 +14,8 @@ ran them on the CPU):
   before    tfjax-eval --suite=editing of the pretrained export (200 test edits)
   finetune  tfjax-train --config=configs/science_gpu/edit.py --stages=train
   after     tfjax-eval --suite=editing of the fine-tuned model (the same 200 edits)
+  variants  the same, sampled with DDIM 50 at CFG 1, 1.5 and 3 (time allowing): does the
+            paper's guidance (DDPM 250, CFG 5) pull the output away from its input?
 beside two baselines on the same edits: copying the input (the pixel checker on
 the input images; its pixel error is in the suite's result) and the
 autoencoder ceiling (the expected outputs through the VAE, in the suite's result).
@@ -37,6 +39,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/science_gpu/edit.py"
 NUM_EDITS = 200
 EDIT_TYPES = ("recolor", "move", "add", "remove")
+# The fine-tuned model scored again under other samplers ("after_NAME" in the
+# record). Guidance extrapolates away from the unconditional prediction, which
+# sees neither the instruction nor the input image.
+VARIANTS = {f"ddim50_cfg{scale:g}".replace(".", "_"): (
+    "diffusion.sampler=ddim", "diffusion.sample_steps=50", f"diffusion.cfg_scale={scale}")
+            for scale in (1.0, 1.5, 3.0)}
 
 
 def _cmd(args: list[str], log: str) -> float:
@@ -169,6 +177,15 @@ def run(args: argparse.Namespace) -> dict:
   rec["seconds"]["after"] = _cmd([*ev, f"--model={ft}",
                                   f"--json={os.path.join(work, 'after', 'after.json')}"], log)
   rec["after"] = _scored(work, "after", name)
+  save()
+  for variant, overrides in VARIANTS.items():
+    if not time_left(30):
+      return rec
+    which = f"after_{variant}"
+    rec["seconds"][which] = _cmd([*ev, f"--model={ft}", *(f"--override={o}" for o in overrides),
+                                  f"--json={os.path.join(work, which, f'{which}.json')}"], log)
+    rec[which] = _scored(work, which, name)
+    save()
   rec["complete"] = True
   save()
   return rec
@@ -219,6 +236,11 @@ def report(results_dir: str, out: str) -> str:
     lines.append(_row("copy the input", r.get("copy_input"), any_pixel, "copy_input"))
     lines.append(_row("pretrained, before fine-tuning", before, before.get("pixel_error")))
     lines.append(_row("fine-tuned", after, after.get("pixel_error")))
+    for variant, overrides in VARIANTS.items():
+      if r.get(f"after_{variant}"):
+        v = r[f"after_{variant}"]
+        lines.append(_row(f"fine-tuned, {' '.join(o.split('.', 1)[1] for o in overrides)}",
+                          v, v.get("pixel_error")))
     lines.append(_row("expected output through the VAE (ceiling)",
                       (after or before).get("autoencoder_ceiling"), None))
     lines.append("")

@@ -194,13 +194,18 @@ def test_edit_report_has_both_baselines(tmp_path):
   results.write_record(str(tmp_path), {"name": "edit-pre10-ft5-s0", "flops": None,
                                        "complete": True, "pretrain_steps": 10,
                                        "finetune_steps": 5, "copy_input": per(0.0),
-                                       "after": after, "finetune_train": {
+                                       "after": after,
+                                       "after_ddim50_cfg1": {**per(0.7), "pixel_error": {
+                                           "all": 0.02}},
+                                       "finetune_train": {
                                            "train_seconds": 12.5, "final_train_loss": 0.5,
                                            "val_loss_diffusion": 0.1}})
   text = mod.report(str(tmp_path), str(tmp_path / "edit.md"))
   assert "fine-tuning: train 12.5 s, final training loss 0.5, held-out denoising loss 0.1" in text
   assert "| copy the input | 0.00 (1.00 / 1.00)" in text and "| 0.045 |" in text
   assert "| fine-tuned | 0.60 (1.00 / 1.00)" in text and "**0.600**" in text
+  assert "| fine-tuned, sampler=ddim sample_steps=50 cfg_scale=1.0 | 0.70" in text
+  assert "cfg_scale=1.5" not in text   # a variant the record lacks gets no row
   assert "(ceiling) | 1.00" in text
 
 

@@ -25,8 +25,9 @@
 # fresh machine (deterministic in their seeds; a warm one keeps
 # /tmp/science_gpu) and shared by its runs.
 # edit: benchmarks/science_gpu_edit.py (pretrain, fine-tune, editing suite)
-# under the same budget; $OUT/edit.tgz holds runs/edit/*.json and
-# $OUT/edit_commands.log.gz the chain's own log.
+# under the same budget; $OUT/edit.tgz holds runs/edit/*.json,
+# $OUT/edit_commands.log.gz the chain's own log and $OUT/edit_model.tgz the
+# fine-tuned model (bfloat16 export, no vae/).
 set -uo pipefail
 T0=$(date +%s)
 what=${1:?usage: science_gpu.sh SWEEP|edit|list [RUN ...]}
@@ -122,8 +123,10 @@ done
 wait $pid
 rc=$?
 pack "$results" "$what" "$tgz"
-# The edit chain's commands write their own log (training, export, evaluation).
+# The edit chain's commands write their own log (training, export, evaluation),
+# and its fine-tuned model comes back without the VAE (the stored 10k-scene KL-VAE).
 [[ -f $WORK/edit_commands.log ]] && gzip -c "$WORK/edit_commands.log" > "$OUT/edit_commands.log.gz"
+[[ -d $WORK/ft_export ]] && tar czf "$OUT/edit_model.tgz" -C "$WORK" --exclude=ft_export/vae ft_export
 for a in "${!ASSETS[@]}"; do
   (cd "$WORK/shared" && ls -d ${ASSETS[$a]} 2>/dev/null | sort) > "/tmp/science_gpu_${a}_after"
   if ! cmp -s "/tmp/science_gpu_${a}_before" "/tmp/science_gpu_${a}_after"; then

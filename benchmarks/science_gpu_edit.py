@@ -12,7 +12,8 @@ ran them on the CPU):
   export    tfjax-export (float32)
   edit data tfjax-edit-data --config=configs/science_gpu/edit.py
   before    tfjax-eval --suite=editing of the pretrained export (200 test edits)
-  finetune  tfjax-train --config=configs/science_gpu/edit.py --stages=train
+  finetune  tfjax-train --config=configs/science_gpu/edit.py --stages=train, then
+            tfjax-export (bfloat16; science_gpu.sh returns it as edit_model.tgz)
   after     tfjax-eval --suite=editing of the fine-tuned model (the same 200 edits)
   variants  the same, sampled with DDIM 50 at CFG 1, 1.5 and 3 (time allowing): does the
             paper's guidance (DDPM 250, CFG 5) pull the output away from its input?
@@ -171,6 +172,12 @@ def run(args: argparse.Namespace) -> dict:
   rec["overrides"]["finetune"] = ft_args[3:]
   rec["seconds"]["finetune"] = _cmd(["tfjax.cli.train", *ft_args], log)
   rec["finetune_train"] = train_summary(ft)
+  save()
+  # A bfloat16 export (~10 MB) that science_gpu.sh returns without its VAE, so
+  # later sampling studies of this model need no device time.
+  rec["seconds"]["export_finetuned"] = _cmd(
+      ["tfjax.cli.export", f"--workdir={ft}", f"--out={os.path.join(work, 'ft_export')}",
+       "--dtype=bfloat16"], log)
   save()
   if not time_left(45):
     return rec

@@ -1,6 +1,11 @@
 """Does an editing model read its input image? Its clean estimate with the true input vs another's.
 
-  python benchmarks/edit_input_probe.py --model=EXPORT_OR_WORKDIR [--num=200] [--quick]
+  python benchmarks/edit_input_probe.py --model=EXPORT_OR_WORKDIR [--vae=DIR] [--num=200] [--quick]
+
+The GPU edit chain's fine-tuned model (benchmarks/science_gpu/assets), for example:
+  mkdir -p /tmp/m && tar xzf benchmarks/science_gpu/assets/edit_model-pre12000-ft1500-s0.tgz -C /tmp/m
+  tar xzf benchmarks/science_gpu/assets/autoencoders.tgz -C /tmp/m kl-40b8cafabf/vae
+  python benchmarks/edit_input_probe.py --model=/tmp/m/ft_export --vae=/tmp/m/kl-40b8cafabf/vae
 
 For the editing suite's test edits (the same scenes `tfjax-eval --suite=editing`
 scores, with --override as there), the expected output is noised to fixed
@@ -33,6 +38,7 @@ from tfjax.export import load_pretrained
 from tfjax.generate import context as context_lib
 from tfjax.generate import diffusion as diff
 from tfjax.generate.mixed import fit_prompt
+import tfjax.vae
 
 TIMESTEPS = (100, 300, 500, 700, 900)
 CONTEXTS = ("true_input", "other_input", "no_context", "copy_input")
@@ -52,13 +58,14 @@ def regions(inputs: np.ndarray, outputs: np.ndarray, cell: int) -> dict[str, np.
 
   kept: the same pixels in input and output, not all background (an object
   the edit leaves alone); edited: pixels differ; background: the same, and
-  all the background colour (the image's corner pixel).
+  all the background colour (the input's most frequent pixel).
   """
   b, hh, ww, _ = inputs.shape
   blocks = lambda a: a.reshape(b, hh // cell, cell, ww // cell, cell, 3)
   same = np.all(blocks(inputs) == blocks(outputs), axis=(2, 4, 5))
-  corner = inputs[:, :1, :1][:, :, None, :, None]
-  plain = np.all(blocks(inputs) == corner, axis=(2, 4, 5))
+  colours = [np.unique(im.reshape(-1, 3), axis=0, return_counts=True) for im in inputs]
+  bg = np.stack([c[np.argmax(n)] for c, n in colours])[:, None, None, None, None, :]
+  plain = np.all(blocks(inputs) == bg, axis=(2, 4, 5))
   return {"kept": same & ~plain, "edited": ~same, "background": same & plain}
 
 
@@ -114,6 +121,8 @@ def probe(gen, examples, batch_size: int, seed: int
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", required=True, help="an export or a training workdir")
+  p.add_argument("--vae", default="", help="the VAE directory, for a model stored without "
+                 "its vae/ (benchmarks/science_gpu/assets/edit_model-*.tgz)")
   p.add_argument("--num", type=int, default=200, help="test edits (the suite's, in order)")
   p.add_argument("--batch_size", type=int, default=50)
   p.add_argument("--seed", type=int, default=0, help="the suite's example seed and the noise")
@@ -124,6 +133,8 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="20 edits")
   args = p.parse_args()
   gen = load_pretrained(args.model)
+  if args.vae:
+    gen.vae = tfjax.vae.load(args.vae)
   apply_overrides(gen.config, tuple(args.override), "--override")
   examples = editing.suite_examples(gen.config, 20 if args.quick else args.num, seed=args.seed)
   res, cells = probe(gen, examples, args.batch_size, args.seed)

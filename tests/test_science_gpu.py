@@ -255,3 +255,18 @@ def test_grid_tiles_give_back_the_suites_samples(tmp_path):
   assert shapes_checker.accuracy(tiles, scenes)["accuracy"] == 1.0
   # Shifted by one, the tiles no longer match their scenes.
   assert shapes_checker.accuracy(tiles[1:], scenes[:-1])["accuracy"] < 0.5
+
+
+def test_edit_probe_regions_split_kept_edited_and_background():
+  mod = load_module(os.path.join(runner.REPO_ROOT, "benchmarks", "edit_input_probe.py"))
+  grey, red, blue = (128, 128, 128), (255, 0, 0), (0, 0, 255)
+  inp = np.full((1, 16, 24, 3), grey, np.uint8)
+  inp[0, 0:8, 0:8] = red            # cell (0, 0): an object the edit keeps
+  inp[0, 8:12, 8:12] = blue         # cell (1, 1): an object the edit moves away
+  out = inp.copy()
+  out[0, 8:12, 8:12] = grey
+  out[0, 2:6, 18:22] = blue         # ... to cell (0, 2)
+  r = mod.regions(inp, out, cell=8)
+  assert r["kept"][0].tolist() == [[True, False, False], [False, False, False]]
+  assert r["edited"][0].tolist() == [[False, False, True], [False, True, False]]
+  assert r["background"][0].tolist() == [[False, True, False], [True, False, True]]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -35,6 +36,7 @@ from tfjax import diffusion
 from tfjax.config import BOI_ID, apply_overrides
 from tfjax.eval import editing
 from tfjax.export import load_pretrained
+from tfjax.files import write_atomic
 from tfjax.generate import context as context_lib
 from tfjax.generate import diffusion as diff
 from tfjax.generate.mixed import fit_prompt
@@ -131,6 +133,7 @@ def main() -> None:
                  help="KEY=VALUE on the model's config, as tfjax-eval's (default: the "
                       "science_gpu edit set's scenes)")
   p.add_argument("--quick", action="store_true", help="20 edits")
+  p.add_argument("--json", default="", help="also write the JSON object to this file")
   args = p.parse_args()
   gen = load_pretrained(args.model)
   if args.vae:
@@ -146,9 +149,16 @@ def main() -> None:
     print("|---|" + "---|" * len(CONTEXTS))
     for t in TIMESTEPS:
       print(f"| {t} | " + " | ".join(f"{res[r][c][t]:.4f}" for c in CONTEXTS) + " |")
-  print(json.dumps({"model": args.model, "num_edits": len(examples), "cells": cells,
-                    **{r: {c: {str(t): round(v, 5) for t, v in res[r][c].items()}
-                           for c in CONTEXTS} for r in REGIONS}}))
+  summary = {"model": args.model, "num_edits": len(examples), "cells": cells,
+             **{r: {c: {str(t): round(v, 5) for t, v in res[r][c].items()} for c in CONTEXTS}
+                for r in REGIONS}}
+  if args.json:
+    def write(tmp: str) -> None:
+      with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    write_atomic(args.json, write)
+  print(json.dumps(summary))
   sys.stdout.flush()
 
 

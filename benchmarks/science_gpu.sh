@@ -5,6 +5,7 @@
 #                                  (SWEEP: compare, compare_paper_sampler, compare_guidance, ablations)
 #   (device tool, carry .whl_app)  [EDIT_ARGS="--pretrain_steps=N --finetune_steps=M"] \
 #                                  bash benchmarks/science_gpu.sh edit
+#   (or EDIT_ARGS="--start_from=benchmarks/science_gpu/assets/edit_model-NAME.tgz --finetune_steps=M")
 #   (device tool, carry .whl_app)  bash benchmarks/science_gpu.sh list SWEEP
 #
 # SWEEP: runs the named runs of configs/science_gpu/SWEEP.py (all

@@ -1,7 +1,8 @@
 """Image editing at GPU scale (issue 36): pretrain, fine-tune, score; one stored JSON.
 
   python3 benchmarks/science_gpu_edit.py --workdir=/tmp/edit --results_dir=/tmp/edit/results \
-      [--stored_dir=benchmarks/science_gpu/runs/edit] [--time_budget_s=540]
+      [--stored_dir=benchmarks/science_gpu/runs/edit] [--time_budget_s=540] \
+      [--start_from=benchmarks/science_gpu/assets/edit_model-NAME.tgz --finetune_steps=M]
   python3 benchmarks/science_gpu_edit.py --report --results_dir=benchmarks/science_gpu/runs/edit \
       --out=benchmarks/science_gpu/reports/edit.md
 
@@ -14,13 +15,16 @@ ran them on the CPU):
   before    tfjax-eval --suite=editing of the pretrained export (200 test edits)
   finetune  tfjax-train --config=configs/science_gpu/edit.py --stages=train, then
             tfjax-export (bfloat16; science_gpu.sh returns it as edit_model.tgz)
+  probe     benchmarks/edit_input_probe.py: does the model carry kept objects over?
   after     tfjax-eval --suite=editing of the fine-tuned model (the same 200 edits)
   variants  the same, sampled with DDIM 50 at CFG 1, 1.5 and 3 (time allowing): does the
             paper's guidance (DDPM 250, CFG 5) pull the output away from its input?
 beside two baselines on the same edits: copying the input (the pixel checker on
 the input images; its pixel error is in the suite's result) and the
 autoencoder ceiling (the expected outputs through the VAE, in the suite's result).
-The record RESULTS_DIR/edit-preN-ftM-sS.json is rewritten after every step
+--start_from fine-tunes a stored model further instead (no pretraining, no
+"before"): record edit-NAME-ftM-sS. The record RESULTS_DIR/NAME.json is
+rewritten after every step
 (`"complete": false` until the last), so a call cut short keeps what it got; a
 complete record in --stored_dir means there is nothing to run.
 """
@@ -33,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,13 +53,14 @@ VARIANTS = {f"ddim50_cfg{scale:g}".replace(".", "_"): (
             for scale in (1.0, 1.5, 3.0)}
 
 
-def _cmd(args: list[str], log: str) -> float:
-  """Runs a project CLI (python -m MODULE ...) from the repository root; its seconds."""
+def _cmd(args: list[str], log: str, module: bool = True) -> float:
+  """Runs a project CLI (python -m MODULE ...; module=False: a script) from the
+  repository root; its seconds."""
   t0 = time.time()
   print("+", " ".join(args), flush=True)
   with open(log, "a") as f:
-    subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                   check=True)
+    subprocess.run([sys.executable, *(["-m"] if module else []), *args], cwd=REPO, stdout=f,
+                   stderr=subprocess.STDOUT, check=True)
   return round(time.time() - t0, 1)
 
 
@@ -78,6 +84,25 @@ def _scored(work: str, which: str, name: str) -> dict:
   return out
 
 
+def start_name(path: str) -> str:
+  """NAME of a stored model assets/edit_model-NAME.tgz (record edit-NAME made it)."""
+  base = os.path.basename(path.rstrip("/"))
+  if not (base.startswith("edit_model-") and base.endswith(".tgz")):
+    raise ValueError(f"--start_from={path}: expected a stored model "
+                     "benchmarks/science_gpu/assets/edit_model-NAME.tgz")
+  return base[len("edit_model-"):-len(".tgz")]
+
+
+def unpack_model(path: str, dest: str) -> str:
+  """Unpacks a stored model (ft_export/, without vae/) under dest; the export's path."""
+  with tarfile.open(path) as tar:
+    tar.extractall(dest, filter="data")
+  export = os.path.join(dest, "ft_export")
+  if not os.path.exists(os.path.join(export, "tfjax_export.json")):
+    raise FileNotFoundError(f"--start_from={path}: no ft_export/tfjax_export.json inside")
+  return export
+
+
 def copy_input_baseline(config, seed: int, num: int) -> dict:
   """The pixel checker on the unedited inputs of the same test edits."""
   from tfjax.eval import editing  # pylint: disable=g-import-not-at-top
@@ -97,7 +122,9 @@ def run(args: argparse.Namespace) -> dict:
   apply_overrides(ft_cfg, tuple(args.override), "--override")
   pre_steps = args.pretrain_steps or pre_cfg.train.num_steps
   ft_steps = args.finetune_steps or ft_cfg.train.num_steps
-  name = f"edit-pre{pre_steps}-ft{ft_steps}-s{args.seed}"
+  start = f"edit-{start_name(args.start_from)}" if args.start_from else ""  # its record's name
+  name = (f"{start}-ft{ft_steps}-s{args.seed}" if start
+          else f"edit-pre{pre_steps}-ft{ft_steps}-s{args.seed}")
   stored = os.path.join(args.stored_dir or "", f"{name}.json")
   if args.stored_dir and os.path.exists(stored):
     with open(stored) as f:
@@ -115,8 +142,11 @@ def run(args: argparse.Namespace) -> dict:
   seed_over = [f"--config.train.seed={args.seed}", f"--config.data.shuffle_seed={args.seed}",
                *extra]
   rec = {"name": name, "sweep": "edit", "config_file": CONFIG, "seed": args.seed,
-         "pretrain_steps": pre_steps, "finetune_steps": ft_steps, "num_edits": args.num_edits,
-         "complete": False, "seconds": {}, **results.environment()}
+         "pretrain_steps": None if start else pre_steps, "finetune_steps": ft_steps,
+         "num_edits": args.num_edits, "complete": False, "seconds": {}, "overrides": {},
+         **results.environment()}
+  if start:
+    rec["start_from"] = start
 
   def save():
     rec["wall_seconds"] = round(time.time() - t0, 1)
@@ -131,34 +161,46 @@ def run(args: argparse.Namespace) -> dict:
     return True
 
   rec["copy_input"] = copy_input_baseline(ft_cfg, args.seed, args.num_edits)
-  pre_args = [f"--config={CONFIG}:pretrain", f"--workdir={pre}",
-              f"--config.train.num_steps={pre_steps}", f"--config.train.eval_every={pre_steps}",
-              *seed_over] + ([f"--config.vae.path={vae}"] if vae else [])
-  rec["overrides"] = {"pretrain": pre_args[2:]}
-  rec["seconds"]["pretrain"] = _cmd(["tfjax.cli.train", *pre_args], log)
-  samples = os.path.join(pre, "samples", "samples.json")
-  if os.path.exists(samples):
-    with open(samples) as f:
-      s = json.load(f)
-    rec["pretrain"] = {"step": s.get("step"), "num": s.get("num"),
-                       "shapes_accuracy": (s.get("t2i_scores") or {}).get("accuracy"),
-                       "caption_mentions_accuracy": s.get("i2t_mentions_accuracy"),
-                       "caption_cider_d": s.get("i2t_cider_d")}
-  rec["pretrain_train"] = train_summary(pre)  # losses, train seconds: to size the next chain
-  if not vae:  # the main job trained one: keep it where science_gpu.sh packs it
-    vae = os.path.join(pre, "vae")
-    shutil.copytree(vae, shared_vae)
-  save()
-  rec["seconds"]["export"] = _cmd(["tfjax.cli.export", f"--workdir={pre}", f"--out={export}",
-                                   "--dtype=float32"], log)
-  data = f"--config.data.dir={os.path.join(pre, 'data')}"
+  if start:
+    # A stored model instead of pretraining; its tokenizer makes the edit set.
+    if not vae:
+      raise FileNotFoundError(f"{shared_vae}: --start_from needs the sweeps' stored KL-VAE "
+                              "(science_gpu.sh unpacks assets/autoencoders.tgz)")
+    export = unpack_model(args.start_from, os.path.join(work, "start"))
+    data_dir = os.path.join(work, "start_data")
+    os.makedirs(data_dir, exist_ok=True)
+    shutil.copytree(os.path.join(export, "tokenizer"), os.path.join(data_dir, "tokenizer"),
+                    dirs_exist_ok=True)
+  else:
+    pre_args = [f"--config={CONFIG}:pretrain", f"--workdir={pre}",
+                f"--config.train.num_steps={pre_steps}", f"--config.train.eval_every={pre_steps}",
+                *seed_over] + ([f"--config.vae.path={vae}"] if vae else [])
+    rec["overrides"]["pretrain"] = pre_args[2:]
+    rec["seconds"]["pretrain"] = _cmd(["tfjax.cli.train", *pre_args], log)
+    samples = os.path.join(pre, "samples", "samples.json")
+    if os.path.exists(samples):
+      with open(samples) as f:
+        s = json.load(f)
+      rec["pretrain"] = {"step": s.get("step"), "num": s.get("num"),
+                         "shapes_accuracy": (s.get("t2i_scores") or {}).get("accuracy"),
+                         "caption_mentions_accuracy": s.get("i2t_mentions_accuracy"),
+                         "caption_cider_d": s.get("i2t_cider_d")}
+    rec["pretrain_train"] = train_summary(pre)  # losses, train seconds: to size the next chain
+    if not vae:  # the main job trained one: keep it where science_gpu.sh packs it
+      vae = os.path.join(pre, "vae")
+      shutil.copytree(vae, shared_vae)
+    save()
+    rec["seconds"]["export"] = _cmd(["tfjax.cli.export", f"--workdir={pre}", f"--out={export}",
+                                     "--dtype=float32"], log)
+    data_dir = os.path.join(pre, "data")
+  data = f"--config.data.dir={data_dir}"
   rec["seconds"]["edit_data"] = _cmd(["tfjax.cli.edit_data", f"--config={CONFIG}", data,
                                       f"--config.vae.path={vae}", *extra], log)
   ev = ["tfjax.cli.eval", "--suite=editing", f"--num_samples={args.num_edits}", "--batch_size=50",
         f"--seed={args.seed}",  # the export's own config would draw its pretraining scenes
         f"--override=editing.max_objects={ft_cfg.editing.max_objects}",
         f"--override=editing.object_sizes={ft_cfg.editing.object_sizes}"]
-  if time_left(90 + 60 + 60):
+  if not start and time_left(90 + 60 + 60):
     rec["seconds"]["before"] = _cmd([*ev, f"--model={export}",
                                      f"--json={os.path.join(work, 'before', 'before.json')}"], log)
     rec["before"] = _scored(work, "before", name)
@@ -178,6 +220,15 @@ def run(args: argparse.Namespace) -> dict:
   rec["seconds"]["export_finetuned"] = _cmd(
       ["tfjax.cli.export", f"--workdir={ft}", f"--out={os.path.join(work, 'ft_export')}",
        "--dtype=bfloat16"], log)
+  save()
+  if not time_left(45 + 30):
+    return rec
+  probe_json = os.path.join(work, "probe.json")
+  rec["seconds"]["probe"] = _cmd([os.path.join("benchmarks", "edit_input_probe.py"),
+                                  f"--model={ft}", f"--num={args.num_edits}",
+                                  f"--json={probe_json}"], log, module=False)
+  with open(probe_json) as f:
+    rec["probe"] = json.load(f)
   save()
   if not time_left(45):
     return rec
@@ -231,10 +282,11 @@ def report(results_dir: str, out: str) -> str:
     with open(path) as f:
       r = json.load(f)
     lines += [f"## {r['name']}" + ("" if r.get("complete") else " (incomplete)"), "",
-              f"{r.get('device')}, JAX {r.get('jax_version')}, {r.get('date')}; pretrain "
-              f"{r['pretrain_steps']} steps (shapes checker on held-out captions: "
-              f"{(r.get('pretrain') or {}).get('shapes_accuracy', '-')}), fine-tune "
-              f"{r['finetune_steps']} steps; seconds {r.get('seconds')}", "",
+              f"{r.get('device')}, JAX {r.get('jax_version')}, {r.get('date')}; "
+              + (f"from {r['start_from']}" if r.get("start_from") else
+                 f"pretrain {r['pretrain_steps']} steps (shapes checker on held-out captions: "
+                 f"{(r.get('pretrain') or {}).get('shapes_accuracy', '-')})")
+              + f", fine-tune {r['finetune_steps']} steps; seconds {r.get('seconds')}", "",
               *_training_lines(r),
               "| model | " + " | ".join(EDIT_TYPES) + " | all | pixel error |",
               "|---|" + "---|" * (len(EDIT_TYPES) + 2)]
@@ -267,6 +319,9 @@ def main() -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--pretrain_steps", type=int, default=0, help="default: the config's")
   p.add_argument("--finetune_steps", type=int, default=0, help="default: the config's")
+  p.add_argument("--start_from", default="",
+                 help="a stored model (benchmarks/science_gpu/assets/edit_model-NAME.tgz) to "
+                      "fine-tune further instead of pretraining: record edit-NAME-ftM-sS")
   p.add_argument("--num_edits", type=int, default=NUM_EDITS, help="test edits scored")
   p.add_argument("--override", action="append", default=[],
                  help="KEY=VALUE for both trainings (repeatable; a CPU smoke run shrinks data)")

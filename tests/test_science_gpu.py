@@ -270,3 +270,12 @@ def test_edit_probe_regions_split_kept_edited_and_background():
   assert r["kept"][0].tolist() == [[True, False, False], [False, False, False]]
   assert r["edited"][0].tolist() == [[False, False, True], [False, True, False]]
   assert r["background"][0].tolist() == [[False, True, False], [True, False, True]]
+
+
+def test_edit_start_from_names_a_stored_model():
+  mod = load_module(os.path.join(runner.REPO_ROOT, "benchmarks", "science_gpu_edit.py"))
+  path = "benchmarks/science_gpu/assets/edit_model-pre12000-ft1500-s0.tgz"
+  assert mod.start_name(path) == "pre12000-ft1500-s0"
+  assert os.path.exists(os.path.join(runner.REPO_ROOT, path))
+  with pytest.raises(ValueError, match="edit_model-NAME.tgz"):
+    mod.start_name("/tmp/ft_export")

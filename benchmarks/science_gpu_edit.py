@@ -260,6 +260,18 @@ def _training_lines(r: dict) -> list[str]:
   return [*lines, ""] if lines else []
 
 
+def _probe_line(r: dict) -> list[str]:
+  """The input probe's kept-object errors, when the record has them."""
+  p = (r.get("probe") or {}).get("kept")
+  if not p:
+    return []
+  ts = ("500", "700", "900")
+  cells = lambda c: " / ".join(f"{p[c][t]:.3f}" for t in ts)
+  return [f"input probe, kept objects' clean-estimate error at t = {' / '.join(ts)}: true input "
+          f"{cells('true_input')}, no context {cells('no_context')}, copying the input "
+          f"{cells('copy_input')} (benchmarks/edit_input_probe.py)", ""]
+
+
 def _row(label: str, acc: dict | None, pixel: dict | None, key: str = "all") -> str:
   if not acc:
     return f"| {label} | " + " | ".join("-" for _ in (*EDIT_TYPES, "all", "pix")) + " |"
@@ -287,7 +299,7 @@ def report(results_dir: str, out: str) -> str:
                  f"pretrain {r['pretrain_steps']} steps (shapes checker on held-out captions: "
                  f"{(r.get('pretrain') or {}).get('shapes_accuracy', '-')})")
               + f", fine-tune {r['finetune_steps']} steps; seconds {r.get('seconds')}", "",
-              *_training_lines(r),
+              *_training_lines(r), *_probe_line(r),
               "| model | " + " | ".join(EDIT_TYPES) + " | all | pixel error |",
               "|---|" + "---|" * (len(EDIT_TYPES) + 2)]
     before, after = r.get("before") or {}, r.get("after") or {}

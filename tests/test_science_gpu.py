@@ -197,6 +197,9 @@ def test_edit_report_has_both_baselines(tmp_path):
                                        "after": after,
                                        "after_ddim50_cfg1": {**per(0.7), "pixel_error": {
                                            "all": 0.02}},
+                                       "probe": {"kept": {c: {"500": 0.06, "700": 0.24,
+                                                                  "900": 0.9} for c in (
+                                           "true_input", "no_context", "copy_input")}},
                                        "finetune_train": {
                                            "train_seconds": 12.5, "final_train_loss": 0.5,
                                            "val_loss_diffusion": 0.1}})
@@ -204,6 +207,7 @@ def test_edit_report_has_both_baselines(tmp_path):
   assert "fine-tuning: train 12.5 s, final training loss 0.5, held-out denoising loss 0.1" in text
   assert "| copy the input | 0.00 (1.00 / 1.00)" in text and "| 0.045 |" in text
   assert "| fine-tuned | 0.60 (1.00 / 1.00)" in text and "**0.600**" in text
+  assert "t = 500 / 700 / 900: true input 0.060 / 0.240 / 0.900, no context" in text
   assert "| fine-tuned, sampler=ddim sample_steps=50 cfg_scale=1.0 | 0.70" in text
   assert "cfg_scale=1.5" not in text   # a variant the record lacks gets no row
   assert "(ceiling) | 1.00" in text

@@ -86,36 +86,40 @@ def probe(gen, examples, batch_size: int, seed: int
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     b = len(chunk)
-    inputs = [ex["input"] for ex in chunk]
+    inputs = np.stack([ex["input"] for ex in chunk])
     outputs = np.stack([ex["output"] for ex in chunk])
     x0 = jnp.asarray(gen.encode_images(outputs))
-    x_in = jnp.asarray(gen.encode_images(np.stack(inputs)))
-    masks = regions(np.stack(inputs), outputs, outputs.shape[1] // x0.shape[1])
+    masks = regions(inputs, outputs, outputs.shape[1] // x0.shape[1])
     for r, m in masks.items():
       cells[r] += int(m.sum())
-    ctxs = {"true_input": _context(gen, chunk, inputs),
-            "other_input": _context(gen, chunk, inputs[1:] + inputs[:1])}
-    ctxs["no_context"] = diff.uncond_context(ctxs["true_input"])
 
     def add(context: str, t: int, estimate: jax.Array) -> None:
       per_cell = np.asarray(jnp.mean(jnp.square(estimate - x0), axis=-1))
       for r, m in masks.items():
         sums[r][context][t] += float(per_cell[m].sum())
 
+    # Model inputs, RoPE start and image id of the new image per context; the
+    # unconditional row's image follows its BOI at position 0, image 1.
+    true = _context(gen, chunk, inputs)
+    calls = {}
+    for name, ctx in (("true_input", true),
+                      ("other_input", _context(gen, chunk, np.roll(inputs, -1, axis=0))),
+                      ("no_context", diff.uncond_context(true))):
+      uncond = name == "no_context"
+      calls[name] = ({k: jnp.asarray(v) for k, v in ctx.model_inputs().items()},
+                     jnp.full((b,), 1 if uncond else ctx.next_position(), jnp.int32),
+                     jnp.full((b,), 1 if uncond else ctx.num_images() + 1, jnp.int32))
+    x_in = jnp.asarray(gen.encode_images(inputs))
+    active = jnp.ones((b,), bool)
     for t in TIMESTEPS:
       eps = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
       ab = alphas[t]
       x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
       tb = jnp.full((b,), float(t), jnp.float32)
-      active = jnp.ones((b,), bool)
-      for name, ctx in ctxs.items():
-        inputs_j = {k: jnp.asarray(v) for k, v in ctx.model_inputs().items()}
-        uncond = name == "no_context"
-        rope = jnp.full((b,), 1 if uncond else ctx.next_position(), jnp.int32)
-        image_id = jnp.full((b,), 1 if uncond else ctx.num_images() + 1, jnp.int32)
-        pred = predict(gen.params, inputs_j, x_t, tb, rope, image_id, active)
+      for name, (model_inputs, rope, image_id) in calls.items():
+        pred = predict(gen.params, model_inputs, x_t, tb, rope, image_id, active)
         add(name, t, diffusion.predict_x0(x_t, pred, ab))
-      add("copy_input", t, x_in)
+      add("copy_input", t, x_in)   # the same at every t: a row of the table to compare with
   return ({r: {c: {t: v / max(cells[r], 1) for t, v in per_t.items()}
                for c, per_t in per_c.items()} for r, per_c in sums.items()}, cells)
 

@@ -200,11 +200,16 @@ def run(args: argparse.Namespace) -> dict:
         f"--seed={args.seed}",  # the export's own config would draw its pretraining scenes
         f"--override=editing.max_objects={ft_cfg.editing.max_objects}",
         f"--override=editing.object_sizes={ft_cfg.editing.object_sizes}"]
-  if not start and time_left(90 + 60 + 60):
-    rec["seconds"]["before"] = _cmd([*ev, f"--model={export}",
-                                     f"--json={os.path.join(work, 'before', 'before.json')}"], log)
-    rec["before"] = _scored(work, "before", name)
+
+  def score(which: str, model: str, overrides: tuple[str, ...] = ()) -> None:
+    """The editing suite on `model` into rec[which] (and WORK/WHICH/WHICH.json)."""
+    rec["seconds"][which] = _cmd([*ev, f"--model={model}", *(f"--override={o}" for o in overrides),
+                                  f"--json={os.path.join(work, which, f'{which}.json')}"], log)
+    rec[which] = _scored(work, which, name)
     save()
+
+  if not start and time_left(90 + 60 + 60):
+    score("before", export)
   if not time_left(60 + 60):
     return rec
   ft_args = [f"--config={CONFIG}", f"--workdir={ft}", "--stages=train",
@@ -232,18 +237,11 @@ def run(args: argparse.Namespace) -> dict:
   save()
   if not time_left(45):
     return rec
-  rec["seconds"]["after"] = _cmd([*ev, f"--model={ft}",
-                                  f"--json={os.path.join(work, 'after', 'after.json')}"], log)
-  rec["after"] = _scored(work, "after", name)
-  save()
+  score("after", ft)
   for variant, overrides in VARIANTS.items():
     if not time_left(30):
       return rec
-    which = f"after_{variant}"
-    rec["seconds"][which] = _cmd([*ev, f"--model={ft}", *(f"--override={o}" for o in overrides),
-                                  f"--json={os.path.join(work, which, f'{which}.json')}"], log)
-    rec[which] = _scored(work, which, name)
-    save()
+    score(f"after_{variant}", ft, overrides)
   rec["complete"] = True
   save()
   return rec

@@ -88,7 +88,7 @@ def test_guidance_sweep_trains_compares_runs_and_scores_four_scales(plans):
     assert r.steps == twin.steps and r.overrides == twin.overrides
     assert r.config.to_dict() == twin.config.to_dict()   # the headline is compare's CFG 3
   sweep = compare_guidance.get_config()
-  scales = {name: over for name, over in sweep.eval.variants.items()}
+  scales = dict(sweep.eval.variants)
   assert scales == {"cfg1_5": ("diffusion.cfg_scale=1.5",), "cfg5": ("diffusion.cfg_scale=5.0",),
                     "cfg7": ("diffusion.cfg_scale=7.0",)}
   assert {f"shapes_accuracy_{k}" for k in scales} <= set(sweep.metrics)

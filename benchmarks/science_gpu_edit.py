@@ -134,7 +134,12 @@ def run(args: argparse.Namespace) -> dict:
   work = os.path.abspath(args.workdir)
   os.makedirs(work, exist_ok=True)
   log = os.path.join(work, "edit_commands.log")
-  pre, export, ft = (os.path.join(work, d) for d in ("pre", "pre_export", "ft"))
+  # Training dirs named by what they train: tfjax-train resumes from a checkpoint
+  # it finds, so a warm machine's earlier chain must not stand in for this one.
+  pre = os.path.join(work, f"pre{pre_steps}-s{args.seed}")
+  export, ft = f"{pre}_export", os.path.join(work, f"{name}-ft")
+  # What science_gpu.sh returns as edit_model.tgz: never an earlier chain's.
+  shutil.rmtree(os.path.join(work, "ft_export"), ignore_errors=True)
   # The sweeps' KL-VAE of this data, when science_gpu.sh extracted a stored one.
   shared_vae = os.path.join(shared_vae_workdir(os.path.join(work, "shared"), pre_cfg), "vae")
   vae = shared_vae if os.path.isdir(shared_vae) else ""

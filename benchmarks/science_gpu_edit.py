@@ -17,8 +17,9 @@ ran them on the CPU):
             tfjax-export (bfloat16; science_gpu.sh returns it as edit_model.tgz)
   probe     benchmarks/edit_input_probe.py: does the model carry kept objects over?
   after     tfjax-eval --suite=editing of the fine-tuned model (the same 200 edits)
-  variants  the same, sampled with DDIM 50 at CFG 1, 1.5 and 3 (time allowing): does the
-            paper's guidance (DDPM 250, CFG 5) pull the output away from its input?
+  variants  the same, sampled with DDIM 50 at CFG 1, 1.5 and 3, and at CFG 3 from the
+            noised input (strength 0.85), time allowing: does the paper's guidance
+            (DDPM 250, CFG 5) pull the output away from its input?
 beside two baselines on the same edits: copying the input (the pixel checker on
 the input images; its pixel error is in the suite's result) and the
 autoencoder ceiling (the expected outputs through the VAE, in the suite's result).
@@ -47,10 +48,14 @@ NUM_EDITS = 200
 EDIT_TYPES = ("recolor", "move", "add", "remove")
 # The fine-tuned model scored again under other samplers ("after_NAME" in the
 # record). Guidance extrapolates away from the unconditional prediction, which
-# sees neither the instruction nor the input image.
-VARIANTS = {f"ddim50_cfg{scale:g}".replace(".", "_"): (
-    "diffusion.sampler=ddim", "diffusion.sample_steps=50", f"diffusion.cfg_scale={scale}")
-            for scale in (1.0, 1.5, 3.0)}
+# sees neither the instruction nor the input image; strength < 1 starts the
+# output from the noised input (SDEdit), so what the edit keeps starts kept.
+_DDIM50 = ("diffusion.sampler=ddim", "diffusion.sample_steps=50")
+VARIANTS = {
+    **{f"ddim50_cfg{scale:g}".replace(".", "_"): (*_DDIM50, f"diffusion.cfg_scale={scale}")
+       for scale in (1.0, 1.5, 3.0)},
+    "ddim50_cfg3_strength0_85": (*_DDIM50, "diffusion.cfg_scale=3.0", "diffusion.strength=0.85"),
+}
 
 
 def _cmd(args: list[str], log: str, module: bool = True) -> float:

@@ -102,7 +102,7 @@ def test_bfloat16_export_and_raw_params(run_dir, tmp_path):
 def test_generate_and_eval_commands(run_dir, tmp_path):
   from PIL import Image
   from tfjax.eval.suite import evaluate_to_files
-  from tfjax.generate.files import generate_to_dir
+  from tfjax.generate.files import generate_to_dir, read_image
   _, wd, _ = run_dir
   model = export.export(wd, str(tmp_path / "export"), dtype="float32")
   out = str(tmp_path / "gen")
@@ -115,6 +115,18 @@ def test_generate_and_eval_commands(run_dir, tmp_path):
   Image.fromarray(shapes.render(shapes.random_scene(np.random.default_rng(1)), 80)).save(png)
   rec = generate_to_dir(model, "", [png], 1, 0, str(tmp_path / "cap"), temperature=0.0)
   assert rec["mode"] == "text" and rec["samples"][0]["images"] == []
+  # Image-to-image: a strength that leaves only t = 0 returns the init image
+  # (through the VAE), whatever the model.
+  rec = generate_to_dir(model, "a red circle", [], 1, 0, str(tmp_path / "i2i"), steps=50,
+                        sampler="ddim", strength=0.001, init_image=png)
+  assert rec["init_image"] == png and rec["diffusion"]["strength"] == 0.001
+  drawn = np.asarray(Image.open(str(tmp_path / "i2i" / "sample0_image0.png")), np.float32)
+  gen = export.load_pretrained(model)
+  trip = gen.decode_latents(gen.encode_images(read_image(png, 64)[None]))[0].astype(np.float32)
+  noise_drawn = np.asarray(Image.open(os.path.join(out, "sample0_image0.png")), np.float32)
+  assert np.abs(drawn - trip).mean() < 0.1 * np.abs(noise_drawn - trip).mean()
+  with pytest.raises(ValueError, match="--init_image or --image"):
+    generate_to_dir(model, "a red circle", [], 1, 0, str(tmp_path / "x"), strength=0.5)
   results = evaluate_to_files(model, "all", 2, str(tmp_path / "eval" / "r.json"))
   for key in ("shapes_accuracy", "caption_cider", "caption_scene_accuracy", "perplexity"):
     assert isinstance(results[key], float), key

@@ -210,6 +210,42 @@ def test_prompt_errors(setup):
                  mode="video")
 
 
+def test_strength_keeps_the_schedule_tail_and_refuses_bad_values():
+  full = diff.DiffusionParams(num_steps=10).timesteps()
+  half = diff.DiffusionParams(num_steps=10, strength=0.5).timesteps()
+  assert half.max() <= 500 and len(half) < len(full)
+  np.testing.assert_array_equal(half, full[len(full) - len(half):])
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="diffusion.strength"):
+      diff.DiffusionParams(strength=bad)
+  assert list(diff.DiffusionParams(num_steps=10, strength=0.05).timesteps()) == [0]
+
+
+def test_strength_starts_from_the_init_latents(setup):
+  """SDEdit: at a strength that leaves only t <= 1, the drawn image is the init
+  image (whatever the model); at strength 1 the init is not used."""
+  _, _, gen = setup
+  rng = np.random.default_rng(0)
+  prompt = [[mixed.Latents(rng.normal(size=LATENT).astype(np.float32))]] * 2
+  init = rng.normal(size=(2, *LATENT)).astype(np.float32)
+  low = diff.DiffusionParams(num_steps=1000, sampler="ddim", cfg_scale=0.0, strength=0.001)
+  assert list(low.timesteps()) == [1, 0]
+  outs = gen.generate(prompt, rng=jax.random.key(0), mode="image", diffusion_params=low,
+                      init_latents=init)
+  np.testing.assert_allclose(np.stack([o.images[0] for o in outs]), init, atol=0.05)
+  full = diff.DiffusionParams(num_steps=3, sampler="ddim", cfg_scale=0.0)
+  kw = dict(rng=jax.random.key(0), mode="image", diffusion_params=full)
+  with_init = gen.generate(prompt, init_latents=init, **kw)
+  without = gen.generate(prompt, **kw)
+  for a, b in zip(with_init, without):
+    np.testing.assert_array_equal(a.images[0], b.images[0])
+  with pytest.raises(ValueError, match="init_latents"):
+    gen.generate(prompt, rng=jax.random.key(0), mode="image", diffusion_params=low)
+  with pytest.raises(ValueError, match='mode="image"'):
+    gen.generate(prompt, rng=jax.random.key(0), mode="auto", diffusion_params=low,
+                 init_latents=init)
+
+
 def test_clip_prediction_bounds_x0_and_keeps_consistent_eps():
   from tfjax import diffusion as dlib
   ab = dlib.cosine_alphas_cumprod(1000)

@@ -7,6 +7,9 @@ Without --image the prompt is drawn (text-to-image); with --image the images
 come first and the model writes text after them (image-to-text), unless
 --mode says otherwise ("auto" lets the model switch between text and images
 itself). A literal "<image>" in the prompt places the next --image there.
+--strength < 1 starts the drawn image from --init_image (default: the last
+--image), as diffusers' image-to-image does; an editing model keeps more of
+its input that way.
 Writes OUT/sample{i}_image{j}.png and OUT/generation.json (prompt, generated
 text, image files, sampler settings).
 """
@@ -34,6 +37,13 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"],
                              "Diffusion sampler (default: diffusion.sampler).")
 _CFG = flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; <= 0 turns it "
                           "off (default: diffusion.cfg_scale).")
+_STRENGTH = flags.DEFINE_float("strength", None,
+                               "Image-to-image (SDEdit): below 1 the drawn image starts from "
+                               "--init_image (or the last --image) noised to this fraction of "
+                               "the schedule and runs only that part; 1 = from pure noise "
+                               "(default: diffusion.strength).")
+_INIT_IMAGE = flags.DEFINE_string("init_image", None, "Image file the drawn image starts from "
+                                  "when --strength < 1 (default: the last --image).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None,
                                   "Text sampling temperature, 0 = greedy (default: sample.temperature).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Top-k filter, 0 = off (default: sample.top_k).")
@@ -57,7 +67,8 @@ def _main(argv) -> None:
   quiet_orbax(logging.ERROR)
   record = generate_to_dir(_MODEL.value, _PROMPT.value, _IMAGE.value, _NUM.value, _SEED.value,
                     _OUT.value, _MODE.value, steps=_STEPS.value, sampler=_SAMPLER.value,
-                    cfg_scale=_CFG.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                    cfg_scale=_CFG.value, strength=_STRENGTH.value,
+                    init_image=_INIT_IMAGE.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                     top_p=_TOP_P.value, max_text_tokens=_MAX_TOKENS.value,
                     max_images=_MAX_IMAGES.value, batch_size=_BATCH.value,
                     prefix_cache=_CACHE.value, long_prompt=_LONG.value)

@@ -66,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.sample_steps = 250
   d.sampler = "ddpm"          # ddpm | ddim
   d.cfg_scale = 5.0
+  d.strength = 1.0            # < 1: start from an init image noised to this fraction of the
+                              # schedule (img2img / SDEdit; editing starts from its input image)
 
   # ---- data --------------------------------------------------------------
   data = c.data = ml_collections.ConfigDict()

@@ -33,6 +33,7 @@ from PIL import Image
 from tfjax.data import editing as editing_data
 from tfjax.data import shapes
 from tfjax.eval.shapes_checker import Detection, detect
+from tfjax.generate.diffusion import DiffusionParams
 
 CATEGORIES = ("edited", "unchanged", "correct")
 # An object that should stay put may drift this much (fraction of the side):
@@ -133,12 +134,20 @@ def suite_examples(config: Any, num: int | None = None, split: str = "test",
 
 def generate_edits(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.Array,
                    batch_size: int = 32, **generate_kw) -> np.ndarray:
-  """Edited images uint8 [n, H, W, 3]: the clean input and the instruction, then one image."""
+  """Edited images uint8 [n, H, W, 3]: the clean input and the instruction, then one image.
+
+  With diffusion.strength < 1 each output starts from its input image, noised
+  to that fraction of the schedule (SDEdit).
+  """
+  dp = generate_kw.get("diffusion_params") or DiffusionParams.from_config(generator.config)
   out = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
+    init = (generator.encode_images(np.stack([ex["input"] for ex in chunk]))
+            if dp.strength < 1.0 else None)
     outs = generator.generate([[ex["input"], ex["instruction"]] for ex in chunk],
-                              rng=jax.random.fold_in(rng, start), mode="image", **generate_kw)
+                              rng=jax.random.fold_in(rng, start), mode="image",
+                              init_latents=init, **generate_kw)
     out.append(generator.decode_latents(np.stack([o.images[0] for o in outs])))
   return np.concatenate(out)
 

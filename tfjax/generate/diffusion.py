@@ -39,6 +39,10 @@ class DiffusionParams:
   num_timesteps: int = 1000
   clip_x0: float = 6.0       # clip predicted clean latents to [-v, v] (0 = off; ddpm only)
   x0_min_alpha_bar: float = 1e-3  # below this alpha_bar the x0 estimate is the prior mean, 0
+  # Fraction of the reverse process run (diffusers' img2img `strength`): below
+  # 1 the sampler starts from an init image noised to that fraction of the
+  # schedule (SDEdit) and runs only the steps from there down.
+  strength: float = 1.0
 
   def __post_init__(self):
     if self.sampler not in ("ddpm", "ddim"):
@@ -46,10 +50,26 @@ class DiffusionParams:
     if self.objective not in ("ddpm", "flow"):
       raise ValueError(f"diffusion.objective must be ddpm or flow, got {self.objective!r}")
     diffusion.sampling_timesteps(self.num_steps, self.num_timesteps)  # validates num_steps
+    if not 0.0 < self.strength <= 1.0:
+      raise ValueError(f"diffusion.strength must be in (0, 1], got {self.strength}")
 
   @property
   def guided(self) -> bool:
     return self.cfg_scale > 0
+
+  def timesteps(self) -> np.ndarray:
+    """int32 model timesteps the sampler visits, most to least noisy: the
+    schedule's `num_steps`, less those above `strength` of its range (t = 0 stays)."""
+    ts = diffusion.sampling_timesteps(self.num_steps, self.num_timesteps)
+    return ts[ts <= round(self.strength * (self.num_timesteps - 1))]
+
+  def noised_init(self, rng: jax.Array, init: jax.Array) -> jax.Array:
+    """`init` latents [b, h, w, c] noised to the first timestep the sampler visits."""
+    t = jnp.full(init.shape[:1], float(self.timesteps()[0]))
+    alphas = diffusion.cosine_alphas_cumprod(self.num_timesteps)
+    x_t, _ = diffusion.add_noise(init[:, None], jax.random.normal(rng, init[:, None].shape),
+                                 t[:, None], alphas, self.objective, self.num_timesteps)
+    return x_t[:, 0]
 
   @classmethod
   def from_config(cls, config: Any) -> "DiffusionParams":
@@ -60,7 +80,8 @@ class DiffusionParams:
                # configs saved before these keys existed get the defaults above
                clip_x0=float(config.sample.get("clip_x0", cls.clip_x0)),
                x0_min_alpha_bar=float(config.sample.get("x0_min_alpha_bar",
-                                                        cls.x0_min_alpha_bar)))
+                                                        cls.x0_min_alpha_bar)),
+               strength=float(d.get("strength", cls.strength)))
 
 
 def _patch_call(x_t: jax.Array, t: jax.Array, rope_start: jax.Array, image_id: jax.Array,
@@ -210,7 +231,7 @@ def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool)
   `uncond_prefix` is ignored (pass None) when guidance is off.
   """
   predict = make_denoiser(model, n, use_cache)
-  ts = diffusion.sampling_timesteps(params_d.num_steps, params_d.num_timesteps)
+  ts = params_d.timesteps()
   ts_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
   alphas = diffusion.cosine_alphas_cumprod(params_d.num_timesteps)
   step = diffusion.ddim_step if params_d.sampler == "ddim" else diffusion.ddpm_step

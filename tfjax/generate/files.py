@@ -104,6 +104,9 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   for p in image_paths:
     if not os.path.isfile(p):
       raise FileNotFoundError(f"--image={p}: no such file")
+  init_path = overrides.get("init_image")
+  if init_path and not os.path.isfile(init_path):
+    raise FileNotFoundError(f"--init_image={init_path}: no such file")
   if not prompt and not image_paths:
     raise ValueError("nothing to generate from: give --prompt and/or --image")
   check_out(out)
@@ -121,7 +124,18 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   dp = DiffusionParams.from_config(c)
   dp = dataclasses.replace(dp, **{k: v for k, v in dict(
       num_steps=overrides.get("steps"), sampler=overrides.get("sampler"),
-      cfg_scale=overrides.get("cfg_scale")).items() if v is not None})
+      cfg_scale=overrides.get("cfg_scale"), strength=overrides.get("strength")).items()
+      if v is not None})
+  init = None
+  if dp.strength < 1.0:
+    init_path = init_path or (image_paths[-1] if image_paths else None)
+    if init_path is None:
+      raise ValueError(f"--strength={dp.strength} < 1 starts from an image: give --init_image "
+                       "or --image")
+    if mode != "image":
+      raise ValueError(f"--strength={dp.strength} < 1 draws one image from an init image: "
+                       f"it needs --mode=image (got {mode!r})")
+    init = gen.encode_images(read_image(init_path, int(c.data.image_size))[None])
   items = prompt_items(prompt, images)
   if not items:
     raise ValueError("nothing to generate from: give a prompt and/or images")
@@ -133,11 +147,13 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   samples = []
   for start in range(0, num, batch):
     rng, key = jax.random.split(rng)
-    outs = gen.generate([items] * min(batch, num - start), rng=key, mode=mode, sampling=sampling,
+    rows = min(batch, num - start)
+    outs = gen.generate([items] * rows, rng=key, mode=mode, sampling=sampling,
                         diffusion_params=dp, max_text_tokens=overrides.get("max_text_tokens"),
                         max_images=int(overrides.get("max_images") or 1),
                         use_cache=overrides.get("prefix_cache", True),
-                        long_prompt=overrides.get("long_prompt") or "error")
+                        long_prompt=overrides.get("long_prompt") or "error",
+                        init_latents=None if init is None else np.repeat(init, rows, axis=0))
     for k, o in enumerate(outs):
       i = start + k
       files = []
@@ -155,6 +171,7 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
                       "segments": [s["type"] for s in o.segments]})
   record = {"model": os.path.abspath(model_dir), "prompt": prompt, "input_images": image_paths,
             "mode": mode, "seed": seed, "num_samples": num,
+            "init_image": init_path if init is not None else None,
             "sampling": dataclasses.asdict(sampling), "diffusion": dataclasses.asdict(dp),
             "prefix_cache": overrides.get("prefix_cache", True), "samples": samples}
   with open(os.path.join(out, RECORD_FILE), "w") as f:

@@ -169,16 +169,25 @@ class Generator:
                    lambda: diff.make_sampler(self.model, dp, self.num_patches, use_cache))
 
   def denoise(self, ctx: context_lib.Context, cache: Any, active: np.ndarray, rng: jax.Array,
-              dp: diff.DiffusionParams, use_cache: bool = True) -> np.ndarray:
+              dp: diff.DiffusionParams, use_cache: bool = True,
+              init_latents: np.ndarray | None = None) -> np.ndarray:
     """Latents [b, h, w, c] of one new image per active row, after `ctx`.
 
     `cache` holds exactly `ctx` (ignored when `use_cache` is False).
+    `init_latents` [b, h, w, c]: where the sampler starts when `dp.strength` < 1.
     """
     b = ctx.batch
     rope = jnp.asarray(ctx.next_position())
     image_id = jnp.asarray(ctx.num_images() + 1)
     rng, init_rng = jax.random.split(rng)
-    x_init = jax.random.normal(init_rng, (b, *self.latent_shape), jnp.float32)
+    if dp.strength < 1.0:
+      if init_latents is None or tuple(np.shape(init_latents)) != (b, *self.latent_shape):
+        raise ValueError(f"diffusion.strength={dp.strength} < 1 starts from an init image: pass "
+                         f"init_latents [{b}, {', '.join(map(str, self.latent_shape))}] "
+                         f"(got {None if init_latents is None else np.shape(init_latents)})")
+      x_init = dp.noised_init(init_rng, jnp.asarray(init_latents, jnp.float32))
+    else:
+      x_init = jax.random.normal(init_rng, (b, *self.latent_shape), jnp.float32)
     if use_cache:
       cond = cache
       uncond = None
@@ -199,7 +208,8 @@ class Generator:
                diffusion_params: diff.DiffusionParams | None = None,
                max_text_tokens: int | None = None, max_images: int = 1,
                use_cache: bool = True, pad_multiple: int = 16,
-               long_prompt: str = "error") -> list[Generation]:
+               long_prompt: str = "error",
+               init_latents: np.ndarray | None = None) -> list[Generation]:
     """Generates for a batch of prompts (each a list of text / image items).
 
     Args:
@@ -214,11 +224,16 @@ class Generator:
       long_prompt: a prompt longer than the trained sequence length
         (data.seq_len, less the room for the output) is refused ("error") or
         has its text cut from the end, with a warning ("truncate").
+      init_latents: [batch, h, w, c] latents each row's image starts from
+        when the diffusion strength is below 1 (mode "image": image-to-image, editing).
     """
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     sampling = sampling or SamplingParams.from_config(self.config.sample)
     dp = diffusion_params or diff.DiffusionParams.from_config(self.config)
+    if dp.strength < 1.0 and mode != "image":
+      raise ValueError(f"diffusion.strength={dp.strength} < 1 (start from an init image) needs "
+                       f'mode="image", one image per row; got mode={mode!r}')
     max_new = int(max_text_tokens or self.config.sample.max_text_tokens)
     # What the prompt must leave room for within the trained length: the
     # image (BOI + patches + EOI) or at least one new token.
@@ -265,7 +280,7 @@ class Generator:
         finished |= active & ~want_image
         continue
       rng, key = jax.random.split(rng)
-      latents = self.denoise(ctx, cache, want_image, key, dp, use_cache)
+      latents = self.denoise(ctx, cache, want_image, key, dp, use_cache, init_latents)
       rope, image_id = ctx.next_position(), ctx.num_images() + 1
       cache = diff.write_image(self.forward, self.params, cache, jnp.asarray(latents),
                                jnp.asarray(rope), jnp.asarray(image_id),

@@ -53,6 +53,8 @@ def test_paper_config_without_a_size_names_the_sizes():
     (lambda c: c.model.update(patch_type="unet", unet_channels=(8, 8, 8)), "model.unet_channels"),
     (lambda c: c.diffusion.update(objective="score"), "diffusion.objective"),
     (lambda c: c.train.update(grad_accum_steps=3), "train.grad_accum_steps"),
+    (lambda c: c.diffusion.update(strength=0.0), "diffusion.strength"),
+    (lambda c: c.diffusion.update(strength=0.8), "diffusion.strength"),  # no init image here
 ])
 def test_invalid_combinations_name_the_key(change, key):
   c = load(CONFIGS[0].parent / "tiny.py")

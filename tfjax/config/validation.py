@@ -58,6 +58,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"unknown {c.diffusion.objective!r}")
   _require(c.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler",
            f"unknown {c.diffusion.sampler!r}")
+  strength = c.diffusion.get("strength", 1.0)
+  _require(0.0 < strength <= 1.0, "diffusion.strength", f"{strength} must be in (0, 1]")
+  _require(strength == 1.0 or ("editing" in c and c.editing.source != "none"),
+           "diffusion.strength", f"{strength} < 1 starts each image from an input image, which "
+           "only editing configs (editing.source) have; give it per call instead "
+           "(tfjax-generate --strength, tfjax-eval --override=diffusion.strength=S)")
   _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
   for section in ("data", "editing"):  # both build shapes scenes (SceneOptions)
     if section in c:

@@ -16,6 +16,11 @@ def _require(cond: bool, key: str, why: str) -> None:
     raise ConfigError(f"config key {key}: {why}")
 
 
+def is_editing(c: ml_collections.ConfigDict) -> bool:
+  """A config with an editing source: its images follow an input image and an instruction."""
+  return "editing" in c and c.editing.source != "none"
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Returns `c` unchanged if it can work; else raises ConfigError naming the key."""
   m = c.model
@@ -60,7 +65,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"unknown {c.diffusion.sampler!r}")
   strength = c.diffusion.get("strength", 1.0)
   _require(0.0 < strength <= 1.0, "diffusion.strength", f"{strength} must be in (0, 1]")
-  _require(strength == 1.0 or ("editing" in c and c.editing.source != "none"),
+  _require(strength == 1.0 or is_editing(c),
            "diffusion.strength", f"{strength} < 1 starts each image from an input image, which "
            "only editing configs (editing.source) have; give it per call instead "
            "(tfjax-generate --strength, tfjax-eval --override=diffusion.strength=S)")

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from tfjax.config.validation import is_editing
 from tfjax.export import load_pretrained
 from tfjax.generate.diffusion import DiffusionParams
 from tfjax.generate.sampling import SamplingParams
@@ -115,7 +116,7 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   images = [read_image(p, int(c.data.image_size)) for p in image_paths]
   # A model fine-tuned for editing (editing.source set) draws the edited
   # image after the input image and instruction; others caption the image.
-  editing_model = "editing" in c and c.editing.source != "none"
+  editing_model = is_editing(c)
   mode = mode or ("text" if images and not editing_model else "image")
   sampling = SamplingParams.from_config(c.sample)
   sampling = dataclasses.replace(sampling, **{k: v for k, v in dict(

@@ -33,7 +33,7 @@ from PIL import Image
 from tfjax.data import editing as editing_data
 from tfjax.data import shapes
 from tfjax.eval.shapes_checker import Detection, detect
-from tfjax.generate.diffusion import DiffusionParams
+from tfjax.generate.mixed import Latents
 
 CATEGORIES = ("edited", "unchanged", "correct")
 # An object that should stay put may drift this much (fraction of the side):
@@ -139,15 +139,15 @@ def generate_edits(generator: Any, examples: Sequence[dict[str, Any]], rng: jax.
   With diffusion.strength < 1 each output starts from its input image, noised
   to that fraction of the schedule (SDEdit).
   """
-  dp = generate_kw.get("diffusion_params") or DiffusionParams.from_config(generator.config)
   out = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    init = (generator.encode_images(np.stack([ex["input"] for ex in chunk]))
-            if dp.strength < 1.0 else None)
-    outs = generator.generate([[ex["input"], ex["instruction"]] for ex in chunk],
+    # Each input is encoded once: the prompt's image, and where the sampler
+    # starts when the strength is below 1 (ignored at 1).
+    z = generator.encode_images(np.stack([ex["input"] for ex in chunk]))
+    outs = generator.generate([[Latents(zi), ex["instruction"]] for zi, ex in zip(z, chunk)],
                               rng=jax.random.fold_in(rng, start), mode="image",
-                              init_latents=init, **generate_kw)
+                              init_latents=z, **generate_kw)
     out.append(generator.decode_latents(np.stack([o.images[0] for o in outs])))
   return np.concatenate(out)
 

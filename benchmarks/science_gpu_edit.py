@@ -19,7 +19,10 @@ ran them on the CPU):
   after     tfjax-eval --suite=editing of the fine-tuned model (the same 200 edits)
   variants  the same from the input noised to strength 0.85 (SDEdit), then with DDIM 50
             at CFG 3, 1.5 and 1, time allowing: does the paper's guidance (DDPM 250,
-            CFG 5) pull the output away from its input?
+            CFG 5) pull the output away from its input? A fine-tune with
+            --override=editing.instruction_dropout=P (record ...-ftM-idropP-sS) is
+            first scored with image guidance (InstructPix2Pix: the input image and
+            the instruction guided apart, diffusion.image_cfg_scale).
 beside two baselines on the same edits: copying the input (the pixel checker on
 the input images; its pixel error is in the suite's result) and the
 autoencoder ceiling (the expected outputs through the VAE, in the suite's result).
@@ -57,6 +60,17 @@ VARIANTS = {
     **{f"ddim50_cfg{scale:g}".replace(".", "_"): (*_DDIM50, f"diffusion.cfg_scale={scale}")
        for scale in (3.0, 1.5, 1.0)},
 }
+# Image guidance, for a model fine-tuned with editing.instruction_dropout (its
+# text-free branch): InstructPix2Pix's image scale 1.5 beside the text's CFG 5.
+IMAGE_VARIANTS = {
+    "img1_5": ("diffusion.image_cfg_scale=1.5",),
+    "strength0_85_img1_5": ("diffusion.strength=0.85", "diffusion.image_cfg_scale=1.5"),
+}
+
+
+def variants(instruction_dropout: float) -> dict[str, tuple[str, ...]]:
+  """The variants a fine-tune is scored with, in order."""
+  return {**(IMAGE_VARIANTS if instruction_dropout > 0 else {}), **VARIANTS}
 
 
 def _cmd(args: list[str], log: str, module: bool = True) -> float:
@@ -129,8 +143,10 @@ def run(args: argparse.Namespace) -> dict:
   pre_steps = args.pretrain_steps or pre_cfg.train.num_steps
   ft_steps = args.finetune_steps or ft_cfg.train.num_steps
   start = f"edit-{start_name(args.start_from)}" if args.start_from else ""  # its record's name
-  name = (f"{start}-ft{ft_steps}-s{args.seed}" if start
-          else f"edit-pre{pre_steps}-ft{ft_steps}-s{args.seed}")
+  drop = float(ft_cfg.editing.instruction_dropout)
+  ft_name = f"ft{ft_steps}" + (f"-idrop{drop:g}" if drop > 0 else "")
+  name = (f"{start}-{ft_name}-s{args.seed}" if start
+          else f"edit-pre{pre_steps}-{ft_name}-s{args.seed}")
   stored = os.path.join(args.stored_dir or "", f"{name}.json")
   if args.stored_dir and os.path.exists(stored):
     with open(stored) as f:
@@ -249,9 +265,11 @@ def run(args: argparse.Namespace) -> dict:
   if not time_left(45):
     return rec
   score("after", ft)
-  for variant, overrides in VARIANTS.items():
-    # H100 seconds for 200 edits (session 5): DDPM 250 ~42, DDIM 50 ~25.
-    if not time_left(30 if "diffusion.sampler=ddim" in overrides else 45):
+  for variant, overrides in variants(drop).items():
+    # H100 seconds for 200 edits (session 5): DDPM 250 ~42, DDIM 50 ~25;
+    # image guidance adds a third branch to every step.
+    need = 30 if "diffusion.sampler=ddim" in overrides else 45
+    if not time_left(need * 1.5 if any("image_cfg_scale" in o for o in overrides) else need):
       return rec
     score(f"after_{variant}", ft, overrides)
   rec["complete"] = True
@@ -317,7 +335,7 @@ def report(results_dir: str, out: str) -> str:
     lines.append(_row("copy the input", r.get("copy_input"), any_pixel, "copy_input"))
     lines.append(_row("pretrained, before fine-tuning", before, before.get("pixel_error")))
     lines.append(_row("fine-tuned", after, after.get("pixel_error")))
-    for variant, overrides in VARIANTS.items():
+    for variant, overrides in {**IMAGE_VARIANTS, **VARIANTS}.items():
       if r.get(f"after_{variant}"):
         v = r[f"after_{variant}"]
         lines.append(_row(f"fine-tuned, {' '.join(o.split('.', 1)[1] for o in overrides)}",

@@ -55,6 +55,9 @@ def test_paper_config_without_a_size_names_the_sizes():
     (lambda c: c.train.update(grad_accum_steps=3), "train.grad_accum_steps"),
     (lambda c: c.diffusion.update(strength=0.0), "diffusion.strength"),
     (lambda c: c.diffusion.update(strength=0.8), "diffusion.strength"),  # no init image here
+    (lambda c: c.diffusion.update(image_cfg_scale=-1.0), "diffusion.image_cfg_scale"),
+    (lambda c: c.diffusion.update(image_cfg_scale=1.5, cfg_scale=0.0), "diffusion.image_cfg_scale"),
+    (lambda c: c.editing.update(instruction_dropout=1.0), "editing.instruction_dropout"),
 ])
 def test_invalid_combinations_name_the_key(change, key):
   c = load(CONFIGS[0].parent / "tiny.py")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tfjax.diffusion import (add_noise, cfg_combine, cosine_alphas_cumprod, ddim_step, ddpm_step,
-                             flow_step, sample_timesteps, sampling_timesteps)
+                             dual_cfg_combine, flow_step, sample_timesteps, sampling_timesteps)
 
 
 def test_cosine_schedule_endpoints_and_monotonic():
@@ -75,6 +75,15 @@ def test_cfg_scale_one_is_conditional():
   cond, uncond = jnp.ones(3), jnp.zeros(3)
   np.testing.assert_array_equal(cfg_combine(cond, uncond, 1.0), cond)
   np.testing.assert_array_equal(cfg_combine(cond, uncond, 3.0), 3 * cond)
+
+
+def test_dual_guidance_scales_image_and_text_apart():
+  cond, image_only, uncond = jnp.asarray([3.0]), jnp.asarray([1.0]), jnp.asarray([0.0])
+  # uncond + 2 * (image - uncond) + 5 * (cond - image)
+  np.testing.assert_allclose(dual_cfg_combine(cond, image_only, uncond, 5.0, 2.0), [12.0])
+  np.testing.assert_allclose(dual_cfg_combine(cond, image_only, uncond, 1.0, 1.0), cond)
+  np.testing.assert_allclose(dual_cfg_combine(cond, image_only, uncond, 4.0, 4.0),
+                             cfg_combine(cond, uncond, 4.0))
 
 
 def test_sampling_timesteps_bounds():

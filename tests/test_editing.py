@@ -218,6 +218,41 @@ def test_mixed_with_pretraining_documents(built):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def _instruction_lengths(batches) -> list[int]:
+  """Tokens between each editing document's input EOI and output BOI."""
+  out = []
+  for b in batches:
+    for r in range(b["tokens"].shape[0]):
+      n = int(b["image_valid"][r].sum())
+      for s in range(0, n, 2):
+        i0, o0 = int(b["image_starts"][r, s]), int(b["image_starts"][r, s + 1])
+        out.append(o0 - 1 - (i0 + P + 1))
+  return out
+
+
+def test_instruction_dropout_in_training_only(built):
+  """editing.instruction_dropout: that share of training documents lose their
+  instruction (BOS BOI in EOI BOI out EOI EOS), the same ones on every run;
+  evaluation documents keep theirs."""
+  c = tiny_config(built)
+  c.editing.instruction_dropout = 0.5
+  take = lambda: [next(it) for it in [pipeline.make_train_iterator(
+      c, built, process_index=0, process_count=1)] for _ in range(8)]
+  first, again = take(), take()
+  lengths = _instruction_lengths(first)
+  dropped = sum(n == 0 for n in lengths)
+  assert 0.2 * len(lengths) < dropped < 0.8 * len(lengths), lengths
+  assert _instruction_lengths(again) == lengths
+  for b in first:
+    for r in range(b["tokens"].shape[0]):  # the output still follows BOI right after EOI
+      for s in range(1, int(b["image_valid"][r].sum()), 2):
+        assert b["tokens"][r, b["image_starts"][r, s] - 1] == BOI_ID
+  evals = list(pipeline.make_eval_iterator(c, built, process_index=0, process_count=1))
+  assert min(_instruction_lengths(evals)) > 0
+  c.editing.instruction_dropout = 0.0
+  assert min(_instruction_lengths(take())) > 0
+
+
 def test_config_errors_name_the_key(built):
   c = tiny_config(built)
   c.data.max_images_per_seq = 1

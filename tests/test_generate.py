@@ -1,8 +1,9 @@
 """Generation equivalences on a tiny random-init model (float32 on CPU).
 
 KV-cache decoding vs full recomputation, the prefix-cached denoising step vs
-the full forward pass, CFG at scale 1 vs the conditional prediction, and the
-mode-switching decoder's cached and uncached paths.
+the full forward pass, CFG at scale 1 vs the conditional prediction, image
+guidance (InstructPix2Pix) vs its formula, and the mode-switching decoder's
+cached and uncached paths.
 """
 import jax
 import jax.numpy as jnp
@@ -244,6 +245,67 @@ def test_strength_starts_from_the_init_latents(setup):
   with pytest.raises(ValueError, match='mode="image"'):
     gen.generate(prompt, rng=jax.random.key(0), mode="auto", diffusion_params=low,
                  init_latents=init)
+
+
+def test_image_guidance_adds_the_text_free_branch(setup, prefix):
+  """InstructPix2Pix guidance: one call over cond / text-free / uncond rows is
+  eq. 3 of the three predictions, cached and uncached alike; equal scales give
+  the usual guidance."""
+  config, params, gen = setup
+  image = np.random.default_rng(4).normal(size=LATENT).astype(np.float32)
+  full = [("tokens", [BOS_ID, BOI_ID]), ("image", image), ("tokens", [EOI_ID, 9, 10, 11, BOI_ID])]
+  free = [("tokens", [BOS_ID, BOI_ID]), ("image", image), ("tokens", [EOI_ID, BOI_ID])]
+  ctx = context_lib.from_rows([full] * 2, LATENT, 2)
+  img_ctx = context_lib.from_rows([free] * 2, LATENT, 2, min_length=ctx.length)
+  # BOS BOI, 16 patches, EOI BOI; left-padded to the full prompt's length.
+  assert img_ctx.length == ctx.length and list(img_ctx.next_position()) == [20, 20]
+  empty = lambda: lm.empty_cache(config.model, 2, 64)
+  _, cache = lm.prefill(gen.forward, params, ctx, empty())
+  _, img_cache = lm.prefill(gen.forward, params, img_ctx, empty())
+  unc_cache = diff.uncond_prefix_cache(gen.forward, params, config.model, empty(), ctx.length)
+  x_t = jax.random.normal(jax.random.key(5), (2, *LATENT))
+  t = jnp.asarray([600.0, 300.0])
+  act = jnp.ones((2,), bool)
+  pos = lambda c: (jnp.asarray(c.next_position()), jnp.asarray(c.num_images() + 1))
+  predict = diff.make_denoiser(gen.model, gen.num_patches, use_cache=True)
+  cached = jax.jit(predict)
+  cond = cached(params, cache, x_t, t, *pos(ctx), act)
+  free_pred = cached(params, img_cache, x_t, t, *pos(img_ctx), act)
+  unc = cached(params, unc_cache, x_t, t, jnp.ones(2, jnp.int32), jnp.ones(2, jnp.int32), act)
+  assert float(jnp.abs(cond - free_pred).mean()) > 1e-3  # the text matters
+  want = unc + 1.5 * (free_pred - unc) + 4.0 * (cond - free_pred)
+  guided = jax.jit(diff.guided_from_combined, static_argnums=(0,))
+  got = guided(predict, params, diff.combine_prefixes(cache, img_cache, unc_cache), x_t, t,
+               *pos(ctx), act, 4.0, pos(img_ctx), 1.5)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  uncached = diff.make_denoiser(gen.model, gen.num_patches, use_cache=False)
+  rows = diff.combine_prefixes(_jnp(ctx), _jnp(img_ctx), _jnp(diff.uncond_context(ctx)))
+  got_full = guided(uncached, params, rows, x_t, t, *pos(ctx), act, 4.0, pos(img_ctx), 1.5)
+  np.testing.assert_allclose(got_full, want, atol=1e-4, rtol=1e-4)
+  same = guided(predict, params, diff.combine_prefixes(cache, img_cache, unc_cache), x_t, t,
+                *pos(ctx), act, 4.0, pos(img_ctx), 4.0)
+  np.testing.assert_allclose(same, unc + 4.0 * (cond - unc), atol=1e-4, rtol=1e-4)
+
+
+def test_image_guidance_in_generate(setup):
+  """A text-free prompt is its own text-free branch: image scale s draws what
+  plain guidance at s draws, cached or not; bad settings are refused."""
+  _, _, gen = setup
+  rng = np.random.default_rng(6)
+  prompt = [[mixed.Latents(rng.normal(size=LATENT).astype(np.float32))]] * 2
+  ddim = lambda **kw: diff.DiffusionParams(num_steps=3, sampler="ddim", **kw)
+  for use_cache in (True, False):
+    kw = dict(rng=jax.random.key(0), mode="image", use_cache=use_cache)
+    plain = gen.generate(prompt, diffusion_params=ddim(cfg_scale=2.5), **kw)
+    split = gen.generate(prompt, diffusion_params=ddim(cfg_scale=7.0, image_cfg_scale=2.5), **kw)
+    for a, b in zip(plain, split):
+      np.testing.assert_allclose(a.images[0], b.images[0], atol=1e-3, rtol=1e-3)
+  with pytest.raises(ValueError, match='mode="image"'):
+    gen.generate(prompt, rng=jax.random.key(0), mode="auto",
+                 diffusion_params=ddim(cfg_scale=3.0, image_cfg_scale=1.5))
+  for bad in (dict(cfg_scale=0.0, image_cfg_scale=1.5), dict(image_cfg_scale=-1.0)):
+    with pytest.raises(ValueError, match="diffusion.image_cfg_scale"):
+      ddim(**bad)
 
 
 def test_clip_prediction_bounds_x0_and_keeps_consistent_eps():

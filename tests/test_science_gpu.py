@@ -197,6 +197,8 @@ def test_edit_report_has_both_baselines(tmp_path):
                                        "after": after,
                                        "after_ddim50_cfg1": {**per(0.7), "pixel_error": {
                                            "all": 0.02}},
+                                       "after_img1_5": {**per(0.8), "pixel_error": {
+                                           "all": 0.01}},
                                        "probe": {"kept": {c: {"500": 0.06, "700": 0.24,
                                                                   "900": 0.9} for c in (
                                            "true_input", "no_context", "copy_input")}},
@@ -209,7 +211,11 @@ def test_edit_report_has_both_baselines(tmp_path):
   assert "| fine-tuned | 0.60 (1.00 / 1.00)" in text and "**0.600**" in text
   assert "t = 500 / 700 / 900: true input 0.060 / 0.240 / 0.900, no context" in text
   assert "| fine-tuned, sampler=ddim sample_steps=50 cfg_scale=1.0 | 0.70" in text
-  assert "cfg_scale=1.5" not in text   # a variant the record lacks gets no row
+  assert "| fine-tuned, image_cfg_scale=1.5 | 0.80" in text
+  assert "cfg_scale=1.5 |" not in text.replace("image_cfg_scale=1.5 |", "")  # absent: no row
+  # Image guidance is scored first, and only for a fine-tune that trained its branch.
+  assert list(mod.variants(0.1))[:2] == ["img1_5", "strength0_85_img1_5"]
+  assert not any("image_cfg_scale" in " ".join(o) for o in mod.variants(0.0).values())
   assert "(ceiling) | 1.00" in text
 
 

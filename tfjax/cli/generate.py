@@ -9,7 +9,9 @@ come first and the model writes text after them (image-to-text), unless
 itself). A literal "<image>" in the prompt places the next --image there.
 --strength < 1 starts the drawn image from --init_image (default: the last
 --image), as diffusers' image-to-image does; an editing model keeps more of
-its input that way.
+its input that way. --image_cfg_scale > 0 guides on the input images and on
+the text apart (InstructPix2Pix), for a model fine-tuned with
+editing.instruction_dropout.
 Writes OUT/sample{i}_image{j}.png and OUT/generation.json (prompt, generated
 text, image files, sampler settings).
 """
@@ -42,6 +44,12 @@ _STRENGTH = flags.DEFINE_float("strength", None,
                                "--init_image (or the last --image) noised to this fraction of "
                                "the schedule and runs only that part; 1 = from pure noise "
                                "(default: diffusion.strength).")
+_IMAGE_CFG = flags.DEFINE_float("image_cfg_scale", None,
+                                "Guidance on the prompt's images apart from its text "
+                                "(InstructPix2Pix's image guidance; --cfg_scale then guides on "
+                                "the text): > 0 needs --mode=image and a model fine-tuned with "
+                                "editing.instruction_dropout; 0 = off, one scale for the whole "
+                                "prompt (default: diffusion.image_cfg_scale).")
 _INIT_IMAGE = flags.DEFINE_string("init_image", None, "Image file the drawn image starts from "
                                   "when --strength < 1 (default: the last --image).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None,
@@ -68,6 +76,7 @@ def _main(argv) -> None:
   record = generate_to_dir(_MODEL.value, _PROMPT.value, _IMAGE.value, _NUM.value, _SEED.value,
                     _OUT.value, _MODE.value, steps=_STEPS.value, sampler=_SAMPLER.value,
                     cfg_scale=_CFG.value, strength=_STRENGTH.value,
+                    image_cfg_scale=_IMAGE_CFG.value,
                     init_image=_INIT_IMAGE.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                     top_p=_TOP_P.value, max_text_tokens=_MAX_TOKENS.value,
                     max_images=_MAX_IMAGES.value, batch_size=_BATCH.value,

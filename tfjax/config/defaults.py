@@ -68,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.cfg_scale = 5.0
   d.strength = 1.0            # < 1: start from an init image noised to this fraction of the
                               # schedule (img2img / SDEdit; editing starts from its input image)
+  d.image_cfg_scale = 0.0     # > 0: guide on the prompt's images by this scale and on its text by
+                              # cfg_scale (InstructPix2Pix; train with editing.instruction_dropout)
 
   # ---- data --------------------------------------------------------------
   data = c.data = ml_collections.ConfigDict()
@@ -123,6 +125,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.max_objects = 3           # shapes edit scenes hold 1..max_objects objects (an add stays within)
   e.object_sizes = "small,medium,large"  # size classes of edit scenes (and of added objects)
   e.pretrain_fraction = 0.0   # share of training documents from the pretraining sources; 0 = editing alone
+  e.instruction_dropout = 0.0  # share of examples shown without their instruction (input image,
+                               # then output): trains what diffusion.image_cfg_scale guides from
 
   # ---- image autoencoder (see tfjax/vae) ---------------------------------
   v = c.vae = ml_collections.ConfigDict()

@@ -69,6 +69,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            "diffusion.strength", f"{strength} < 1 starts each image from an input image, which "
            "only editing configs (editing.source) have; give it per call instead "
            "(tfjax-generate --strength, tfjax-eval --override=diffusion.strength=S)")
+  image_cfg = c.diffusion.get("image_cfg_scale", 0.0)
+  _require(image_cfg >= 0.0, "diffusion.image_cfg_scale", f"{image_cfg} must be >= 0 (0 = off)")
+  _require(image_cfg == 0.0 or c.diffusion.cfg_scale > 0, "diffusion.image_cfg_scale",
+           f"{image_cfg} > 0 splits classifier-free guidance, which diffusion.cfg_scale="
+           f"{c.diffusion.cfg_scale} turns off")
+  if "editing" in c:
+    drop = c.editing.get("instruction_dropout", 0.0)
+    _require(0.0 <= drop < 1.0, "editing.instruction_dropout", f"{drop} must be in [0, 1)")
   _require(0.0 <= c.data.caption_first_prob <= 1.0, "data.caption_first_prob", "must be in [0, 1]")
   for section in ("data", "editing"):  # both build shapes scenes (SceneOptions)
     if section in c:

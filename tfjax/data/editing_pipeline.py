@@ -4,7 +4,8 @@
                                  folder format at editing.dir (build_editing_set)
   editing.source = folder:PATH   users' own folder (see editing.py)
       -> VAE encode both images once -> editing latent cache (build_editing_latents)
-      -> EditDocumentMaker: BOS BOI in EOI instruction BOI out EOI EOS
+      -> EditDocumentMaker: BOS BOI in EOI instruction BOI out EOI EOS (in training,
+         editing.instruction_dropout of them without the instruction)
       -> alone, or mixed with the pretraining documents (editing.pretrain_fraction)
       -> the usual packer (pipeline.py), which writes `image_clean`.
 
@@ -151,12 +152,19 @@ def build_editing_latents(config: ml_collections.ConfigDict, data_dir: str | Non
 
 # --------------------------------------------------------------- documents --
 class EditDocumentMaker:
-  """(index, raw cache record) -> {"index", "docs", "skip"}, as documents.DocumentMaker."""
+  """(index, raw cache record) -> {"index", "docs", "skip"}, as documents.DocumentMaker.
+
+  `instruction_dropout`: the share of documents made without their instruction
+  (BOS BOI in EOI BOI out EOI EOS), drawn per index from `seed`: the text-free
+  branch of InstructPix2Pix guidance (diffusion.image_cfg_scale).
+  """
 
   def __init__(self, tokenizer: Tokenizer, seq_len: int, patches: int,
-               latent_shape: tuple[int, int, int], scale: float, shift: float):
+               latent_shape: tuple[int, int, int], scale: float, shift: float,
+               instruction_dropout: float = 0.0, seed: int = 0):
     self.tok, self.seq_len, self.patches = tokenizer, seq_len, patches
     self.latent_shape, self.scale, self.shift = tuple(latent_shape), scale, shift
+    self.instruction_dropout, self.seed = instruction_dropout, seed
 
   def __call__(self, index: int, raw: bytes) -> dict[str, Any]:
     skip = lambda reason, rid: {"index": index, "docs": [], "skip": [reason, rid]}
@@ -174,6 +182,9 @@ class EditDocumentMaker:
     if editing.document_length(len(ids), self.patches) > self.seq_len:
       return skip("instruction_too_long", rid)
     scale = lambda z: ((z.astype(np.float32) - self.shift) * self.scale).astype(np.float32)
+    if (self.instruction_dropout > 0
+        and np.random.default_rng((self.seed, index)).random() < self.instruction_dropout):
+      ids = []
     doc = editing.editing_document(ids, scale(z_in), scale(z_out), self.patches)
     return {"index": index, "docs": [doc], "skip": None}
 
@@ -223,7 +234,9 @@ def documents(config: ml_collections.ConfigDict, data_dir: str | None, split: st
   latent_shape = documents_lib.check_latents(config, meta)
   tok = Tokenizer.load(sources.tokenizer_path(config, data_dir))
   maker = EditDocumentMaker(tok, config.data.seq_len, patches_per_image(config.model),
-                            latent_shape, meta["scale"], meta["shift"])
+                            latent_shape, meta["scale"], meta["shift"],
+                            config.editing.get("instruction_dropout", 0.0) if train else 0.0,
+                            config.data.shuffle_seed)
   src = sources.ArrayRecordSource(paths)
   if len(src) < process_count:
     raise ConfigError(f"config key editing.source: {len(src)} {split} examples cannot feed "

@@ -59,3 +59,13 @@ def flow_step(rng: jax.Array, x_t: jax.Array, velocity: jax.Array, t: jax.Array,
 def cfg_combine(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
   """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 = cond."""
   return uncond + scale * (cond - uncond)
+
+
+def dual_cfg_combine(cond: jax.Array, image_only: jax.Array, uncond: jax.Array,
+                     text_scale: float, image_scale: float) -> jax.Array:
+  """Guidance on the prompt's images and its text apart (InstructPix2Pix, eq. 3):
+  uncond + image_scale * (image_only - uncond) + text_scale * (cond - image_only).
+
+  Equal scales give `cfg_combine(cond, uncond, scale)`.
+  """
+  return uncond + image_scale * (image_only - uncond) + text_scale * (cond - image_only)

@@ -91,8 +91,8 @@ def num_patches(latent_shape: tuple[int, ...], patch_size: int) -> int:
 
 
 def from_rows(rows: list[list[tuple[str, object]]], latent_shape: tuple[int, int, int],
-              patch_size: int, pad_multiple: int = 1) -> Context:
-  """Left-padded Context from per-row items.
+              patch_size: int, pad_multiple: int = 1, min_length: int = 0) -> Context:
+  """Left-padded Context from per-row items, at least `min_length` slots long.
 
   Each row is a list of ("tokens", list[int]) and ("image", float32[h, w, c]
   clean latents) items; an image item is only its patch slots (BOI/EOI must be
@@ -103,7 +103,7 @@ def from_rows(rows: list[list[tuple[str, object]]], latent_shape: tuple[int, int
   lengths = [sum(len(v) if kind == "tokens" else n for kind, v in row) for row in rows]
   if min(lengths, default=0) == 0:
     raise ValueError("every prompt needs at least one token or image")
-  b, length = len(rows), -(-max(lengths) // pad_multiple) * pad_multiple
+  b, length = len(rows), max(-(-max(lengths) // pad_multiple) * pad_multiple, min_length)
   max_images = max(1, max(sum(kind == "image" for kind, _ in row) for row in rows))
   ctx = Context(tokens=np.full((b, length), PAD_ID, np.int32),
                 segment_ids=np.zeros((b, length), np.int32),

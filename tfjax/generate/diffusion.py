@@ -12,10 +12,16 @@ when it drops a caption (`tfjax.losses.drop_captions`): the image's BOI starts
 a document of its own, so the row is BOI and the patches alone. The BOI sits at
 the conditional context's last slot (the rest of the row is padding), so both
 halves write their patches at the same cache length.
+
+With `image_cfg_scale` > 0 (image editing, InstructPix2Pix) a third set of rows
+holds the prompt without its text (the images alone, as training shows an
+editing example whose instruction was dropped: `editing.instruction_dropout`),
+and the images and the text are guided apart (`diffusion.dual_cfg_combine`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -43,6 +49,9 @@ class DiffusionParams:
   # 1 the sampler starts from an init image noised to that fraction of the
   # schedule (SDEdit) and runs only the steps from there down.
   strength: float = 1.0
+  # > 0: guide toward the prompt's images by this scale and toward its text by
+  # cfg_scale (diffusers' image_guidance_scale); 0 = one scale for the whole prompt.
+  image_cfg_scale: float = 0.0
 
   def __post_init__(self):
     if self.sampler not in ("ddpm", "ddim"):
@@ -52,10 +61,17 @@ class DiffusionParams:
     diffusion.sampling_timesteps(self.num_steps, self.num_timesteps)  # validates num_steps
     if not 0.0 < self.strength <= 1.0:
       raise ValueError(f"diffusion.strength must be in (0, 1], got {self.strength}")
+    if self.image_cfg_scale < 0 or (self.image_cfg_scale > 0 and not self.guided):
+      raise ValueError(f"diffusion.image_cfg_scale={self.image_cfg_scale} must be 0 (off) or "
+                       f"> 0 with guidance on (diffusion.cfg_scale > 0, got {self.cfg_scale})")
 
   @property
   def guided(self) -> bool:
     return self.cfg_scale > 0
+
+  @property
+  def image_guided(self) -> bool:
+    return self.image_cfg_scale > 0
 
   def timesteps(self) -> np.ndarray:
     """int32 model timesteps the sampler visits, most to least noisy: the
@@ -81,7 +97,8 @@ class DiffusionParams:
                clip_x0=float(config.sample.get("clip_x0", cls.clip_x0)),
                x0_min_alpha_bar=float(config.sample.get("x0_min_alpha_bar",
                                                         cls.x0_min_alpha_bar)),
-               strength=float(d.get("strength", cls.strength)))
+               strength=float(d.get("strength", cls.strength)),
+               image_cfg_scale=float(d.get("image_cfg_scale", cls.image_cfg_scale)))
 
 
 def _patch_call(x_t: jax.Array, t: jax.Array, rope_start: jax.Array, image_id: jax.Array,
@@ -171,25 +188,37 @@ def make_denoiser(model: Any, n: int, use_cache: bool) -> Callable:
   return predict
 
 
-def combine_prefixes(cond_prefix: Any, uncond_prefix: Any) -> Any:
-  """One prefix of 2 * batch rows: conditional rows, then unconditional ones."""
-  if isinstance(cond_prefix, KVCache):
-    return concat_caches(cond_prefix, uncond_prefix)
-  return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], 0), cond_prefix,
-                                uncond_prefix)
+def combine_prefixes(*prefixes: Any) -> Any:
+  """One prefix holding each prefix's rows in turn (conditional first, unconditional last)."""
+  if isinstance(prefixes[0], KVCache):
+    return functools.reduce(concat_caches, prefixes)
+  return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0), *prefixes)
 
 
 def guided_from_combined(predict: Callable, params: Any, prefix: Any, x_t: jax.Array,
                          t: jax.Array, rope_start: jax.Array, image_id: jax.Array,
-                         active: jax.Array, cfg_scale: float) -> jax.Array:
-  """CFG prediction from a `combine_prefixes` prefix, both halves in one model call."""
-  two = lambda a, b: jnp.concatenate([a, b], 0)
+                         active: jax.Array, cfg_scale: float,
+                         image_only: tuple[jax.Array, jax.Array] | None = None,
+                         image_cfg_scale: float = 0.0) -> jax.Array:
+  """CFG prediction from a `combine_prefixes` prefix, every branch in one model call.
+
+  The prefix's rows: conditional, then (with `image_only` = its rows' RoPE start
+  and image id, int32[b] each) the text-free prompt, then unconditional.
+  """
   ones = jnp.ones_like(image_id)
   # Unconditional rows: the image follows its BOI at RoPE position 0.
-  out = predict(params, prefix, two(x_t, x_t), two(t, t), two(rope_start, ones),
-                two(image_id, ones), two(active, active))
-  cond, uncond = jnp.split(out, 2, axis=0)
-  return diffusion.cfg_combine(cond, uncond, cfg_scale)
+  ropes, ids = [rope_start, ones], [image_id, ones]
+  if image_only is not None:
+    ropes.insert(1, image_only[0])
+    ids.insert(1, image_only[1])
+  k = len(ropes)
+  tile = lambda a: jnp.concatenate([a] * k, 0)
+  out = predict(params, prefix, tile(x_t), tile(t), jnp.concatenate(ropes),
+                jnp.concatenate(ids), tile(active))
+  parts = jnp.split(out, k, axis=0)
+  if image_only is None:
+    return diffusion.cfg_combine(parts[0], parts[1], cfg_scale)
+  return diffusion.dual_cfg_combine(*parts, cfg_scale, image_cfg_scale)
 
 
 def guided_prediction(predict: Callable, params: Any, cond_prefix: Any, uncond_prefix: Any,
@@ -225,10 +254,12 @@ def clip_prediction(x_t: jax.Array, eps: jax.Array, t: jax.Array, alphas_cumprod
 
 
 def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool) -> Callable:
-  """jitted `(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, shape)`
-  -> clean latents [b, h, w, c], the whole reverse process in one `fori_loop`.
+  """jitted `(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, x_init,
+  image_only=None)` -> clean latents [b, h, w, c], the whole reverse process in one `fori_loop`.
 
-  `uncond_prefix` is ignored (pass None) when guidance is off.
+  `uncond_prefix` is ignored (pass None) when guidance is off; `image_only`
+  (needed with `params_d.image_guided`) is the text-free prompt's (prefix,
+  RoPE start int32[b], image id int32[b]).
   """
   predict = make_denoiser(model, n, use_cache)
   ts = params_d.timesteps()
@@ -236,10 +267,20 @@ def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool)
   alphas = diffusion.cosine_alphas_cumprod(params_d.num_timesteps)
   step = diffusion.ddim_step if params_d.sampler == "ddim" else diffusion.ddpm_step
 
-  def sample(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, x_init):
+  def sample(params, cond_prefix, uncond_prefix, rope_start, image_id, active, rng, x_init,
+             image_only=None):
     b = x_init.shape[0]
-    # Combined once, outside the loop: every step reads the same 2 * b rows.
-    prefix = combine_prefixes(cond_prefix, uncond_prefix) if params_d.guided else cond_prefix
+    branch = None
+    # Combined once, outside the loop: every step reads the same k * b rows.
+    if not params_d.guided:
+      prefix = cond_prefix
+    elif not params_d.image_guided:
+      prefix = combine_prefixes(cond_prefix, uncond_prefix)
+    else:
+      if image_only is None:
+        raise ValueError("diffusion.image_cfg_scale > 0 needs the text-free prompt (image_only)")
+      prefix = combine_prefixes(cond_prefix, image_only[0], uncond_prefix)
+      branch = tuple(image_only[1:])
 
     def body(i, carry):
       x, rng = carry
@@ -248,7 +289,8 @@ def make_sampler(model: Any, params_d: DiffusionParams, n: int, use_cache: bool)
       tb = jnp.full((b,), t, jnp.float32)
       if params_d.guided:
         pred = guided_from_combined(predict, params, prefix, x, tb, rope_start, image_id,
-                                    active, params_d.cfg_scale)
+                                    active, params_d.cfg_scale, branch,
+                                    params_d.image_cfg_scale)
       else:
         pred = predict(params, prefix, x, tb, rope_start, image_id, active)
       if params_d.objective == "flow":

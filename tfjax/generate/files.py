@@ -125,8 +125,12 @@ def generate_to_dir(model_dir: str, prompt: str, image_paths: list[str], num: in
   dp = DiffusionParams.from_config(c)
   dp = dataclasses.replace(dp, **{k: v for k, v in dict(
       num_steps=overrides.get("steps"), sampler=overrides.get("sampler"),
-      cfg_scale=overrides.get("cfg_scale"), strength=overrides.get("strength")).items()
+      cfg_scale=overrides.get("cfg_scale"), strength=overrides.get("strength"),
+      image_cfg_scale=overrides.get("image_cfg_scale")).items()
       if v is not None})
+  if dp.image_guided and mode != "image":
+    raise ValueError(f"--image_cfg_scale={dp.image_cfg_scale} guides a drawn image on the "
+                     f"prompt's images: it needs --mode=image (got {mode!r})")
   init = None
   if dp.strength < 1.0:
     init_path = init_path or (image_paths[-1] if image_paths else None)

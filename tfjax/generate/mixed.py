@@ -170,11 +170,13 @@ class Generator:
 
   def denoise(self, ctx: context_lib.Context, cache: Any, active: np.ndarray, rng: jax.Array,
               dp: diff.DiffusionParams, use_cache: bool = True,
-              init_latents: np.ndarray | None = None) -> np.ndarray:
+              init_latents: np.ndarray | None = None,
+              image_ctx: context_lib.Context | None = None) -> np.ndarray:
     """Latents [b, h, w, c] of one new image per active row, after `ctx`.
 
     `cache` holds exactly `ctx` (ignored when `use_cache` is False).
     `init_latents` [b, h, w, c]: where the sampler starts when `dp.strength` < 1.
+    `image_ctx`: `ctx` without its text and as long (`dp.image_cfg_scale` > 0).
     """
     b = ctx.batch
     rope = jnp.asarray(ctx.next_position())
@@ -188,6 +190,18 @@ class Generator:
       x_init = dp.noised_init(init_rng, jnp.asarray(init_latents, jnp.float32))
     else:
       x_init = jax.random.normal(init_rng, (b, *self.latent_shape), jnp.float32)
+    image_only = None
+    if dp.image_guided:
+      if image_ctx is None or image_ctx.tokens.shape != ctx.tokens.shape:
+        raise ValueError(f"diffusion.image_cfg_scale={dp.image_cfg_scale} guides on the prompt "
+                         "without its text: pass image_ctx, as long as ctx")
+      if use_cache:
+        _, prefix = lm.prefill(self.forward, self.params, image_ctx,
+                               lm.empty_cache(self.model_config, b, cache.max_len))
+      else:
+        prefix = {k: jnp.asarray(v) for k, v in image_ctx.model_inputs().items()}
+      image_only = (prefix, jnp.asarray(image_ctx.next_position()),
+                    jnp.asarray(image_ctx.num_images() + 1))
     if use_cache:
       cond = cache
       uncond = None
@@ -200,7 +214,7 @@ class Generator:
       cond = as_jnp(ctx)
       uncond = as_jnp(diff.uncond_context(ctx)) if dp.guided else None
     out = self._sampler(dp, use_cache)(self.params, cond, uncond, rope, image_id,
-                                       jnp.asarray(active, bool), rng, x_init)
+                                       jnp.asarray(active, bool), rng, x_init, image_only)
     return np.asarray(out, np.float32)
 
   def generate(self, prompts: Sequence[Sequence[PromptItem]], *, rng: jax.Array,
@@ -234,16 +248,27 @@ class Generator:
     if dp.strength < 1.0 and mode != "image":
       raise ValueError(f"diffusion.strength={dp.strength} < 1 (start from an init image) needs "
                        f'mode="image", one image per row; got mode={mode!r}')
+    if dp.image_guided and mode != "image":
+      raise ValueError(f"diffusion.image_cfg_scale={dp.image_cfg_scale} > 0 (guidance on the "
+                       f'prompt\'s images apart from its text) needs mode="image"; got {mode!r}')
     max_new = int(max_text_tokens or self.config.sample.max_text_tokens)
     # What the prompt must leave room for within the trained length: the
     # image (BOI + patches + EOI) or at least one new token.
     room = self.num_patches + 2 if mode == "image" else 1
-    rows = [fit_prompt(self._row(p), int(self.config.data.seq_len) - room, self.num_patches, i,
-                       long_prompt) for i, p in enumerate(prompts)]
+    raw = [self._row(p) for p in prompts]
+    rows = [fit_prompt(r, int(self.config.data.seq_len) - room, self.num_patches, i, long_prompt)
+            for i, r in enumerate(raw)]
     if mode == "image":
       rows = [r + [("tokens", [BOI_ID])] for r in rows]
     ctx = context_lib.from_rows(rows, self.latent_shape, self.model_config.patch_size,
                                 pad_multiple=pad_multiple)
+    image_ctx = None
+    if mode == "image" and dp.image_guided:
+      # The prompt without its text, as an editing example whose instruction
+      # training dropped (editing.instruction_dropout): BOS, its images, BOI.
+      image_ctx = context_lib.from_rows(
+          [[it for it in r if it[0] != "text"] + [("tokens", [BOI_ID])] for r in raw],
+          self.latent_shape, self.model_config.patch_size, min_length=ctx.length)
     b, n = ctx.batch, self.num_patches
     if mode == "image":
       budget = n + 2
@@ -280,7 +305,7 @@ class Generator:
         finished |= active & ~want_image
         continue
       rng, key = jax.random.split(rng)
-      latents = self.denoise(ctx, cache, want_image, key, dp, use_cache, init_latents)
+      latents = self.denoise(ctx, cache, want_image, key, dp, use_cache, init_latents, image_ctx)
       rope, image_id = ctx.next_position(), ctx.num_images() + 1
       cache = diff.write_image(self.forward, self.params, cache, jnp.asarray(latents),
                                jnp.asarray(rope), jnp.asarray(image_id),

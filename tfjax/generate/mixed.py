@@ -263,7 +263,7 @@ class Generator:
     ctx = context_lib.from_rows(rows, self.latent_shape, self.model_config.patch_size,
                                 pad_multiple=pad_multiple)
     image_ctx = None
-    if mode == "image" and dp.image_guided:
+    if dp.image_guided:  # mode "image": checked above
       # The prompt without its text, as an editing example whose instruction
       # training dropped (editing.instruction_dropout): BOS, its images, BOI.
       image_ctx = context_lib.from_rows(
